@@ -1,0 +1,200 @@
+"""The aiohttp application: routes, the one error/access-log boundary, and owned lifetimes.
+
+The app reads the current Registry snapshot from ProxyState; who replaces it (a discovery
+loop in this process, or a supervisor feeding workers) is decided by whoever builds the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Config
+from .discovery import DiscoveryLoop
+from .errors import InvalidRequest, ModelNotFound, ProxyError, RequestTooLarge, error_body
+from .proxy import Exchange, UpstreamClient, make_upstream_session
+from .registry import Registry
+from .validation import validate
+
+access_log = logging.getLogger("llproxy.access")
+log = logging.getLogger("llproxy.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ProxyState:
+    """Per-process serving state; `registry` is swapped whole, never mutated."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.registry = Registry()
+        self.models_body = _listing_body(self.registry)
+        self.upstreams: UpstreamClient | None = None
+        self.discovery: DiscoveryLoop | None = None
+
+    def set_registry(self, registry: Registry) -> None:
+        # Serialise once per snapshot rather than per GET /v1/models.
+        self.models_body = _listing_body(registry)
+        self.registry = registry
+
+
+STATE = web.AppKey("llproxy_state", ProxyState)
+EXCHANGE = web.RequestKey("llproxy_exchange", Exchange)
+
+
+def _listing_body(registry: Registry) -> bytes:
+    return orjson.dumps({"object": "list", "data": registry.listing()})
+
+
+def _json(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+@web.middleware
+async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every error to an OpenAI-shaped body and write the access log line, once."""
+    started = time.perf_counter()
+    exchange = Exchange()
+    request[EXCHANGE] = exchange
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ProxyError as exc:
+        status = exc.status
+        return _json(exc.body(), exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status = exc.status
+        if exc.status == 413:
+            limit = request.app[STATE].config.max_request_bytes
+            message = f"request body is larger than the limit of {limit} bytes"
+        else:
+            message = f"{exc.reason}: {request.method} {request.path}"
+        code = _HTTP_ERROR_CODES.get(exc.status, exc.status)
+        body = error_body(message, "invalid_request_error", None, code)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.Response(
+            status=exc.status, body=body, content_type="application/json", headers=headers
+        )
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _json(error_body("internal error in llproxy", "server_error", None, None), 500)
+    finally:
+        if access_log.isEnabledFor(logging.INFO):
+            _log_access(request, exchange, status, started)
+
+
+def _log_access(request: web.Request, exchange: Exchange, status: int, started: float) -> None:
+    now = time.perf_counter()
+    ttfb = None if exchange.first_byte_at is None else (exchange.first_byte_at - started) * 1000
+    access_log.info(
+        "%s %s %s",
+        request.method,
+        request.path,
+        status,
+        extra={
+            "event": "request",
+            "client": request.remote,
+            "method": request.method,
+            "path": request.path,
+            "model": exchange.model,
+            "upstream": exchange.upstream,
+            "status": status,
+            "ttfb_ms": None if ttfb is None else round(ttfb, 1),
+            "duration_ms": round((now - started) * 1000, 1),
+        },
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    registry = request.app[STATE].registry
+    return _json(orjson.dumps({"status": "ok", "models": len(registry.models)}))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return _json(request.app[STATE].models_body)
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    model = request.app[STATE].registry.get(name)
+    if model is None:
+        raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+    return _json(orjson.dumps(model.entry))
+
+
+async def proxy_post(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    limit = state.config.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes")
+    raw = await request.read()
+    try:
+        body: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    path = request.match_info["path"]
+    validate(path, body)
+
+    name = body.get("model") or state.config.default_model
+    if name is None:
+        raise InvalidRequest("you must provide a model parameter", param="model")
+    exchange: Exchange = request[EXCHANGE]
+    exchange.model = name
+    model = state.registry.get(name)
+    if model is None:
+        raise ModelNotFound(
+            f"The model '{name}' does not exist; GET /v1/models lists the available models",
+            param="model",
+        )
+    assert state.upstreams is not None
+    return await state.upstreams.forward(request, model, path, body, exchange)
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    session = make_upstream_session(state.config.timeouts)
+    state.upstreams = UpstreamClient(session, state.config.timeouts)
+    yield
+    await session.close()
+
+
+async def _local_discovery(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.discovery = DiscoveryLoop(state.config, state.set_registry)
+    await state.discovery.start()
+    # Scan once before serving, so the first request already sees every model.
+    await state.discovery.scan_now()
+    yield
+    await state.discovery.stop()
+
+
+def create_app(config: Config, *, discover: bool = True) -> web.Application:
+    """The llproxy app. With discover=False the caller feeds ProxyState.set_registry."""
+    app = web.Application(
+        middlewares=[boundary],
+        client_max_size=config.max_request_bytes,
+        handler_args={"max_field_size": 16384},
+    )
+    app[STATE] = ProxyState(config)
+    app.cleanup_ctx.append(_upstream_session)
+    if discover:
+        app.cleanup_ctx.append(_local_discovery)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{name}", get_model)
+    app.router.add_post("/v1/{path:.+}", proxy_post)
+    return app

@@ -1,0 +1,368 @@
+"""Configuration: one loader turns a JSON file (or the built-in default) into frozen dataclasses.
+
+Every problem is reported as a ConfigError whose message starts with the field path
+(`endpoints[1].port_end: must be >= port_start (8010)`), so a bad file stops startup
+before any socket is opened.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import orjson
+
+EX_CONFIG = 78
+MAX_RANGE_PORTS = 4096
+
+# Local ports of the common OpenAI-compatible servers: llama.cpp, vLLM, Ollama, LM Studio,
+# text-generation-webui / tabbyAPI, koboldcpp, SGLang.
+DEFAULT_LOCAL_PORTS = (8080, 8000, 11434, 1234, 5000, 5001, 30000)
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field path."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. There is deliberately no total timeout: generation may run for many minutes."""
+
+    connect: float = 10.0
+    # A model may have to be loaded from disk before the first byte; minutes are normal.
+    first_byte: float = 600.0
+    idle: float = 300.0
+    scan: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One configured source of models: a port range on a host, or one known server URL."""
+
+    index: int
+    hostname: str | None = None
+    port_start: int | None = None
+    port_end: int | None = None
+    url: str | None = None
+    apikey: str | None = field(default=None, repr=False)
+    filter: str | None = None
+    models: tuple[str, ...] | None = None
+    tags: tuple[str, ...] = ()
+    enable: bool = True
+
+    def base_urls(self) -> list[str]:
+        """The OpenAI base URLs (ending in /v1) this endpoint stands for."""
+        if self.url is not None:
+            return [self.url]
+        assert self.hostname is not None and self.port_start is not None
+        assert self.port_end is not None
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return [f"http://{host}:{port}/v1" for port in range(self.port_start, self.port_end + 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    bindip: str = "127.0.0.1"
+    port: int = 42069
+    interval_ms: int = 30000
+    workers: int | None = None
+    default_model: str | None = None
+    timeouts: Timeouts = Timeouts()
+    max_request_bytes: int = 10 * 1024 * 1024
+    endpoints: tuple[Endpoint, ...] = ()
+    source: str = "<built-in default>"
+
+    def with_overrides(self, **changes: Any) -> Config:
+        """A copy with the non-None values in changes applied (command-line flags)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def default_endpoints() -> tuple[Endpoint, ...]:
+    return tuple(
+        Endpoint(index=i, hostname="127.0.0.1", port_start=port, port_end=port)
+        for i, port in enumerate(DEFAULT_LOCAL_PORTS)
+    )
+
+
+def single_server_endpoints(host: str, port: int) -> tuple[Endpoint, ...]:
+    _check_port("--aihostport", port)
+    return (Endpoint(index=0, hostname=host, port_start=port, port_end=port),)
+
+
+# --- field readers: each takes the path for its error message -----------------------------
+
+
+def _expect(path: str, value: Any, kind: type[T] | tuple[type, ...], what: str) -> T:
+    # bool is an int subclass in Python; JSON true must never pass as a port number.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(f"{path}: must be {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path}: must be {what}, got {_json_type(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"the number {value!r}"
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_port(path: str, value: Any) -> int:
+    port = _expect(path, value, int, "an integer port")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{path}: must be between 1 and 65535, got {port}")
+    return port
+
+
+def _positive_number(path: str, value: Any) -> float:
+    number = _expect(path, value, (int, float), "a number")
+    if number <= 0:
+        raise ConfigError(f"{path}: must be > 0, got {number}")
+    return float(number)
+
+
+def _positive_int(path: str, value: Any) -> int:
+    number = _expect(path, value, int, "an integer")
+    if number <= 0:
+        raise ConfigError(f"{path}: must be > 0, got {number}")
+    return number
+
+
+def _nonempty_str(path: str, value: Any) -> str:
+    text = _expect(path, value, str, "a string")
+    if not text.strip():
+        raise ConfigError(f"{path}: must not be empty")
+    return text
+
+
+def _string_list(path: str, value: Any) -> tuple[str, ...]:
+    items = _expect(path, value, list, "a list of strings")
+    return tuple(_nonempty_str(f"{path}[{i}]", item) for i, item in enumerate(items))
+
+
+def _secret(path: str, value: Any, environ: Mapping[str, str]) -> str:
+    text = _nonempty_str(path, value)
+    if not text.startswith("env:"):
+        return text
+    name = text[4:]
+    if name not in environ or not environ[name]:
+        # Name the variable, never the secret.
+        raise ConfigError(f"{path}: environment variable {name} is not set")
+    return environ[name]
+
+
+def _bind_address(path: str, value: Any) -> str:
+    text = _nonempty_str(path, value)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if text != "localhost":
+            raise ConfigError(f"{path}: must be an IP address, got {text!r}") from None
+    return text
+
+
+def _check_keys(path: str, obj: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        where = f"{path}." if path else ""
+        names = ", ".join(f"{where}{key}" for key in unknown)
+        raise ConfigError(f"{names}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _optional(obj: Mapping[str, Any], key: str, read: Callable[[Any], T], default: T) -> T:
+    return read(obj[key]) if key in obj and obj[key] is not None else default
+
+
+# --- sections ---------------------------------------------------------------------------
+
+_TIMEOUT_KEYS = {"connect", "first_byte", "idle", "scan"}
+
+
+def _timeouts(path: str, value: Any) -> Timeouts:
+    obj = _expect(path, value, dict, "an object")
+    _check_keys(path, obj, _TIMEOUT_KEYS)
+    defaults = Timeouts()
+    return Timeouts(
+        **{
+            key: _optional(obj, key, lambda v, k=key: _positive_number(f"{path}.{k}", v), default)
+            for key, default in (
+                ("connect", defaults.connect),
+                ("first_byte", defaults.first_byte),
+                ("idle", defaults.idle),
+                ("scan", defaults.scan),
+            )
+        }
+    )
+
+
+_ENDPOINT_KEYS = {
+    "hostname",
+    "port_start",
+    "port_end",
+    "url",
+    "apikey",
+    "filter",
+    "models",
+    "tags",
+    "enable",
+}
+
+
+def _endpoint(index: int, value: Any, environ: Mapping[str, str]) -> Endpoint:
+    path = f"endpoints[{index}]"
+    obj = _expect(path, value, dict, "an object")
+    _check_keys(path, obj, _ENDPOINT_KEYS)
+    enable = _optional(obj, "enable", lambda v: _expect(f"{path}.enable", v, bool, "a boolean"), True)
+    tags = _optional(obj, "tags", lambda v: _string_list(f"{path}.tags", v), ())
+    for i, tag in enumerate(tags):
+        if any(ch.isspace() for ch in tag) or ":" in tag:
+            raise ConfigError(f"{path}.tags[{i}]: must not contain spaces or ':', got {tag!r}")
+    filter_ = _optional(obj, "filter", lambda v: _nonempty_str(f"{path}.filter", v), None)
+    # A disabled endpoint may name a variable that is not set on this machine.
+    apikey = (
+        _optional(obj, "apikey", lambda v: _secret(f"{path}.apikey", v, environ), None)
+        if enable
+        else None
+    )
+    common: dict[str, Any] = dict(index=index, tags=tags, enable=enable, filter=filter_, apikey=apikey)
+
+    if "url" in obj:
+        clash = sorted({"hostname", "port_start", "port_end"} & set(obj))
+        if clash:
+            raise ConfigError(f"{path}.{clash[0]}: cannot be combined with url")
+        url = _nonempty_str(f"{path}.url", obj["url"]).rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{path}.url: must be an http:// or https:// URL, got {url!r}")
+        try:
+            parts.port  # noqa: B018 - urlsplit validates the port lazily
+        except ValueError:
+            raise ConfigError(f"{path}.url: invalid port in {url!r}") from None
+        models = _optional(obj, "models", lambda v: _string_list(f"{path}.models", v), None)
+        return Endpoint(url=url, models=models, **common)
+
+    if "models" in obj:
+        raise ConfigError(f"{path}.models: only allowed together with url")
+    if "hostname" not in obj:
+        raise ConfigError(f"{path}: needs either url or hostname with port_start and port_end")
+    hostname = _nonempty_str(f"{path}.hostname", obj["hostname"]).strip("[]")
+    if "port_start" not in obj:
+        raise ConfigError(f"{path}.port_start: required with hostname")
+    port_start = _check_port(f"{path}.port_start", obj["port_start"])
+    port_end = _check_port(f"{path}.port_end", obj.get("port_end", port_start))
+    if port_end < port_start:
+        raise ConfigError(f"{path}.port_end: must be >= port_start ({port_start}), got {port_end}")
+    if port_end - port_start + 1 > MAX_RANGE_PORTS:
+        raise ConfigError(
+            f"{path}.port_end: range of {port_end - port_start + 1} ports is over the limit of "
+            f"{MAX_RANGE_PORTS}; split it into several endpoints"
+        )
+    return Endpoint(hostname=hostname, port_start=port_start, port_end=port_end, **common)
+
+
+_TOP_KEYS = {
+    "port",
+    "bindip",
+    "interval",
+    "workers",
+    "default_model",
+    "timeouts",
+    "max_request_bytes",
+    "endpoints",
+}
+
+
+def parse_config(
+    data: Any, source: str = "<string>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate decoded JSON and build the Config; raises ConfigError naming the field."""
+    env = os.environ if environ is None else environ
+    obj = _expect("(top level)", data, dict, "a JSON object")
+    _check_keys("", obj, _TOP_KEYS)
+    defaults = Config()
+    endpoints_raw = _optional(obj, "endpoints", lambda v: _expect("endpoints", v, list, "a list"), None)
+    endpoints = (
+        default_endpoints()
+        if endpoints_raw is None
+        else tuple(_endpoint(i, item, env) for i, item in enumerate(endpoints_raw))
+    )
+    return Config(
+        bindip=_optional(obj, "bindip", lambda v: _bind_address("bindip", v), defaults.bindip),
+        port=_optional(obj, "port", lambda v: _check_port("port", v), defaults.port),
+        interval_ms=_optional(
+            obj, "interval", lambda v: _interval("interval", v), defaults.interval_ms
+        ),
+        workers=_optional(obj, "workers", lambda v: _positive_int("workers", v), None),
+        default_model=_optional(
+            obj, "default_model", lambda v: _nonempty_str("default_model", v), None
+        ),
+        timeouts=_optional(obj, "timeouts", lambda v: _timeouts("timeouts", v), defaults.timeouts),
+        max_request_bytes=_optional(
+            obj,
+            "max_request_bytes",
+            lambda v: _positive_int("max_request_bytes", v),
+            defaults.max_request_bytes,
+        ),
+        endpoints=endpoints,
+        source=source,
+    )
+
+
+def _interval(path: str, value: Any) -> int:
+    interval = _positive_int(path, value)
+    if interval < 1000:
+        raise ConfigError(f"{path}: must be at least 1000 milliseconds, got {interval}")
+    return interval
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+    try:
+        return parse_config(data, source=str(path), environ=environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def find_config_file(explicit: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The first config file in lookup order; None means the built-in default applies.
+
+    An explicitly named file (flag or $LLPROXY_CONFIG) must exist; the well-known places
+    are only used when present.
+    """
+    env = os.environ if environ is None else environ
+    named = explicit or env.get("LLPROXY_CONFIG")
+    if named:
+        return Path(named)
+    xdg = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".config")
+    for candidate in (
+        Path("llproxy.json"),
+        Path(xdg) / "llproxy" / "llproxy.json",
+        Path("/etc/llproxy/llproxy.json"),
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_config(explicit: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    path = find_config_file(explicit, environ)
+    if path is None:
+        return Config(endpoints=default_endpoints())
+    return load_config(path, environ)

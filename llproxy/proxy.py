@@ -1,0 +1,197 @@
+"""Forwarding one client request to one upstream replica and relaying the answer.
+
+Invariants: nothing is written to the client before the upstream's first byte arrived, so
+a refused connection can still fall over to the next replica and a timeout can still be a
+clean 504; event streams are relayed chunk by chunk as they arrive; and leaving this
+module any way but the normal end (client gone, handler cancelled, error) closes the
+upstream connection at once, so the server stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .config import Timeouts
+from .discovery import upstream_headers
+from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
+from .registry import Balancer, Model, Replica
+
+# Upstream response headers worth relaying; everything else is hop-by-hop or describes a
+# body encoding that aiohttp already undid.
+_RELAYED_HEADERS = ("Content-Type", "X-Request-Id")
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_ERROR_BODY = 64 * 1024
+# Failures of the upstream side only. A write to a departed client raises
+# ClientConnectionResetError, which is none of these and propagates.
+_UPSTREAM_FAILURES = (aiohttp.ClientPayloadError, aiohttp.ServerConnectionError, aiohttp.ClientOSError)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one proxied request, for the access log."""
+
+    model: str | None = None
+    upstream: str | None = None
+    first_byte_at: float | None = None
+
+
+class _Refused(Exception):
+    """The replica could not be reached; nothing was sent, so another may be tried."""
+
+
+def make_upstream_session(timeouts: Timeouts) -> aiohttp.ClientSession:
+    # keepalive just under the 5 s idle timeout of uvicorn-based servers (vLLM, SGLang,
+    # tabbyAPI), so a pooled connection is never reused while the server is closing it.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect),
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+    )
+
+
+def _upstream_error(status: int, raw: bytes) -> web.Response:
+    """Relay an upstream error as is when it is OpenAI-shaped, else wrap it so it is."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        body = raw
+    else:
+        message: Any = parsed.get("message") if isinstance(parsed, dict) else None
+        if not isinstance(message, str):
+            message = raw[:1000].decode("utf-8", "replace").strip() or f"upstream status {status}"
+        body = error_body(message, "upstream_error", None, status)
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _stream_error_event(exc: ProxyError) -> bytes:
+    return b"data: " + exc.body() + b"\n\n"
+
+
+class UpstreamClient:
+    """The worker's one connection pool to every upstream, and replica balancing."""
+
+    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts) -> None:
+        self.session = session
+        self.timeouts = timeouts
+        self.balancer = Balancer()
+
+    async def forward(
+        self,
+        request: web.Request,
+        model: Model,
+        path: str,
+        body: dict[str, Any],
+        exchange: Exchange,
+    ) -> web.StreamResponse:
+        refused: list[str] = []
+        for replica in self.balancer.order(model.replicas):
+            exchange.upstream = replica.upstream.address
+            # Only `model` changes; the rest of the client's body is kept as sent.
+            payload = orjson.dumps({**body, "model": replica.upstream_id})
+            self.balancer.acquire(replica)
+            try:
+                return await self._attempt(request, replica, path, payload, exchange)
+            except _Refused as exc:
+                refused.append(f"{replica.upstream.address} ({exc})")
+            finally:
+                self.balancer.release(replica)
+        raise UpstreamUnreachable(
+            f"no upstream for model '{model.name}' could be reached: {'; '.join(refused)}"
+        )
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        replica: Replica,
+        path: str,
+        payload: bytes,
+        exchange: Exchange,
+    ) -> web.StreamResponse:
+        upstream = replica.upstream
+        headers = {
+            "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
+            **upstream_headers(upstream),
+        }
+        loop = asyncio.get_running_loop()
+        response: web.StreamResponse | None = None
+        try:
+            async with asyncio.timeout(self.timeouts.first_byte) as deadline:
+                try:
+                    upstream_resp = await self.session.post(
+                        f"{upstream.base_url}/{path}", data=payload, headers=headers
+                    )
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                    raise _Refused(type(exc).__name__) from exc
+                finished = False
+                try:
+                    if upstream_resp.status >= 400:
+                        raw = await upstream_resp.content.read(MAX_ERROR_BODY)
+                        finished = upstream_resp.content.at_eof()
+                        return _upstream_error(upstream_resp.status, raw)
+                    relayed = {
+                        name: upstream_resp.headers[name]
+                        for name in _RELAYED_HEADERS
+                        if name in upstream_resp.headers
+                    }
+                    if upstream_resp.content_type != "text/event-stream":
+                        deadline.reschedule(loop.time() + self.timeouts.idle)
+                        data = await upstream_resp.read()
+                        exchange.first_byte_at = time.perf_counter()
+                        finished = True
+                        return web.Response(status=upstream_resp.status, body=data, headers=relayed)
+
+                    chunk = await upstream_resp.content.readany()
+                    exchange.first_byte_at = time.perf_counter()
+                    response = web.StreamResponse(
+                        status=upstream_resp.status, headers={**relayed, **_SSE_HEADERS}
+                    )
+                    await response.prepare(request)
+                    while chunk:
+                        await response.write(chunk)
+                        deadline.reschedule(loop.time() + self.timeouts.idle)
+                        chunk = await upstream_resp.content.readany()
+                    finished = True
+                finally:
+                    if finished:
+                        upstream_resp.release()
+                    else:
+                        # Client gone, cancelled or failed: drop the connection so the
+                        # upstream notices and stops generating.
+                        upstream_resp.close()
+        except TimeoutError:
+            return await self._fail(
+                response,
+                UpstreamTimeout(
+                    f"upstream {upstream.address} sent nothing for "
+                    f"{self.timeouts.first_byte if response is None else self.timeouts.idle:g} s"
+                ),
+            )
+        except _UPSTREAM_FAILURES as exc:
+            return await self._fail(
+                response,
+                UpstreamUnreachable(f"upstream {upstream.address} failed: {type(exc).__name__}"),
+            )
+        assert response is not None
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _fail(response: web.StreamResponse | None, error: ProxyError) -> web.StreamResponse:
+        """Before the first byte, a plain error; mid-stream, an error event and a clean end."""
+        if response is None:
+            raise error
+        await response.write(_stream_error_event(error))
+        await response.write_eof()
+        return response

@@ -1,0 +1,72 @@
+"""`llproxy scan`: one discovery pass, shown as a progress bar and a table, or as JSON."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+import uvloop
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from .config import Config
+from .discovery import ScanResult, make_scan_session, scan
+
+
+def scan_rows(result: ScanResult) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": model.name,
+            "id": replica.upstream_id,
+            "hostname": replica.upstream.hostname,
+            "port": replica.upstream.port,
+            "tags": list(replica.upstream.tags),
+        }
+        for model in result.registry.models.values()
+        for replica in model.replicas
+    ]
+
+
+async def _scan_once(config: Config, show_progress: bool) -> ScanResult:
+    async with make_scan_session(config) as session:
+        if not show_progress:
+            return await scan(config, session)
+        progress = Progress(
+            TextColumn("probing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        with progress:
+            task = progress.add_task("probe", total=None)
+            return await scan(
+                config,
+                session,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+
+
+def run_scan(config: Config, as_json: bool) -> int:
+    err = Console(stderr=True)
+    result = uvloop.run(_scan_once(config, show_progress=err.is_terminal and not as_json))
+    rows = scan_rows(result)
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif rows:
+        table = Table(title=f"{len(result.registry.models)} models on {result.registry.servers} servers")
+        for column in ("name", "upstream id", "host:port", "tags"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(
+                row["name"], row["id"], f"{row['hostname']}:{row['port']}", ", ".join(row["tags"])
+            )
+        Console().print(table)
+    summary = (
+        f"scanned {result.probed} addresses in {result.duration_ms:.0f} ms: "
+        f"{result.registry.servers} servers, {len(result.registry.models)} models"
+    )
+    err.print(summary if rows else f"no models found ({summary})", highlight=False)
+    return 0

@@ -1,0 +1,98 @@
+"""Fixtures: real fake upstreams and a real llproxy app, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from llproxy.app import STATE, ProxyState, create_app
+from llproxy.config import parse_config
+
+from .fake_upstream import FakeUpstream
+
+
+@dataclass
+class RunningUpstream:
+    fake: FakeUpstream
+    server: TestServer
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    def endpoint(self, **extra: Any) -> dict[str, Any]:
+        return {"hostname": "127.0.0.1", "port_start": self.port, "port_end": self.port, **extra}
+
+
+@dataclass
+class RunningProxy:
+    app: web.Application
+    server: TestServer
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def state(self) -> ProxyState:
+        return self.app[STATE]
+
+    def client(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key="client-secret", max_retries=0, **kwargs
+        )
+        self.clients.append(client)
+        return client
+
+    async def rescan(self) -> None:
+        assert self.state.discovery is not None
+        await self.state.discovery.scan_now()
+
+
+UpstreamFactory = Callable[..., Awaitable[RunningUpstream]]
+ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+def start_upstream(aiohttp_server: Any) -> UpstreamFactory:
+    async def start(**knobs: Any) -> RunningUpstream:
+        fake = FakeUpstream(**knobs)
+        server = await aiohttp_server(fake.app())
+        return RunningUpstream(fake, server)
+
+    return start
+
+
+@pytest.fixture
+async def start_proxy(aiohttp_server: Any) -> AsyncIterator[ProxyFactory]:
+    started: list[RunningProxy] = []
+
+    async def start(endpoints: list[dict[str, Any]], **top: Any) -> RunningProxy:
+        config = parse_config({"endpoints": endpoints, **top}, environ={"TEST_KEY": "sk-up-7"})
+        app = create_app(config)
+        server = await aiohttp_server(app)
+        started.append(RunningProxy(app, server))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        for client in proxy.clients:
+            await client.close()
+
+
+@pytest.fixture
+async def upstream(start_upstream: UpstreamFactory) -> RunningUpstream:
+    return await start_upstream()
+
+
+@pytest.fixture
+async def proxy(start_proxy: ProxyFactory, upstream: RunningUpstream) -> RunningProxy:
+    return await start_proxy([upstream.endpoint()])

@@ -1,0 +1,155 @@
+"""A fake OpenAI-compatible server for tests: real HTTP on loopback, with knobs.
+
+Knobs (attributes of FakeUpstream, changeable while it runs): delay before headers,
+number of stream chunks and the gap between them, a failure status, hang forever, die
+after N chunks. It records every request it received and notices when a client hangs up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeUpstream:
+    model_ids: list[str] = field(default_factory=lambda: ["fake-model"])
+    loaded_model: str | None = None  # tabbyAPI: answer GET /v1/model with this id
+    first_byte_delay: float = 0.0
+    chunks: int = 5
+    chunk_delay: float = 0.0
+    fail_status: int | None = None
+    fail_body: bytes | None = None
+    hang: bool = False
+    die_after_chunks: int | None = None
+    name: str = "fake"
+    received: list[Received] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    listing_requests: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/model", self._model)
+        app.router.add_post("/v1/{path:.+}", self._post)
+        return app
+
+    @property
+    def generation_requests(self) -> list[Received]:
+        return [r for r in self.received if r.path != "models"]
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self.listing_requests += 1
+        self.received.append(Received("models", dict(request.headers), None))
+        data = [
+            {"id": mid, "object": "model", "created": 1700000000, "owned_by": self.name,
+             "meta": {"n_ctx_train": 4096}}
+            for mid in self.model_ids
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        if self.loaded_model is None:
+            raise web.HTTPNotFound()
+        return web.json_response({"id": self.loaded_model, "object": "model", "owned_by": "tabby"})
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        path = request.match_info["path"]
+        self.received.append(Received(path, dict(request.headers), body))
+        try:
+            return await self._answer(request, path, body)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnected.set()
+            raise
+
+    async def _answer(self, request: web.Request, path: str, body: Any) -> web.StreamResponse:
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.first_byte_delay:
+            await asyncio.sleep(self.first_byte_delay)
+        if self.fail_status is not None:
+            return web.Response(
+                status=self.fail_status,
+                body=self.fail_body
+                or orjson.dumps({"error": {"message": "upstream says no", "type": "server_error",
+                                           "param": None, "code": "boom"}}),
+                content_type="application/json",
+            )
+        model = body.get("model")
+        if path == "embeddings":
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            return web.json_response({
+                "object": "list",
+                "model": model,
+                "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                         for i, _ in enumerate(inputs)],
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            })
+        if body.get("stream"):
+            return await self._stream(request, path, body)
+        words = [f"w{i}" for i in range(self.chunks)]
+        usage = {"prompt_tokens": 7, "completion_tokens": self.chunks,
+                 "total_tokens": 7 + self.chunks}
+        if path == "completions":
+            return web.json_response({
+                "id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "text": " ".join(words), "finish_reason": "stop",
+                             "logprobs": None}],
+                "usage": usage,
+            })
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": " ".join(words)}}],
+            "usage": usage,
+            "upstream": self.name,
+        })
+
+    async def _stream(self, request: web.Request, path: str, body: Any) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        model = body.get("model")
+        for i in range(self.chunks):
+            if self.die_after_chunks is not None and i == self.die_after_chunks:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if i and self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+            if path == "completions":
+                chunk: dict[str, Any] = {"id": "cmpl-1", "object": "text_completion", "created": 1,
+                                         "model": model,
+                                         "choices": [{"index": 0, "text": f"w{i} ",
+                                                      "finish_reason": None}]}
+            else:
+                delta: dict[str, Any] = {"content": f"w{i} ", "reasoning_content": f"think{i}"}
+                if i == 0:
+                    delta["role"] = "assistant"
+                    delta["tool_calls"] = [{"index": 0, "id": "call_1", "type": "function",
+                                            "function": {"name": "f", "arguments": "{}"}}]
+                chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                         "model": model, "x_unknown": {"sent_at": time.time()},
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):
+            usage_chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                           "model": model, "choices": [],
+                           "usage": {"prompt_tokens": 7, "completion_tokens": self.chunks,
+                                     "total_tokens": 7 + self.chunks}}
+            await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

@@ -1,0 +1,195 @@
+"""Config loading: defaults, every documented key, and errors that name the field."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llproxy.config import (
+    DEFAULT_LOCAL_PORTS,
+    EX_CONFIG,
+    ConfigError,
+    find_config_file,
+    load_config,
+    parse_config,
+    resolve_config,
+)
+
+EXAMPLE = Path(__file__).parent.parent / "llproxy.json.example"
+
+
+def test_original_config_shape_is_accepted() -> None:
+    config = parse_config(
+        {
+            "port": 42069,
+            "interval": 30000,
+            "endpoints": [
+                {"hostname": "10.0.0.5", "port_start": 8000, "port_end": 8010, "tags": ["gpu0"]},
+                {"hostname": "127.0.0.1", "port_start": 5000, "port_end": 5005, "enable": False},
+                {"url": "https://api.example.com/v1", "apikey": "env:EXAMPLE_API_KEY",
+                 "filter": "gpt-4o", "tags": ["cloud"]},
+                {"url": "http://10.0.0.7:8000/v1", "models": ["my-model"], "tags": ["static"]},
+            ],
+        },
+        environ={"EXAMPLE_API_KEY": "sk-secret"},
+    )
+    assert config.port == 42069 and config.interval_ms == 30000
+    first, disabled, cloud, static = config.endpoints
+    assert first.base_urls()[0] == "http://10.0.0.5:8000/v1"
+    assert len(first.base_urls()) == 11 and first.tags == ("gpu0",)
+    assert disabled.enable is False
+    assert cloud.apikey == "sk-secret" and cloud.filter == "gpt-4o"
+    assert static.models == ("my-model",)
+    assert "sk-secret" not in repr(config)
+
+
+def test_defaults_scan_the_usual_local_ports() -> None:
+    config = parse_config({})
+    ports = [e.port_start for e in config.endpoints]
+    assert ports == list(DEFAULT_LOCAL_PORTS)
+    assert {8080, 8000, 11434, 1234, 5000, 5001, 30000} == set(ports)
+    assert all(e.hostname == "127.0.0.1" for e in config.endpoints)
+    assert config.bindip == "127.0.0.1" and config.port == 42069
+    assert config.max_request_bytes == 10 * 1024 * 1024
+    assert config.timeouts.first_byte >= 300  # a model may take minutes to load
+
+
+def test_every_optional_key() -> None:
+    config = parse_config({
+        "bindip": "0.0.0.0", "workers": 3, "default_model": "m:gpu0",
+        "timeouts": {"connect": 2, "first_byte": 90.5, "idle": 30, "scan": 0.5},
+        "max_request_bytes": 2048, "endpoints": [],
+    })
+    assert config.bindip == "0.0.0.0" and config.workers == 3
+    assert config.default_model == "m:gpu0" and config.max_request_bytes == 2048
+    assert (config.timeouts.connect, config.timeouts.first_byte) == (2.0, 90.5)
+    assert (config.timeouts.idle, config.timeouts.scan) == (30.0, 0.5)
+
+
+def test_the_example_file_is_valid() -> None:
+    config = load_config(EXAMPLE, environ={"EXAMPLE_API_KEY": "sk-x"})
+    assert config.endpoints
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], "(top level): must be a JSON object"),
+        ({"prot": 1}, "prot: unknown key"),
+        ({"port": "80"}, "port: must be an integer port, got a string"),
+        ({"port": 0}, "port: must be between 1 and 65535, got 0"),
+        ({"port": True}, "port: must be an integer port"),
+        ({"interval": 10}, "interval: must be at least 1000 milliseconds"),
+        ({"workers": 0}, "workers: must be > 0"),
+        ({"bindip": "my host"}, "bindip: must be an IP address"),
+        ({"timeouts": {"first_byte": -1}}, "timeouts.first_byte: must be > 0"),
+        ({"timeouts": {"total": 5}}, "timeouts.total: unknown key"),
+        ({"max_request_bytes": 1.5}, "max_request_bytes: must be an integer"),
+        ({"endpoints": {}}, "endpoints: must be a list"),
+        ({"endpoints": [{"hostname": "h", "port_start": 1}, 5]}, "endpoints[1]: must be an object"),
+        ({"endpoints": [{"hostname": "h", "port_start": 1},
+                        {"hostname": "h", "port_start": 8010, "port_end": 8000}]},
+         "endpoints[1].port_end: must be >= port_start (8010), got 8000"),
+        ({"endpoints": [{"hostname": "h", "port_start": 70000}]},
+         "endpoints[0].port_start: must be between 1 and 65535"),
+        ({"endpoints": [{"hostname": "h", "port_start": 1, "port_end": 5000}]},
+         "endpoints[0].port_end: range of 5000 ports is over the limit of 4096"),
+        ({"endpoints": [{"hostname": "h", "port_start": 1, "colour": "red"}]},
+         "endpoints[0].colour: unknown key"),
+        ({"endpoints": [{"url": "ftp://x/v1"}]}, "endpoints[0].url: must be an http:// or https://"),
+        ({"endpoints": [{"url": "http://x:99999/v1"}]}, "endpoints[0].url: invalid port"),
+        ({"endpoints": [{"url": "http://x/v1", "hostname": "x"}]},
+         "endpoints[0].hostname: cannot be combined with url"),
+        ({"endpoints": [{"hostname": "h", "port_start": 1, "models": ["m"]}]},
+         "endpoints[0].models: only allowed together with url"),
+        ({"endpoints": [{"port_start": 1}]}, "endpoints[0]: needs either url or hostname"),
+        ({"endpoints": [{"hostname": "h"}]}, "endpoints[0].port_start: required with hostname"),
+        ({"endpoints": [{"hostname": "h", "port_start": 1, "tags": "gpu"}]},
+         "endpoints[0].tags: must be a list of strings"),
+        ({"endpoints": [{"hostname": "h", "port_start": 1, "tags": ["a:b"]}]},
+         "endpoints[0].tags[0]: must not contain spaces or ':'"),
+        ({"endpoints": [{"hostname": "h", "port_start": 1, "enable": "no"}]},
+         "endpoints[0].enable: must be a boolean"),
+        ({"endpoints": [{"url": "http://x/v1", "apikey": "env:NOPE_NOT_SET"}]},
+         "endpoints[0].apikey: environment variable NOPE_NOT_SET is not set"),
+    ],
+)
+def test_bad_config_names_the_field(data: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, environ={})
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_disabled_endpoint_may_name_an_unset_variable() -> None:
+    config = parse_config(
+        {"endpoints": [{"url": "http://x/v1", "apikey": "env:UNSET", "enable": False}]},
+        environ={},
+    )
+    assert config.endpoints[0].apikey is None
+
+
+def test_invalid_json_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"port": 1,}')
+    with pytest.raises(ConfigError, match=r"bad\.json: invalid JSON"):
+        load_config(path)
+
+
+def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    xdg = tmp_path / "xdg"
+    (xdg / "llproxy").mkdir(parents=True)
+    (xdg / "llproxy" / "llproxy.json").write_text('{"port": 2}')
+    env = {"XDG_CONFIG_HOME": str(xdg)}
+    assert find_config_file(None, env) == xdg / "llproxy" / "llproxy.json"
+    (tmp_path / "llproxy.json").write_text('{"port": 3}')
+    assert find_config_file(None, env) == Path("llproxy.json")
+    env["LLPROXY_CONFIG"] = str(tmp_path / "env.json")
+    assert find_config_file(None, env) == tmp_path / "env.json"
+    assert find_config_file("/explicit.json", env) == Path("/explicit.json")
+    assert resolve_config(None, {"XDG_CONFIG_HOME": str(xdg)}).port == 3
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve_config(str(tmp_path / "missing.json"), {})
+
+
+def _llproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llproxy", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )
+
+
+def test_bad_config_exits_78_before_binding(tmp_path: Path) -> None:
+    path = tmp_path / "llproxy.json"
+    path.write_text(json.dumps({"endpoints": [
+        {"hostname": "127.0.0.1", "port_start": 8000},
+        {"hostname": "127.0.0.1", "port_start": 8010, "port_end": 8000},
+    ]}))
+    # Port 1 would need root to bind; the config error must come first regardless.
+    done = _llproxy("serve", "--config", str(path), "--bindport", "1")
+    assert done.returncode == EX_CONFIG
+    assert "endpoints[1].port_end: must be >= port_start" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_config_from_environment_variable(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{"port": 1, "nope": true}')
+    done = _llproxy("scan", env={"LLPROXY_CONFIG": str(path)})
+    assert done.returncode == EX_CONFIG
+    assert "nope: unknown key" in done.stderr
+
+
+def test_aihost_needs_aihostport() -> None:
+    done = _llproxy("serve", "--aihost", "127.0.0.1")
+    assert done.returncode == EX_CONFIG
+    assert "--aihost and --aihostport must be given together" in done.stderr
