@@ -45,12 +45,50 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option("--bindip", envvar="LLPROXY_BINDIP", show_envvar=True, help="Address to listen on [default: 127.0.0.1].")
-@click.option("--bindport", type=click.IntRange(1, 65535), envvar="LLPROXY_BINDPORT", show_envvar=True, help="Port to listen on [default: 42069].")
-@click.option("--aihost", metavar="HOST", envvar="LLPROXY_AIHOST", show_envvar=True, help="Proxy this one server instead of the configured endpoints (needs --aihostport).")
-@click.option("--aihostport", metavar="PORT", type=click.IntRange(1, 65535), envvar="LLPROXY_AIHOSTPORT", show_envvar=True, help="Port of --aihost.")
-@click.option("--scan-interval", metavar="SECONDS", type=click.FloatRange(1.0), envvar="LLPROXY_SCAN_INTERVAL", show_envvar=True, help="Rediscovery period [default: 30].")
-@click.option("-v", "--verbose", count=True, envvar="LLPROXY_VERBOSE", show_envvar=True, help="-v: a line per request; -vv: also debug detail.")
+@click.option(
+    "--bindip",
+    envvar="LLPROXY_BINDIP",
+    show_envvar=True,
+    help="Address to listen on [default: 127.0.0.1].",
+)
+@click.option(
+    "--bindport",
+    type=click.IntRange(1, 65535),
+    envvar="LLPROXY_BINDPORT",
+    show_envvar=True,
+    help="Port to listen on [default: 42069].",
+)
+@click.option(
+    "--aihost",
+    metavar="HOST",
+    envvar="LLPROXY_AIHOST",
+    show_envvar=True,
+    help="Proxy this one server instead of the configured endpoints (needs --aihostport).",
+)
+@click.option(
+    "--aihostport",
+    metavar="PORT",
+    type=click.IntRange(1, 65535),
+    envvar="LLPROXY_AIHOSTPORT",
+    show_envvar=True,
+    help="Port of --aihost.",
+)
+@click.option(
+    "--scan-interval",
+    metavar="SECONDS",
+    type=click.FloatRange(1.0),
+    envvar="LLPROXY_SCAN_INTERVAL",
+    show_envvar=True,
+    help="Rediscovery period [default: 30].",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    envvar="LLPROXY_VERBOSE",
+    show_envvar=True,
+    help="-v: a line per request; -vv: also debug detail.",
+)
 def serve(
     config_path: str | None,
     bindip: str | None,

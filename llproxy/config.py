@@ -125,7 +125,7 @@ def _check_port(path: str, value: Any) -> int:
 
 
 def _positive_number(path: str, value: Any) -> float:
-    number = _expect(path, value, (int, float), "a number")
+    number: float = _expect(path, value, (int, float), "a number")
     if number <= 0:
         raise ConfigError(f"{path}: must be > 0, got {number}")
     return float(number)
@@ -191,18 +191,12 @@ _TIMEOUT_KEYS = {"connect", "first_byte", "idle", "scan"}
 def _timeouts(path: str, value: Any) -> Timeouts:
     obj = _expect(path, value, dict, "an object")
     _check_keys(path, obj, _TIMEOUT_KEYS)
-    defaults = Timeouts()
-    return Timeouts(
-        **{
-            key: _optional(obj, key, lambda v, k=key: _positive_number(f"{path}.{k}", v), default)
-            for key, default in (
-                ("connect", defaults.connect),
-                ("first_byte", defaults.first_byte),
-                ("idle", defaults.idle),
-                ("scan", defaults.scan),
-            )
-        }
-    )
+    chosen = {
+        key: _positive_number(f"{path}.{key}", obj[key])
+        for key in _TIMEOUT_KEYS
+        if obj.get(key) is not None
+    }
+    return Timeouts(**chosen)
 
 
 _ENDPOINT_KEYS = {
@@ -222,8 +216,10 @@ def _endpoint(index: int, value: Any, environ: Mapping[str, str]) -> Endpoint:
     path = f"endpoints[{index}]"
     obj = _expect(path, value, dict, "an object")
     _check_keys(path, obj, _ENDPOINT_KEYS)
-    enable = _optional(obj, "enable", lambda v: _expect(f"{path}.enable", v, bool, "a boolean"), True)
-    tags = _optional(obj, "tags", lambda v: _string_list(f"{path}.tags", v), ())
+    enable = _optional(
+        obj, "enable", lambda v: _expect(f"{path}.enable", v, bool, "a boolean"), True
+    )
+    tags: tuple[str, ...] = _optional(obj, "tags", lambda v: _string_list(f"{path}.tags", v), ())
     for i, tag in enumerate(tags):
         if any(ch.isspace() for ch in tag) or ":" in tag:
             raise ConfigError(f"{path}.tags[{i}]: must not contain spaces or ':', got {tag!r}")
@@ -234,7 +230,9 @@ def _endpoint(index: int, value: Any, environ: Mapping[str, str]) -> Endpoint:
         if enable
         else None
     )
-    common: dict[str, Any] = dict(index=index, tags=tags, enable=enable, filter=filter_, apikey=apikey)
+    common: dict[str, Any] = dict(
+        index=index, tags=tags, enable=enable, filter=filter_, apikey=apikey
+    )
 
     if "url" in obj:
         clash = sorted({"hostname", "port_start", "port_end"} & set(obj))
@@ -290,7 +288,9 @@ def parse_config(
     obj = _expect("(top level)", data, dict, "a JSON object")
     _check_keys("", obj, _TOP_KEYS)
     defaults = Config()
-    endpoints_raw = _optional(obj, "endpoints", lambda v: _expect("endpoints", v, list, "a list"), None)
+    endpoints_raw = _optional(
+        obj, "endpoints", lambda v: _expect("endpoints", v, list, "a list"), None
+    )
     endpoints = (
         default_endpoints()
         if endpoints_raw is None

@@ -8,6 +8,7 @@ concurrently under a bound, with a short timeout and a cap on the response size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -68,18 +69,26 @@ def _targets(endpoints: Sequence[Endpoint]) -> list[_Target]:
     return targets
 
 
-async def _port_open(host: str, port: int, timeout: float) -> bool:
-    loop = asyncio.get_running_loop()
+_Address = tuple[socket.AddressFamily, str]
+
+
+async def _resolve(host: str) -> _Address | None:
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
-        return False
-    family, type_, proto, _, address = infos[0]
-    sock = socket.socket(family, type_, proto)
+        log.warning("cannot resolve %s; its endpoints are skipped this scan", host)
+        return None
+    family, _, _, _, sockaddr = infos[0]
+    return family, str(sockaddr[0])
+
+
+async def _port_open(address: _Address, port: int, timeout: float) -> bool:
+    family, ip = address
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, address)
+            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
         return True
     except (OSError, TimeoutError):
         return False
@@ -121,7 +130,10 @@ def _entries(listing: Any) -> list[dict[str, Any]] | None:
 
 
 async def _probe(
-    session: aiohttp.ClientSession, target: _Target, timeout: float
+    session: aiohttp.ClientSession,
+    target: _Target,
+    timeout: float,
+    addresses: dict[str, _Address | None],
 ) -> list[FoundModel] | None:
     """The models one server offers, or None when no server answers there."""
     endpoint, upstream = target.endpoint, target.upstream
@@ -130,8 +142,10 @@ async def _probe(
             {"id": m, "object": "model", "owned_by": upstream.hostname} for m in endpoint.models
         ]
     else:
-        if endpoint.url is None and not await _port_open(upstream.hostname, upstream.port, timeout):
-            return None
+        if endpoint.url is None:
+            address = addresses.get(upstream.hostname)
+            if address is None or not await _port_open(address, upstream.port, timeout):
+                return None
         found = _entries(await _get_json(session, f"{upstream.base_url}/models", upstream, timeout))
         if found is None:
             return None
@@ -165,13 +179,16 @@ async def scan(
     """One discovery pass over every enabled endpoint."""
     started = time.perf_counter()
     targets = _targets(config.endpoints)
+    # Resolve each scanned host once, not once per port.
+    hosts = sorted({t.upstream.hostname for t in targets if t.endpoint.url is None})
+    addresses = dict(zip(hosts, await asyncio.gather(*map(_resolve, hosts)), strict=True))
     limit = asyncio.Semaphore(SCAN_CONCURRENCY)
     done = 0
 
     async def bounded(target: _Target) -> list[FoundModel] | None:
         nonlocal done
         async with limit:
-            result = await _probe(session, target, config.timeouts.scan)
+            result = await _probe(session, target, config.timeouts.scan, addresses)
         done += 1
         if progress is not None:
             progress(done, len(targets))
@@ -244,10 +261,8 @@ class DiscoveryLoop:
                 task.cancel()
         for task in (self._task, self._running_scan):
             if task is not None:
-                try:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-                except (asyncio.CancelledError, Exception):
-                    pass
         if self._session is not None:
             await self._session.close()
 
@@ -284,4 +299,3 @@ class DiscoveryLoop:
                     await self._wake.wait()
             except TimeoutError:
                 pass
-

@@ -57,4 +57,6 @@ class UpstreamTimeout(ProxyError):
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )

@@ -30,7 +30,11 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_ERROR_BODY = 64 * 1024
 # Failures of the upstream side only. A write to a departed client raises
 # ClientConnectionResetError, which is none of these and propagates.
-_UPSTREAM_FAILURES = (aiohttp.ClientPayloadError, aiohttp.ServerConnectionError, aiohttp.ClientOSError)
+_UPSTREAM_FAILURES = (
+    aiohttp.ClientPayloadError,
+    aiohttp.ServerConnectionError,
+    aiohttp.ClientOSError,
+)
 
 
 @dataclass(slots=True)

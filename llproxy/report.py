@@ -56,7 +56,9 @@ def run_scan(config: Config, as_json: bool) -> int:
     if as_json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
     elif rows:
-        table = Table(title=f"{len(result.registry.models)} models on {result.registry.servers} servers")
+        table = Table(
+            title=f"{len(result.registry.models)} models on {result.registry.servers} servers"
+        )
         for column in ("name", "upstream id", "host:port", "tags"):
             table.add_column(column)
         for row in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,15 +58,38 @@ class RunningProxy:
         await self.state.discovery.scan_now()
 
 
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive loopback ports that are free right now."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            start = probe.getsockname()[1]
+        if start + size > 65535:
+            continue
+        held = []
+        try:
+            for port in range(start, start + size):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"no block of {size} free ports")
+
+
 UpstreamFactory = Callable[..., Awaitable[RunningUpstream]]
 ProxyFactory = Callable[..., Awaitable[RunningProxy]]
 
 
 @pytest.fixture
 def start_upstream(aiohttp_server: Any) -> UpstreamFactory:
-    async def start(**knobs: Any) -> RunningUpstream:
+    async def start(port: int | None = None, **knobs: Any) -> RunningUpstream:
         fake = FakeUpstream(**knobs)
-        server = await aiohttp_server(fake.app())
+        server = await aiohttp_server(fake.app(), port=port)
         return RunningUpstream(fake, server)
 
     return start

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+
 @dataclass
 class Received:
     path: str
@@ -35,6 +36,7 @@ class FakeUpstream:
     die_after_chunks: int | None = None
     name: str = "fake"
     received: list[Received] = field(default_factory=list)
+    got_request: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     listing_requests: int = 0
 
@@ -53,8 +55,13 @@ class FakeUpstream:
         self.listing_requests += 1
         self.received.append(Received("models", dict(request.headers), None))
         data = [
-            {"id": mid, "object": "model", "created": 1700000000, "owned_by": self.name,
-             "meta": {"n_ctx_train": 4096}}
+            {
+                "id": mid,
+                "object": "model",
+                "created": 1700000000,
+                "owned_by": self.name,
+                "meta": {"n_ctx_train": 4096},
+            }
             for mid in self.model_ids
         ]
         return web.json_response({"object": "list", "data": data})
@@ -68,6 +75,7 @@ class FakeUpstream:
         body = orjson.loads(await request.read())
         path = request.match_info["path"]
         self.received.append(Received(path, dict(request.headers), body))
+        self.got_request.set()
         try:
             return await self._answer(request, path, body)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -83,39 +91,75 @@ class FakeUpstream:
             return web.Response(
                 status=self.fail_status,
                 body=self.fail_body
-                or orjson.dumps({"error": {"message": "upstream says no", "type": "server_error",
-                                           "param": None, "code": "boom"}}),
+                or orjson.dumps(
+                    {
+                        "error": {
+                            "message": "upstream says no",
+                            "type": "server_error",
+                            "param": None,
+                            "code": "boom",
+                        }
+                    }
+                ),
                 content_type="application/json",
             )
         model = body.get("model")
         if path == "embeddings":
             inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-            return web.json_response({
-                "object": "list",
-                "model": model,
-                "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
-                         for i, _ in enumerate(inputs)],
-                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
-            })
+            return web.json_response(
+                {
+                    "object": "list",
+                    "model": model,
+                    "data": [
+                        {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                        for i, _ in enumerate(inputs)
+                    ],
+                    "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+                }
+            )
         if body.get("stream"):
             return await self._stream(request, path, body)
         words = [f"w{i}" for i in range(self.chunks)]
-        usage = {"prompt_tokens": 7, "completion_tokens": self.chunks,
-                 "total_tokens": 7 + self.chunks}
+        usage = {
+            "prompt_tokens": 7,
+            "completion_tokens": self.chunks,
+            "total_tokens": 7 + self.chunks,
+        }
         if path == "completions":
-            return web.json_response({
-                "id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
-                "choices": [{"index": 0, "text": " ".join(words), "finish_reason": "stop",
-                             "logprobs": None}],
+            return web.json_response(
+                {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "created": 1,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": " ".join(words),
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
+        return web.json_response(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": " ".join(words)},
+                    }
+                ],
                 "usage": usage,
-            })
-        return web.json_response({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": " ".join(words)}}],
-            "usage": usage,
-            "upstream": self.name,
-        })
+                "upstream": self.name,
+            }
+        )
 
     async def _stream(self, request: web.Request, path: str, body: Any) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -129,26 +173,48 @@ class FakeUpstream:
             if i and self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
             if path == "completions":
-                chunk: dict[str, Any] = {"id": "cmpl-1", "object": "text_completion", "created": 1,
-                                         "model": model,
-                                         "choices": [{"index": 0, "text": f"w{i} ",
-                                                      "finish_reason": None}]}
+                chunk: dict[str, Any] = {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "created": 1,
+                    "model": model,
+                    "choices": [{"index": 0, "text": f"w{i} ", "finish_reason": None}],
+                }
             else:
                 delta: dict[str, Any] = {"content": f"w{i} ", "reasoning_content": f"think{i}"}
                 if i == 0:
                     delta["role"] = "assistant"
-                    delta["tool_calls"] = [{"index": 0, "id": "call_1", "type": "function",
-                                            "function": {"name": "f", "arguments": "{}"}}]
-                chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
-                         "model": model, "x_unknown": {"sent_at": time.time()},
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                    delta["tool_calls"] = [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                        }
+                    ]
+                chunk = {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": model,
+                    "x_unknown": {"sent_at": time.time()},
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                }
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
-            usage_chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
-                           "model": model, "choices": [],
-                           "usage": {"prompt_tokens": 7, "completion_tokens": self.chunks,
-                                     "total_tokens": 7 + self.chunks}}
+            usage_chunk = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 7,
+                    "completion_tokens": self.chunks,
+                    "total_tokens": 7 + self.chunks,
+                },
+            }
             await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

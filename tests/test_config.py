@@ -32,8 +32,12 @@ def test_original_config_shape_is_accepted() -> None:
             "endpoints": [
                 {"hostname": "10.0.0.5", "port_start": 8000, "port_end": 8010, "tags": ["gpu0"]},
                 {"hostname": "127.0.0.1", "port_start": 5000, "port_end": 5005, "enable": False},
-                {"url": "https://api.example.com/v1", "apikey": "env:EXAMPLE_API_KEY",
-                 "filter": "gpt-4o", "tags": ["cloud"]},
+                {
+                    "url": "https://api.example.com/v1",
+                    "apikey": "env:EXAMPLE_API_KEY",
+                    "filter": "gpt-4o",
+                    "tags": ["cloud"],
+                },
                 {"url": "http://10.0.0.7:8000/v1", "models": ["my-model"], "tags": ["static"]},
             ],
         },
@@ -61,11 +65,16 @@ def test_defaults_scan_the_usual_local_ports() -> None:
 
 
 def test_every_optional_key() -> None:
-    config = parse_config({
-        "bindip": "0.0.0.0", "workers": 3, "default_model": "m:gpu0",
-        "timeouts": {"connect": 2, "first_byte": 90.5, "idle": 30, "scan": 0.5},
-        "max_request_bytes": 2048, "endpoints": [],
-    })
+    config = parse_config(
+        {
+            "bindip": "0.0.0.0",
+            "workers": 3,
+            "default_model": "m:gpu0",
+            "timeouts": {"connect": 2, "first_byte": 90.5, "idle": 30, "scan": 0.5},
+            "max_request_bytes": 2048,
+            "endpoints": [],
+        }
+    )
     assert config.bindip == "0.0.0.0" and config.workers == 3
     assert config.default_model == "m:gpu0" and config.max_request_bytes == 2048
     assert (config.timeouts.connect, config.timeouts.first_byte) == (2.0, 90.5)
@@ -93,31 +102,58 @@ def test_the_example_file_is_valid() -> None:
         ({"max_request_bytes": 1.5}, "max_request_bytes: must be an integer"),
         ({"endpoints": {}}, "endpoints: must be a list"),
         ({"endpoints": [{"hostname": "h", "port_start": 1}, 5]}, "endpoints[1]: must be an object"),
-        ({"endpoints": [{"hostname": "h", "port_start": 1},
-                        {"hostname": "h", "port_start": 8010, "port_end": 8000}]},
-         "endpoints[1].port_end: must be >= port_start (8010), got 8000"),
-        ({"endpoints": [{"hostname": "h", "port_start": 70000}]},
-         "endpoints[0].port_start: must be between 1 and 65535"),
-        ({"endpoints": [{"hostname": "h", "port_start": 1, "port_end": 5000}]},
-         "endpoints[0].port_end: range of 5000 ports is over the limit of 4096"),
-        ({"endpoints": [{"hostname": "h", "port_start": 1, "colour": "red"}]},
-         "endpoints[0].colour: unknown key"),
-        ({"endpoints": [{"url": "ftp://x/v1"}]}, "endpoints[0].url: must be an http:// or https://"),
+        (
+            {
+                "endpoints": [
+                    {"hostname": "h", "port_start": 1},
+                    {"hostname": "h", "port_start": 8010, "port_end": 8000},
+                ]
+            },
+            "endpoints[1].port_end: must be >= port_start (8010), got 8000",
+        ),
+        (
+            {"endpoints": [{"hostname": "h", "port_start": 70000}]},
+            "endpoints[0].port_start: must be between 1 and 65535",
+        ),
+        (
+            {"endpoints": [{"hostname": "h", "port_start": 1, "port_end": 5000}]},
+            "endpoints[0].port_end: range of 5000 ports is over the limit of 4096",
+        ),
+        (
+            {"endpoints": [{"hostname": "h", "port_start": 1, "colour": "red"}]},
+            "endpoints[0].colour: unknown key",
+        ),
+        (
+            {"endpoints": [{"url": "ftp://x/v1"}]},
+            "endpoints[0].url: must be an http:// or https://",
+        ),
         ({"endpoints": [{"url": "http://x:99999/v1"}]}, "endpoints[0].url: invalid port"),
-        ({"endpoints": [{"url": "http://x/v1", "hostname": "x"}]},
-         "endpoints[0].hostname: cannot be combined with url"),
-        ({"endpoints": [{"hostname": "h", "port_start": 1, "models": ["m"]}]},
-         "endpoints[0].models: only allowed together with url"),
+        (
+            {"endpoints": [{"url": "http://x/v1", "hostname": "x"}]},
+            "endpoints[0].hostname: cannot be combined with url",
+        ),
+        (
+            {"endpoints": [{"hostname": "h", "port_start": 1, "models": ["m"]}]},
+            "endpoints[0].models: only allowed together with url",
+        ),
         ({"endpoints": [{"port_start": 1}]}, "endpoints[0]: needs either url or hostname"),
         ({"endpoints": [{"hostname": "h"}]}, "endpoints[0].port_start: required with hostname"),
-        ({"endpoints": [{"hostname": "h", "port_start": 1, "tags": "gpu"}]},
-         "endpoints[0].tags: must be a list of strings"),
-        ({"endpoints": [{"hostname": "h", "port_start": 1, "tags": ["a:b"]}]},
-         "endpoints[0].tags[0]: must not contain spaces or ':'"),
-        ({"endpoints": [{"hostname": "h", "port_start": 1, "enable": "no"}]},
-         "endpoints[0].enable: must be a boolean"),
-        ({"endpoints": [{"url": "http://x/v1", "apikey": "env:NOPE_NOT_SET"}]},
-         "endpoints[0].apikey: environment variable NOPE_NOT_SET is not set"),
+        (
+            {"endpoints": [{"hostname": "h", "port_start": 1, "tags": "gpu"}]},
+            "endpoints[0].tags: must be a list of strings",
+        ),
+        (
+            {"endpoints": [{"hostname": "h", "port_start": 1, "tags": ["a:b"]}]},
+            "endpoints[0].tags[0]: must not contain spaces or ':'",
+        ),
+        (
+            {"endpoints": [{"hostname": "h", "port_start": 1, "enable": "no"}]},
+            "endpoints[0].enable: must be a boolean",
+        ),
+        (
+            {"endpoints": [{"url": "http://x/v1", "apikey": "env:NOPE_NOT_SET"}]},
+            "endpoints[0].apikey: environment variable NOPE_NOT_SET is not set",
+        ),
     ],
 )
 def test_bad_config_names_the_field(data: Any, message: str) -> None:
@@ -164,16 +200,25 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
 def _llproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "llproxy", *args],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
     )
 
 
 def test_bad_config_exits_78_before_binding(tmp_path: Path) -> None:
     path = tmp_path / "llproxy.json"
-    path.write_text(json.dumps({"endpoints": [
-        {"hostname": "127.0.0.1", "port_start": 8000},
-        {"hostname": "127.0.0.1", "port_start": 8010, "port_end": 8000},
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "endpoints": [
+                    {"hostname": "127.0.0.1", "port_start": 8000},
+                    {"hostname": "127.0.0.1", "port_start": 8010, "port_end": 8000},
+                ]
+            }
+        )
+    )
     # Port 1 would need root to bind; the config error must come first regardless.
     done = _llproxy("serve", "--config", str(path), "--bindport", "1")
     assert done.returncode == EX_CONFIG

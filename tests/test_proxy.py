@@ -27,11 +27,13 @@ def assert_openai_error(body: Any, type_: str | None = None, code: Any = None) -
 
 
 async def raw_post(proxy: RunningProxy, path: str, data: bytes, **headers: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             f"{proxy.url}{path}", data=data, headers={"Content-Type": "application/json", **headers}
-        ) as resp:
-            return resp.status, await resp.json(content_type=None)
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
 
 
 async def test_list_models_passes_upstream_fields(proxy: RunningProxy) -> None:
@@ -62,7 +64,10 @@ async def test_chat_completion_rewrites_model(
     upstream = await start_upstream(model_ids=["/models/llama-3-8b.Q4_K_M.gguf"])
     proxy = await start_proxy([upstream.endpoint(tags=["gpu0"])])
     reply = await proxy.client().chat.completions.create(
-        model="llama-3-8b.Q4_K_M:gpu0", messages=CHAT, temperature=0.5, max_tokens=20,
+        model="llama-3-8b.Q4_K_M:gpu0",
+        messages=CHAT,
+        temperature=0.5,
+        max_tokens=20,
         extra_body={"top_k": 40},
     )
     assert reply.choices[0].message.content == "w0 w1 w2 w3 w4"
@@ -84,7 +89,9 @@ async def test_completions_and_embeddings(proxy: RunningProxy, upstream: Running
     assert [r.path for r in upstream.fake.generation_requests] == ["completions", "embeddings"]
 
 
-async def test_any_post_with_a_model_is_forwarded(proxy: RunningProxy, upstream: RunningUpstream) -> None:
+async def test_any_post_with_a_model_is_forwarded(
+    proxy: RunningProxy, upstream: RunningUpstream
+) -> None:
     status, _ = await raw_post(proxy, "/v1/rerank", orjson.dumps({"model": "fake-model", "x": 1}))
     # The fake has no rerank: its answer, whatever it is, comes back through llproxy.
     assert upstream.fake.generation_requests[-1].path == "rerank"
@@ -152,31 +159,52 @@ async def test_missing_model_uses_default_model(
         ("/v1/chat/completions", b'{"model": "fake-model", "messages": []}', "messages"),
         ("/v1/chat/completions", b'{"model": "fake-model", "messages": "hi"}', "messages"),
         ("/v1/chat/completions", b'{"model": "fake-model", "messages": ["hi"]}', "messages[0]"),
-        ("/v1/chat/completions", b'{"model": "fake-model", "messages": [{"content": "x"}]}',
-         "messages[0].role"),
-        ("/v1/chat/completions",
-         b'{"model": "fake-model", "messages": [{"role": "user"}], "temperature": 2.5}',
-         "temperature"),
-        ("/v1/chat/completions",
-         b'{"model": "fake-model", "messages": [{"role": "user"}], "temperature": "hot"}',
-         "temperature"),
-        ("/v1/chat/completions",
-         b'{"model": "fake-model", "messages": [{"role": "user"}], "temperature": -0.1}',
-         "temperature"),
-        ("/v1/chat/completions",
-         b'{"model": "fake-model", "messages": [{"role": "user"}], "max_tokens": 0}',
-         "max_tokens"),
-        ("/v1/chat/completions",
-         b'{"model": "fake-model", "messages": [{"role": "user"}], "max_tokens": 1.5}',
-         "max_tokens"),
-        ("/v1/chat/completions",
-         b'{"model": "fake-model", "messages": [{"role": "user"}], "max_tokens": true}',
-         "max_tokens"),
-        ("/v1/chat/completions",
-         b'{"model": "fake-model", "messages": [{"role": "user"}], "stream": "yes"}', "stream"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "messages": [{"content": "x"}]}',
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "messages": [{"role": "user"}], "temperature": 2.5}',
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "messages": [{"role": "user"}], "temperature": "hot"}',
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "messages": [{"role": "user"}], "temperature": -0.1}',
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "messages": [{"role": "user"}], "max_tokens": 0}',
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "messages": [{"role": "user"}], "max_tokens": 1.5}',
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "messages": [{"role": "user"}], "max_tokens": true}',
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "messages": [{"role": "user"}], "stream": "yes"}',
+            "stream",
+        ),
         ("/v1/completions", b'{"model": "fake-model"}', "prompt"),
-        ("/v1/completions", b'{"model": "fake-model", "prompt": "x", "max_tokens": -3}',
-         "max_tokens"),
+        (
+            "/v1/completions",
+            b'{"model": "fake-model", "prompt": "x", "max_tokens": -3}',
+            "max_tokens",
+        ),
     ],
 )
 async def test_bad_requests_get_400_and_never_reach_upstream(
@@ -266,13 +294,15 @@ async def test_upstream_dying_mid_stream_ends_with_error_event(
 ) -> None:
     upstream = await start_upstream(chunks=5, die_after_chunks=2)
     proxy = await start_proxy([upstream.endpoint()])
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             f"{proxy.url}/v1/chat/completions",
             json={"model": "fake-model", "messages": CHAT, "stream": True},
-        ) as resp:
-            assert resp.status == 200
-            raw = await asyncio.wait_for(resp.read(), 10)  # ends cleanly, no hang
+        ) as resp,
+    ):
+        assert resp.status == 200
+        raw = await asyncio.wait_for(resp.read(), 10)  # ends cleanly, no hang
     events = [line[6:] for line in raw.decode().split("\n\n") if line.startswith("data: ")]
     assert len(events) == 3
     assert [orjson.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == ["w0 ", "w1 "]
@@ -291,12 +321,14 @@ async def test_idle_upstream_mid_stream_times_out(
 ) -> None:
     upstream = await start_upstream(chunks=3, chunk_delay=30)
     proxy = await start_proxy([upstream.endpoint()], timeouts={"idle": 0.5})
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             f"{proxy.url}/v1/chat/completions",
             json={"model": "fake-model", "messages": CHAT, "stream": True},
-        ) as resp:
-            raw = await asyncio.wait_for(resp.read(), 10)
+        ) as resp,
+    ):
+        raw = await asyncio.wait_for(resp.read(), 10)
     last = raw.decode().strip().split("\n\n")[-1]
     assert_openai_error(orjson.loads(last[6:]), "upstream_error", "upstream_timeout")
     await asyncio.wait_for(upstream.fake.disconnected.wait(), 5)
@@ -312,17 +344,18 @@ async def test_client_disconnect_cancels_upstream(
     proxy = await start_proxy([upstream.endpoint()])
 
     async def call() -> None:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
                 f"{proxy.url}/v1/chat/completions",
                 json={"model": "fake-model", "messages": CHAT, "stream": stream},
-            ) as resp:
-                await resp.content.readany()
-                await asyncio.sleep(60)
+            ) as resp,
+        ):
+            await resp.content.readany()
+            await asyncio.sleep(60)
 
     task = asyncio.create_task(call())
-    while not upstream.fake.generation_requests:
-        await asyncio.sleep(0.02)
+    await asyncio.wait_for(upstream.fake.got_request.wait(), 10)
     await asyncio.sleep(0.3)
     task.cancel()  # closes the client's connection
     started = time.monotonic()
@@ -334,9 +367,13 @@ async def test_large_bodies_accepted_up_to_the_limit(
     start_proxy: ProxyFactory, upstream: RunningUpstream
 ) -> None:
     proxy = await start_proxy([upstream.endpoint()], max_request_bytes=4096)
-    fits = orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x" * 3000}]})
+    fits = orjson.dumps(
+        {"model": "fake-model", "messages": [{"role": "user", "content": "x" * 3000}]}
+    )
     assert (await raw_post(proxy, "/v1/chat/completions", fits))[0] == 200
-    over = orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x" * 5000}]})
+    over = orjson.dumps(
+        {"model": "fake-model", "messages": [{"role": "user", "content": "x" * 5000}]}
+    )
     status, body = await raw_post(proxy, "/v1/chat/completions", over)
     assert status == 413
     assert_openai_error(body, "invalid_request_error", "request_too_large")
@@ -344,17 +381,22 @@ async def test_large_bodies_accepted_up_to_the_limit(
     async def chunked() -> Any:  # no Content-Length: the limit holds while reading
         yield over
 
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{proxy.url}/v1/chat/completions", data=chunked()) as resp:
-            assert resp.status == 413
-            assert_openai_error(await resp.json(), code="request_too_large")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{proxy.url}/v1/chat/completions", data=chunked()) as resp,
+    ):
+        assert resp.status == 413
+        assert_openai_error(await resp.json(), code="request_too_large")
     assert len(upstream.fake.generation_requests) == 1
 
 
-async def test_secrets_never_cross(start_upstream: UpstreamFactory, start_proxy: ProxyFactory) -> None:
+async def test_secrets_never_cross(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
     upstream = await start_upstream()
-    proxy = await start_proxy([{"url": f"http://127.0.0.1:{upstream.port}/v1",
-                                "apikey": "env:TEST_KEY"}])
+    proxy = await start_proxy(
+        [{"url": f"http://127.0.0.1:{upstream.port}/v1", "apikey": "env:TEST_KEY"}]
+    )
     async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/v1/models") as resp:
         assert "sk-up-7" not in await resp.text()
     await proxy.client().chat.completions.create(model="fake-model", messages=CHAT)
@@ -375,9 +417,9 @@ async def test_replicas_share_load_and_refused_replica_is_skipped(
     assert [m.id for m in models.data] == ["fake-model"]  # one model, two replicas
 
     client = proxy.client()
-    replies = await asyncio.gather(*(
-        client.chat.completions.create(model="fake-model", messages=CHAT) for _ in range(6)
-    ))
+    replies = await asyncio.gather(
+        *(client.chat.completions.create(model="fake-model", messages=CHAT) for _ in range(6))
+    )
     served_by = sorted(r.model_dump()["upstream"] for r in replies)
     assert served_by == ["a"] * 3 + ["b"] * 3  # least outstanding splits concurrent work
 

@@ -1,0 +1,30 @@
+# `make run` and `make test` work on a fresh machine: they create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/llproxy serve --verbose
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check llproxy tests
+	$(BIN)/ruff format --check llproxy tests
+	$(BIN)/mypy
+
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,156 @@
+"""The real `llproxy` command as a subprocess: serve, scan, flags, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import openai
+
+from llproxy import __version__
+
+from .conftest import RunningUpstream, UpstreamFactory, free_port_block
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+async def run_llproxy(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llproxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@asynccontextmanager
+async def serving(
+    *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    port = free_port_block(1)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llproxy",
+        "serve",
+        "--bindport",
+        str(port),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1", **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                if proc.returncode is not None:
+                    break
+                try:
+                    async with session.get(f"{url}/health") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+        assert proc.returncode is None, "llproxy exited during startup"
+        yield proc, url
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def write_config(tmp_path: Path, upstream: RunningUpstream, **top: object) -> Path:
+    path = tmp_path / "llproxy.json"
+    path.write_text(json.dumps({"endpoints": [upstream.endpoint(tags=["t"])], **top}))
+    return path
+
+
+async def test_version_and_python_m() -> None:
+    code, out, _ = await run_llproxy("--version")
+    assert code == 0 and __version__ in out
+
+
+async def test_serve_proxies_and_stops_cleanly_on_sigterm(
+    start_upstream: UpstreamFactory, tmp_path: Path
+) -> None:
+    upstream = await start_upstream(model_ids=["org/m.gguf"])
+    config = write_config(tmp_path, upstream)
+    async with serving("--config", str(config), "--verbose") as (proc, url):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        async with client:
+            assert [m.id for m in (await client.models.list()).data] == ["m:t"]
+            reply = await client.chat.completions.create(model="m:t", messages=CHAT)
+            assert reply.choices[0].message.content
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    text = out.decode()
+    assert "serving on http://127.0.0.1" in text
+    assert "scan: 1 servers, 1 models" in text
+    # --verbose: one plain (NO_COLOR, piped) line per request with model and upstream.
+    request_lines = [ln for ln in text.splitlines() if "POST /v1/chat/completions" in ln]
+    assert len(request_lines) == 1
+    assert f"m:t → 127.0.0.1:{upstream.port} 200" in request_lines[0]
+    assert "\x1b[" not in text
+
+
+async def test_aihost_serves_one_server_without_a_config(
+    start_upstream: UpstreamFactory, tmp_path: Path
+) -> None:
+    upstream = await start_upstream(model_ids=["solo"])
+    # An empty XDG dir and cwd so no config file is found by lookup.
+    env = {"XDG_CONFIG_HOME": str(tmp_path), "LLPROXY_CONFIG": ""}
+    aihost = ("--aihost", "127.0.0.1", "--aihostport", str(upstream.port))
+    async with (
+        serving(*aihost, env=env) as (_, url),
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/v1/models") as resp,
+    ):
+        assert [m["id"] for m in (await resp.json())["data"]] == ["solo"]
+
+
+async def test_scan_json(start_upstream: UpstreamFactory, tmp_path: Path) -> None:
+    upstream = await start_upstream(model_ids=["org/m.gguf", "n"])
+    code, out, _ = await run_llproxy(
+        "scan", "--json", "--config", str(write_config(tmp_path, upstream))
+    )
+    assert code == 0
+    assert json.loads(out) == [
+        {
+            "name": "m:t",
+            "id": "org/m.gguf",
+            "hostname": "127.0.0.1",
+            "port": upstream.port,
+            "tags": ["t"],
+        },
+        {"name": "n:t", "id": "n", "hostname": "127.0.0.1", "port": upstream.port, "tags": ["t"]},
+    ]
+
+
+async def test_scan_table_and_nothing_found(
+    start_upstream: UpstreamFactory, tmp_path: Path
+) -> None:
+    upstream = await start_upstream(model_ids=["tabled"])
+    code, out, err = await run_llproxy("scan", "--config", str(write_config(tmp_path, upstream)))
+    assert code == 0 and "tabled:t" in out and f"127.0.0.1:{upstream.port}" in out
+    assert "1 models" in err
+
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"endpoints": []}')
+    code, out, err = await run_llproxy("scan", "--config", str(empty))
+    assert code == 0 and out == ""
+    assert "no models found" in err

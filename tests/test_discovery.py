@@ -1,0 +1,178 @@
+"""Discovery against real servers on loopback: ranges, tags, replicas, filters, rescans."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+
+from llproxy.config import parse_config
+from llproxy.discovery import make_scan_session, scan
+
+from .conftest import ProxyFactory, UpstreamFactory, free_port_block
+
+
+async def test_scan_finds_servers_in_a_range(
+    start_upstream: UpstreamFactory, aiohttp_server: Any
+) -> None:
+    low = free_port_block(5)
+    high = low + 4
+    first = await start_upstream(port=low + 1, model_ids=["org/a.gguf"])
+    await start_upstream(port=high, model_ids=["b", "c"])
+    config = parse_config(
+        {
+            "endpoints": [
+                {"hostname": "127.0.0.1", "port_start": low, "port_end": high, "tags": ["lab"]}
+            ]
+        }
+    )
+    async with make_scan_session(config) as session:
+        result = await scan(config, session)
+    assert result.probed == high - low + 1
+    assert result.registry.servers == 2
+    assert sorted(result.registry.models) == ["a:lab", "b:lab", "c:lab"]
+    replica = result.registry.models["a:lab"].replicas[0]
+    assert replica.upstream_id == "org/a.gguf" and replica.upstream.port == first.port
+    assert result.new == ("a:lab", "b:lab", "c:lab") and result.gone == ()
+
+
+async def test_several_tags_and_disabled_endpoints(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    tagged = await start_upstream(model_ids=["m"])
+    disabled = await start_upstream(model_ids=["hidden"])
+    proxy = await start_proxy(
+        [
+            tagged.endpoint(tags=["gpu0", "fast"]),
+            disabled.endpoint(enable=False),
+        ]
+    )
+    models = await proxy.client().models.list()
+    assert [m.id for m in models.data] == ["m:fast", "m:gpu0"]
+    assert disabled.fake.listing_requests == 0
+
+
+async def test_filter_and_fixed_model_list(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    cloud = await start_upstream(model_ids=["gpt-4o", "gpt-4o-mini", "o1", "text-embed"])
+    static = await start_upstream(model_ids=["ignored"])
+    proxy = await start_proxy(
+        [
+            {"url": f"http://127.0.0.1:{cloud.port}/v1", "filter": "gpt-4o", "tags": ["cloud"]},
+            {
+                "url": f"http://127.0.0.1:{static.port}/v1",
+                "models": ["my-model"],
+                "tags": ["static"],
+            },
+        ]
+    )
+    names = [m.id for m in (await proxy.client().models.list()).data]
+    assert names == ["gpt-4o-mini:cloud", "gpt-4o:cloud", "my-model:static"]
+    assert static.fake.listing_requests == 0  # a fixed list skips the /v1/models call
+    reply = await proxy.client().chat.completions.create(
+        model="my-model:static", messages=[{"role": "user", "content": "x"}]
+    )
+    assert reply.choices[0].message.content
+    assert static.fake.generation_requests[-1].body["model"] == "my-model"
+
+
+async def test_tabbyapi_only_the_loaded_model_counts(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    tabby = await start_upstream(
+        model_ids=["on-disk-1", "loaded-one", "on-disk-2"], loaded_model="loaded-one"
+    )
+    proxy = await start_proxy([tabby.endpoint()])
+    assert [m.id for m in (await proxy.client().models.list()).data] == ["loaded-one"]
+
+
+async def test_same_name_on_several_servers_is_one_model_with_replicas(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    one = await start_upstream(model_ids=["org/shared.gguf"])
+    two = await start_upstream(model_ids=["other/shared"])
+    proxy = await start_proxy([one.endpoint(), two.endpoint()])
+    model = proxy.state.registry.get("shared")
+    assert model is not None
+    assert sorted(r.upstream.port for r in model.replicas) == sorted([one.port, two.port])
+    assert {r.upstream_id for r in model.replicas} == {"org/shared.gguf", "other/shared"}
+    assert [m.id for m in (await proxy.client().models.list()).data] == ["shared"]
+
+
+async def test_rediscovery_adds_and_drops(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    low = free_port_block(3)
+    high = low + 2
+    first = await start_upstream(port=low, model_ids=["first"])
+    second = await start_upstream(port=high, model_ids=["second"])
+    second.fake.model_ids = []  # up, but serving nothing yet
+    proxy = await start_proxy([{"hostname": "127.0.0.1", "port_start": low, "port_end": high}])
+    client = proxy.client()
+    assert [m.id for m in (await client.models.list()).data] == ["first"]
+
+    second.fake.model_ids = ["second"]
+    await proxy.rescan()
+    assert [m.id for m in (await client.models.list()).data] == ["first", "second"]
+
+    await first.server.close()
+    await proxy.rescan()
+    assert [m.id for m in (await client.models.list()).data] == ["second"]
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/health") as resp:
+        assert (await resp.json())["models"] == 1
+
+
+async def test_periodic_rescan_picks_up_new_models(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    upstream = await start_upstream(model_ids=["before"])
+    proxy = await start_proxy([upstream.endpoint()], interval=1000)
+    upstream.fake.model_ids = ["after"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if "after" in proxy.state.registry.models:
+            break
+        await asyncio.sleep(0.1)
+    assert list(proxy.state.registry.models) == ["after"]
+
+
+async def test_scan_of_thousands_of_closed_ports_does_not_hang() -> None:
+    low = 20000  # below the ephemeral range: mostly closed; what is open does not matter here
+    config = parse_config(
+        {"endpoints": [{"hostname": "127.0.0.1", "port_start": low, "port_end": low + 4095}]}
+    )
+    started = time.monotonic()
+    async with make_scan_session(config) as session:
+        result = await scan(config, session)
+    assert result.probed == 4096
+    assert time.monotonic() - started < 30  # did not hang; speed is for `make bench`
+
+
+async def test_non_openai_servers_are_ignored(aiohttp_server: Any) -> None:
+    from aiohttp import web
+
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(text="<html>hello</html>", content_type="text/html")
+
+    async def wrong_shape(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"name": "no id"}, 5, {"id": ""}]})
+
+    servers = []
+    for handler in (html, wrong_shape):
+        app = web.Application()
+        app.router.add_get("/v1/models", handler)
+        servers.append(await aiohttp_server(app))
+    config = parse_config(
+        {
+            "endpoints": [
+                {"hostname": "127.0.0.1", "port_start": s.port, "port_end": s.port} for s in servers
+            ]
+        }
+    )
+    async with make_scan_session(config) as session:
+        result = await scan(config, session)
+    assert result.registry.models == {}
+    assert result.registry.servers == 1  # the JSON one is a server, with no usable model
