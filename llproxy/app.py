@@ -7,6 +7,7 @@ loop in this process, or a supervisor feeding workers) is decided by whoever bui
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,11 +15,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import metrics
 from .config import Config
 from .discovery import DiscoveryLoop
 from .errors import InvalidRequest, ModelNotFound, ProxyError, RequestTooLarge, error_body
 from .proxy import Exchange, UpstreamClient, make_upstream_session
 from .registry import Registry
+from .stats import WorkerStats
 from .validation import validate
 
 access_log = logging.getLogger("llproxy.access")
@@ -30,12 +33,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ProxyState:
     """Per-process serving state; `registry` is swapped whole, never mutated."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker_id: int = 0) -> None:
         self.config = config
+        self.worker_id = worker_id
+        self.workers = 1
         self.registry = Registry()
         self.models_body = _listing_body(self.registry)
         self.upstreams: UpstreamClient | None = None
         self.discovery: DiscoveryLoop | None = None
+        self.stats = WorkerStats()
 
     def set_registry(self, registry: Registry) -> None:
         # Serialise once per snapshot rather than per GET /v1/models.
@@ -91,12 +97,34 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
         log.exception("unhandled error in %s %s", request.method, request.path)
         return _json(error_body("internal error in llproxy", "server_error", None, None), 500)
     finally:
-        if access_log.isEnabledFor(logging.INFO):
-            _log_access(request, exchange, status, started)
+        if request.path.startswith("/v1/"):
+            _record(request, exchange, status, started)
 
 
-def _log_access(request: web.Request, exchange: Exchange, status: int, started: float) -> None:
+def _record(request: web.Request, exchange: Exchange, status: int, started: float) -> None:
+    """Account one API request: metrics, the worker's stats, and the access log line."""
     now = time.perf_counter()
+    state = request.app[STATE]
+    # Only registry names become label values: a client must not mint time series.
+    label = exchange.model if exchange.resolved and exchange.model else "-"
+    metrics.REQUESTS.labels(label, str(status)).inc()
+    if exchange.resolved:
+        stats = state.stats.model(label)
+        stats.requests += 1
+        stats.errors += status >= 400
+        metrics.REQUEST_DURATION.labels(label).observe(now - started)
+        if exchange.first_byte_at is not None:
+            metrics.TIME_TO_FIRST_TOKEN.labels(label).observe(exchange.first_byte_at - started)
+        if exchange.prompt_tokens is not None:
+            stats.prompt_tokens += exchange.prompt_tokens
+            metrics.PROMPT_TOKENS.labels(label).inc(exchange.prompt_tokens)
+        if exchange.completion_tokens is not None:
+            stats.completion_tokens += exchange.completion_tokens
+            metrics.GENERATION_TOKENS.labels(label).inc(exchange.completion_tokens)
+    if exchange.upstream_error is not None:
+        metrics.UPSTREAM_ERRORS.labels(exchange.upstream or "-", exchange.upstream_error).inc()
+    if not access_log.isEnabledFor(logging.INFO):
+        return
     ttfb = None if exchange.first_byte_at is None else (exchange.first_byte_at - started) * 1000
     access_log.info(
         "%s %s %s",
@@ -105,6 +133,7 @@ def _log_access(request: web.Request, exchange: Exchange, status: int, started: 
         status,
         extra={
             "event": "request",
+            "worker": state.worker_id,
             "client": request.remote,
             "method": request.method,
             "path": request.path,
@@ -112,14 +141,31 @@ def _log_access(request: web.Request, exchange: Exchange, status: int, started: 
             "upstream": exchange.upstream,
             "status": status,
             "ttfb_ms": None if ttfb is None else round(ttfb, 1),
+            "prompt_tokens": exchange.prompt_tokens,
+            "completion_tokens": exchange.completion_tokens,
             "duration_ms": round((now - started) * 1000, 1),
         },
     )
 
 
 async def health(request: web.Request) -> web.Response:
-    registry = request.app[STATE].registry
-    return _json(orjson.dumps({"status": "ok", "models": len(registry.models)}))
+    state = request.app[STATE]
+    return _json(
+        orjson.dumps(
+            {
+                "status": "ok",
+                "models": len(state.registry.models),
+                "workers": state.workers,
+                "worker": state.worker_id,
+                "pid": os.getpid(),
+            }
+        )
+    )
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    body, content_type = metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -152,7 +198,7 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     name = body.get("model") or state.config.default_model
     if name is None:
         raise InvalidRequest("you must provide a model parameter", param="model")
-    exchange: Exchange = request[EXCHANGE]
+    exchange = request[EXCHANGE]
     exchange.model = name
     model = state.registry.get(name)
     if model is None:
@@ -160,8 +206,17 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
             f"The model '{name}' does not exist; GET /v1/models lists the available models",
             param="model",
         )
+    exchange.resolved = True
     assert state.upstreams is not None
-    return await state.upstreams.forward(request, model, path, body, exchange)
+    stats = state.stats.model(name)
+    gauge = metrics.IN_FLIGHT.labels(name)
+    stats.in_flight += 1
+    gauge.inc()
+    try:
+        return await state.upstreams.forward(request, model, path, body, exchange)
+    finally:
+        stats.in_flight -= 1
+        gauge.dec()
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -174,7 +229,9 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _local_discovery(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.discovery = DiscoveryLoop(state.config, state.set_registry)
+    state.discovery = DiscoveryLoop(
+        state.config, lambda result: state.set_registry(result.registry)
+    )
     await state.discovery.start()
     # Scan once before serving, so the first request already sees every model.
     await state.discovery.scan_now()
@@ -182,18 +239,19 @@ async def _local_discovery(app: web.Application) -> AsyncIterator[None]:
     await state.discovery.stop()
 
 
-def create_app(config: Config, *, discover: bool = True) -> web.Application:
+def create_app(config: Config, *, discover: bool = True, worker_id: int = 0) -> web.Application:
     """The llproxy app. With discover=False the caller feeds ProxyState.set_registry."""
     app = web.Application(
         middlewares=[boundary],
         client_max_size=config.max_request_bytes,
         handler_args={"max_field_size": 16384},
     )
-    app[STATE] = ProxyState(config)
+    app[STATE] = ProxyState(config, worker_id)
     app.cleanup_ctx.append(_upstream_session)
     if discover:
         app.cleanup_ctx.append(_local_discovery)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", prometheus)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{name}", get_model)
     app.router.add_post("/v1/{path:.+}", proxy_post)

@@ -3,35 +3,47 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from . import __version__
 from .config import EX_CONFIG, Config, ConfigError, resolve_config, single_server_endpoints
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def _load(config_path: str | None, **overrides: Any) -> Config:
-    aihost = overrides.pop("aihost", None)
-    aihostport = overrides.pop("aihostport", None)
+
+def build_config(config_path: str | None, overrides: dict[str, Any]) -> Config:
+    """The config file (or default) with command-line overrides; raises ConfigError."""
+    changes = dict(overrides)
+    aihost = changes.pop("aihost", None)
+    aihostport = changes.pop("aihostport", None)
+    if (aihost is None) != (aihostport is None):
+        raise ConfigError("--aihost and --aihostport must be given together")
+    config = resolve_config(config_path)
+    if aihost is not None:
+        changes["endpoints"] = single_server_endpoints(aihost, aihostport)
+    return config.with_overrides(**changes)
+
+
+def load_or_exit(config_path: str | None, **overrides: Any) -> Config:
     try:
-        if (aihost is None) != (aihostport is None):
-            raise ConfigError("--aihost and --aihostport must be given together")
-        config = resolve_config(config_path)
-        if aihost is not None:
-            overrides["endpoints"] = single_server_endpoints(aihost, aihostport)
-        return config.with_overrides(**overrides)
+        return build_config(config_path, overrides)
     except ConfigError as exc:
         click.echo(f"llproxy: configuration error: {exc}", err=True)
         sys.exit(EX_CONFIG)
 
 
-config_option = click.option(
+def env_option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
+    return click.option(*names, envvar=f"LLPROXY_{env}", show_envvar=True, **kwargs)
+
+
+config_option = env_option(
     "--config",
     "config_path",
+    env="CONFIG",
     metavar="PATH",
-    envvar="LLPROXY_CONFIG",
-    show_envvar=True,
     help="JSON config file. Default: ./llproxy.json, $XDG_CONFIG_HOME/llproxy/llproxy.json, "
     "/etc/llproxy/llproxy.json, else a scan of the usual local ports.",
 )
@@ -45,49 +57,66 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option(
-    "--bindip",
-    envvar="LLPROXY_BINDIP",
-    show_envvar=True,
-    help="Address to listen on [default: 127.0.0.1].",
+@env_option(
+    "--bindip", env="BINDIP", metavar="IP", help="Address to listen on [default: 127.0.0.1]."
 )
-@click.option(
+@env_option(
     "--bindport",
-    type=click.IntRange(1, 65535),
-    envvar="LLPROXY_BINDPORT",
-    show_envvar=True,
-    help="Port to listen on [default: 42069].",
-)
-@click.option(
-    "--aihost",
-    metavar="HOST",
-    envvar="LLPROXY_AIHOST",
-    show_envvar=True,
-    help="Proxy this one server instead of the configured endpoints (needs --aihostport).",
-)
-@click.option(
-    "--aihostport",
+    env="BINDPORT",
     metavar="PORT",
     type=click.IntRange(1, 65535),
-    envvar="LLPROXY_AIHOSTPORT",
-    show_envvar=True,
+    help="Port to listen on [default: 42069].",
+)
+@env_option(
+    "--aihost",
+    env="AIHOST",
+    metavar="HOST",
+    help="Proxy this one server instead of the configured endpoints (needs --aihostport).",
+)
+@env_option(
+    "--aihostport",
+    env="AIHOSTPORT",
+    metavar="PORT",
+    type=click.IntRange(1, 65535),
     help="Port of --aihost.",
 )
-@click.option(
+@env_option(
+    "--workers",
+    env="WORKERS",
+    metavar="N",
+    type=click.IntRange(1, 256),
+    help="Worker processes [default: `workers` in the config, else one per CPU core].",
+)
+@env_option(
     "--scan-interval",
+    env="SCAN_INTERVAL",
     metavar="SECONDS",
     type=click.FloatRange(1.0),
-    envvar="LLPROXY_SCAN_INTERVAL",
-    show_envvar=True,
     help="Rediscovery period [default: 30].",
 )
-@click.option(
+@env_option(
+    "--graceful-timeout",
+    env="GRACEFUL_TIMEOUT",
+    metavar="SECONDS",
+    default=30.0,
+    type=click.FloatRange(0.0),
+    show_default=True,
+    help="On stop or reload, how long requests and streams in flight may finish.",
+)
+@env_option(
+    "--log-format",
+    env="LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: coloured on a terminal, plain otherwise; json: one object per line.",
+)
+@env_option(
     "-v",
     "--verbose",
+    env="VERBOSE",
     count=True,
-    envvar="LLPROXY_VERBOSE",
-    show_envvar=True,
-    help="-v: a line per request; -vv: also debug detail.",
+    help="-v: a line per request; -vv: also bodies (truncated, secrets redacted) and debug detail.",
 )
 def serve(
     config_path: str | None,
@@ -95,23 +124,38 @@ def serve(
     bindport: int | None,
     aihost: str | None,
     aihostport: int | None,
+    workers: int | None,
     scan_interval: float | None,
+    graceful_timeout: float,
+    log_format: str,
     verbose: int,
 ) -> None:
-    """Discover models and serve them on one OpenAI-compatible endpoint."""
-    config = _load(
-        config_path,
+    """Discover models and serve them on one OpenAI-compatible endpoint.
+
+    Signals: TERM/INT stop gracefully (a second INT forces), HUP reloads the config,
+    TTIN/TTOU add/remove a worker. On a terminal, type 'help' for console commands.
+    """
+    overrides: dict[str, Any] = dict(
         bindip=bindip,
         port=bindport,
         aihost=aihost,
         aihostport=aihostport,
         interval_ms=None if scan_interval is None else int(scan_interval * 1000),
     )
+    config = load_or_exit(config_path, **overrides)
     from .logs import setup_logging
-    from .server import run
+    from .supervisor import ServeOptions, run
 
-    setup_logging(verbose)
-    run(config)
+    setup_logging(verbose, log_format)
+    options = ServeOptions(
+        load_config=lambda: build_config(config_path, overrides),
+        workers=workers,
+        verbose=verbose,
+        log_format=log_format,
+        graceful_timeout=graceful_timeout,
+        console=sys.stdin.isatty(),
+    )
+    sys.exit(run(config, options))
 
 
 @main.command("scan")
@@ -119,7 +163,7 @@ def serve(
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def scan_command(config_path: str | None, as_json: bool) -> None:
     """Run one discovery pass and list the models found."""
-    config = _load(config_path)
+    config = load_or_exit(config_path)
     from .logs import setup_logging
     from .report import run_scan
 

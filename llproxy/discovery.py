@@ -12,7 +12,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -236,13 +236,9 @@ def log_scan(result: ScanResult) -> None:
 
 
 class DiscoveryLoop:
-    """Owns the periodic scan task and its HTTP session; hands every snapshot to a callback."""
+    """Owns the periodic scan task and its HTTP session; hands every result to a callback."""
 
-    def __init__(
-        self,
-        config: Config,
-        publish: Callable[[Registry], Awaitable[None] | None],
-    ) -> None:
+    def __init__(self, config: Config, publish: Callable[[ScanResult], None]) -> None:
         self.config = config
         self._publish = publish
         self._session: aiohttp.ClientSession | None = None
@@ -281,9 +277,7 @@ class DiscoveryLoop:
         assert self._session is not None
         result = await scan(self.config, self._session, self.registry)
         self.registry = result.registry
-        published = self._publish(result.registry)
-        if published is not None:
-            await published
+        self._publish(result)
         log_scan(result)
         return result
 

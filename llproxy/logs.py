@@ -44,6 +44,8 @@ def _ms(value: float | None) -> str:
 
 def render_request(fields: dict[str, Any]) -> Text:
     text = Text()
+    if fields.get("worker"):
+        text.append(f"w{fields['worker']} ", style="magenta")
     text.append(f"{fields.get('method', '')} {fields.get('path', '')}", style="bold")
     if fields.get("model"):
         text.append(f" {fields['model']}", style="cyan")
@@ -52,6 +54,13 @@ def render_request(fields: dict[str, Any]) -> Text:
     status = int(fields.get("status", 0))
     text.append(f" {status}", style=_status_style(status))
     text.append(f" ttfb {_ms(fields.get('ttfb_ms'))} total {_ms(fields.get('duration_ms'))}")
+    prompt, completion = fields.get("prompt_tokens"), fields.get("completion_tokens")
+    if prompt is not None or completion is not None:
+        text.append(
+            f" tokens {prompt if prompt is not None else '-'}/"
+            f"{completion if completion is not None else '-'}",
+            style="cyan",
+        )
     text.append(f" {fields.get('client') or '-'}", style="dim")
     return text
 

@@ -10,7 +10,9 @@ upstream connection at once, so the server stops generating.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,8 @@ from .registry import Balancer, Model, Replica
 _RELAYED_HEADERS = ("Content-Type", "X-Request-Id")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_ERROR_BODY = 64 * 1024
+# The last reads of a stream are kept to find its usage chunk, which may arrive split.
+_USAGE_TAIL_READS = 4
 # Failures of the upstream side only. A write to a departed client raises
 # ClientConnectionResetError, which is none of these and propagates.
 _UPSTREAM_FAILURES = (
@@ -39,11 +43,36 @@ _UPSTREAM_FAILURES = (
 
 @dataclass(slots=True)
 class Exchange:
-    """What happened to one proxied request, for the access log."""
+    """What happened to one proxied request, for logs, metrics and stats."""
 
     model: str | None = None
+    resolved: bool = False  # model names a registry entry
     upstream: str | None = None
     first_byte_at: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    upstream_error: str | None = None
+
+    def take_usage(self, document: Any) -> bool:
+        """Record `usage` from a decoded response or chunk; False when it has none."""
+        usage = document.get("usage") if isinstance(document, dict) else None
+        if not isinstance(usage, dict):
+            return False
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        self.prompt_tokens = prompt if isinstance(prompt, int) else None
+        self.completion_tokens = completion if isinstance(completion, int) else None
+        return True
+
+    def take_stream_usage(self, tail: bytes) -> None:
+        """The usage chunk is the last event carrying `usage`; only the tail is looked at."""
+        for event in reversed(tail.split(b"\n\n")):
+            event = event.strip()
+            if event.startswith(b"data:") and b'"usage"' in event:
+                try:
+                    if self.take_usage(orjson.loads(event[5:])):
+                        return
+                except orjson.JSONDecodeError:
+                    continue
 
 
 class _Refused(Exception):
@@ -107,6 +136,7 @@ class UpstreamClient:
             try:
                 return await self._attempt(request, replica, path, payload, exchange)
             except _Refused as exc:
+                exchange.upstream_error = "refused"
                 refused.append(f"{replica.upstream.address} ({exc})")
             finally:
                 self.balancer.release(replica)
@@ -154,6 +184,9 @@ class UpstreamClient:
                         data = await upstream_resp.read()
                         exchange.first_byte_at = time.perf_counter()
                         finished = True
+                        if upstream_resp.content_type == "application/json":
+                            with contextlib.suppress(orjson.JSONDecodeError):
+                                exchange.take_usage(orjson.loads(data))
                         return web.Response(status=upstream_resp.status, body=data, headers=relayed)
 
                     chunk = await upstream_resp.content.readany()
@@ -162,11 +195,14 @@ class UpstreamClient:
                         status=upstream_resp.status, headers={**relayed, **_SSE_HEADERS}
                     )
                     await response.prepare(request)
+                    recent: deque[bytes] = deque(maxlen=_USAGE_TAIL_READS)
                     while chunk:
                         await response.write(chunk)
+                        recent.append(chunk)
                         deadline.reschedule(loop.time() + self.timeouts.idle)
                         chunk = await upstream_resp.content.readany()
                     finished = True
+                    exchange.take_stream_usage(b"".join(recent))
                 finally:
                     if finished:
                         upstream_resp.release()
@@ -175,6 +211,7 @@ class UpstreamClient:
                         # upstream notices and stops generating.
                         upstream_resp.close()
         except TimeoutError:
+            exchange.upstream_error = "timeout"
             return await self._fail(
                 response,
                 UpstreamTimeout(
@@ -183,6 +220,7 @@ class UpstreamClient:
                 ),
             )
         except _UPSTREAM_FAILURES as exc:
+            exchange.upstream_error = "failed"
             return await self._fail(
                 response,
                 UpstreamUnreachable(f"upstream {upstream.address} failed: {type(exc).__name__}"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 _MODEL_FILE_SUFFIX = re.compile(
@@ -71,7 +70,8 @@ class FoundModel:
 
 @dataclass(frozen=True, slots=True)
 class Registry:
-    models: Mapping[str, Model] = field(default_factory=lambda: MappingProxyType({}))
+    # A plain dict, so a snapshot pickles to workers; nothing mutates it after build().
+    models: Mapping[str, Model] = field(default_factory=dict)
     servers: int = 0
 
     @classmethod
@@ -84,7 +84,7 @@ class Registry:
             items = grouped[name]
             replicas = tuple(dict.fromkeys(Replica(i.upstream, i.upstream_id) for i in items))
             models[name] = Model(name, replicas, {**items[0].entry, "id": name})
-        return cls(MappingProxyType(models), servers)
+        return cls(models, servers)
 
     def get(self, name: str) -> Model | None:
         return self.models.get(name)

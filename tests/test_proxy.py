@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -55,7 +56,9 @@ async def test_retrieve_one_model(proxy: RunningProxy) -> None:
 async def test_health(proxy: RunningProxy) -> None:
     async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/health") as resp:
         assert resp.status == 200
-        assert await resp.json() == {"status": "ok", "models": 1}
+        body = await resp.json()
+        assert body["status"] == "ok" and body["models"] == 1
+        assert body["workers"] == 1 and body["pid"] == os.getpid()
 
 
 async def test_chat_completion_rewrites_model(

@@ -1,0 +1,106 @@
+"""Messages between the supervisor and its workers, one pipe per worker.
+
+The supervisor is the control plane: it sends registry snapshots and asks for stats;
+a worker announces it serves and answers. Both ends read the pipe from their event
+loop, so a message is handled between requests, never concurrently with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .config import Config
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process is started with (pickled to the spawned process)."""
+
+    worker_id: int
+    config: Config
+    sock: socket.socket
+    conn: Connection
+    verbose: int
+    log_format: str
+    graceful_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryUpdate:
+    registry: Registry
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCount:
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    worker_id: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReply:
+    token: int
+    worker_id: int
+    pid: int
+    models: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+Message = RegistryUpdate | WorkerCount | StatsRequest | Ready | StatsReply
+
+
+class Channel:
+    """One end of a pipe, read by the running event loop."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        on_message: Callable[[Any], None],
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.conn = conn
+        self._on_message = on_message
+        self._on_close = on_close
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.conn.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            while self.conn.poll():
+                self._on_message(self.conn.recv())
+        except (EOFError, OSError):
+            self.detach()
+            self._on_close()
+
+    def send(self, message: Message) -> bool:
+        """False when the other end is gone; its process exit is handled elsewhere."""
+        try:
+            self.conn.send(message)
+            return True
+        except OSError:
+            return False
+
+    def detach(self) -> None:
+        if self._loop is not None and not self.conn.closed:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self.conn.fileno())
+        self._loop = None
+        self.conn.close()

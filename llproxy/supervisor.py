@@ -1,0 +1,510 @@
+"""The master process: binds once, runs discovery, and supervises pre-forked workers.
+
+Control plane here, data plane in the workers. Signal handlers and console commands only
+put an event on one queue; one dispatcher runs the matching `handle_*`. TERM/INT/quit
+drain gracefully (a second INT forces), HUP reloads the config with a rolling restart of
+the workers, TTIN/TTOU change their number, and a worker that dies is replaced at once,
+unless it died before ever serving, which stops the daemon instead of a respawn loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import uvloop
+
+from .channel import (
+    Channel,
+    Ready,
+    RegistryUpdate,
+    StatsReply,
+    StatsRequest,
+    WorkerCount,
+    WorkerSpec,
+)
+from .config import Config, ConfigError
+from .discovery import DiscoveryLoop, ScanResult
+from .registry import Registry
+from .sdnotify import Notifier
+
+# Modules that import prometheus_client (.worker, .metrics, .app) are imported inside
+# functions: PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is first
+# imported, and run() sets it.
+
+log = logging.getLogger("llproxy.supervisor")
+
+EX_BOOT_FAILURE = 3
+EX_BIND_FAILURE = 4
+BOOT_TIMEOUT = 60.0
+# After the graceful period the workers get this long to exit before SIGKILL.
+KILL_MARGIN = 5.0
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass
+class ServeOptions:
+    """Everything `llproxy serve` was told; `load_config` re-reads the file for SIGHUP."""
+
+    load_config: Callable[[], Config]
+    workers: int | None = None
+    verbose: int = 0
+    log_format: str = "text"
+    graceful_timeout: float = 30.0
+    console: bool = False
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: int
+    process: BaseProcess
+    channel: Channel
+    config: Config
+    started: float = field(default_factory=time.monotonic)
+    ready: asyncio.Future[None] | None = None
+    retiring: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid or 0
+
+
+def bind_socket(config: Config) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.bindip, config.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    sock.setblocking(False)
+    return sock
+
+
+def prepare_metrics_dir() -> str | None:
+    """A clean directory for prometheus_client's multiprocess files, set before its import.
+
+    Returns the directory when llproxy made it (and so removes it at exit).
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(path, name))
+        return None
+    path = tempfile.mkdtemp(prefix="llproxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+class Supervisor:
+    def __init__(self, options: ServeOptions, config: Config, sock: socket.socket) -> None:
+        self.options = options
+        self.config = config
+        self.sock = sock
+        self.target = options.workers or config.workers or default_workers()
+        self.workers: dict[int, WorkerHandle] = {}
+        self.registry = Registry()
+        self.events: asyncio.Queue[str] = asyncio.Queue()
+        self._all_exited = asyncio.Event()
+        self.notifier = Notifier()
+        self.exit_code = 0
+        self._ids = itertools.count(1)
+        self._context = multiprocessing.get_context("spawn")
+        self._stopping: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stats_waiters: dict[int, tuple[asyncio.Future[None], list[StatsReply], int]] = {}
+        self._stats_tokens = itertools.count(1)
+        self._done: asyncio.Future[None] | None = None
+        self.console: Any = None
+        self.discovery = DiscoveryLoop(config, self.publish)
+
+    # --- workers -----------------------------------------------------------------------
+
+    def spawn(self, config: Config) -> WorkerHandle:
+        from .worker import worker_main
+
+        worker_id = next(self._ids)
+        parent_end, child_end = self._context.Pipe()
+        spec = WorkerSpec(
+            worker_id=worker_id,
+            config=config,
+            sock=self.sock,
+            conn=child_end,
+            verbose=self.options.verbose,
+            log_format=self.options.log_format,
+            graceful_timeout=self.options.graceful_timeout,
+        )
+        process = self._context.Process(
+            target=worker_main, args=(spec,), name=f"llproxy-worker-{worker_id}", daemon=False
+        )
+        process.start()
+        child_end.close()
+        handle = WorkerHandle(worker_id, process, Channel(parent_end, self._on_message), config)
+        self.workers[worker_id] = handle
+        self._all_exited.clear()
+        return handle
+
+    def _watch(self, handle: WorkerHandle) -> None:
+        """Start listening to a spawned worker; needs the running loop."""
+        loop = asyncio.get_running_loop()
+        handle.ready = loop.create_future()
+        handle.channel.attach()
+        loop.add_reader(handle.process.sentinel, self._on_exit, handle)
+        handle.channel.send(RegistryUpdate(self.registry))
+        handle.channel.send(WorkerCount(self.target))
+
+    def _on_message(self, message: Any) -> None:
+        match message:
+            case Ready(worker_id, pid):
+                handle = self.workers.get(worker_id)
+                if handle is not None and handle.ready is not None and not handle.ready.done():
+                    handle.ready.set_result(None)
+                    log.debug("worker %d (pid %d) serving", worker_id, pid)
+            case StatsReply(token):
+                waiter = self._stats_waiters.get(token)
+                if waiter is not None:
+                    future, replies, expected = waiter
+                    replies.append(message)
+                    if len(replies) >= expected and not future.done():
+                        future.set_result(None)
+
+    def _on_exit(self, handle: WorkerHandle) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(handle.process.sentinel)
+        handle.process.join(0)
+        handle.channel.detach()
+        self.workers.pop(handle.worker_id, None)
+        if not self.workers:
+            self._all_exited.set()
+        from . import metrics
+
+        metrics.forget_process(handle.pid)
+        code = handle.process.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+        served = handle.ready is not None and handle.ready.done() and not handle.ready.cancelled()
+        if handle.ready is not None and not handle.ready.done():
+            handle.ready.set_exception(RuntimeError(f"worker {handle.worker_id} died: {how}"))
+            handle.ready.exception()  # retrieved here; boot waiters look at it themselves
+        if handle.retiring or self._stopping is not None:
+            log.debug("worker %d (pid %d) exited: %s", handle.worker_id, handle.pid, how)
+            return
+        reloading = self._reloading is not None and not self._reloading.done()
+        if not served and not reloading:
+            log.error(
+                "worker %d (pid %d) failed before serving (%s); stopping llproxy",
+                handle.worker_id,
+                handle.pid,
+                how,
+            )
+            self.exit_code = EX_BOOT_FAILURE
+            self.events.put_nowait("TERM")
+            return
+        if served:
+            log.warning(
+                "worker %d (pid %d) died (%s); starting a new one",
+                handle.worker_id,
+                handle.pid,
+                how,
+            )
+            self._own(self._start_workers(1, self.config))
+
+    async def _start_workers(self, count: int, config: Config) -> list[WorkerHandle]:
+        """Spawn `count` workers and wait until each serves; raises if one fails to boot."""
+        handles = [self.spawn(config) for _ in range(count)]
+        for handle in handles:
+            self._watch(handle)
+        try:
+            async with asyncio.timeout(BOOT_TIMEOUT):
+                await asyncio.gather(*(h.ready for h in handles if h.ready is not None))
+        except BaseException:
+            for handle in handles:
+                self._retire(handle, signal.SIGKILL)
+            raise
+        self._broadcast(WorkerCount(self.target))
+        return handles
+
+    def _retire(self, handle: WorkerHandle, sig: signal.Signals = signal.SIGTERM) -> None:
+        handle.retiring = True
+        with contextlib.suppress(ProcessLookupError):
+            if handle.process.pid is not None and handle.process.exitcode is None:
+                os.kill(handle.process.pid, sig)
+
+    def _serving(self) -> list[WorkerHandle]:
+        return [h for h in self.workers.values() if not h.retiring]
+
+    def _broadcast(self, message: RegistryUpdate | WorkerCount | StatsRequest) -> None:
+        for handle in list(self.workers.values()):
+            handle.channel.send(message)
+
+    def publish(self, result: ScanResult) -> None:
+        from . import metrics
+
+        self.registry = result.registry
+        metrics.MODELS.set(len(result.registry.models))
+        metrics.SERVERS.set(result.registry.servers)
+        metrics.SCAN_DURATION.observe(result.duration_ms / 1000)
+        self._broadcast(RegistryUpdate(result.registry))
+
+    def _own(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("supervisor task failed: %s", task.exception())
+
+    # --- the one dispatcher ------------------------------------------------------------
+
+    def enqueue(self, event: str) -> None:
+        self.events.put_nowait(event)
+
+    async def dispatch(self) -> None:
+        """The one place events are handled; runs until main() cancels it."""
+        while True:
+            event = await self.events.get()
+            handler = getattr(self, f"handle_{event.lower()}", None)
+            if handler is None:
+                log.warning("unknown event %s", event)
+                continue
+            try:
+                await handler()
+            except Exception:
+                log.exception("handling %s failed", event)
+
+    async def handle_term(self) -> None:
+        if self._stopping is None:
+            self._stopping = self._own(self._shutdown())
+
+    async def handle_int(self) -> None:
+        if self._stopping is not None:
+            log.warning("second interrupt: stopping now")
+            for handle in self.workers.values():
+                self._retire(handle, signal.SIGKILL)
+            self.exit_code = self.exit_code or 1
+            assert self._done is not None
+            if not self._done.done():
+                self._done.set_result(None)
+            return
+        log.info("interrupted: finishing requests in flight (again to force)")
+        await self.handle_term()
+
+    handle_quit = handle_term
+    handle_exit = handle_term
+
+    async def handle_hup(self) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            log.warning("a reload is already running")
+            return
+        self._reloading = self._own(self._reload())
+
+    handle_reload = handle_hup
+
+    async def handle_ttin(self) -> None:
+        self.target += 1
+        log.info("adding a worker (now %d)", self.target)
+        self._own(self._start_workers(1, self.config))
+
+    async def handle_ttou(self) -> None:
+        serving = self._serving()
+        if self.target <= 1 or not serving:
+            log.warning("keeping the last worker")
+            return
+        self.target -= 1
+        newest = max(serving, key=lambda h: h.worker_id)
+        log.info("retiring worker %d (now %d)", newest.worker_id, self.target)
+        self._retire(newest)
+        self._broadcast(WorkerCount(self.target))
+
+    async def handle_scan(self) -> None:
+        self._own(self.discovery.scan_now())
+
+    async def handle_models(self) -> None:
+        self.console.show_models(self.registry)
+
+    async def handle_workers(self) -> None:
+        self.console.show_workers(list(self.workers.values()))
+
+    async def handle_stats(self) -> None:
+        async def show() -> None:
+            self.console.show_stats(await self.collect_stats())
+
+        self._own(show())
+
+    async def handle_clear(self) -> None:
+        self.console.clear()
+
+    async def handle_help(self) -> None:
+        self.console.show_help()
+
+    async def collect_stats(self, timeout: float = 2.0) -> list[StatsReply]:
+        token = next(self._stats_tokens)
+        serving = self._serving()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        replies: list[StatsReply] = []
+        self._stats_waiters[token] = (future, replies, len(serving))
+        for handle in serving:
+            handle.channel.send(StatsRequest(token))
+        try:
+            if serving:
+                async with asyncio.timeout(timeout):
+                    await future
+        except TimeoutError:
+            log.warning("only %d of %d workers answered", len(replies), len(serving))
+        finally:
+            del self._stats_waiters[token]
+        return sorted(replies, key=lambda r: r.worker_id)
+
+    # --- reload and shutdown ------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            try:
+                config = self.options.load_config()
+            except ConfigError as exc:
+                log.error("reload: configuration error, keeping the old one: %s", exc)
+                return
+            if (config.bindip, config.port) != (self.config.bindip, self.config.port):
+                log.warning(
+                    "reload: bindip/port changes need a restart; still on %s:%d",
+                    self.config.bindip,
+                    self.config.port,
+                )
+                config = config.with_overrides(bindip=self.config.bindip, port=self.config.port)
+            old = self._serving()
+            target = self.target
+            if self.options.workers is None and config.workers is not None:
+                target = config.workers
+            try:
+                await self._start_workers(target, config)
+            except Exception as exc:
+                log.error("reload: new workers failed to start (%s); keeping the old ones", exc)
+                return
+            # The new workers serve: only now does the new config become the current one.
+            self.target = target
+            self.config = config
+            self.discovery.reconfigure(config)
+            for handle in old:
+                self._retire(handle)
+            self._broadcast(WorkerCount(self.target))
+            log.info("reloaded %s: %d workers", config.source, self.target)
+        finally:
+            self.notifier.ready(f"serving {len(self.registry.models)} models")
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info(
+            "shutting down: finishing requests in flight (up to %g s)",
+            self.options.graceful_timeout,
+        )
+        if self.console is not None:
+            self.console.stop()
+        for handle in list(self.workers.values()):
+            self._retire(handle)
+        try:
+            async with asyncio.timeout(self.options.graceful_timeout + KILL_MARGIN):
+                await self._all_exited.wait()
+        except TimeoutError:
+            for handle in list(self.workers.values()):
+                log.warning("worker %d did not stop in time; killing it", handle.worker_id)
+                self._retire(handle, signal.SIGKILL)
+            await self._all_exited.wait()
+        assert self._done is not None
+        if not self._done.done():
+            self._done.set_result(None)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # --- main ---------------------------------------------------------------------------
+
+    async def main(self, first: list[WorkerHandle]) -> int:
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            loop.add_signal_handler(sig, self.enqueue, sig.name[3:])
+        dispatcher = asyncio.create_task(self.dispatch(), name="llproxy-dispatch")
+        for handle in first:
+            self._watch(handle)
+        await self.discovery.start()
+        try:
+            await self.discovery.scan_now()
+        except Exception:
+            log.exception("first scan failed")
+        if self.notifier.watchdog_interval:
+            self._own(self._watchdog(self.notifier.watchdog_interval))
+        try:
+            async with asyncio.timeout(BOOT_TIMEOUT):
+                await asyncio.gather(*(h.ready for h in first if h.ready is not None))
+        except Exception as exc:
+            if self._stopping is None:
+                log.error("workers failed to start: %s", exc)
+                self.exit_code = EX_BOOT_FAILURE
+                self.enqueue("TERM")
+        else:
+            log.info(
+                "llproxy serving on http://%s:%d with %d workers (config: %s)",
+                self.config.bindip,
+                self.config.port,
+                len(first),
+                self.config.source,
+                extra={"event": "ready", "bindip": self.config.bindip, "port": self.config.port},
+            )
+            self.notifier.ready(f"serving {len(self.registry.models)} models")
+            if self.console is not None:
+                self.console.start(self.enqueue)
+        await self._done
+        await self.discovery.stop()
+        dispatcher.cancel()
+        for task in list(self._tasks):
+            if task is not self._stopping:
+                task.cancel()
+        await asyncio.gather(dispatcher, *self._tasks, return_exceptions=True)
+        return self.exit_code
+
+
+def run(config: Config, options: ServeOptions) -> int:
+    """Serve until told to stop; the exit code for the process."""
+    try:
+        sock = bind_socket(config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.bindip, config.port, exc.strerror or exc)
+        return EX_BIND_FAILURE
+    own_metrics_dir = prepare_metrics_dir()
+    supervisor = Supervisor(options, config, sock)
+    if options.console:
+        from .console import InteractiveConsole
+
+        supervisor.console = InteractiveConsole()
+    # Workers are started before the master has an event loop, as a pre-fork server should.
+    first = [supervisor.spawn(config) for _ in range(supervisor.target)]
+    try:
+        return uvloop.run(supervisor.main(first))
+    finally:
+        sock.close()
+        supervisor.notifier.close()
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
