@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -74,6 +75,8 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         response = await handler(request)
         status = response.status
+        if exchange.request_body is not None and isinstance(response, web.Response):
+            exchange.response_body = response.body if isinstance(response.body, bytes) else None
         return response
     except ProxyError as exc:
         status = exc.status
@@ -125,6 +128,8 @@ def _record(request: web.Request, exchange: Exchange, status: int, started: floa
         metrics.UPSTREAM_ERRORS.labels(exchange.upstream or "-", exchange.upstream_error).inc()
     if not access_log.isEnabledFor(logging.INFO):
         return
+    if access_log.isEnabledFor(logging.DEBUG):
+        _log_bodies(request, exchange)
     ttfb = None if exchange.first_byte_at is None else (exchange.first_byte_at - started) * 1000
     access_log.info(
         "%s %s %s",
@@ -146,6 +151,40 @@ def _record(request: web.Request, exchange: Exchange, status: int, started: floa
             "duration_ms": round((now - started) * 1000, 1),
         },
     )
+
+
+BODY_LOG_LIMIT = 2000
+_SECRET_HEADERS = {"authorization", "x-api-key", "apikey", "api-key", "proxy-authorization"}
+_SECRET_FIELDS = re.compile(
+    rb'("(?:api_?key|authorization|x-api-key|password|secret)"\s*:\s*)"(?:[^"\\]|\\.)*"',
+    re.IGNORECASE,
+)
+
+
+def redact(body: bytes) -> str:
+    """A body for the debug log: secret-looking JSON fields masked, then truncated."""
+    masked = _SECRET_FIELDS.sub(rb'\1"***"', body)
+    text = masked[:BODY_LOG_LIMIT].decode("utf-8", "replace")
+    return text + (f"… ({len(body)} bytes)" if len(masked) > BODY_LOG_LIMIT else "")
+
+
+def _log_bodies(request: web.Request, exchange: Exchange) -> None:
+    headers = {
+        name: "***" if name.lower() in _SECRET_HEADERS else value
+        for name, value in request.headers.items()
+    }
+    access_log.debug(
+        "request %s %s headers %s body %s",
+        request.method,
+        request.path,
+        headers,
+        redact(exchange.request_body or b""),
+        extra={"event": "request_body"},
+    )
+    if exchange.response_body is not None:
+        access_log.debug(
+            "response body %s", redact(exchange.response_body), extra={"event": "response_body"}
+        )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -186,6 +225,9 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes")
     raw = await request.read()
+    exchange = request[EXCHANGE]
+    if access_log.isEnabledFor(logging.DEBUG):
+        exchange.request_body = raw
     try:
         body: Any = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -198,7 +240,6 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     name = body.get("model") or state.config.default_model
     if name is None:
         raise InvalidRequest("you must provide a model parameter", param="model")
-    exchange = request[EXCHANGE]
     exchange.model = name
     model = state.registry.get(name)
     if model is None:

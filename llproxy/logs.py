@@ -122,4 +122,5 @@ def setup_logging(verbose: int = 0, log_format: str = "text", stream: TextIO | N
     root.setLevel(logging.WARNING)
     llproxy = logging.getLogger("llproxy")
     llproxy.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
-    logging.getLogger("llproxy.access").setLevel(logging.INFO if verbose >= 1 else logging.WARNING)
+    access_level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.getLogger("llproxy.access").setLevel(access_level)

@@ -52,6 +52,9 @@ class Exchange:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     upstream_error: str | None = None
+    # Kept only when bodies are logged (-vv).
+    request_body: bytes | None = None
+    response_body: bytes | None = None
 
     def take_usage(self, document: Any) -> bool:
         """Record `usage` from a decoded response or chunk; False when it has none."""

@@ -189,7 +189,8 @@ class Supervisor:
     def _on_exit(self, handle: WorkerHandle) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(handle.process.sentinel)
-        handle.process.join(0)
+        # The sentinel closes an instant before the child can be reaped.
+        handle.process.join(1.0)
         handle.channel.detach()
         self.workers.pop(handle.worker_id, None)
         if not self.workers:

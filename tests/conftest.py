@@ -120,3 +120,23 @@ async def upstream(start_upstream: UpstreamFactory) -> RunningUpstream:
 @pytest.fixture
 async def proxy(start_proxy: ProxyFactory, upstream: RunningUpstream) -> RunningProxy:
     return await start_proxy([upstream.endpoint()])
+
+
+@pytest.fixture
+async def start_llproxy() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Start a real `llproxy serve`; every one is killed at the end of the test."""
+    from .process import LlproxyProcess
+
+    started: list[LlproxyProcess] = []
+
+    async def start(*args: str, ready: bool = True, **kwargs: Any) -> LlproxyProcess:
+        process = LlproxyProcess(args, **kwargs)
+        started.append(process)
+        process.start()
+        if ready:
+            await process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

@@ -1,0 +1,188 @@
+"""A real `llproxy serve` process for tests: on pipes or on a pseudo-terminal.
+
+Its output is collected as it comes, so a test can wait for a log line while the daemon
+keeps running, then send it real signals or console input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from .conftest import free_port_block
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class LlproxyProcess:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        terminal: bool = False,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port_block(1)
+        self.args = ["serve", "--bindport", str(self.port), *args]
+        self.env = {**os.environ, **(env or {})}
+        if terminal:
+            self.env.setdefault("COLUMNS", "160")
+        else:
+            self.env.setdefault("NO_COLOR", "1")
+        self.terminal = terminal
+        self.output = ""
+        self._changed = asyncio.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._master_fd: int | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "llproxy", *self.args]
+        if self.terminal:
+            master, slave = pty.openpty()
+            self.proc = subprocess.Popen(
+                command,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=self.env,
+                start_new_session=True,
+            )
+            os.close(slave)
+            self._master_fd = master
+            os.set_blocking(master, False)
+            asyncio.get_running_loop().add_reader(master, self._read_pty)
+        else:
+            self.proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+            assert self.proc.stdout is not None
+            self._reader = asyncio.create_task(self._read_pipe(self.proc.stdout.fileno()))
+
+    def _append(self, data: bytes) -> None:
+        self.output += data.decode(errors="replace")
+        self._changed.set()
+
+    def _read_pty(self) -> None:
+        assert self._master_fd is not None
+        try:
+            data = os.read(self._master_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: the terminal's other side closed
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self._master_fd)
+            self._changed.set()
+            return
+        self._append(data)
+
+    async def _read_pipe(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", closefd=False)
+        )
+        try:
+            while chunk := await reader.read(65536):
+                self._append(chunk)
+        finally:
+            transport.close()
+            self._changed.set()
+
+    def write(self, text: str) -> None:
+        assert self._master_fd is not None, "console input needs terminal=True"
+        os.write(self._master_fd, text.encode())
+
+    async def wait_for(
+        self, pattern: str, timeout: float = 20, after: int = 0, raw: bool = False
+    ) -> re.Match[str]:
+        """The first match of a regex in the output from offset `after`; colour codes are
+        stripped before matching unless raw."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.output[after:]
+            match = re.search(pattern, text if raw else _ANSI.sub("", text))
+            if match:
+                return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {pattern!r} in output:\n{self.output[-3000:]}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
+
+    async def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"llproxy exited {self.proc.returncode}:\n{self.output}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{self.url}/health") as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"llproxy not ready:\n{self.output}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"llproxy did not exit:\n{self.output[-3000:]}")
+            await asyncio.sleep(0.05)
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reader, 5)
+        return self.proc.returncode
+
+    async def health(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        # A fresh connection each time, so the kernel may hand it to any worker.
+        async with session.get(f"{self.url}/health", headers={"Connection": "close"}) as resp:
+            assert resp.status == 200
+            body: dict[str, Any] = await resp.json()
+            return body
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self._master_fd is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._master_fd)
+            os.close(self._master_fd)
+            self._master_fd = None
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
