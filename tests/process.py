@@ -32,7 +32,9 @@ class LlproxyProcess:
         env: dict[str, str] | None = None,
         terminal: bool = False,
         port: int | None = None,
+        cwd: str | os.PathLike[str] | None = None,
     ) -> None:
+        self.cwd = cwd
         self.port = port or free_port_block(1)
         self.args = ["serve", "--bindport", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}

@@ -7,8 +7,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,9 +15,11 @@ import openai
 
 from llproxy import __version__
 
-from .conftest import RunningUpstream, UpstreamFactory, free_port_block
+from .conftest import RunningUpstream, UpstreamFactory
+from .process import LlproxyProcess
 
 CHAT = [{"role": "user", "content": "hi"}]
+Start = Callable[..., Awaitable[LlproxyProcess]]
 
 
 async def run_llproxy(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -36,43 +37,6 @@ async def run_llproxy(*args: str, env: dict[str, str] | None = None) -> tuple[in
     return proc.returncode, out.decode(), err.decode()
 
 
-@asynccontextmanager
-async def serving(
-    *args: str, env: dict[str, str] | None = None
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    port = free_port_block(1)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llproxy",
-        "serve",
-        "--bindport",
-        str(port),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "NO_COLOR": "1", **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                if proc.returncode is not None:
-                    break
-                try:
-                    async with session.get(f"{url}/health") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-        assert proc.returncode is None, "llproxy exited during startup"
-        yield proc, url
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 def write_config(tmp_path: Path, upstream: RunningUpstream, **top: object) -> Path:
     path = tmp_path / "llproxy.json"
     path.write_text(json.dumps({"endpoints": [upstream.endpoint(tags=["t"])], **top}))
@@ -85,21 +49,21 @@ async def test_version_and_python_m() -> None:
 
 
 async def test_serve_proxies_and_stops_cleanly_on_sigterm(
-    start_upstream: UpstreamFactory, tmp_path: Path
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
 ) -> None:
     upstream = await start_upstream(model_ids=["org/m.gguf"])
     config = write_config(tmp_path, upstream)
-    async with serving("--config", str(config), "--verbose") as (proc, url):
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        async with client:
-            assert [m.id for m in (await client.models.list()).data] == ["m:t"]
-            reply = await client.chat.completions.create(model="m:t", messages=CHAT)
-            assert reply.choices[0].message.content
-        proc.send_signal(signal.SIGTERM)
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0
-    text = out.decode()
-    assert "serving on http://127.0.0.1" in text
+    daemon = await start_llproxy("--config", str(config), "--verbose")
+    await daemon.wait_for("serving on http://127.0.0.1")
+    client = openai.AsyncOpenAI(base_url=f"{daemon.url}/v1", api_key="x", max_retries=0)
+    async with client:
+        assert [m.id for m in (await client.models.list()).data] == ["m:t"]
+        reply = await client.chat.completions.create(model="m:t", messages=CHAT)
+        assert reply.choices[0].message.content
+    await daemon.wait_for("POST /v1/chat/completions")
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    text = daemon.output
     assert "scan: 1 servers, 1 models" in text
     # --verbose: one plain (NO_COLOR, piped) line per request with model and upstream.
     request_lines = [ln for ln in text.splitlines() if "POST /v1/chat/completions" in ln]
@@ -109,16 +73,17 @@ async def test_serve_proxies_and_stops_cleanly_on_sigterm(
 
 
 async def test_aihost_serves_one_server_without_a_config(
-    start_upstream: UpstreamFactory, tmp_path: Path
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
 ) -> None:
     upstream = await start_upstream(model_ids=["solo"])
     # An empty XDG dir and cwd so no config file is found by lookup.
     env = {"XDG_CONFIG_HOME": str(tmp_path), "LLPROXY_CONFIG": ""}
-    aihost = ("--aihost", "127.0.0.1", "--aihostport", str(upstream.port))
+    daemon = await start_llproxy(
+        "--aihost", "127.0.0.1", "--aihostport", str(upstream.port), env=env, cwd=tmp_path
+    )
     async with (
-        serving(*aihost, env=env) as (_, url),
         aiohttp.ClientSession() as session,
-        session.get(f"{url}/v1/models") as resp,
+        session.get(f"{daemon.url}/v1/models") as resp,
     ):
         assert [m["id"] for m in (await resp.json())["data"]] == ["solo"]
 
