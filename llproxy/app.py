@@ -16,13 +16,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import metrics
 from .config import Config
-from .discovery import DiscoveryLoop
+from .discovery import DiscoveryLoop, ScanResult
 from .errors import InvalidRequest, ModelNotFound, ProxyError, RequestTooLarge, error_body
+from .metrics import CONTENT_TYPE, DiscoveryTelemetry, Telemetry, render
 from .proxy import Exchange, UpstreamClient, make_upstream_session
 from .registry import Registry
-from .stats import WorkerStats
 from .validation import validate
 
 access_log = logging.getLogger("llproxy.access")
@@ -42,7 +41,16 @@ class ProxyState:
         self.models_body = _listing_body(self.registry)
         self.upstreams: UpstreamClient | None = None
         self.discovery: DiscoveryLoop | None = None
-        self.stats = WorkerStats()
+        self.telemetry = Telemetry()
+        # Where /metrics comes from: this process alone, or (in a worker) the supervisor,
+        # which merges every worker's numbers.
+        self.discovery_telemetry: DiscoveryTelemetry | None = None
+        self.metrics_source: Callable[[], Awaitable[bytes]] | None = None
+
+    def take_scan(self, result: ScanResult) -> None:
+        if self.discovery_telemetry is not None:
+            self.discovery_telemetry.record(result)
+        self.set_registry(result.registry)
 
     def set_registry(self, registry: Registry) -> None:
         # Serialise once per snapshot rather than per GET /v1/models.
@@ -110,22 +118,21 @@ def _record(request: web.Request, exchange: Exchange, status: int, started: floa
     state = request.app[STATE]
     # Only registry names become label values: a client must not mint time series.
     label = exchange.model if exchange.resolved and exchange.model else "-"
-    metrics.REQUESTS.labels(label, str(status)).inc()
+    telemetry = state.telemetry
+    telemetry.count_request(label, status)
     if exchange.resolved:
-        stats = state.stats.model(label)
-        stats.requests += 1
-        stats.errors += status >= 400
-        metrics.REQUEST_DURATION.labels(label).observe(now - started)
+        telemetry.observe(telemetry.duration, label, now - started)
         if exchange.first_byte_at is not None:
-            metrics.TIME_TO_FIRST_TOKEN.labels(label).observe(exchange.first_byte_at - started)
+            telemetry.observe(
+                telemetry.time_to_first_token, label, exchange.first_byte_at - started
+            )
         if exchange.prompt_tokens is not None:
-            stats.prompt_tokens += exchange.prompt_tokens
-            metrics.PROMPT_TOKENS.labels(label).inc(exchange.prompt_tokens)
+            telemetry.add_tokens(telemetry.prompt_tokens, label, exchange.prompt_tokens)
         if exchange.completion_tokens is not None:
-            stats.completion_tokens += exchange.completion_tokens
-            metrics.GENERATION_TOKENS.labels(label).inc(exchange.completion_tokens)
+            telemetry.add_tokens(telemetry.generation_tokens, label, exchange.completion_tokens)
     if exchange.upstream_error is not None:
-        metrics.UPSTREAM_ERRORS.labels(exchange.upstream or "-", exchange.upstream_error).inc()
+        key = (exchange.upstream or "-", exchange.upstream_error)
+        telemetry.upstream_errors[key] = telemetry.upstream_errors.get(key, 0) + 1
     if not access_log.isEnabledFor(logging.INFO):
         return
     if access_log.isEnabledFor(logging.DEBUG):
@@ -203,8 +210,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def prometheus(request: web.Request) -> web.Response:
-    body, content_type = metrics.exposition()
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    state = request.app[STATE]
+    if state.metrics_source is not None:
+        body = await state.metrics_source()
+    else:
+        body = render(state.telemetry, state.discovery_telemetry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -249,15 +260,12 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
         )
     exchange.resolved = True
     assert state.upstreams is not None
-    stats = state.stats.model(name)
-    gauge = metrics.IN_FLIGHT.labels(name)
-    stats.in_flight += 1
-    gauge.inc()
+    in_flight = state.telemetry.in_flight
+    in_flight[name] = in_flight.get(name, 0) + 1
     try:
         return await state.upstreams.forward(request, model, path, body, exchange)
     finally:
-        stats.in_flight -= 1
-        gauge.dec()
+        in_flight[name] -= 1
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

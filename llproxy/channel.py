@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from .config import Config
+from .metrics import Telemetry
 from .registry import Registry
 
 
@@ -55,13 +56,30 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class StatsReply:
+    """A worker's numbers; token 0 is the last word of a worker that is exiting."""
+
     token: int
     worker_id: int
     pid: int
-    models: dict[str, dict[str, int]] = field(default_factory=dict)
+    telemetry: Telemetry
 
 
-Message = RegistryUpdate | WorkerCount | StatsRequest | Ready | StatsReply
+@dataclass(frozen=True, slots=True)
+class MetricsRequest:
+    """From a worker asked for /metrics: the supervisor merges every worker's numbers."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsReply:
+    token: int
+    body: bytes
+
+
+Message = (
+    RegistryUpdate | WorkerCount | StatsRequest | Ready | StatsReply | MetricsRequest | MetricsReply
+)
 
 
 class Channel:
@@ -83,12 +101,23 @@ class Channel:
         self._loop.add_reader(self.conn.fileno(), self._readable)
 
     def _readable(self) -> None:
-        try:
-            while self.conn.poll():
-                self._on_message(self.conn.recv())
-        except (EOFError, OSError):
+        if self._read_pending():
             self.detach()
             self._on_close()
+
+    def _read_pending(self) -> bool:
+        """Handle every message already in the pipe; True when the other end is closed."""
+        try:
+            while not self.conn.closed and self.conn.poll():
+                self._on_message(self.conn.recv())
+        except (EOFError, OSError):
+            return True
+        return False
+
+    def drain(self) -> None:
+        """Read what the other end sent before it went away, then close."""
+        self._read_pending()
+        self.detach()
 
     def send(self, message: Message) -> bool:
         """False when the other end is gone; its process exit is handled elsewhere."""

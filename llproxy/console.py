@@ -126,7 +126,7 @@ class InteractiveConsole:
             table.add_column(column, justify="right" if column != "model" else "left")
         totals = [0, 0, 0, 0, 0]
         for reply in replies:
-            for model, numbers in sorted(reply.models.items()):
+            for model, numbers in sorted(reply.telemetry.by_model().items()):
                 row = [
                     numbers["requests"],
                     numbers["errors"],

@@ -88,6 +88,9 @@ def make_upstream_session(timeouts: Timeouts) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, ttl_dns_cache=300)
     return aiohttp.ClientSession(
         connector=connector,
+        # One session serves every client: a cookie one upstream sets must not be replayed
+        # on anyone else's request.
+        cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect),
         auto_decompress=True,
         skip_auto_headers=("User-Agent",),
@@ -183,7 +186,8 @@ class UpstreamClient:
                         if name in upstream_resp.headers
                     }
                     if upstream_resp.content_type != "text/event-stream":
-                        deadline.reschedule(loop.time() + self.timeouts.idle)
+                        if not upstream_resp.content.is_eof():  # usually all came at once
+                            deadline.reschedule(loop.time() + self.timeouts.idle)
                         data = await upstream_resp.read()
                         exchange.first_byte_at = time.perf_counter()
                         finished = True

@@ -15,10 +15,8 @@ import itertools
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +27,8 @@ import uvloop
 
 from .channel import (
     Channel,
+    MetricsReply,
+    MetricsRequest,
     Ready,
     RegistryUpdate,
     StatsReply,
@@ -38,16 +38,16 @@ from .channel import (
 )
 from .config import Config, ConfigError
 from .discovery import DiscoveryLoop, ScanResult
+from .metrics import DiscoveryTelemetry, Telemetry, render
 from .registry import Registry
 from .sdnotify import Notifier
-
-# Modules that import prometheus_client (.worker, .metrics, .app) are imported inside
-# functions: PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is first
-# imported, and run() sets it.
+from .worker import worker_main
 
 log = logging.getLogger("llproxy.supervisor")
 
 EX_BOOT_FAILURE = 3
+# How often worker numbers are fetched, so a crashed worker's counts are mostly kept.
+TELEMETRY_POLL = 5.0
 EX_BIND_FAILURE = 4
 BOOT_TIMEOUT = 60.0
 # After the graceful period the workers get this long to exit before SIGKILL.
@@ -96,23 +96,6 @@ def bind_socket(config: Config) -> socket.socket:
     return sock
 
 
-def prepare_metrics_dir() -> str | None:
-    """A clean directory for prometheus_client's multiprocess files, set before its import.
-
-    Returns the directory when llproxy made it (and so removes it at exit).
-    """
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if path:
-        os.makedirs(path, exist_ok=True)
-        for name in os.listdir(path):
-            if name.endswith(".db"):
-                os.unlink(os.path.join(path, name))
-        return None
-    path = tempfile.mkdtemp(prefix="llproxy-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
-
-
 class Supervisor:
     def __init__(self, options: ServeOptions, config: Config, sock: socket.socket) -> None:
         self.options = options
@@ -134,13 +117,15 @@ class Supervisor:
         self._stats_tokens = itertools.count(1)
         self._done: asyncio.Future[None] | None = None
         self.console: Any = None
+        self.discovery_telemetry = DiscoveryTelemetry()
+        # Numbers of workers that exited, and the latest numbers of each live one.
+        self.retired = Telemetry()
+        self.last_seen: dict[int, Telemetry] = {}
         self.discovery = DiscoveryLoop(config, self.publish)
 
     # --- workers -----------------------------------------------------------------------
 
     def spawn(self, config: Config) -> WorkerHandle:
-        from .worker import worker_main
-
         worker_id = next(self._ids)
         parent_end, child_end = self._context.Pipe()
         spec = WorkerSpec(
@@ -157,7 +142,8 @@ class Supervisor:
         )
         process.start()
         child_end.close()
-        handle = WorkerHandle(worker_id, process, Channel(parent_end, self._on_message), config)
+        channel = Channel(parent_end, lambda message: self._on_message(worker_id, message))
+        handle = WorkerHandle(worker_id, process, channel, config)
         self.workers[worker_id] = handle
         self._all_exited.clear()
         return handle
@@ -171,14 +157,17 @@ class Supervisor:
         handle.channel.send(RegistryUpdate(self.registry))
         handle.channel.send(WorkerCount(self.target))
 
-    def _on_message(self, message: Any) -> None:
+    def _on_message(self, sender: int, message: Any) -> None:
         match message:
             case Ready(worker_id, pid):
                 handle = self.workers.get(worker_id)
                 if handle is not None and handle.ready is not None and not handle.ready.done():
                     handle.ready.set_result(None)
                     log.debug("worker %d (pid %d) serving", worker_id, pid)
-            case StatsReply(token):
+            case MetricsRequest(token):
+                self._own(self._answer_metrics(sender, token))
+            case StatsReply(token, worker_id, _, telemetry):
+                self.last_seen[worker_id] = telemetry
                 waiter = self._stats_waiters.get(token)
                 if waiter is not None:
                     future, replies, expected = waiter
@@ -191,13 +180,13 @@ class Supervisor:
         loop.remove_reader(handle.process.sentinel)
         # The sentinel closes an instant before the child can be reaped.
         handle.process.join(1.0)
-        handle.channel.detach()
+        handle.channel.drain()  # its last numbers may still be in the pipe
         self.workers.pop(handle.worker_id, None)
         if not self.workers:
             self._all_exited.set()
-        from . import metrics
-
-        metrics.forget_process(handle.pid)
+        last = self.last_seen.pop(handle.worker_id, None)
+        if last is not None:
+            self.retired.merge(last, live=False)
         code = handle.process.exitcode
         how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
         served = handle.ready is not None and handle.ready.done() and not handle.ready.cancelled()
@@ -256,13 +245,24 @@ class Supervisor:
             handle.channel.send(message)
 
     def publish(self, result: ScanResult) -> None:
-        from . import metrics
-
         self.registry = result.registry
-        metrics.MODELS.set(len(result.registry.models))
-        metrics.SERVERS.set(result.registry.servers)
-        metrics.SCAN_DURATION.observe(result.duration_ms / 1000)
+        self.discovery_telemetry.record(result)
         self._broadcast(RegistryUpdate(result.registry))
+
+    async def _answer_metrics(self, worker_id: int, token: int) -> None:
+        replies = await self.collect_stats()
+        merged = Telemetry()
+        merged.merge(self.retired, live=False)
+        for reply in replies:
+            merged.merge(reply.telemetry)
+        handle = self.workers.get(worker_id)
+        if handle is not None:
+            handle.channel.send(MetricsReply(token, render(merged, self.discovery_telemetry)))
+
+    async def _poll_telemetry(self) -> None:
+        while True:
+            await asyncio.sleep(TELEMETRY_POLL)
+            await self.collect_stats()
 
     def _own(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -455,6 +455,7 @@ class Supervisor:
             await self.discovery.scan_now()
         except Exception:
             log.exception("first scan failed")
+        self._own(self._poll_telemetry())
         if self.notifier.watchdog_interval:
             self._own(self._watchdog(self.notifier.watchdog_interval))
         try:
@@ -494,7 +495,6 @@ def run(config: Config, options: ServeOptions) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.bindip, config.port, exc.strerror or exc)
         return EX_BIND_FAILURE
-    own_metrics_dir = prepare_metrics_dir()
     supervisor = Supervisor(options, config, sock)
     if options.console:
         from .console import InteractiveConsole
@@ -507,5 +507,3 @@ def run(config: Config, options: ServeOptions) -> int:
     finally:
         sock.close()
         supervisor.notifier.close()
-        if own_metrics_dir is not None:
-            shutil.rmtree(own_metrics_dir, ignore_errors=True)

@@ -9,6 +9,8 @@ graceful deadline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -20,6 +22,8 @@ from aiohttp import web
 from .app import STATE, create_app
 from .channel import (
     Channel,
+    MetricsReply,
+    MetricsRequest,
     Ready,
     RegistryUpdate,
     StatsReply,
@@ -27,12 +31,19 @@ from .channel import (
     WorkerCount,
     WorkerSpec,
 )
+from .errors import ProxyError
 from .logs import setup_logging
 
 log = logging.getLogger("llproxy.worker")
 
 # aiohttp's AppRunner default keeps idle clients for an hour; a proxy wants the norm.
 KEEPALIVE_TIMEOUT = 75.0
+METRICS_TIMEOUT = 5.0
+
+
+class MetricsUnavailable(ProxyError):
+    status = 503
+    code = "metrics_unavailable"
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -47,6 +58,11 @@ async def serve(spec: WorkerSpec) -> None:
     state = app[STATE]
     stop: asyncio.Queue[str] = asyncio.Queue()
     has_registry = asyncio.Event()
+    metrics_waiters: dict[int, asyncio.Future[bytes]] = {}
+    tokens = itertools.count(1)
+
+    def stats() -> StatsReply:
+        return StatsReply(0, spec.worker_id, os.getpid(), state.telemetry)
 
     def on_message(message: Any) -> None:
         match message:
@@ -56,7 +72,27 @@ async def serve(spec: WorkerSpec) -> None:
             case WorkerCount(workers):
                 state.workers = workers
             case StatsRequest(token):
-                channel.send(StatsReply(token, spec.worker_id, os.getpid(), state.stats.snapshot()))
+                channel.send(dataclasses.replace(stats(), token=token))
+            case MetricsReply(token, body):
+                waiter = metrics_waiters.pop(token, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(body)
+
+    async def metrics_from_supervisor() -> bytes:
+        token = next(tokens)
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        metrics_waiters[token] = waiter
+        try:
+            if not channel.send(MetricsRequest(token)):
+                raise MetricsUnavailable("the supervisor is gone")
+            async with asyncio.timeout(METRICS_TIMEOUT):
+                return await waiter
+        except TimeoutError:
+            raise MetricsUnavailable("the supervisor did not answer in time") from None
+        finally:
+            metrics_waiters.pop(token, None)
+
+    state.metrics_source = metrics_from_supervisor
 
     channel = Channel(spec.conn, on_message, lambda: stop.put_nowait("supervisor gone"))
     channel.attach()
@@ -86,4 +122,5 @@ async def serve(spec: WorkerSpec) -> None:
     reason = await stop.get()
     log.debug("worker %d stopping: %s", spec.worker_id, reason)
     await runner.cleanup()
+    channel.send(stats())  # the final numbers, so the daemon's counters keep them
     channel.detach()

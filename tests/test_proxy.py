@@ -430,3 +430,33 @@ async def test_replicas_share_load_and_refused_replica_is_skipped(
     for _ in range(4):
         reply = await client.chat.completions.create(model="fake-model", messages=CHAT)
         assert reply.model_dump()["upstream"] == "b"
+
+
+async def test_upstream_cookies_are_not_replayed_to_other_clients(
+    start_proxy: ProxyFactory, aiohttp_server: Any
+) -> None:
+    from aiohttp import web
+
+    cookies_seen: list[str | None] = []
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m"}]})
+
+    async def chat(request: web.Request) -> web.Response:
+        cookies_seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"choices": []})
+        response.set_cookie("session", "for-the-first-client-only")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    # A host name: aiohttp's default jar ignores cookies from bare IP addresses.
+    proxy = await start_proxy([{"hostname": "localhost", "port_start": server.port}])
+    for _ in range(2):
+        status, _ = await raw_post(
+            proxy, "/v1/chat/completions", orjson.dumps({"model": "m", "messages": CHAT})
+        )
+        assert status == 200
+    assert cookies_seen == [None, None]

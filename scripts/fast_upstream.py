@@ -1,0 +1,183 @@
+"""A fast fake OpenAI-compatible upstream for load tests: a bare asyncio protocol on uvloop.
+
+It answers `GET /v1/models`, and `POST /v1/chat/completions` with a fixed JSON body, or
+with N server-sent-event chunks when the body asks for `"stream": true`. With --delay the
+stream's first chunk comes after --first-ms and every next one after --gap-ms, to show
+whether a proxy forwards chunks as they arrive. It must never be the bottleneck, so it
+parses only what it needs: the request line, Content-Length and the stream flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import time
+
+import orjson
+import uvloop
+
+MODEL = "bench-model"
+COMPLETION = orjson.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "Hello from the fast upstream."},
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+    }
+)
+MODELS = orjson.dumps(
+    {
+        "object": "list",
+        "data": [{"id": MODEL, "object": "model", "created": 1, "owned_by": "bench"}],
+    }
+)
+NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+
+def _json_response(body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _event(index: int) -> bytes:
+    payload = orjson.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": f"tok{index} "}, "finish_reason": None}],
+            "t": time.time(),
+        }
+    )
+    return _chunk(b"data: " + payload + b"\n\n")
+
+
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+STREAM_END = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+
+class Settings:
+    chunks = 20
+    delay = False
+    first_ms = 100.0
+    gap_ms = 10.0
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.busy = False  # a delayed stream is being written; later requests wait
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._drain()
+
+    def _drain(self) -> None:
+        while not self.busy:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end]).lower()
+            length = 0
+            at = head.find(b"content-length:")
+            if at >= 0:
+                line_end = head.find(b"\r\n", at)
+                length = int(head[at + 15 : line_end if line_end > 0 else None])
+            total = end + 4 + length
+            if len(self.buffer) < total:
+                return
+            body = bytes(self.buffer[end + 4 : total])
+            del self.buffer[:total]
+            self._respond(head[: head.find(b" http/")], body)
+
+    def _respond(self, request_line: bytes, body: bytes) -> None:
+        assert self.transport is not None
+        if request_line.startswith(b"get /v1/models"):
+            self.transport.write(_json_response(MODELS))
+        elif request_line.startswith(b"post "):
+            if b'"stream":true' in body or b'"stream": true' in body:
+                if self.settings.delay:
+                    self.busy = True
+                    asyncio.ensure_future(self._slow_stream())
+                else:
+                    events = b"".join(_event(i) for i in range(self.settings.chunks))
+                    self.transport.write(STREAM_HEAD + events + STREAM_END)
+            else:
+                self.transport.write(_json_response(COMPLETION))
+        else:
+            self.transport.write(NOT_FOUND)
+
+    async def _slow_stream(self) -> None:
+        assert self.transport is not None
+        try:
+            self.transport.write(STREAM_HEAD)
+            await asyncio.sleep(self.settings.first_ms / 1000)
+            for i in range(self.settings.chunks):
+                if self.transport.is_closing():
+                    return
+                if i:
+                    await asyncio.sleep(self.settings.gap_ms / 1000)
+                self.transport.write(_event(i))
+            self.transport.write(STREAM_END)
+        finally:
+            self.busy = False
+            if not self.transport.is_closing():
+                self._drain()
+
+
+async def serve(host: str, port: int, settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: UpstreamProtocol(settings), host, port, reuse_address=True, backlog=4096
+    )
+    print(f"fast upstream on {host}:{port}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--delay", action="store_true")
+    parser.add_argument("--first-ms", type=float, default=100.0)
+    parser.add_argument("--gap-ms", type=float, default=10.0)
+    args = parser.parse_args()
+    settings = Settings()
+    settings.chunks, settings.delay = args.chunks, args.delay
+    settings.first_ms, settings.gap_ms = args.first_ms, args.gap_ms
+    uvloop.run(serve(args.host, args.port, settings))
+
+
+if __name__ == "__main__":
+    main()
