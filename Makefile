@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint clean
+.PHONY: venv run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check llproxy tests
-	$(BIN)/ruff format --check llproxy tests
+	$(BIN)/ruff check llproxy tests scripts
+	$(BIN)/ruff format --check llproxy tests scripts
 	$(BIN)/mypy
 
+# Installs wrk and nginx-light with apt-get when missing (as root). About 10 minutes.
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

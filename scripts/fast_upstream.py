@@ -90,6 +90,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.busy = False  # a delayed stream is being written; later requests wait
+        self.stream_task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
@@ -127,7 +128,7 @@ class UpstreamProtocol(asyncio.Protocol):
             if b'"stream":true' in body or b'"stream": true' in body:
                 if self.settings.delay:
                     self.busy = True
-                    asyncio.ensure_future(self._slow_stream())
+                    self.stream_task = asyncio.ensure_future(self._slow_stream())
                 else:
                     events = b"".join(_event(i) for i in range(self.settings.chunks))
                     self.transport.write(STREAM_HEAD + events + STREAM_END)

@@ -1,0 +1,641 @@
+"""`make bench`: llproxy against a direct connection and nginx, under the same load, in one run.
+
+Every figure is the median of --reps repetitions and is also given as a ratio to the
+direct and nginx figures of the same repetition, because this machine is shared and
+noisy. Load stays on 127.0.0.1; every run is bounded in time; every process started here
+is stopped by PID at the end. Writes a table to the terminal and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+CHAT_PATH = "/v1/chat/completions"
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+class Processes:
+    """Everything this run starts, stopped by PID at the end whatever happens."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.started.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            self.stop(proc)
+
+
+def workers_of(pid: int) -> list[int]:
+    """Worker processes of an llproxy master (not multiprocessing's resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+                if int(fields[1]) == pid and b"spawn_main" in cmdline:
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --- wrk ------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        raise ValueError(f"bad latency {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def wrk(url: str, lua: Path, connections: int, seconds: float) -> WrkResult:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(lua),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = 0
+    for pattern in (
+        r"Non-2xx or 3xx responses: (\d+)",
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+    ):
+        match = re.search(pattern, out)
+        if match:
+            errors += sum(int(g) for g in match.groups())
+    return WrkResult(rps, p50, p99, total, errors)
+
+
+def lua_script(path: Path, model: str, stream: bool) -> Path:
+    body = json.dumps(
+        {"model": model, "stream": stream, "messages": [{"role": "user", "content": "Say hello."}]}
+    )
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return path
+
+
+# --- streaming timing (time to first byte, gaps between chunks) ------------------------------
+
+
+async def _timed_stream(port: int, model: str) -> tuple[float, list[float]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps(
+        {"model": model, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    ).encode()
+    started = time.perf_counter()
+    writer.write(
+        f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    arrivals: list[float] = []
+    while True:
+        chunk = await asyncio.wait_for(reader.read(65536), 30)
+        now = time.perf_counter()
+        arrivals.extend(now for _ in range(chunk.count(b"data: {")))
+        if not chunk or b"data: [DONE]" in chunk:
+            break
+    writer.close()
+    ttfb = (arrivals[0] - started) * 1000
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
+    return ttfb, gaps
+
+
+def stream_timing(port: int, model: str, count: int) -> tuple[float, float, float]:
+    """Median time to first chunk, median and max gap between chunks (ms)."""
+
+    async def run() -> list[tuple[float, list[float]]]:
+        return [await _timed_stream(port, model) for _ in range(count)]
+
+    results = asyncio.run(run())
+    gaps = [g for _, each in results for g in each]
+    return statistics.median(r[0] for r in results), statistics.median(gaps), max(gaps)
+
+
+def scan_seconds() -> float:
+    sys.path.insert(0, str(ROOT))
+    from llproxy.config import parse_config
+    from llproxy.discovery import make_scan_session, scan
+
+    config = parse_config(
+        {"endpoints": [{"hostname": "127.0.0.1", "port_start": 20000, "port_end": 24095}]}
+    )
+
+    async def once() -> float:
+        async with make_scan_session(config) as session:
+            result = await scan(config, session)
+        assert result.probed == 4096
+        return result.duration_ms / 1000
+
+    import uvloop
+
+    return uvloop.run(once())
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    workdir: Path
+    procs: Processes
+    results: dict[str, list[Any]] = field(default_factory=dict)
+
+    def record(self, key: str, value: Any) -> None:
+        self.results.setdefault(key, []).append(value)
+
+
+def ensure_tools() -> None:
+    missing = [
+        pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx-light")) if not shutil.which(tool)
+    ]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"bench needs {', '.join(missing)}: sudo apt-get install {' '.join(missing)}")
+    print(f"installing {' '.join(missing)} …", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", *missing],
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+
+
+def nginx_conf(workdir: Path, routes: list[tuple[int, int]]) -> Path:
+    servers = "\n".join(
+        f"""  upstream up{listen} {{ server 127.0.0.1:{target}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{listen};
+    location / {{
+      proxy_pass http://up{listen};
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}"""
+        for listen, target in routes
+    )
+    path = workdir / "nginx.conf"
+    path.write_text(
+        f"""worker_processes auto;
+error_log {workdir}/nginx-error.log warn;
+pid {workdir}/nginx.pid;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/nginx-body;
+  proxy_temp_path {workdir}/nginx-proxy;
+{servers}
+}}
+"""
+    )
+    return path
+
+
+def versions() -> dict[str, str]:
+    def first_line(command: list[str]) -> str:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=10)
+            return (done.stdout or done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    import aiohttp
+    import uvloop
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": f"{cpu} x {os.cpu_count()}",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uvloop.__version__,
+        "nginx": first_line(["nginx", "-v"]),
+        "wrk": first_line(["wrk", "--version"]),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ensure_tools()
+    workdir = Path(tempfile.mkdtemp(prefix="llproxy-bench-"))
+    procs = Processes(workdir)
+    bench = Bench(args, workdir, procs)
+    cores = os.cpu_count() or 1
+    try:
+        fast, slow = free_port(), free_port()
+        procs.start(
+            "upstream-fast",
+            [PYTHON, str(ROOT / "scripts/fast_upstream.py"), "--port", str(fast), "--chunks", "20"],
+        )
+        procs.start(
+            "upstream-slow",
+            [
+                PYTHON,
+                str(ROOT / "scripts/fast_upstream.py"),
+                "--port",
+                str(slow),
+                "--chunks",
+                "20",
+                "--delay",
+                "--first-ms",
+                "100",
+                "--gap-ms",
+                "10",
+            ],
+        )
+        nginx_fast, nginx_slow = free_port(), free_port()
+        conf = nginx_conf(workdir, [(nginx_fast, fast), (nginx_slow, slow)])
+        procs.start("nginx", ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"])
+        config = workdir / "llproxy.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "interval": 600000,
+                    "endpoints": [
+                        {
+                            "hostname": "127.0.0.1",
+                            "port_start": fast,
+                            "port_end": fast,
+                            "tags": ["fast"],
+                        },
+                        {
+                            "hostname": "127.0.0.1",
+                            "port_start": slow,
+                            "port_end": slow,
+                            "tags": ["slow"],
+                        },
+                    ],
+                }
+            )
+        )
+        llproxies = {}
+        for workers in sorted({1, cores}):
+            port = free_port()
+            proc = procs.start(
+                f"llproxy-{workers}",
+                [
+                    PYTHON,
+                    "-m",
+                    "llproxy",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--bindport",
+                    str(port),
+                    "--workers",
+                    str(workers),
+                ],
+            )
+            llproxies[workers] = (port, proc)
+        for port in (fast, slow, nginx_fast, nginx_slow, *(p for p, _ in llproxies.values())):
+            wait_listening(port)
+        time.sleep(2)  # workers become ready after the first scan
+
+        idle_rss = {
+            w: [rss_mb(pid) for pid in workers_of(proc.pid)] for w, (_, proc) in llproxies.items()
+        }
+
+        targets = {"direct": (fast, "bench-model"), "nginx": (nginx_fast, "bench-model")}
+        for workers, (port, _) in llproxies.items():
+            targets[f"llproxy-{workers}w"] = (port, "bench-model:fast")
+        scripts = {
+            (name, stream): lua_script(workdir / f"{name}-{stream}.lua", model, stream)
+            for name, (_, model) in targets.items()
+            for stream in (False, True)
+        }
+        for rep in range(args.reps):
+            print(f"repetition {rep + 1}/{args.reps}", flush=True)
+            for stream in (False, True):
+                for conns in (32, 128):
+                    for name, (port, _) in targets.items():
+                        result = wrk(
+                            f"http://127.0.0.1:{port}{CHAT_PATH}",
+                            scripts[(name, stream)],
+                            conns,
+                            args.duration,
+                        )
+                        bench.record(f"{name}|{'stream' if stream else 'json'}|{conns}", result)
+            for name, (port, _) in targets.items():
+                bench.record(
+                    f"{name}|json|1",
+                    wrk(
+                        f"http://127.0.0.1:{port}{CHAT_PATH}",
+                        scripts[(name, False)],
+                        1,
+                        args.duration,
+                    ),
+                )
+            slow_targets = {"direct": (slow, "bench-model"), "nginx": (nginx_slow, "bench-model")}
+            for workers, (port, _) in llproxies.items():
+                slow_targets[f"llproxy-{workers}w"] = (port, "bench-model:slow")
+            for name, (port, model) in slow_targets.items():
+                bench.record(f"{name}|ttfb", stream_timing(port, model, args.stream_samples))
+            bench.record("scan", scan_seconds())
+
+        loaded_rss = {
+            w: [rss_mb(pid) for pid in workers_of(proc.pid)] for w, (_, proc) in llproxies.items()
+        }
+        soak = None
+        if args.soak_requests:
+            port, proc = llproxies[cores]
+            before = [rss_mb(pid) for pid in workers_of(proc.pid)]
+            rate = statistics.median(r.rps for r in bench.results[f"llproxy-{cores}w|json|32"])
+            seconds = min(args.soak_max_seconds, max(5.0, args.soak_requests / max(rate, 1)))
+            print(f"soak: about {args.soak_requests} requests, at most {seconds:.0f} s", flush=True)
+            result = wrk(
+                f"http://127.0.0.1:{port}{CHAT_PATH}",
+                scripts[(f"llproxy-{cores}w", False)],
+                32,
+                seconds,
+            )
+            after = [rss_mb(pid) for pid in workers_of(proc.pid)]
+            soak = {
+                "requests": result.requests,
+                "errors": result.errors,
+                "seconds": seconds,
+                "rss_before": before,
+                "rss_after": after,
+            }
+        return {
+            "results": bench.results,
+            "idle_rss": idle_rss,
+            "loaded_rss": loaded_rss,
+            "soak": soak,
+            "cores": cores,
+            "versions": versions(),
+            "args": vars(args),
+        }
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True) if y)
+
+
+def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list[str]]:
+    results: dict[str, list[Any]] = data["results"]
+    cores = data["cores"]
+    names = ["direct", "nginx"] + [f"llproxy-{w}w" for w in sorted({1, cores})]
+    rows = [
+        [
+            "figure",
+            *names,
+            *(f"{n} ÷ nginx" for n in names[2:]),
+            *(f"{n} ÷ direct" for n in names[2:]),
+        ]
+    ]
+
+    def line(label: str, key: str, pick: str, fmt: str) -> None:
+        series = {n: [getattr(r, pick) for r in results[f"{n}|{key}"]] for n in names}
+        rows.append(
+            [
+                label,
+                *(format(statistics.median(series[n]), fmt) for n in names),
+                *(f"{median_ratio(series[n], series['nginx']):.2f}x" for n in names[2:]),
+                *(f"{median_ratio(series[n], series['direct']):.2f}x" for n in names[2:]),
+            ]
+        )
+
+    for stream in ("json", "stream"):
+        for conns in (32, 128):
+            line(f"req/s {stream} c{conns}", f"{stream}|{conns}", "rps", ",.0f")
+            line(f"p50 ms {stream} c{conns}", f"{stream}|{conns}", "p50_ms", ".2f")
+            line(f"p99 ms {stream} c{conns}", f"{stream}|{conns}", "p99_ms", ".2f")
+    line("p50 ms c1 (sequential)", "json|1", "p50_ms", ".3f")
+
+    verdicts = []
+    direct_c1 = [r.p50_ms for r in results["direct|json|1"]]
+    for n in names[2:]:
+        added = statistics.median(
+            r.p50_ms - d for r, d in zip(results[f"{n}|json|1"], direct_c1, strict=True)
+        )
+        verdicts.append(f"{n}: latency added at c1, p50: {added:.3f} ms (target ≤ 0.3 ms)")
+    top = f"llproxy-{cores}w"
+    ratio = median_ratio(
+        [r.rps for r in results[f"{top}|json|32"]], [r.rps for r in results["nginx|json|32"]]
+    )
+    verdicts.insert(0, f"{top} non-streaming c32 throughput: {ratio:.2f}x nginx (target ≥ 0.25x)")
+    ttfb_rows = []
+    for n in names:
+        samples = results[f"{n}|ttfb"]
+        ttfb_rows.append(
+            (
+                n,
+                statistics.median(s[0] for s in samples),
+                statistics.median(s[1] for s in samples),
+                max(s[2] for s in samples),
+            )
+        )
+    direct_ttfb = ttfb_rows[0][1]
+    timing = [["target", "time to first chunk ms", "gap p50 ms", "gap max ms"]]
+    for n, ttfb, gap, worst in ttfb_rows:
+        timing.append([n, f"{ttfb:.2f}", f"{gap:.2f}", f"{worst:.2f}"])
+        if n.startswith("llproxy"):
+            verdicts.append(
+                f"{n}: time to first byte added {ttfb - direct_ttfb:.2f} ms (target ≤ 1 ms); "
+                f"median gap {gap:.2f} ms vs upstream 10 ms (target within 1 ms)"
+            )
+    scan = statistics.median(results["scan"])
+    verdicts.append(f"scan of 4,096 loopback ports: {scan:.2f} s (target ≤ 1 s)")
+
+    def mb(values: list[float]) -> str:
+        return ", ".join(f"{v:.0f}" for v in values) + " MB"
+
+    for workers, values in data["idle_rss"].items():
+        verdicts.append(
+            f"llproxy-{workers}w worker RSS idle: {mb(values)}; "
+            f"after load: {mb(data['loaded_rss'][workers])} (target ≤ 60 MB idle)"
+        )
+    soak = data["soak"]
+    if soak:
+        verdicts.append(
+            f"soak: {soak['requests']:,} requests ({soak['errors']} errors) in "
+            f"{soak['seconds']:.0f} s; worker RSS {mb(soak['rss_before'])} → {mb(soak['rss_after'])}"
+        )
+    errors = sum(
+        r.errors
+        for key, rs in results.items()
+        if "|" in key and not key.endswith("ttfb")
+        for r in rs
+    )
+    verdicts.append(f"wrk errors (non-2xx or socket) over all runs: {errors}")
+    return rows, timing, verdicts
+
+
+def markdown(
+    data: dict[str, Any], rows: list[list[str]], timing: list[list[str]], verdicts: list[str]
+) -> str:
+    def table(rs: list[list[str]]) -> Iterator[str]:
+        yield "| " + " | ".join(rs[0]) + " |"
+        yield "|" + "---|" * len(rs[0])
+        for r in rs[1:]:
+            yield "| " + " | ".join(r) + " |"
+
+    args = data["args"]
+    machine = "\n".join(f"- {k}: {v}" for k, v in data["versions"].items())
+    return f"""# Benchmarks
+
+Made by `make bench` (`scripts/bench.py`) on {time.strftime("%Y-%m-%d")}. Every figure is
+the median of {args["reps"]} repetitions; ratios are taken within each repetition (same
+load, same moment) and then the median. Load: `wrk -t1 -cN -d{args["duration"]:g}s --latency`
+with a POST of a small chat request, against `scripts/fast_upstream.py` (direct), nginx
+as a plain reverse proxy (`proxy_buffering off`, upstream keep-alive), and llproxy with
+1 worker and one per core (no rate limit, no verbose log). Streaming: 20 SSE chunks.
+Stream timing: the upstream's delay mode (first chunk after 100 ms, then one every 10 ms),
+{args["stream_samples"]} sequential requests per target. Everything on 127.0.0.1 of one
+machine: wrk, the upstream, nginx and llproxy share its cores.
+
+## Machine
+{machine}
+
+## Results
+{chr(10).join(table(rows))}
+
+## Stream timing (upstream: first chunk after 100 ms, then every 10 ms)
+{chr(10).join(table(timing))}
+
+## Against the targets
+{chr(10).join(f"- {v}" for v in verdicts)}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--stream-samples", type=int, default=10)
+    parser.add_argument("--soak-requests", type=int, default=1_000_000)
+    parser.add_argument("--soak-max-seconds", type=float, default=300.0)
+    parser.add_argument("--quick", action="store_true", help="1 repetition, 2 s runs, short soak")
+    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    if args.quick:
+        args.reps, args.duration, args.stream_samples = 1, 2.0, 3
+        args.soak_requests, args.soak_max_seconds = 50_000, 20.0
+    # `timeout` or Ctrl-C must still stop every process this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    data = run(args)
+    rows, timing, verdicts = report(data)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 180))
+    for title, content in (("llproxy benchmark (medians)", rows), ("stream timing", timing)):
+        table = Table(title=title)
+        for column in content[0]:
+            table.add_column(column)
+        for row in content[1:]:
+            table.add_row(*row)
+        console.print(table)
+    for verdict in verdicts:
+        console.print(f"• {verdict}", highlight=False)
+    Path(args.output).write_text(markdown(data, rows, timing, verdicts))
+    console.print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
