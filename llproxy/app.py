@@ -6,9 +6,12 @@ loop in this process, or a supervisor feeding workers) is decided by whoever bui
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,7 +21,18 @@ from aiohttp import web
 
 from .config import Config
 from .discovery import DiscoveryLoop, ScanResult
-from .errors import InvalidRequest, ModelNotFound, ProxyError, RequestTooLarge, error_body
+from .errors import (
+    InvalidApiKey,
+    InvalidRequest,
+    ModelNotAllowed,
+    ModelNotFound,
+    ProxyError,
+    RequestTimeout,
+    RequestTooLarge,
+    error_body,
+)
+from .hardening import add_response_headers, check_host, preflight
+from .keys import ApiKey, KeyRing, state_dir
 from .metrics import CONTENT_TYPE, DiscoveryTelemetry, Telemetry, render
 from .proxy import Exchange, UpstreamClient, make_upstream_session
 from .registry import Registry
@@ -46,6 +60,7 @@ class ProxyState:
         # which merges every worker's numbers.
         self.discovery_telemetry: DiscoveryTelemetry | None = None
         self.metrics_source: Callable[[], Awaitable[bytes]] | None = None
+        self.keys = KeyRing()
 
     def take_scan(self, result: ScanResult) -> None:
         if self.discovery_telemetry is not None:
@@ -81,6 +96,10 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     request[EXCHANGE] = exchange
     status = 500
     try:
+        state = request.app[STATE]
+        check_host(state.config, request)
+        if state.keys.enabled and request.path.startswith("/v1/") and request.method != "OPTIONS":
+            exchange.key = _authenticate(state.keys, request)
         response = await handler(request)
         status = response.status
         if exchange.request_body is not None and isinstance(response, web.Response):
@@ -110,6 +129,25 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     finally:
         if request.path.startswith("/v1/"):
             _record(request, exchange, status, started)
+
+
+def _authenticate(keys: KeyRing, request: web.Request) -> ApiKey:
+    authorization = request.headers.get("Authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    secret = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    key = keys.authenticate(secret) if secret else None
+    if key is None:
+        raise InvalidApiKey(
+            "Incorrect API key provided"
+            if secret
+            else "An API key is required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+        )
+    return key
+
+
+def _check_model_allowed(key: ApiKey | None, name: str) -> None:
+    if key is not None and not key.allows(name):
+        raise ModelNotAllowed(f"this API key may not use the model '{name}'", param="model")
 
 
 def _record(request: web.Request, exchange: Exchange, status: int, started: float) -> None:
@@ -147,6 +185,9 @@ def _record(request: web.Request, exchange: Exchange, status: int, started: floa
             "event": "request",
             "worker": state.worker_id,
             "client": request.remote,
+            "key": None
+            if exchange.key is None
+            else f"{exchange.key.name}({exchange.key.fingerprint})",
             "method": request.method,
             "path": request.path,
             "model": exchange.model,
@@ -219,11 +260,21 @@ async def prometheus(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return _json(request.app[STATE].models_body)
+    state = request.app[STATE]
+    key = request[EXCHANGE].key
+    if key is None or not key.models:
+        return _json(state.models_body)
+    allowed = [
+        entry
+        for name, entry in zip(state.registry.models, state.registry.listing(), strict=True)
+        if key.allows(name)
+    ]
+    return _json(orjson.dumps({"object": "list", "data": allowed}))
 
 
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
+    _check_model_allowed(request[EXCHANGE].key, name)
     model = request.app[STATE].registry.get(name)
     if model is None:
         raise ModelNotFound(f"The model '{name}' does not exist", param="model")
@@ -235,7 +286,7 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     limit = state.config.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes")
-    raw = await request.read()
+    raw = await _read_body(request, state.config)
     exchange = request[EXCHANGE]
     if access_log.isEnabledFor(logging.DEBUG):
         exchange.request_body = raw
@@ -252,6 +303,7 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     if name is None:
         raise InvalidRequest("you must provide a model parameter", param="model")
     exchange.model = name
+    _check_model_allowed(exchange.key, name)
     model = state.registry.get(name)
     if model is None:
         raise ModelNotFound(
@@ -266,6 +318,49 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
         return await state.upstreams.forward(request, model, path, body, exchange)
     finally:
         in_flight[name] -= 1
+
+
+async def _read_body(request: web.Request, config: Config) -> bytes:
+    if request.content.is_eof():  # the usual case: the body came with the headers
+        return await request.read()
+    try:
+        async with asyncio.timeout(config.timeouts.client_body):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {config.timeouts.client_body:g} s"
+        ) from None
+
+
+async def _preflight(request: web.Request) -> web.Response:
+    return await preflight(request, request.app[STATE].config)
+
+
+async def _add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    add_response_headers(request.app[STATE].config, request, response)
+
+
+KEY_REFRESH_SECONDS = 2.0
+
+
+async def _key_ring(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.keys = KeyRing(state.config.api_keys, state_dir(state.config.state_dir))
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(KEY_REFRESH_SECONDS)
+            try:
+                state.keys.refresh()
+            except sqlite3.Error as exc:
+                log.warning("cannot reload API keys: %s", exc)
+
+    task = asyncio.create_task(refresh(), name="llproxy-keys")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    state.keys.close()
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -296,9 +391,13 @@ def create_app(config: Config, *, discover: bool = True, worker_id: int = 0) -> 
         handler_args={"max_field_size": 16384},
     )
     app[STATE] = ProxyState(config, worker_id)
+    app.cleanup_ctx.append(_key_ring)
     app.cleanup_ctx.append(_upstream_session)
     if discover:
         app.cleanup_ctx.append(_local_discovery)
+    app.on_response_prepare.append(_add_response_headers)
+    if config.cors_origins:
+        app.router.add_route("OPTIONS", "/v1/{path:.*}", _preflight)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", prometheus)
     app.router.add_get("/v1/models", list_models)

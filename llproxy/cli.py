@@ -55,6 +55,34 @@ def main() -> None:
     """One OpenAI-compatible endpoint for every LLM server llproxy can find."""
 
 
+state_dir_option = env_option(
+    "--state-dir",
+    env="STATE_DIR",
+    metavar="DIR",
+    help="Where the key database lives. Default: $STATE_DIRECTORY (systemd), else "
+    "$XDG_STATE_HOME/llproxy.",
+)
+
+
+def refuse_open_bind(config: Config, allow_open: bool) -> None:
+    """Without keys, anyone who reaches the port may use every model: only on loopback."""
+    from .keys import KeyRing, state_dir
+
+    if config.loopback_only or allow_open:
+        return
+    ring = KeyRing(config.api_keys, state_dir(config.state_dir))
+    enabled = ring.enabled
+    ring.close()
+    if not enabled:
+        click.echo(
+            f"llproxy: refusing to serve on {config.bindip} without API keys: anyone who can "
+            "reach it could use every model. Create a key with `llproxy keys create --name "
+            "NAME`, set api_keys in the config, or pass --allow-open.",
+            err=True,
+        )
+        sys.exit(EX_CONFIG)
+
+
 @main.command()
 @config_option
 @env_option(
@@ -111,6 +139,13 @@ def main() -> None:
     show_default=True,
     help="text: coloured on a terminal, plain otherwise; json: one object per line.",
 )
+@state_dir_option
+@env_option(
+    "--allow-open",
+    env="ALLOW_OPEN",
+    is_flag=True,
+    help="Serve a non-loopback address even though no API key exists.",
+)
 @env_option(
     "-v",
     "--verbose",
@@ -128,6 +163,8 @@ def serve(
     scan_interval: float | None,
     graceful_timeout: float,
     log_format: str,
+    state_dir: str | None,
+    allow_open: bool,
     verbose: int,
 ) -> None:
     """Discover models and serve them on one OpenAI-compatible endpoint.
@@ -141,8 +178,10 @@ def serve(
         aihost=aihost,
         aihostport=aihostport,
         interval_ms=None if scan_interval is None else int(scan_interval * 1000),
+        state_dir=state_dir,
     )
     config = load_or_exit(config_path, **overrides)
+    refuse_open_bind(config, allow_open)
     from .logs import setup_logging
     from .supervisor import ServeOptions, run
 
@@ -169,3 +208,73 @@ def scan_command(config_path: str | None, as_json: bool) -> None:
 
     setup_logging(0, stream=sys.stderr)
     sys.exit(run_scan(config, as_json))
+
+
+@main.group()
+def keys() -> None:
+    """Client API keys. Once any key exists, every /v1 request needs one."""
+
+
+@keys.command("create")
+@state_dir_option
+@click.option("--name", required=True, help="A unique name for the key (shown in logs).")
+@click.option(
+    "--models",
+    metavar="GLOB,...",
+    default="",
+    help="Comma-separated model globs this key may use [default: all].",
+)
+@click.option(
+    "--expires",
+    metavar="DATE",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    help="Local date (and time) after which the key stops working.",
+)
+def keys_create(state_dir: str | None, name: str, models: str, expires: Any) -> None:
+    """Create a key and print its secret alone on stdout (it is shown only this once)."""
+    from .keys import KeyStore
+    from .keys import state_dir as resolve_state_dir
+
+    store = KeyStore(resolve_state_dir(state_dir))
+    try:
+        globs = [glob.strip() for glob in models.split(",") if glob.strip()]
+        secret = store.create(name, globs, expires.timestamp() if expires else None)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+    click.echo(f"created key {name!r} in {store.path}; its secret follows on stdout", err=True)
+    click.echo(secret)
+
+
+@keys.command("list")
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+def keys_list(state_dir: str | None, as_json: bool) -> None:
+    """List the keys (names, fingerprints, models, status; never secrets)."""
+    from .keys import KeyStore
+    from .keys import state_dir as resolve_state_dir
+    from .keys_view import show_keys
+
+    store = KeyStore(resolve_state_dir(state_dir))
+    try:
+        show_keys(store.all(), as_json)
+    finally:
+        store.close()
+
+
+@keys.command("revoke")
+@state_dir_option
+@click.argument("name")
+def keys_revoke(state_dir: str | None, name: str) -> None:
+    """Revoke a key; a running daemon refuses it within a few seconds."""
+    from .keys import KeyStore
+    from .keys import state_dir as resolve_state_dir
+
+    store = KeyStore(resolve_state_dir(state_dir))
+    try:
+        if not store.revoke(name):
+            raise click.ClickException(f"no active key named {name!r}")
+    finally:
+        store.close()
+    click.echo(f"revoked key {name!r}", err=True)

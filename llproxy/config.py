@@ -40,6 +40,10 @@ class Timeouts:
     first_byte: float = 600.0
     idle: float = 300.0
     scan: float = 3.0
+    # Client side: a request body must arrive within client_body; an idle connection (or
+    # one still sending its headers) is closed after keepalive.
+    client_body: float = 60.0
+    keepalive: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +81,16 @@ class Config:
     timeouts: Timeouts = Timeouts()
     max_request_bytes: int = 10 * 1024 * 1024
     endpoints: tuple[Endpoint, ...] = ()
+    # Extra Host header names accepted when bound to loopback (e.g. behind a local nginx).
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    state_dir: str | None = None
     source: str = "<built-in default>"
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.bindip == "localhost" or ipaddress.ip_address(self.bindip).is_loopback
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the non-None values in changes applied (command-line flags)."""
@@ -185,7 +198,7 @@ def _optional(obj: Mapping[str, Any], key: str, read: Callable[[Any], T], defaul
 
 # --- sections ---------------------------------------------------------------------------
 
-_TIMEOUT_KEYS = {"connect", "first_byte", "idle", "scan"}
+_TIMEOUT_KEYS = {"connect", "first_byte", "idle", "scan", "client_body", "keepalive"}
 
 
 def _timeouts(path: str, value: Any) -> Timeouts:
@@ -277,7 +290,12 @@ _TOP_KEYS = {
     "timeouts",
     "max_request_bytes",
     "endpoints",
+    "allowed_hosts",
+    "cors_origins",
+    "api_keys",
+    "state_dir",
 }
+MIN_STATIC_KEY_LENGTH = 16
 
 
 def parse_config(
@@ -314,8 +332,36 @@ def parse_config(
             defaults.max_request_bytes,
         ),
         endpoints=endpoints,
+        allowed_hosts=_optional(
+            obj, "allowed_hosts", lambda v: _string_list("allowed_hosts", v), ()
+        ),
+        cors_origins=_optional(obj, "cors_origins", lambda v: _cors_origins("cors_origins", v), ()),
+        api_keys=_optional(obj, "api_keys", lambda v: _static_keys("api_keys", v, env), ()),
+        state_dir=_optional(obj, "state_dir", lambda v: _nonempty_str("state_dir", v), None),
         source=source,
     )
+
+
+def _static_keys(path: str, value: Any, environ: Mapping[str, str]) -> tuple[str, ...]:
+    items = _expect(path, value, list, "a list of keys")
+    keys = tuple(_secret(f"{path}[{i}]", item, environ) for i, item in enumerate(items))
+    for i, key in enumerate(keys):
+        if len(key) < MIN_STATIC_KEY_LENGTH:
+            raise ConfigError(f"{path}[{i}]: must be at least {MIN_STATIC_KEY_LENGTH} characters")
+    return keys
+
+
+def _cors_origins(path: str, value: Any) -> tuple[str, ...]:
+    origins = _string_list(path, value)
+    for i, origin in enumerate(origins):
+        parts = urlsplit(origin)
+        if origin != "*" and (
+            parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/")
+        ):
+            raise ConfigError(
+                f"{path}[{i}]: must be an origin like https://app.example.com or *, got {origin!r}"
+            )
+    return tuple(o.rstrip("/") for o in origins)
 
 
 def _interval(path: str, value: Any) -> int:

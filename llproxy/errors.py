@@ -32,10 +32,28 @@ class InvalidRequest(ProxyError):
     type = "invalid_request_error"
 
 
+class InvalidApiKey(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotAllowed(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
 class ModelNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class RequestTooLarge(ProxyError):

@@ -62,6 +62,8 @@ def render_request(fields: dict[str, Any]) -> Text:
             style="cyan",
         )
     text.append(f" {fields.get('client') or '-'}", style="dim")
+    if fields.get("key"):
+        text.append(f" key {fields['key']}", style="dim")
     return text
 
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from .config import Timeouts
 from .discovery import upstream_headers
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
+from .keys import ApiKey
 from .registry import Balancer, Model, Replica
 
 # Upstream response headers worth relaying; everything else is hop-by-hop or describes a
@@ -47,6 +48,7 @@ class Exchange:
 
     model: str | None = None
     resolved: bool = False  # model names a registry entry
+    key: ApiKey | None = None  # the client's key, when keys are in use
     upstream: str | None = None
     first_byte_at: float | None = None
     prompt_tokens: int | None = None

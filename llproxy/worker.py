@@ -36,8 +36,6 @@ from .logs import setup_logging
 
 log = logging.getLogger("llproxy.worker")
 
-# aiohttp's AppRunner default keeps idle clients for an hour; a proxy wants the norm.
-KEEPALIVE_TIMEOUT = 75.0
 METRICS_TIMEOUT = 5.0
 
 
@@ -112,7 +110,8 @@ async def serve(spec: WorkerSpec) -> None:
         app,
         handle_signals=False,
         access_log=None,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        # aiohttp's default keeps idle clients (and slow header senders) for an hour.
+        keepalive_timeout=spec.config.timeouts.keepalive,
         handler_cancellation=True,
         shutdown_timeout=spec.graceful_timeout,
     )

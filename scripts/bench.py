@@ -554,7 +554,8 @@ def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list
     if soak:
         verdicts.append(
             f"soak: {soak['requests']:,} requests ({soak['errors']} errors) in "
-            f"{soak['seconds']:.0f} s; worker RSS {mb(soak['rss_before'])} → {mb(soak['rss_after'])}"
+            f"{soak['seconds']:.0f} s; worker RSS "
+            f"{mb(soak['rss_before'])} → {mb(soak['rss_after'])}"
         )
     errors = sum(
         r.errors

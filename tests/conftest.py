@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -96,10 +97,12 @@ def start_upstream(aiohttp_server: Any) -> UpstreamFactory:
 
 
 @pytest.fixture
-async def start_proxy(aiohttp_server: Any) -> AsyncIterator[ProxyFactory]:
+async def start_proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     started: list[RunningProxy] = []
 
     async def start(endpoints: list[dict[str, Any]], **top: Any) -> RunningProxy:
+        # Never the developer's real state directory.
+        top.setdefault("state_dir", str(tmp_path / "state"))
         config = parse_config({"endpoints": endpoints, **top}, environ={"TEST_KEY": "sk-up-7"})
         app = create_app(config)
         server = await aiohttp_server(app)

@@ -11,9 +11,11 @@ import contextlib
 import os
 import pty
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +40,9 @@ class LlproxyProcess:
         self.port = port or free_port_block(1)
         self.args = ["serve", "--bindport", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
+        # Never the developer's real state directory.
+        self._state = tempfile.mkdtemp(prefix="llproxy-test-state-")
+        self.env.setdefault("LLPROXY_STATE_DIR", self._state)
         if terminal:
             self.env.setdefault("COLUMNS", "160")
         else:
@@ -188,3 +193,4 @@ class LlproxyProcess:
             self._master_fd = None
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
+        shutil.rmtree(self._state, ignore_errors=True)

@@ -82,7 +82,10 @@ def test_every_optional_key() -> None:
 
 
 def test_the_example_file_is_valid() -> None:
-    config = load_config(EXAMPLE, environ={"EXAMPLE_API_KEY": "sk-x"})
+    config = load_config(
+        EXAMPLE,
+        environ={"EXAMPLE_API_KEY": "sk-x", "LLPROXY_STATIC_KEY": "a-static-key-0123456789"},
+    )
     assert config.endpoints
 
 

@@ -1,0 +1,173 @@
+"""Client API keys: random secrets shown once, stored only as SHA-256 hashes in SQLite.
+
+SHA-256 rather than a slow password hash: keys are 256 random bits, so nothing is gained
+by slowing the hash, and a slow hash would make every request a denial-of-service lever.
+A running daemon holds a KeyRing snapshot and reloads it when the database changes, so a
+created or revoked key takes effect within seconds, without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import hmac
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+KEY_PREFIX = "llp-"
+DATABASE = "llproxy.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    name TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    models TEXT NOT NULL,
+    expires REAL,
+    created REAL NOT NULL,
+    revoked REAL
+)
+"""
+
+
+def state_dir(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """--state-dir, $LLPROXY_STATE_DIR, systemd's $STATE_DIRECTORY, else XDG state home."""
+    env = os.environ if environ is None else environ
+    for candidate in (explicit, env.get("LLPROXY_STATE_DIR")):
+        if candidate:
+            return Path(candidate)
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    home = Path(env.get("HOME") or Path.home())
+    return Path(env.get("XDG_STATE_HOME") or home / ".local" / "state") / "llproxy"
+
+
+def key_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def fingerprint(hashed: str) -> str:
+    """A short, safe name for a key in logs: never the key itself."""
+    return hashed[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str
+    key_hash: str
+    models: tuple[str, ...] = ()  # globs; empty allows every model
+    expires: float | None = None
+    created: float = 0.0
+    revoked: float | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.key_hash)
+
+    def allows(self, model: str) -> bool:
+        return not self.models or any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
+
+    def active(self, now: float) -> bool:
+        return self.revoked is None and (self.expires is None or now < self.expires)
+
+
+class KeyStore:
+    """The keys table of the state database."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / DATABASE
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+        with contextlib.suppress(OSError):
+            os.chmod(self.path, 0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def create(self, name: str, models: Iterable[str] = (), expires: float | None = None) -> str:
+        """Store a new key and return its secret, which is never stored or shown again."""
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        try:
+            self._db.execute(
+                "INSERT INTO api_keys (name, key_hash, models, expires, created) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (name, key_hash(secret), orjson.dumps(list(models)).decode(), expires, time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a key named {name!r} exists already") from None
+        return secret
+
+    def revoke(self, name: str) -> bool:
+        cursor = self._db.execute(
+            "UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
+            (time.time(), name),
+        )
+        return cursor.rowcount > 0
+
+    def all(self) -> list[ApiKey]:
+        rows = self._db.execute(
+            "SELECT name, key_hash, models, expires, created, revoked FROM api_keys ORDER BY name"
+        ).fetchall()
+        return [
+            ApiKey(name, hashed, tuple(orjson.loads(models)), expires, created, revoked)
+            for name, hashed, models, expires, created, revoked in rows
+        ]
+
+    def version(self) -> int:
+        """Changes whenever another connection committed a write."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+
+class KeyRing:
+    """The keys one process checks requests against: static ones from the config, and the
+    database's, reloaded when it changed."""
+
+    def __init__(self, static_secrets: Iterable[str] = (), directory: Path | None = None) -> None:
+        self._static = {
+            key_hash(secret): ApiKey(f"static-{i + 1}", key_hash(secret))
+            for i, secret in enumerate(static_secrets)
+        }
+        self.directory = directory
+        self.store: KeyStore | None = None
+        self._version: int | None = None
+        self.keys: dict[str, ApiKey] = dict(self._static)
+        self.refresh()
+
+    @property
+    def enabled(self) -> bool:
+        """Once any key exists (even a revoked one), every API request needs a key."""
+        return bool(self.keys)
+
+    def refresh(self) -> None:
+        if self.store is None:
+            # The database may only appear when the first key is created.
+            if self.directory is None or not (self.directory / DATABASE).exists():
+                return
+            self.store = KeyStore(self.directory)
+        version = self.store.version()
+        if version == self._version:
+            return
+        self._version = version
+        self.keys = {**self._static, **{k.key_hash: k for k in self.store.all()}}
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        hashed = key_hash(secret)
+        key = self.keys.get(hashed)
+        # The lookup is by hash, so its timing says nothing about the secret; the final
+        # comparison is constant-time all the same.
+        if key is None or not hmac.compare_digest(hashed, key.key_hash):
+            return None
+        return key if key.active(time.time()) else None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
