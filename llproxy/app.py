@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -29,12 +30,21 @@ from .errors import (
     ProxyError,
     RequestTimeout,
     RequestTooLarge,
+    ServiceUnavailable,
     error_body,
 )
 from .hardening import add_response_headers, check_host, preflight
 from .keys import ApiKey, KeyRing, state_dir
 from .metrics import CONTENT_TYPE, DiscoveryTelemetry, Telemetry, render
 from .proxy import Exchange, UpstreamClient, make_upstream_session
+from .ratelimit import (
+    HitFunction,
+    RateLimitExceeded,
+    client_address,
+    memory_counter,
+    parse_networks,
+    redis_counter,
+)
 from .registry import Registry
 from .validation import validate
 
@@ -61,6 +71,9 @@ class ProxyState:
         self.discovery_telemetry: DiscoveryTelemetry | None = None
         self.metrics_source: Callable[[], Awaitable[bytes]] | None = None
         self.keys = KeyRing()
+        # Who counts requests against rate limits; None until the app starts.
+        self.rate_hit: HitFunction | None = None
+        self.trusted_proxies = parse_networks("trusted_proxies", config.trusted_proxies)
 
     def take_scan(self, result: ScanResult) -> None:
         if self.discovery_telemetry is not None:
@@ -98,8 +111,10 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         state = request.app[STATE]
         check_host(state.config, request)
-        if state.keys.enabled and request.path.startswith("/v1/") and request.method != "OPTIONS":
-            exchange.key = _authenticate(state.keys, request)
+        if request.path.startswith("/v1/") and request.method != "OPTIONS":
+            if state.keys.enabled:
+                exchange.key = _authenticate(state.keys, request)
+            await _check_rate_limit(state, request, exchange)
         response = await handler(request)
         status = response.status
         if exchange.request_body is not None and isinstance(response, web.Response):
@@ -107,7 +122,10 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
         return response
     except ProxyError as exc:
         status = exc.status
-        return _json(exc.body(), exc.status)
+        response = _json(exc.body(), exc.status)
+        if isinstance(exc, RateLimitExceeded):
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.verdict.reset_after)))
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -143,6 +161,24 @@ def _authenticate(keys: KeyRing, request: web.Request) -> ApiKey:
             else "An API key is required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
         )
     return key
+
+
+async def _check_rate_limit(state: ProxyState, request: web.Request, exchange: Exchange) -> None:
+    key = exchange.key
+    limit = key.rate_limit if key is not None and key.rate_limit else state.config.rate_limit
+    if limit is None or state.rate_hit is None:
+        return
+    client = f"key:{key.name}" if key else f"ip:{client_address(request, state.trusted_proxies)}"
+    try:
+        verdict = await state.rate_hit(limit, client)
+    except ServiceUnavailable:
+        raise
+    except Exception as exc:  # Redis down or similar: refuse rather than count nothing
+        log.error("rate limiter failed: %s", exc)
+        raise ServiceUnavailable("the rate limiter is unavailable") from None
+    exchange.verdict = verdict
+    if not verdict.allowed:
+        raise RateLimitExceeded(verdict, limit)
 
 
 def _check_model_allowed(key: ApiKey | None, name: str) -> None:
@@ -338,6 +374,17 @@ async def _preflight(request: web.Request) -> web.Response:
 
 async def _add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
     add_response_headers(request.app[STATE].config, request, response)
+    exchange = request.get(EXCHANGE)
+    if exchange is not None and exchange.verdict is not None:
+        response.headers.update(exchange.verdict.headers())
+
+
+async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    assert state.config.redis_url is not None
+    counter = redis_counter(state.config.redis_url)
+    state.rate_hit = counter.hit
+    yield
 
 
 KEY_REFRESH_SECONDS = 2.0
@@ -392,6 +439,10 @@ def create_app(config: Config, *, discover: bool = True, worker_id: int = 0) -> 
     )
     app[STATE] = ProxyState(config, worker_id)
     app.cleanup_ctx.append(_key_ring)
+    if config.redis_url is not None:
+        app.cleanup_ctx.append(_redis_limits)
+    elif discover:  # a single process counts for itself; workers ask the supervisor
+        app[STATE].rate_hit = memory_counter().hit
     app.cleanup_ctx.append(_upstream_session)
     if discover:
         app.cleanup_ctx.append(_local_discovery)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 from .config import Config
 from .metrics import Telemetry
+from .ratelimit import Verdict
 from .registry import Registry
 
 
@@ -77,8 +79,31 @@ class MetricsReply:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimitRequest:
+    """A worker asks the host's one counter whether `key` may make a request now."""
+
+    token: int
+    limit: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitReply:
+    token: int
+    verdict: Verdict | None  # None: the supervisor could not count
+
+
 Message = (
-    RegistryUpdate | WorkerCount | StatsRequest | Ready | StatsReply | MetricsRequest | MetricsReply
+    RegistryUpdate
+    | WorkerCount
+    | StatsRequest
+    | Ready
+    | StatsReply
+    | MetricsRequest
+    | MetricsReply
+    | RateLimitRequest
+    | RateLimitReply
 )
 
 
@@ -133,3 +158,31 @@ class Channel:
                 self._loop.remove_reader(self.conn.fileno())
         self._loop = None
         self.conn.close()
+
+
+class Calls:
+    """Requests from a worker to the supervisor that await a reply carrying the same token."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._tokens = itertools.count(1)
+
+    async def call(self, build: Callable[[int], Message], timeout: float) -> Any:
+        """The reply's payload; TimeoutError when there is none in time, ConnectionError
+        when the supervisor is gone."""
+        token = next(self._tokens)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[token] = waiter
+        try:
+            if not self.channel.send(build(token)):
+                raise ConnectionError("the supervisor is gone")
+            async with asyncio.timeout(timeout):
+                return await waiter
+        finally:
+            self._waiters.pop(token, None)
+
+    def resolve(self, token: int, payload: Any) -> None:
+        waiter = self._waiters.pop(token, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(payload)

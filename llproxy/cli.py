@@ -225,20 +225,33 @@ def keys() -> None:
     help="Comma-separated model globs this key may use [default: all].",
 )
 @click.option(
+    "--rate-limit",
+    metavar="LIMIT",
+    help="This key's own limit, e.g. '60 per minute' [default: rate_limit of the config].",
+)
+@click.option(
     "--expires",
     metavar="DATE",
     type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
     help="Local date (and time) after which the key stops working.",
 )
-def keys_create(state_dir: str | None, name: str, models: str, expires: Any) -> None:
+def keys_create(
+    state_dir: str | None, name: str, models: str, rate_limit: str | None, expires: Any
+) -> None:
     """Create a key and print its secret alone on stdout (it is shown only this once)."""
+    from .config import rate_limit_value
     from .keys import KeyStore
     from .keys import state_dir as resolve_state_dir
 
+    if rate_limit is not None:
+        try:
+            rate_limit_value("--rate-limit", rate_limit)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
     store = KeyStore(resolve_state_dir(state_dir))
     try:
         globs = [glob.strip() for glob in models.split(",") if glob.strip()]
-        secret = store.create(name, globs, expires.timestamp() if expires else None)
+        secret = store.create(name, globs, expires.timestamp() if expires else None, rate_limit)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

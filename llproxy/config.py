@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 
 EX_CONFIG = 78
+DEFAULT_RATE_LIMIT = "1000 per 15 minutes"
 MAX_RANGE_PORTS = 4096
 
 # Local ports of the common OpenAI-compatible servers: llama.cpp, vLLM, Ollama, LM Studio,
@@ -86,6 +87,10 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     state_dir: str | None = None
+    # Per client (API key name, else address); None disables. Keys may carry their own.
+    rate_limit: str | None = DEFAULT_RATE_LIMIT
+    trusted_proxies: tuple[str, ...] = ()
+    redis_url: str | None = field(default=None, repr=False)
     source: str = "<built-in default>"
 
     @property
@@ -294,6 +299,9 @@ _TOP_KEYS = {
     "cors_origins",
     "api_keys",
     "state_dir",
+    "rate_limit",
+    "trusted_proxies",
+    "redis_url",
 }
 MIN_STATIC_KEY_LENGTH = 16
 
@@ -338,8 +346,46 @@ def parse_config(
         cors_origins=_optional(obj, "cors_origins", lambda v: _cors_origins("cors_origins", v), ()),
         api_keys=_optional(obj, "api_keys", lambda v: _static_keys("api_keys", v, env), ()),
         state_dir=_optional(obj, "state_dir", lambda v: _nonempty_str("state_dir", v), None),
+        # Explicit null switches limits off, so a missing key and null differ here.
+        rate_limit=rate_limit_value("rate_limit", obj["rate_limit"])
+        if "rate_limit" in obj
+        else DEFAULT_RATE_LIMIT,
+        trusted_proxies=_optional(
+            obj, "trusted_proxies", lambda v: _networks("trusted_proxies", v), ()
+        ),
+        redis_url=_optional(obj, "redis_url", lambda v: _redis_url("redis_url", v, env), None),
         source=source,
     )
+
+
+def rate_limit_value(path: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _nonempty_str(path, value)
+    from .ratelimit import parse_limit
+
+    try:
+        parse_limit(text)
+    except ValueError:
+        raise ConfigError(
+            f"{path}: must be like '60 per minute' or '1000 per 15 minutes', got {text!r}"
+        ) from None
+    return text
+
+
+def _networks(path: str, value: Any) -> tuple[str, ...]:
+    from .ratelimit import parse_networks
+
+    items = _string_list(path, value)
+    parse_networks(path, items)
+    return items
+
+
+def _redis_url(path: str, value: Any, environ: Mapping[str, str]) -> str:
+    url = _secret(path, value, environ)  # may carry a password
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{path}: must be a redis://, rediss:// or unix:// URL")
+    return url
 
 
 def _static_keys(path: str, value: Any, environ: Mapping[str, str]) -> tuple[str, ...]:

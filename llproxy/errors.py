@@ -74,6 +74,12 @@ class UpstreamTimeout(ProxyError):
     code = "upstream_timeout"
 
 
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> bytes:
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     models TEXT NOT NULL,
     expires REAL,
     created REAL NOT NULL,
-    revoked REAL
+    revoked REAL,
+    rate_limit TEXT
 )
 """
 
@@ -66,6 +67,7 @@ class ApiKey:
     expires: float | None = None
     created: float = 0.0
     revoked: float | None = None
+    rate_limit: str | None = None  # overrides the config's rate_limit for this key
 
     @property
     def fingerprint(self) -> str:
@@ -93,14 +95,21 @@ class KeyStore:
     def close(self) -> None:
         self._db.close()
 
-    def create(self, name: str, models: Iterable[str] = (), expires: float | None = None) -> str:
+    def create(
+        self,
+        name: str,
+        models: Iterable[str] = (),
+        expires: float | None = None,
+        rate_limit: str | None = None,
+    ) -> str:
         """Store a new key and return its secret, which is never stored or shown again."""
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        models_json = orjson.dumps(list(models)).decode()
         try:
             self._db.execute(
-                "INSERT INTO api_keys (name, key_hash, models, expires, created) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (name, key_hash(secret), orjson.dumps(list(models)).decode(), expires, time.time()),
+                "INSERT INTO api_keys (name, key_hash, models, expires, created, rate_limit) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (name, key_hash(secret), models_json, expires, time.time(), rate_limit),
             )
         except sqlite3.IntegrityError:
             raise ValueError(f"a key named {name!r} exists already") from None
@@ -115,11 +124,12 @@ class KeyStore:
 
     def all(self) -> list[ApiKey]:
         rows = self._db.execute(
-            "SELECT name, key_hash, models, expires, created, revoked FROM api_keys ORDER BY name"
+            "SELECT name, key_hash, models, expires, created, revoked, rate_limit "
+            "FROM api_keys ORDER BY name"
         ).fetchall()
         return [
-            ApiKey(name, hashed, tuple(orjson.loads(models)), expires, created, revoked)
-            for name, hashed, models, expires, created, revoked in rows
+            ApiKey(name, hashed, tuple(orjson.loads(models)), expires, created, revoked, limit)
+            for name, hashed, models, expires, created, revoked, limit in rows
         ]
 
     def version(self) -> int:

@@ -33,6 +33,7 @@ def key_rows(keys: list[ApiKey]) -> list[dict[str, Any]]:
             "created": k.created,
             "expires": k.expires,
             "revoked": k.revoked,
+            "rate_limit": k.rate_limit,
             "status": key_status(k, now),
         }
         for k in keys
@@ -45,7 +46,7 @@ def show_keys(keys: list[ApiKey], as_json: bool) -> None:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     table = Table(title=f"{len(rows)} API keys")
-    for column in ("name", "fingerprint", "models", "status", "created", "expires"):
+    for column in ("name", "fingerprint", "models", "rate limit", "status", "created", "expires"):
         table.add_column(column)
     for row in rows:
         table.add_row(

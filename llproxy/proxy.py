@@ -24,6 +24,7 @@ from .config import Timeouts
 from .discovery import upstream_headers
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
 from .keys import ApiKey
+from .ratelimit import Verdict
 from .registry import Balancer, Model, Replica
 
 # Upstream response headers worth relaying; everything else is hop-by-hop or describes a
@@ -49,6 +50,7 @@ class Exchange:
     model: str | None = None
     resolved: bool = False  # model names a registry entry
     key: ApiKey | None = None  # the client's key, when keys are in use
+    verdict: Verdict | None = None  # the rate limiter's answer, for the response headers
     upstream: str | None = None
     first_byte_at: float | None = None
     prompt_tokens: int | None = None

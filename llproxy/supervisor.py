@@ -29,6 +29,8 @@ from .channel import (
     Channel,
     MetricsReply,
     MetricsRequest,
+    RateLimitReply,
+    RateLimitRequest,
     Ready,
     RegistryUpdate,
     StatsReply,
@@ -39,6 +41,7 @@ from .channel import (
 from .config import Config, ConfigError
 from .discovery import DiscoveryLoop, ScanResult
 from .metrics import DiscoveryTelemetry, Telemetry, render
+from .ratelimit import Verdict, memory_counter
 from .registry import Registry
 from .sdnotify import Notifier
 from .worker import worker_main
@@ -121,6 +124,8 @@ class Supervisor:
         # Numbers of workers that exited, and the latest numbers of each live one.
         self.retired = Telemetry()
         self.last_seen: dict[int, Telemetry] = {}
+        # The host's one rate-limit counter, for workers when no Redis is configured.
+        self.rate_counter = memory_counter()
         self.discovery = DiscoveryLoop(config, self.publish)
 
     # --- workers -----------------------------------------------------------------------
@@ -166,6 +171,8 @@ class Supervisor:
                     log.debug("worker %d (pid %d) serving", worker_id, pid)
             case MetricsRequest(token):
                 self._own(self._answer_metrics(sender, token))
+            case RateLimitRequest(token, limit, key):
+                self._own(self._answer_rate_limit(sender, token, limit, key))
             case StatsReply(token, worker_id, _, telemetry):
                 self.last_seen[worker_id] = telemetry
                 waiter = self._stats_waiters.get(token)
@@ -258,6 +265,16 @@ class Supervisor:
         handle = self.workers.get(worker_id)
         if handle is not None:
             handle.channel.send(MetricsReply(token, render(merged, self.discovery_telemetry)))
+
+    async def _answer_rate_limit(self, worker_id: int, token: int, limit: str, key: str) -> None:
+        try:
+            verdict: Verdict | None = await self.rate_counter.hit(limit, key)
+        except Exception:
+            log.exception("rate limit check failed")
+            verdict = None
+        handle = self.workers.get(worker_id)
+        if handle is not None:
+            handle.channel.send(RateLimitReply(token, verdict))
 
     async def _poll_telemetry(self) -> None:
         while True:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import os
 import signal
@@ -21,9 +20,12 @@ from aiohttp import web
 
 from .app import STATE, create_app
 from .channel import (
+    Calls,
     Channel,
     MetricsReply,
     MetricsRequest,
+    RateLimitReply,
+    RateLimitRequest,
     Ready,
     RegistryUpdate,
     StatsReply,
@@ -31,17 +33,13 @@ from .channel import (
     WorkerCount,
     WorkerSpec,
 )
-from .errors import ProxyError
+from .errors import ServiceUnavailable
 from .logs import setup_logging
+from .ratelimit import Verdict
 
 log = logging.getLogger("llproxy.worker")
 
-METRICS_TIMEOUT = 5.0
-
-
-class MetricsUnavailable(ProxyError):
-    status = 503
-    code = "metrics_unavailable"
+SUPERVISOR_TIMEOUT = 5.0
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -56,8 +54,6 @@ async def serve(spec: WorkerSpec) -> None:
     state = app[STATE]
     stop: asyncio.Queue[str] = asyncio.Queue()
     has_registry = asyncio.Event()
-    metrics_waiters: dict[int, asyncio.Future[bytes]] = {}
-    tokens = itertools.count(1)
 
     def stats() -> StatsReply:
         return StatsReply(0, spec.worker_id, os.getpid(), state.telemetry)
@@ -72,27 +68,34 @@ async def serve(spec: WorkerSpec) -> None:
             case StatsRequest(token):
                 channel.send(dataclasses.replace(stats(), token=token))
             case MetricsReply(token, body):
-                waiter = metrics_waiters.pop(token, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(body)
+                calls.resolve(token, body)
+            case RateLimitReply(token, verdict):
+                calls.resolve(token, verdict)
 
     async def metrics_from_supervisor() -> bytes:
-        token = next(tokens)
-        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        metrics_waiters[token] = waiter
         try:
-            if not channel.send(MetricsRequest(token)):
-                raise MetricsUnavailable("the supervisor is gone")
-            async with asyncio.timeout(METRICS_TIMEOUT):
-                return await waiter
-        except TimeoutError:
-            raise MetricsUnavailable("the supervisor did not answer in time") from None
-        finally:
-            metrics_waiters.pop(token, None)
+            body: bytes = await calls.call(MetricsRequest, SUPERVISOR_TIMEOUT)
+        except (TimeoutError, ConnectionError) as exc:
+            raise ServiceUnavailable(f"metrics unavailable: {exc or 'no answer'}") from None
+        return body
+
+    async def count_at_supervisor(limit: str, key: str) -> Verdict:
+        try:
+            verdict: Verdict | None = await calls.call(
+                lambda token: RateLimitRequest(token, limit, key), SUPERVISOR_TIMEOUT
+            )
+        except (TimeoutError, ConnectionError):
+            verdict = None
+        if verdict is None:
+            raise ServiceUnavailable("the rate limiter is unavailable")
+        return verdict
 
     state.metrics_source = metrics_from_supervisor
+    if spec.config.redis_url is None:  # else Redis counts for every instance
+        state.rate_hit = count_at_supervisor
 
     channel = Channel(spec.conn, on_message, lambda: stop.put_nowait("supervisor gone"))
+    calls = Calls(channel)
     channel.attach()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.put_nowait, "SIGTERM")

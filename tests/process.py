@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -153,7 +154,9 @@ class LlproxyProcess:
                     raise AssertionError(f"llproxy exited {self.proc.returncode}:\n{self.output}")
                 with contextlib.suppress(aiohttp.ClientError):
                     async with session.get(f"{self.url}/health") as resp:
-                        if resp.status == 200:
+                        # One worker may answer before the others serve: the master's
+                        # banner says when all of them do.
+                        if resp.status == 200 and "serving on" in self.output:
                             return
                 await asyncio.sleep(0.05)
         raise AssertionError(f"llproxy not ready:\n{self.output}")
@@ -194,3 +197,20 @@ class LlproxyProcess:
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
         shutil.rmtree(self._state, ignore_errors=True)
+
+
+def run_cli(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
+    """A one-shot `llproxy` command (keys, scan, …) with its own state directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "llproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LLPROXY_STATE_DIR": str(state)},
+    )
+
+
+def create_key(state: Path, name: str, *extra: str) -> str:
+    done = run_cli("keys", "create", "--name", name, *extra, state=state)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,30 +18,14 @@ from llproxy.config import EX_CONFIG, ConfigError, parse_config
 from llproxy.keys import DATABASE, KeyRing, KeyStore, key_hash
 
 from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory
-from .process import LlproxyProcess
+from .process import LlproxyProcess, create_key, run_cli
 
 CHAT = [{"role": "user", "content": "hi"}]
 Start = Callable[..., Awaitable[LlproxyProcess]]
 
 
-def llproxy(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "llproxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "LLPROXY_STATE_DIR": str(state)},
-    )
-
-
-def create_key(state: Path, name: str, *extra: str) -> str:
-    done = llproxy("keys", "create", "--name", name, *extra, state=state)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 def test_create_prints_only_the_secret_and_stores_only_a_hash(tmp_path: Path) -> None:
-    done = llproxy("keys", "create", "--name", "ci", state=tmp_path)
+    done = run_cli("keys", "create", "--name", "ci", state=tmp_path)
     assert done.returncode == 0
     secret = done.stdout.strip()
     assert done.stdout == secret + "\n"  # alone on stdout: KEY=$(llproxy keys create ...)
@@ -55,26 +36,26 @@ def test_create_prints_only_the_secret_and_stores_only_a_hash(tmp_path: Path) ->
     assert key_hash(secret).encode() in stored
     assert oct((tmp_path / DATABASE).stat().st_mode & 0o777) == "0o600"
 
-    again = llproxy("keys", "create", "--name", "ci", state=tmp_path)
+    again = run_cli("keys", "create", "--name", "ci", state=tmp_path)
     assert again.returncode != 0 and "exists already" in again.stderr
 
 
 def test_list_and_revoke(tmp_path: Path) -> None:
     secret = create_key(tmp_path, "alice", "--models", "llama*,qwen*", "--expires", "2099-01-01")
     create_key(tmp_path, "bob")
-    rows = json.loads(llproxy("keys", "list", "--json", state=tmp_path).stdout)
+    rows = json.loads(run_cli("keys", "list", "--json", state=tmp_path).stdout)
     assert [(r["name"], r["status"], r["models"]) for r in rows] == [
         ("alice", "active", ["llama*", "qwen*"]),
         ("bob", "active", []),
     ]
     assert rows[0]["fingerprint"] == key_hash(secret)[:8]
     assert rows[0]["expires"] > time.time()
-    table = llproxy("keys", "list", state=tmp_path).stdout
+    table = run_cli("keys", "list", state=tmp_path).stdout
     assert "alice" in table and secret not in table
-    assert llproxy("keys", "revoke", "bob", state=tmp_path).returncode == 0
-    rows = json.loads(llproxy("keys", "list", "--json", state=tmp_path).stdout)
+    assert run_cli("keys", "revoke", "bob", state=tmp_path).returncode == 0
+    rows = json.loads(run_cli("keys", "list", "--json", state=tmp_path).stdout)
     assert rows[1]["status"] == "revoked"
-    missing = llproxy("keys", "revoke", "bob", state=tmp_path)
+    missing = run_cli("keys", "revoke", "bob", state=tmp_path)
     assert missing.returncode != 0 and "no active key named 'bob'" in missing.stderr
 
 
@@ -222,7 +203,7 @@ async def test_keys_created_and_revoked_while_serving(
     secret = create_key(state, "late")
     await settles(None, 401)
     await settles(secret, 200)
-    assert llproxy("keys", "revoke", "late", state=state).returncode == 0
+    assert run_cli("keys", "revoke", "late", state=state).returncode == 0
     await settles(secret, 401)
     daemon.signal(signal.SIGTERM)
     await daemon.wait_exit()
@@ -238,7 +219,7 @@ async def test_non_loopback_bind_needs_keys_or_allow_open(
     config = tmp_path / "c.json"
     config.write_text('{"endpoints": [], "bindip": "0.0.0.0"}')
     state = tmp_path / "state"
-    refused = llproxy("serve", "--config", str(config), state=state)
+    refused = run_cli("serve", "--config", str(config), state=state)
     assert refused.returncode == EX_CONFIG
     assert "refusing to serve on 0.0.0.0 without API keys" in refused.stderr
     daemon = await start_llproxy(
