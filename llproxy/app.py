@@ -46,6 +46,7 @@ from .ratelimit import (
     redis_counter,
 )
 from .registry import Registry
+from .usage import FLUSH_SECONDS, UsageRecord, UsageWriter
 from .validation import validate
 
 access_log = logging.getLogger("llproxy.access")
@@ -74,6 +75,12 @@ class ProxyState:
         # Who counts requests against rate limits; None until the app starts.
         self.rate_hit: HitFunction | None = None
         self.trusted_proxies = parse_networks("trusted_proxies", config.trusted_proxies)
+        # Usage records wait here for whoever writes them (this process, or the supervisor).
+        self.pending_usage: list[UsageRecord] = []
+
+    def take_usage(self) -> list[UsageRecord]:
+        records, self.pending_usage = self.pending_usage, []
+        return records
 
     def take_scan(self, result: ScanResult) -> None:
         if self.discovery_telemetry is not None:
@@ -204,6 +211,23 @@ def _record(request: web.Request, exchange: Exchange, status: int, started: floa
             telemetry.add_tokens(telemetry.prompt_tokens, label, exchange.prompt_tokens)
         if exchange.completion_tokens is not None:
             telemetry.add_tokens(telemetry.generation_tokens, label, exchange.completion_tokens)
+        client = (
+            exchange.key.name
+            if exchange.key is not None
+            else client_address(request, state.trusted_proxies)
+        )
+        state.pending_usage.append(
+            UsageRecord(
+                time.time(),
+                client,
+                label,
+                exchange.upstream,
+                status,
+                exchange.prompt_tokens,
+                exchange.completion_tokens,
+                round((now - started) * 1000, 3),
+            )
+        )
     if exchange.upstream_error is not None:
         key = (exchange.upstream or "-", exchange.upstream_error)
         telemetry.upstream_errors[key] = telemetry.upstream_errors.get(key, 0) + 1
@@ -347,6 +371,8 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
             param="model",
         )
     exchange.resolved = True
+    if body.get("stream") is True and path in _USAGE_PATHS:
+        body = _with_usage_chunk(body, exchange)
     assert state.upstreams is not None
     in_flight = state.telemetry.in_flight
     in_flight[name] = in_flight.get(name, 0) + 1
@@ -385,6 +411,40 @@ async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
     counter = redis_counter(state.config.redis_url)
     state.rate_hit = counter.hit
     yield
+
+
+_USAGE_PATHS = ("chat/completions", "completions")
+
+
+def _with_usage_chunk(body: dict[str, Any], exchange: Exchange) -> dict[str, Any]:
+    """Ask the upstream for the usage chunk; if the client did not, it is hidden again."""
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body
+    exchange.hide_usage_chunk = True
+    merged = (
+        {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    )
+    return {**body, "stream_options": merged}
+
+
+async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    writer = UsageWriter(state_dir(state.config.state_dir))
+
+    async def drain() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            writer.add(state.take_usage())
+            await writer.flush()
+
+    task = asyncio.create_task(drain(), name="llproxy-usage-drain")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    writer.add(state.take_usage())
+    await writer.close()
 
 
 KEY_REFRESH_SECONDS = 2.0
@@ -443,6 +503,8 @@ def create_app(config: Config, *, discover: bool = True, worker_id: int = 0) -> 
         app.cleanup_ctx.append(_redis_limits)
     elif discover:  # a single process counts for itself; workers ask the supervisor
         app[STATE].rate_hit = memory_counter().hit
+    if discover:  # likewise it writes its own usage; workers send theirs to the supervisor
+        app.cleanup_ctx.append(_usage_writer)
     app.cleanup_ctx.append(_upstream_session)
     if discover:
         app.cleanup_ctx.append(_local_discovery)

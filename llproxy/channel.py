@@ -20,6 +20,7 @@ from .config import Config
 from .metrics import Telemetry
 from .ratelimit import Verdict
 from .registry import Registry
+from .usage import UsageRecord
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,13 @@ class MetricsReply:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageBatch:
+    """Usage records of finished requests, for the supervisor to write."""
+
+    records: list[UsageRecord]
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitRequest:
     """A worker asks the host's one counter whether `key` may make a request now."""
 
@@ -104,6 +112,7 @@ Message = (
     | MetricsReply
     | RateLimitRequest
     | RateLimitReply
+    | UsageBatch
 )
 
 

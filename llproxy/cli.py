@@ -291,3 +291,29 @@ def keys_revoke(state_dir: str | None, name: str) -> None:
     finally:
         store.close()
     click.echo(f"revoked key {name!r}", err=True)
+
+
+@main.command("usage")
+@state_dir_option
+@click.option(
+    "--since",
+    metavar="DATE",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    help="Only requests from this local date (and time) on.",
+)
+@click.option(
+    "--by",
+    type=click.Choice(["key", "model", "day"]),
+    default="key",
+    show_default=True,
+    help="Group by API key (or client address), model, or local day.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+def usage_command(state_dir: str | None, since: Any, by: str, as_json: bool) -> None:
+    """Sum the recorded requests and tokens."""
+    from .keys import state_dir as resolve_state_dir
+    from .usage import usage_sums
+    from .usage_view import show_usage
+
+    rows = usage_sums(resolve_state_dir(state_dir), since.timestamp() if since else None, by)
+    show_usage(rows, by, as_json)

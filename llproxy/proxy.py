@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class Exchange:
     resolved: bool = False  # model names a registry entry
     key: ApiKey | None = None  # the client's key, when keys are in use
     verdict: Verdict | None = None  # the rate limiter's answer, for the response headers
+    # llproxy asked the upstream for the usage chunk; the client did not, so it is removed.
+    hide_usage_chunk: bool = False
     upstream: str | None = None
     first_byte_at: float | None = None
     prompt_tokens: int | None = None
@@ -80,6 +83,71 @@ class Exchange:
                         return
                 except orjson.JSONDecodeError:
                     continue
+
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class UsageFromTail:
+    """Relays a stream unchanged and reads its usage chunk, if any, from the last reads."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.recent: deque[bytes] = deque(maxlen=_USAGE_TAIL_READS)
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.recent.append(chunk)
+        return chunk
+
+    def finish(self) -> bytes:
+        self.exchange.take_stream_usage(b"".join(self.recent))
+        return b""
+
+
+class UsageChunkFilter:
+    """Relays server-sent events minus the usage-only chunk, whose numbers it keeps.
+
+    Complete events go on at once; only a trailing partial event waits for its end, which
+    the client could not use before anyway.
+    """
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.pending + chunk if self.pending else chunk
+        ends = list(_EVENT_END.finditer(data))
+        if not ends:
+            self.pending = data
+            return b""
+        cut = ends[-1].end()
+        complete, self.pending = data[:cut], data[cut:]
+        if b'"usage"' not in complete:
+            return complete
+        kept, start = [], 0
+        for end in ends:
+            event = complete[start : end.end()]
+            start = end.end()
+            if not (b'"usage"' in event and self._usage_only(event)):
+                kept.append(event)
+        return b"".join(kept)
+
+    def _usage_only(self, event: bytes) -> bool:
+        payload = b"".join(
+            line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
+        )
+        try:
+            document = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return False
+        if not self.exchange.take_usage(document):
+            return False
+        return not document.get("choices")
+
+    def finish(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
 
 
 class _Refused(Exception):
@@ -206,14 +274,19 @@ class UpstreamClient:
                         status=upstream_resp.status, headers={**relayed, **_SSE_HEADERS}
                     )
                     await response.prepare(request)
-                    recent: deque[bytes] = deque(maxlen=_USAGE_TAIL_READS)
+                    events: UsageChunkFilter | UsageFromTail = (
+                        UsageChunkFilter(exchange)
+                        if exchange.hide_usage_chunk
+                        else UsageFromTail(exchange)
+                    )
                     while chunk:
-                        await response.write(chunk)
-                        recent.append(chunk)
+                        if relay := events.feed(chunk):
+                            await response.write(relay)
                         deadline.reschedule(loop.time() + self.timeouts.idle)
                         chunk = await upstream_resp.content.readany()
+                    if rest := events.finish():
+                        await response.write(rest)
                     finished = True
-                    exchange.take_stream_usage(b"".join(recent))
                 finally:
                     if finished:
                         upstream_resp.release()

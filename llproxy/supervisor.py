@@ -35,15 +35,18 @@ from .channel import (
     RegistryUpdate,
     StatsReply,
     StatsRequest,
+    UsageBatch,
     WorkerCount,
     WorkerSpec,
 )
 from .config import Config, ConfigError
 from .discovery import DiscoveryLoop, ScanResult
+from .keys import state_dir
 from .metrics import DiscoveryTelemetry, Telemetry, render
 from .ratelimit import Verdict, memory_counter
 from .registry import Registry
 from .sdnotify import Notifier
+from .usage import UsageWriter
 from .worker import worker_main
 
 log = logging.getLogger("llproxy.supervisor")
@@ -126,6 +129,7 @@ class Supervisor:
         self.last_seen: dict[int, Telemetry] = {}
         # The host's one rate-limit counter, for workers when no Redis is configured.
         self.rate_counter = memory_counter()
+        self.usage = UsageWriter(state_dir(config.state_dir))
         self.discovery = DiscoveryLoop(config, self.publish)
 
     # --- workers -----------------------------------------------------------------------
@@ -171,6 +175,8 @@ class Supervisor:
                     log.debug("worker %d (pid %d) serving", worker_id, pid)
             case MetricsRequest(token):
                 self._own(self._answer_metrics(sender, token))
+            case UsageBatch(records):
+                self.usage.add(records)
             case RateLimitRequest(token, limit, key):
                 self._own(self._answer_rate_limit(sender, token, limit, key))
             case StatsReply(token, worker_id, _, telemetry):
@@ -468,6 +474,7 @@ class Supervisor:
         for handle in first:
             self._watch(handle)
         await self.discovery.start()
+        self.usage.start()
         try:
             await self.discovery.scan_now()
         except Exception:
@@ -497,6 +504,8 @@ class Supervisor:
                 self.console.start(self.enqueue)
         await self._done
         await self.discovery.stop()
+        # After every worker exited: their last usage batches are in, write them all.
+        await self.usage.close()
         dispatcher.cancel()
         for task in list(self._tasks):
             if task is not self._stopping:

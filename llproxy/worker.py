@@ -30,12 +30,14 @@ from .channel import (
     RegistryUpdate,
     StatsReply,
     StatsRequest,
+    UsageBatch,
     WorkerCount,
     WorkerSpec,
 )
 from .errors import ServiceUnavailable
 from .logs import setup_logging
 from .ratelimit import Verdict
+from .usage import FLUSH_SECONDS
 
 log = logging.getLogger("llproxy.worker")
 
@@ -118,11 +120,25 @@ async def serve(spec: WorkerSpec) -> None:
         handler_cancellation=True,
         shutdown_timeout=spec.graceful_timeout,
     )
+
+    def send_usage() -> None:
+        if state.pending_usage:
+            channel.send(UsageBatch(state.take_usage()))
+
+    async def ship_usage() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            send_usage()
+
     await runner.setup()
     await web.SockSite(runner, spec.sock).start()
     channel.send(Ready(spec.worker_id, os.getpid()))
+    shipping = asyncio.create_task(ship_usage(), name="llproxy-usage-ship")
     reason = await stop.get()
     log.debug("worker %d stopping: %s", spec.worker_id, reason)
     await runner.cleanup()
-    channel.send(stats())  # the final numbers, so the daemon's counters keep them
+    shipping.cancel()
+    # The last word: usage of requests that finished during the drain, and the numbers.
+    send_usage()
+    channel.send(stats())
     channel.detach()

@@ -34,6 +34,7 @@ class FakeUpstream:
     fail_body: bytes | None = None
     hang: bool = False
     die_after_chunks: int | None = None
+    report_usage: bool = True  # some servers never send `usage`
     name: str = "fake"
     received: list[Received] = field(default_factory=list)
     got_request: asyncio.Event = field(default_factory=asyncio.Event)
@@ -120,11 +121,13 @@ class FakeUpstream:
         if body.get("stream"):
             return await self._stream(request, path, body)
         words = [f"w{i}" for i in range(self.chunks)]
-        usage = {
+        usage: dict[str, int] | None = {
             "prompt_tokens": 7,
             "completion_tokens": self.chunks,
             "total_tokens": 7 + self.chunks,
         }
+        if not self.report_usage:
+            usage = None
         if path == "completions":
             return web.json_response(
                 {
@@ -202,7 +205,7 @@ class FakeUpstream:
                 }
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         options = body.get("stream_options") or {}
-        if options.get("include_usage"):
+        if options.get("include_usage") and self.report_usage:
             usage_chunk = {
                 "id": "chatcmpl-1",
                 "object": "chat.completion.chunk",

@@ -1,0 +1,152 @@
+"""Usage accounting: one record per proxied request, written to SQLite in batches.
+
+A request only appends a tuple to a list; a writer flushes the list from a thread every
+second, so no request waits on a disk write, and `close()` writes what is left, so a
+graceful stop loses nothing. Token counts are the upstream's `usage` or null: llproxy
+never invents numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .keys import DATABASE
+
+log = logging.getLogger("llproxy.usage")
+
+FLUSH_SECONDS = 1.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    time REAL NOT NULL,
+    client TEXT NOT NULL,
+    model TEXT NOT NULL,
+    upstream TEXT,
+    status INTEGER NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    duration_ms REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    time: float
+    client: str  # the API key's name, else the client's address
+    model: str
+    upstream: str | None
+    status: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    duration_ms: float
+
+
+def open_database(directory: Path) -> sqlite3.Connection:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db = sqlite3.connect(
+        directory / DATABASE, isolation_level=None, timeout=10.0, check_same_thread=False
+    )
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(_SCHEMA)
+    db.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
+    return db
+
+
+class UsageWriter:
+    """Batches records and writes them off the event loop."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._pending: list[UsageRecord] = []
+        self._db: sqlite3.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+
+    def add(self, records: Sequence[UsageRecord]) -> None:
+        self._pending.extend(records)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="llproxy-usage")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await asyncio.to_thread(self._write, batch)
+        except sqlite3.Error as exc:
+            log.error("cannot write %d usage records (kept for the next try): %s", len(batch), exc)
+            self._pending[:0] = batch
+
+    def _write(self, batch: list[UsageRecord]) -> None:
+        if self._db is None:
+            self._db = open_database(self.directory)
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.time,
+                        r.client,
+                        r.model,
+                        r.upstream,
+                        r.status,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.duration_ms,
+                    )
+                    for r in batch
+                ],
+            )
+        self.written += len(batch)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+        if self._db is not None:
+            self._db.close()
+
+
+GROUPINGS = {
+    "key": ("client", "client"),
+    "model": ("model", "model"),
+    "day": ("day", "date(time, 'unixepoch', 'localtime')"),
+}
+
+
+def usage_sums(directory: Path, since: float | None, by: str) -> list[dict[str, Any]]:
+    """Requests and token sums per group; a sum is null when no record of it had numbers."""
+    name, expression = GROUPINGS[by]
+    path = directory / DATABASE
+    if not path.exists():
+        return []
+    db = open_database(directory)
+    try:
+        rows = db.execute(
+            f"SELECT {expression}, count(*), sum(prompt_tokens), sum(completion_tokens) "
+            "FROM usage WHERE time >= ? GROUP BY 1 ORDER BY 1",
+            (since or 0.0,),
+        ).fetchall()
+    finally:
+        db.close()
+    return [
+        {name: group, "requests": count, "prompt_tokens": prompt, "completion_tokens": completion}
+        for group, count, prompt, completion in rows
+    ]

@@ -1,0 +1,31 @@
+"""`llproxy usage`: sums as a table, or JSON."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+
+def show_usage(rows: list[dict[str, Any]], by: str, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    group = {"key": "client", "model": "model", "day": "day"}[by]
+    table = Table(title=f"usage by {by}")
+    table.add_column(group)
+    for column in ("requests", "prompt tokens", "completion tokens"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row[group]),
+            str(row["requests"]),
+            "-" if row["prompt_tokens"] is None else str(row["prompt_tokens"]),
+            "-" if row["completion_tokens"] is None else str(row["completion_tokens"]),
+        )
+    Console().print(table)
+    if not rows:
+        Console(stderr=True).print("no usage recorded", highlight=False)

@@ -1,0 +1,150 @@
+"""Usage accounting: exact upstream numbers, hidden usage chunk, nothing lost on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+
+from llproxy.proxy import Exchange, UsageChunkFilter
+from llproxy.usage import usage_sums
+
+from .conftest import ProxyFactory, RunningProxy, UpstreamFactory
+from .process import LlproxyProcess, create_key, run_cli
+
+CHAT = [{"role": "user", "content": "hi"}]
+Start = Callable[..., Awaitable[LlproxyProcess]]
+
+
+def event(document: Any) -> bytes:
+    return b"data: " + orjson.dumps(document) + b"\n\n"
+
+
+def test_usage_chunk_filter_at_every_split() -> None:
+    content = [event({"choices": [{"delta": {"content": f"w{i}"}}]}) for i in range(3)]
+    usage = event({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 3}})
+    stream = b"".join(content) + usage + b"data: [DONE]\n\n"
+    expected = b"".join(content) + b"data: [DONE]\n\n"
+    for cut in range(1, len(stream)):
+        exchange = Exchange()
+        events = UsageChunkFilter(exchange)
+        out = events.feed(stream[:cut]) + events.feed(stream[cut:]) + events.finish()
+        assert out == expected, cut
+        assert (exchange.prompt_tokens, exchange.completion_tokens) == (11, 3)
+    # Byte by byte, and with CRLF line ends.
+    crlf = stream.replace(b"\n", b"\r\n")
+    exchange = Exchange()
+    events = UsageChunkFilter(exchange)
+    out = b"".join(events.feed(crlf[i : i + 1]) for i in range(len(crlf))) + events.finish()
+    assert out == expected.replace(b"\n", b"\r\n") and exchange.prompt_tokens == 11
+
+
+def test_usage_on_a_content_chunk_is_read_but_the_chunk_kept() -> None:
+    both = event(
+        {
+            "choices": [{"delta": {"content": "x"}}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1},
+        }
+    )
+    exchange = Exchange()
+    events = UsageChunkFilter(exchange)
+    assert events.feed(both) + events.finish() == both
+    assert exchange.prompt_tokens == 2
+
+
+async def recorded(state: Path, by: str, want: int) -> list[dict[str, Any]]:
+    """Usage rows once `want` requests were written (writes are batched each second)."""
+    deadline = time.monotonic() + 15
+    while True:
+        rows = usage_sums(state, None, by)
+        if sum(r["requests"] for r in rows) >= want or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.2)
+
+
+async def test_plain_and_streamed_usage_match_the_upstream(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    upstream = await start_upstream(chunks=4)
+    state = tmp_path / "state"
+    proxy: RunningProxy = await start_proxy([upstream.endpoint()], state_dir=str(state))
+    client = proxy.client()
+    await client.chat.completions.create(model="fake-model", messages=CHAT)
+    # The client does not ask for usage: llproxy asks, counts, and hides the extra chunk.
+    stream = await client.chat.completions.create(model="fake-model", messages=CHAT, stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert all(chunk.choices for chunk in chunks) and all(c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "w0 w1 w2 w3 "
+    sent = upstream.fake.generation_requests[-1].body
+    assert sent["stream_options"] == {"include_usage": True}
+    # A client that asks gets the chunk, untouched.
+    stream = await client.chat.completions.create(
+        model="fake-model", messages=CHAT, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    rows = await recorded(state, "model", 3)
+    assert rows == [
+        {"model": "fake-model", "requests": 3, "prompt_tokens": 21, "completion_tokens": 12}
+    ]
+
+
+async def test_no_usage_from_upstream_is_recorded_as_null(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    upstream = await start_upstream(report_usage=False)
+    state = tmp_path / "state"
+    proxy = await start_proxy([upstream.endpoint()], state_dir=str(state))
+    await proxy.client().chat.completions.create(model="fake-model", messages=CHAT)
+    stream = await proxy.client().chat.completions.create(
+        model="fake-model", messages=CHAT, stream=True
+    )
+    assert len([c async for c in stream]) == 5
+    rows = await recorded(state, "key", 2)
+    assert rows == [
+        {"client": "127.0.0.1", "requests": 2, "prompt_tokens": None, "completion_tokens": None}
+    ]
+
+
+async def test_usage_survives_sigterm_across_workers(
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
+) -> None:
+    upstream = await start_upstream(chunks=3)
+    state = tmp_path / "state"
+    secret = create_key(state, "team-a")
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"endpoints": [upstream.endpoint()]}))
+    daemon = await start_llproxy(
+        "--config", str(config), "--workers", "2", env={"LLPROXY_STATE_DIR": str(state)}
+    )
+    client = openai.AsyncOpenAI(base_url=f"{daemon.url}/v1", api_key=secret, max_retries=0)
+    async with client:
+        for _ in range(5):
+            await client.chat.completions.create(model="fake-model", messages=CHAT)
+            stream = await client.chat.completions.create(
+                model="fake-model", messages=CHAT, stream=True
+            )
+            assert [c async for c in stream]
+    daemon.signal(signal.SIGTERM)  # at once: the last records are still in the workers
+    assert await daemon.wait_exit() == 0
+    done = run_cli("usage", "--json", "--by", "key", state=state)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [
+        {"client": "team-a", "requests": 10, "prompt_tokens": 70, "completion_tokens": 30}
+    ]
+    today = time.strftime("%Y-%m-%d")
+    by_day = json.loads(run_cli("usage", "--json", "--by", "day", state=state).stdout)
+    assert by_day == [{"day": today, "requests": 10, "prompt_tokens": 70, "completion_tokens": 30}]
+    later = json.loads(run_cli("usage", "--json", "--since", "2999-01-01", state=state).stdout)
+    assert later == []
+    table = run_cli("usage", "--by", "model", state=state).stdout
+    assert "fake-model" in table and "70" in table
+    database = b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
+    assert secret.encode() not in database
