@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .admin import AdminApi
 from .config import Config
 from .discovery import DiscoveryLoop, ScanResult
 from .errors import (
@@ -516,4 +517,6 @@ def create_app(config: Config, *, discover: bool = True, worker_id: int = 0) -> 
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{name}", get_model)
     app.router.add_post("/v1/{path:.+}", proxy_post)
+    if config.admin_key is not None:
+        AdminApi(config, lambda: app[STATE].keys.refresh()).add_routes(app)
     return app

@@ -91,6 +91,7 @@ class Config:
     rate_limit: str | None = DEFAULT_RATE_LIMIT
     trusted_proxies: tuple[str, ...] = ()
     redis_url: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)  # enables /admin/
     source: str = "<built-in default>"
 
     @property
@@ -302,6 +303,7 @@ _TOP_KEYS = {
     "rate_limit",
     "trusted_proxies",
     "redis_url",
+    "admin_key",
 }
 MIN_STATIC_KEY_LENGTH = 16
 
@@ -354,6 +356,7 @@ def parse_config(
             obj, "trusted_proxies", lambda v: _networks("trusted_proxies", v), ()
         ),
         redis_url=_optional(obj, "redis_url", lambda v: _redis_url("redis_url", v, env), None),
+        admin_key=_optional(obj, "admin_key", lambda v: _long_secret("admin_key", v, env), None),
         source=source,
     )
 
@@ -388,13 +391,16 @@ def _redis_url(path: str, value: Any, environ: Mapping[str, str]) -> str:
     return url
 
 
+def _long_secret(path: str, value: Any, environ: Mapping[str, str]) -> str:
+    secret = _secret(path, value, environ)
+    if len(secret) < MIN_STATIC_KEY_LENGTH:
+        raise ConfigError(f"{path}: must be at least {MIN_STATIC_KEY_LENGTH} characters")
+    return secret
+
+
 def _static_keys(path: str, value: Any, environ: Mapping[str, str]) -> tuple[str, ...]:
     items = _expect(path, value, list, "a list of keys")
-    keys = tuple(_secret(f"{path}[{i}]", item, environ) for i, item in enumerate(items))
-    for i, key in enumerate(keys):
-        if len(key) < MIN_STATIC_KEY_LENGTH:
-            raise ConfigError(f"{path}[{i}]: must be at least {MIN_STATIC_KEY_LENGTH} characters")
-    return keys
+    return tuple(_long_secret(f"{path}[{i}]", item, environ) for i, item in enumerate(items))
 
 
 def _cors_origins(path: str, value: Any) -> tuple[str, ...]:

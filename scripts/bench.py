@@ -350,6 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             json.dumps(
                 {
                     "interval": 600000,
+                    "rate_limit": None,  # the runs measure proxying, not limiting
                     "endpoints": [
                         {
                             "hostname": "127.0.0.1",

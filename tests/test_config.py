@@ -84,7 +84,12 @@ def test_every_optional_key() -> None:
 def test_the_example_file_is_valid() -> None:
     config = load_config(
         EXAMPLE,
-        environ={"EXAMPLE_API_KEY": "sk-x", "LLPROXY_STATIC_KEY": "a-static-key-0123456789"},
+        environ={
+            "EXAMPLE_API_KEY": "sk-x",
+            "LLPROXY_STATIC_KEY": "a-static-key-0123456789",
+            "LLPROXY_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "LLPROXY_ADMIN_KEY": "an-admin-key-0123456789",
+        },
     )
     assert config.endpoints
 

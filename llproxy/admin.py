@@ -1,0 +1,132 @@
+"""The admin REST API under /admin/: keys and usage, only when `admin_key` is configured.
+
+The admin key is compared in constant time (digests of equal length, so not even the
+length of the configured key leaks). Key changes go to the same SQLite database as the
+`llproxy keys` command, so every worker sees them within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Config, ConfigError, rate_limit_value
+from .errors import InvalidRequest, ProxyError
+from .keys import KeyStore, state_dir
+from .keys_view import key_rows
+from .usage import GROUPINGS, usage_sums
+
+
+class AdminUnauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_admin_key"
+
+
+class KeyNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "key_not_found"
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _json(document: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
+
+
+class AdminApi:
+    def __init__(self, config: Config, keys_changed: Callable[[], None]) -> None:
+        assert config.admin_key is not None
+        self._admin_digest = _digest(config.admin_key)
+        self.directory = state_dir(config.state_dir)
+        # This process applies its own change at once; the others at their next reload.
+        self._keys_changed = keys_changed
+
+    def _authorize(self, request: web.Request) -> None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""
+        if not hmac.compare_digest(_digest(given), self._admin_digest):
+            raise AdminUnauthorized(
+                "a valid admin key is required: 'Authorization: Bearer <admin_key>'"
+            )
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        store = KeyStore(self.directory)
+        try:
+            return _json({"object": "list", "data": key_rows(store.all())})
+        finally:
+            store.close()
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidRequest("'name' must be a non-empty string", param="name")
+        models = body.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise InvalidRequest("'models' must be a list of model globs", param="models")
+        expires = body.get("expires")
+        if expires is not None and (
+            not isinstance(expires, int | float) or isinstance(expires, bool)
+        ):
+            raise InvalidRequest("'expires' must be a Unix time in seconds", param="expires")
+        rate_limit = body.get("rate_limit")
+        try:
+            rate_limit = rate_limit_value("rate_limit", rate_limit)
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc), param="rate_limit") from None
+        store = KeyStore(self.directory)
+        try:
+            secret = store.create(name, models, expires, rate_limit)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="name", code="key_exists") from None
+        finally:
+            store.close()
+        self._keys_changed()
+        return _json({"name": name, "key": secret}, status=201)
+
+    async def revoke_key(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        name = request.match_info["name"]
+        store = KeyStore(self.directory)
+        try:
+            if not store.revoke(name):
+                raise KeyNotFound(f"no active key named '{name}'")
+        finally:
+            store.close()
+        self._keys_changed()
+        return _json({"name": name, "revoked": True})
+
+    async def usage(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        by = request.query.get("by", "key")
+        if by not in GROUPINGS:
+            raise InvalidRequest("'by' must be key, model or day", param="by")
+        try:
+            since = float(request.query["since"]) if "since" in request.query else None
+        except ValueError:
+            raise InvalidRequest("'since' must be a Unix time in seconds", param="since") from None
+        rows = await asyncio.to_thread(usage_sums, self.directory, since, by)
+        return _json({"object": "list", "data": rows})
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/admin/keys", self.list_keys)
+        app.router.add_post("/admin/keys", self.create_key)
+        app.router.add_delete("/admin/keys/{name}", self.revoke_key)
+        app.router.add_get("/admin/usage", self.usage)
