@@ -18,8 +18,9 @@ from aiohttp import web
 
 from .config import Config, ConfigError, rate_limit_value
 from .errors import InvalidRequest, ProxyError
-from .keys import KeyStore, state_dir
+from .keys import REVOKED_SET, KeyStore, state_dir
 from .keys_view import key_rows
+from .ratelimit import redis_client
 from .usage import GROUPINGS, usage_sums
 
 
@@ -50,6 +51,7 @@ class AdminApi:
         self.directory = state_dir(config.state_dir)
         # This process applies its own change at once; the others at their next reload.
         self._keys_changed = keys_changed
+        self.redis_url = config.redis_url
 
     def _authorize(self, request: web.Request) -> None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -106,10 +108,17 @@ class AdminApi:
         name = request.match_info["name"]
         store = KeyStore(self.directory)
         try:
-            if not store.revoke(name):
-                raise KeyNotFound(f"no active key named '{name}'")
+            revoked = store.revoke(name)
         finally:
             store.close()
+        if revoked is None:
+            raise KeyNotFound(f"no active key named '{name}'")
+        if self.redis_url is not None:
+            client = redis_client(self.redis_url)
+            try:
+                await client.sadd(REVOKED_SET, revoked)
+            finally:
+                await client.aclose()
         self._keys_changed()
         return _json({"name": name, "revoked": True})
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import pickle
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 from .config import Config
@@ -29,8 +29,8 @@ class WorkerSpec:
 
     worker_id: int
     config: Config
-    sock: socket.socket
-    conn: Connection
+    sock: socket.socket  # the shared listening socket
+    channel: socket.socket  # the worker's end of its socket pair with the supervisor
     verbose: int
     log_format: str
     graceful_timeout: float
@@ -117,56 +117,73 @@ Message = (
 
 
 class Channel:
-    """One end of a pipe, read by the running event loop."""
+    """One end of a socket pair, read and written by the running event loop.
+
+    Messages are pickled and framed by a 4-byte length. Writing goes into the transport's
+    buffer and never blocks the loop, and a message of any size is read in as many pieces
+    as it arrives in: a blocking pipe could deadlock two processes that both send large
+    messages, and a non-blocking one (uvloop makes watched descriptors non-blocking)
+    breaks `multiprocessing.Connection.recv` on any message larger than one read.
+    """
 
     def __init__(
         self,
-        conn: Connection,
+        sock: socket.socket,
         on_message: Callable[[Any], None],
         on_close: Callable[[], None] = lambda: None,
     ) -> None:
-        self.conn = conn
+        self.sock = sock
         self._on_message = on_message
         self._on_close = on_close
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task[None] | None = None
 
-    def attach(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.conn.fileno(), self._readable)
+    async def attach(self) -> None:
+        reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
+        self._reading = asyncio.create_task(self._read(reader), name="llproxy-channel")
 
-    def _readable(self) -> None:
-        if self._read_pending():
-            self.detach()
-            self._on_close()
-
-    def _read_pending(self) -> bool:
-        """Handle every message already in the pipe; True when the other end is closed."""
+    async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
-            while not self.conn.closed and self.conn.poll():
-                self._on_message(self.conn.recv())
-        except (EOFError, OSError):
-            return True
-        return False
-
-    def drain(self) -> None:
-        """Read what the other end sent before it went away, then close."""
-        self._read_pending()
-        self.detach()
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                self._on_message(pickle.loads(await reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the other end closed: its process exited or is exiting
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._on_close()
 
     def send(self, message: Message) -> bool:
         """False when the other end is gone; its process exit is handled elsewhere."""
-        try:
-            self.conn.send(message)
-            return True
-        except OSError:
+        if self._writer is None or self._writer.is_closing():
             return False
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.write(len(payload).to_bytes(4, "big") + payload)
+        return True
 
-    def detach(self) -> None:
-        if self._loop is not None and not self.conn.closed:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(self.conn.fileno())
-        self._loop = None
-        self.conn.close()
+    async def closed(self, timeout: float) -> None:
+        """Wait until everything the other end sent was handled and it closed."""
+        if self._reading is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._reading)
+        await self.close()
+
+    async def close(self) -> None:
+        """Send what is buffered, then close; the reader ends by itself."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
 
 
 class Calls:

@@ -216,6 +216,7 @@ def keys() -> None:
 
 
 @keys.command("create")
+@config_option
 @state_dir_option
 @click.option("--name", required=True, help="A unique name for the key (shown in logs).")
 @click.option(
@@ -236,7 +237,12 @@ def keys() -> None:
     help="Local date (and time) after which the key stops working.",
 )
 def keys_create(
-    state_dir: str | None, name: str, models: str, rate_limit: str | None, expires: Any
+    config_path: str | None,
+    state_dir: str | None,
+    name: str,
+    models: str,
+    rate_limit: str | None,
+    expires: Any,
 ) -> None:
     """Create a key and print its secret alone on stdout (it is shown only this once)."""
     from .config import rate_limit_value
@@ -248,7 +254,7 @@ def keys_create(
             rate_limit_value("--rate-limit", rate_limit)
         except ConfigError as exc:
             raise click.BadParameter(str(exc)) from None
-    store = KeyStore(resolve_state_dir(state_dir))
+    store = KeyStore(resolve_state_dir(load_or_exit(config_path, state_dir=state_dir).state_dir))
     try:
         globs = [glob.strip() for glob in models.split(",") if glob.strip()]
         secret = store.create(name, globs, expires.timestamp() if expires else None, rate_limit)
@@ -261,15 +267,16 @@ def keys_create(
 
 
 @keys.command("list")
+@config_option
 @state_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-def keys_list(state_dir: str | None, as_json: bool) -> None:
+def keys_list(config_path: str | None, state_dir: str | None, as_json: bool) -> None:
     """List the keys (names, fingerprints, models, status; never secrets)."""
     from .keys import KeyStore
     from .keys import state_dir as resolve_state_dir
     from .keys_view import show_keys
 
-    store = KeyStore(resolve_state_dir(state_dir))
+    store = KeyStore(resolve_state_dir(load_or_exit(config_path, state_dir=state_dir).state_dir))
     try:
         show_keys(store.all(), as_json)
     finally:
@@ -277,23 +284,40 @@ def keys_list(state_dir: str | None, as_json: bool) -> None:
 
 
 @keys.command("revoke")
+@config_option
 @state_dir_option
 @click.argument("name")
-def keys_revoke(state_dir: str | None, name: str) -> None:
-    """Revoke a key; a running daemon refuses it within a few seconds."""
-    from .keys import KeyStore
+def keys_revoke(config_path: str | None, state_dir: str | None, name: str) -> None:
+    """Revoke a key; a running daemon refuses it within a few seconds (with redis_url in the
+    config, every instance sharing that Redis does)."""
+    from .keys import REVOKED_SET, KeyStore
     from .keys import state_dir as resolve_state_dir
 
-    store = KeyStore(resolve_state_dir(state_dir))
+    config = load_or_exit(config_path, state_dir=state_dir)
+    store = KeyStore(resolve_state_dir(config.state_dir))
     try:
-        if not store.revoke(name):
-            raise click.ClickException(f"no active key named {name!r}")
+        revoked = store.revoke(name)
     finally:
         store.close()
+    if revoked is None:
+        raise click.ClickException(f"no active key named {name!r}")
+    if config.redis_url is not None:
+        import redis
+
+        client = redis.Redis.from_url(config.redis_url, socket_connect_timeout=5)
+        try:
+            client.sadd(REVOKED_SET, revoked)
+        except redis.RedisError as exc:
+            raise click.ClickException(
+                f"revoked here, but not shared through Redis: {exc}"
+            ) from None
+        finally:
+            client.close()
     click.echo(f"revoked key {name!r}", err=True)
 
 
 @main.command("usage")
+@config_option
 @state_dir_option
 @click.option(
     "--since",
@@ -309,11 +333,14 @@ def keys_revoke(state_dir: str | None, name: str) -> None:
     help="Group by API key (or client address), model, or local day.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-def usage_command(state_dir: str | None, since: Any, by: str, as_json: bool) -> None:
+def usage_command(
+    config_path: str | None, state_dir: str | None, since: Any, by: str, as_json: bool
+) -> None:
     """Sum the recorded requests and tokens."""
     from .keys import state_dir as resolve_state_dir
     from .usage import usage_sums
     from .usage_view import show_usage
 
-    rows = usage_sums(resolve_state_dir(state_dir), since.timestamp() if since else None, by)
+    directory = resolve_state_dir(load_or_exit(config_path, state_dir=state_dir).state_dir)
+    rows = usage_sums(directory, since.timestamp() if since else None, by)
     show_usage(rows, by, as_json)

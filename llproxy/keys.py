@@ -24,6 +24,8 @@ import orjson
 
 KEY_PREFIX = "llp-"
 DATABASE = "llproxy.db"
+# With redis_url, revoked key hashes are also put in this set, for every instance.
+REVOKED_SET = "llproxy:revoked-keys"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -115,12 +117,13 @@ class KeyStore:
             raise ValueError(f"a key named {name!r} exists already") from None
         return secret
 
-    def revoke(self, name: str) -> bool:
-        cursor = self._db.execute(
-            "UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
+    def revoke(self, name: str) -> str | None:
+        """The revoked key's hash, or None when there is no active key of that name."""
+        row = self._db.execute(
+            "UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL RETURNING key_hash",
             (time.time(), name),
-        )
-        return cursor.rowcount > 0
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def all(self) -> list[ApiKey]:
         rows = self._db.execute(
@@ -150,6 +153,8 @@ class KeyRing:
         self.store: KeyStore | None = None
         self._version: int | None = None
         self.keys: dict[str, ApiKey] = dict(self._static)
+        # Hashes revoked on other instances (shared through Redis).
+        self.revoked_elsewhere: frozenset[str] = frozenset()
         self.refresh()
 
     @property
@@ -175,6 +180,8 @@ class KeyRing:
         # The lookup is by hash, so its timing says nothing about the secret; the final
         # comparison is constant-time all the same.
         if key is None or not hmac.compare_digest(hashed, key.key_hash):
+            return None
+        if hashed in self.revoked_elsewhere:
             return None
         return key if key.active(time.time()) else None
 

@@ -126,3 +126,9 @@ def setup_logging(verbose: int = 0, log_format: str = "text", stream: TextIO | N
     llproxy.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
     access_level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.getLogger("llproxy.access").setLevel(access_level)
+    # aiohttp logs a traceback for every request its parser rejects (an over-long header,
+    # a malformed request line): client mistakes any client can repeat at will. Handler
+    # errors never reach it; llproxy's own boundary logs those.
+    logging.getLogger("aiohttp.server").setLevel(
+        logging.DEBUG if verbose >= 2 else logging.CRITICAL
+    )

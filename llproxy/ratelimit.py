@@ -21,6 +21,7 @@ from aiohttp import web
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio import Redis
 
 from .errors import ProxyError
 
@@ -78,6 +79,11 @@ class Counter:
 
 def memory_counter() -> Counter:
     return Counter(MemoryStorage())
+
+
+def redis_client(url: str) -> Redis:
+    """An asyncio Redis client for llproxy's own shared state (revoked keys)."""
+    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2, decode_responses=True)
 
 
 def redis_counter(url: str) -> Counter:

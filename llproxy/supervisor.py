@@ -136,12 +136,12 @@ class Supervisor:
 
     def spawn(self, config: Config) -> WorkerHandle:
         worker_id = next(self._ids)
-        parent_end, child_end = self._context.Pipe()
+        parent_end, child_end = socket.socketpair()
         spec = WorkerSpec(
             worker_id=worker_id,
             config=config,
             sock=self.sock,
-            conn=child_end,
+            channel=child_end,
             verbose=self.options.verbose,
             log_format=self.options.log_format,
             graceful_timeout=self.options.graceful_timeout,
@@ -157,11 +157,11 @@ class Supervisor:
         self._all_exited.clear()
         return handle
 
-    def _watch(self, handle: WorkerHandle) -> None:
+    async def _watch(self, handle: WorkerHandle) -> None:
         """Start listening to a spawned worker; needs the running loop."""
         loop = asyncio.get_running_loop()
         handle.ready = loop.create_future()
-        handle.channel.attach()
+        await handle.channel.attach()
         loop.add_reader(handle.process.sentinel, self._on_exit, handle)
         handle.channel.send(RegistryUpdate(self.registry))
         handle.channel.send(WorkerCount(self.target))
@@ -189,11 +189,14 @@ class Supervisor:
                         future.set_result(None)
 
     def _on_exit(self, handle: WorkerHandle) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(handle.process.sentinel)
+        asyncio.get_running_loop().remove_reader(handle.process.sentinel)
+        self._own(self._reap(handle))
+
+    async def _reap(self, handle: WorkerHandle) -> None:
         # The sentinel closes an instant before the child can be reaped.
         handle.process.join(1.0)
-        handle.channel.drain()  # its last numbers may still be in the pipe
+        # Its last usage records and numbers may still be on the way.
+        await handle.channel.closed(timeout=2.0)
         self.workers.pop(handle.worker_id, None)
         if not self.workers:
             self._all_exited.set()
@@ -233,7 +236,7 @@ class Supervisor:
         """Spawn `count` workers and wait until each serves; raises if one fails to boot."""
         handles = [self.spawn(config) for _ in range(count)]
         for handle in handles:
-            self._watch(handle)
+            await self._watch(handle)
         try:
             async with asyncio.timeout(BOOT_TIMEOUT):
                 await asyncio.gather(*(h.ready for h in handles if h.ready is not None))
@@ -472,7 +475,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self.enqueue, sig.name[3:])
         dispatcher = asyncio.create_task(self.dispatch(), name="llproxy-dispatch")
         for handle in first:
-            self._watch(handle)
+            await self._watch(handle)
         await self.discovery.start()
         self.usage.start()
         try:

@@ -18,7 +18,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from .app import STATE, create_app
+from .app import create_app
 from .channel import (
     Calls,
     Channel,
@@ -37,6 +37,7 @@ from .channel import (
 from .errors import ServiceUnavailable
 from .logs import setup_logging
 from .ratelimit import Verdict
+from .state import STATE
 from .usage import FLUSH_SECONDS
 
 log = logging.getLogger("llproxy.worker")
@@ -96,9 +97,9 @@ async def serve(spec: WorkerSpec) -> None:
     if spec.config.redis_url is None:  # else Redis counts for every instance
         state.rate_hit = count_at_supervisor
 
-    channel = Channel(spec.conn, on_message, lambda: stop.put_nowait("supervisor gone"))
+    channel = Channel(spec.channel, on_message, lambda: stop.put_nowait("supervisor gone"))
     calls = Calls(channel)
-    channel.attach()
+    await channel.attach()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.put_nowait, "SIGTERM")
 
@@ -107,7 +108,7 @@ async def serve(spec: WorkerSpec) -> None:
     await asyncio.wait({first, registry_wait}, return_when=asyncio.FIRST_COMPLETED)
     registry_wait.cancel()
     if first.done():
-        channel.detach()
+        await channel.close()
         return
     first.cancel()
 
@@ -141,4 +142,4 @@ async def serve(spec: WorkerSpec) -> None:
     # The last word: usage of requests that finished during the drain, and the numbers.
     send_usage()
     channel.send(stats())
-    channel.detach()
+    await channel.close()

@@ -368,6 +368,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
         )
+        # Usage records of the load go to this run's directory, not the user's state.
+        os.environ["LLPROXY_STATE_DIR"] = str(workdir / "state")
         llproxies = {}
         for workers in sorted({1, cores}):
             port = free_port()

@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from llproxy.app import STATE, ProxyState, create_app
+from llproxy.app import create_app
 from llproxy.config import parse_config
+from llproxy.state import STATE, ProxyState
 
 from .fake_upstream import FakeUpstream
 

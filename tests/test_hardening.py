@@ -174,3 +174,21 @@ async def test_slow_headers_are_cut_off_by_the_keepalive_timeout(
     assert await asyncio.wait_for(reader.read(), 15) == b""  # closed by the server
     writer.close()
     assert time.monotonic() - started < 10
+
+
+async def test_oversized_header_is_refused_without_a_log_traceback(
+    start_llproxy: Start, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.json"
+    config.write_text('{"endpoints": []}')
+    daemon = await start_llproxy("--config", str(config), "--workers", "1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(
+        b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400")
+    async with aiohttp.ClientSession() as session, session.get(f"{daemon.url}/health") as resp:
+        assert resp.status == 200  # and the daemon keeps serving
+    assert "Traceback" not in daemon.output

@@ -364,6 +364,11 @@ async def test_client_disconnect_cancels_upstream(
     started = time.monotonic()
     await asyncio.wait_for(upstream.fake.disconnected.wait(), 5)
     assert time.monotonic() - started < 1.0
+    # Accounted as the client closing the request, not as a server error.
+    deadline = time.monotonic() + 5
+    while not proxy.state.telemetry.requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert proxy.state.telemetry.requests == {("fake-model", "499"): 1}
 
 
 async def test_large_bodies_accepted_up_to_the_limit(
@@ -460,3 +465,12 @@ async def test_upstream_cookies_are_not_replayed_to_other_clients(
         )
         assert status == 200
     assert cookies_seen == [None, None]
+
+
+async def test_single_process_metrics_include_discovery(proxy: RunningProxy) -> None:
+    await proxy.client().chat.completions.create(model="fake-model", messages=CHAT)
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'llproxy_requests_total{model="fake-model",status="200"} 1.0' in text
+    assert "llproxy_models 1.0" in text and "llproxy_servers 1.0" in text
+    assert "llproxy_scan_duration_seconds_count 1.0" in text

@@ -168,3 +168,33 @@ async def test_redis_down_refuses_instead_of_counting_nothing(
     status, _, body = await post(proxy.url)
     assert status == 503 and body["error"]["code"] == "service_unavailable"
     assert upstream.fake.generation_requests == []
+
+
+async def test_revocation_is_shared_through_redis(
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path, redis_url: str
+) -> None:
+    upstream = await start_upstream()
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"endpoints": [upstream.endpoint()], "redis_url": redis_url}))
+    here, there = tmp_path / "here", tmp_path / "there"
+    secret = create_key(here, "shared")
+    there.mkdir()
+    # Keys are provisioned per host: the other host got a copy of the same key.
+    (there / "llproxy.db").write_bytes((here / "llproxy.db").read_bytes())
+    first = await start_llproxy(
+        "--config", str(config), "--workers", "1", env={"LLPROXY_STATE_DIR": str(here)}
+    )
+    second = await start_llproxy(
+        "--config", str(config), "--workers", "1", env={"LLPROXY_STATE_DIR": str(there)}
+    )
+    auth = {"Authorization": f"Bearer {secret}"}
+    assert (await post(first.url, **auth))[0] == 200
+    assert (await post(second.url, **auth))[0] == 200
+    done = run_cli("keys", "revoke", "shared", "--config", str(config), state=here)
+    assert done.returncode == 0, done.stderr
+    # The other instance never saw its own database change, yet refuses within seconds.
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await post(second.url, **auth))[0] != 401:
+        assert asyncio.get_running_loop().time() < deadline, "revocation did not spread"
+        await asyncio.sleep(0.2)
+    assert (await post(first.url, **auth))[0] == 401

@@ -1,0 +1,241 @@
+"""The boundary every request passes once: host check, API key, rate limit, the mapping of
+every error to an OpenAI-shaped body, and the accounting of what happened (metrics, usage
+record, access log line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .errors import (
+    InvalidApiKey,
+    ModelNotAllowed,
+    ProxyError,
+    ServiceUnavailable,
+    error_body,
+)
+from .hardening import add_response_headers, check_host
+from .keys import ApiKey, KeyRing
+from .proxy import Exchange
+from .ratelimit import RateLimitExceeded, client_address
+from .state import EXCHANGE, STATE, ProxyState
+from .usage import UsageRecord
+
+access_log = logging.getLogger("llproxy.access")
+log = logging.getLogger("llproxy.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# nginx's code for a request whose client left before the answer: logged, never sent.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _json(body: bytes, status: int) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+@web.middleware
+async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every error to an OpenAI-shaped body and write the access log line, once."""
+    started = time.perf_counter()
+    exchange = Exchange()
+    request[EXCHANGE] = exchange
+    status = 500
+    try:
+        state = request.app[STATE]
+        check_host(state.config, request)
+        if request.path.startswith("/v1/") and request.method != "OPTIONS":
+            if state.keys.enabled:
+                exchange.key = _authenticate(state.keys, request)
+            await _check_rate_limit(state, request, exchange)
+        response = await handler(request)
+        status = response.status
+        if exchange.request_body is not None and isinstance(response, web.Response):
+            exchange.response_body = response.body if isinstance(response.body, bytes) else None
+        return response
+    except ProxyError as exc:
+        status = exc.status
+        response = _json(exc.body(), exc.status)
+        if isinstance(exc, RateLimitExceeded):
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.verdict.reset_after)))
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status = exc.status
+        if exc.status == 413:
+            limit = request.app[STATE].config.max_request_bytes
+            message = f"request body is larger than the limit of {limit} bytes"
+        else:
+            message = f"{exc.reason}: {request.method} {request.path}"
+        code = _HTTP_ERROR_CODES.get(exc.status, exc.status)
+        body = error_body(message, "invalid_request_error", None, code)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.Response(
+            status=exc.status, body=body, content_type="application/json", headers=headers
+        )
+    except asyncio.CancelledError:
+        # The client went away (or a graceful stop ran out of time): nobody gets an answer.
+        status = CLIENT_CLOSED_REQUEST
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _json(error_body("internal error in llproxy", "server_error", None, None), 500)
+    finally:
+        if request.path.startswith("/v1/"):
+            _record(request, exchange, status, started)
+
+
+def _authenticate(keys: KeyRing, request: web.Request) -> ApiKey:
+    authorization = request.headers.get("Authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    secret = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    key = keys.authenticate(secret) if secret else None
+    if key is None:
+        raise InvalidApiKey(
+            "Incorrect API key provided"
+            if secret
+            else "An API key is required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+        )
+    return key
+
+
+async def _check_rate_limit(state: ProxyState, request: web.Request, exchange: Exchange) -> None:
+    key = exchange.key
+    limit = key.rate_limit if key is not None and key.rate_limit else state.config.rate_limit
+    if limit is None or state.rate_hit is None:
+        return
+    client = f"key:{key.name}" if key else f"ip:{client_address(request, state.trusted_proxies)}"
+    try:
+        verdict = await state.rate_hit(limit, client)
+    except ServiceUnavailable:
+        raise
+    except Exception as exc:  # Redis down or similar: refuse rather than count nothing
+        log.error("rate limiter failed: %s", exc)
+        raise ServiceUnavailable("the rate limiter is unavailable") from None
+    exchange.verdict = verdict
+    if not verdict.allowed:
+        raise RateLimitExceeded(verdict, limit)
+
+
+def check_model_allowed(key: ApiKey | None, name: str) -> None:
+    if key is not None and not key.allows(name):
+        raise ModelNotAllowed(f"this API key may not use the model '{name}'", param="model")
+
+
+def _record(request: web.Request, exchange: Exchange, status: int, started: float) -> None:
+    """Account one API request: metrics, the worker's stats, and the access log line."""
+    now = time.perf_counter()
+    state = request.app[STATE]
+    # Only registry names become label values: a client must not mint time series.
+    label = exchange.model if exchange.resolved and exchange.model else "-"
+    telemetry = state.telemetry
+    telemetry.count_request(label, status)
+    if exchange.resolved:
+        telemetry.observe(telemetry.duration, label, now - started)
+        if exchange.first_byte_at is not None:
+            telemetry.observe(
+                telemetry.time_to_first_token, label, exchange.first_byte_at - started
+            )
+        if exchange.prompt_tokens is not None:
+            telemetry.add_tokens(telemetry.prompt_tokens, label, exchange.prompt_tokens)
+        if exchange.completion_tokens is not None:
+            telemetry.add_tokens(telemetry.generation_tokens, label, exchange.completion_tokens)
+        client = (
+            exchange.key.name
+            if exchange.key is not None
+            else client_address(request, state.trusted_proxies)
+        )
+        state.pending_usage.append(
+            UsageRecord(
+                time.time(),
+                client,
+                label,
+                exchange.upstream,
+                status,
+                exchange.prompt_tokens,
+                exchange.completion_tokens,
+                round((now - started) * 1000, 3),
+            )
+        )
+    if exchange.upstream_error is not None:
+        key = (exchange.upstream or "-", exchange.upstream_error)
+        telemetry.upstream_errors[key] = telemetry.upstream_errors.get(key, 0) + 1
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    if access_log.isEnabledFor(logging.DEBUG):
+        _log_bodies(request, exchange)
+    ttfb = None if exchange.first_byte_at is None else (exchange.first_byte_at - started) * 1000
+    access_log.info(
+        "%s %s %s",
+        request.method,
+        request.path,
+        status,
+        extra={
+            "event": "request",
+            "worker": state.worker_id,
+            "client": request.remote,
+            "key": None
+            if exchange.key is None
+            else f"{exchange.key.name}({exchange.key.fingerprint})",
+            "method": request.method,
+            "path": request.path,
+            "model": exchange.model,
+            "upstream": exchange.upstream,
+            "status": status,
+            "ttfb_ms": None if ttfb is None else round(ttfb, 1),
+            "prompt_tokens": exchange.prompt_tokens,
+            "completion_tokens": exchange.completion_tokens,
+            "duration_ms": round((now - started) * 1000, 1),
+        },
+    )
+
+
+BODY_LOG_LIMIT = 2000
+_SECRET_HEADERS = {"authorization", "x-api-key", "apikey", "api-key", "proxy-authorization"}
+_SECRET_FIELDS = re.compile(
+    rb'("(?:api_?key|authorization|x-api-key|password|secret)"\s*:\s*)"(?:[^"\\]|\\.)*"',
+    re.IGNORECASE,
+)
+
+
+def redact(body: bytes) -> str:
+    """A body for the debug log: secret-looking JSON fields masked, then truncated."""
+    masked = _SECRET_FIELDS.sub(rb'\1"***"', body)
+    text = masked[:BODY_LOG_LIMIT].decode("utf-8", "replace")
+    return text + (f"… ({len(body)} bytes)" if len(masked) > BODY_LOG_LIMIT else "")
+
+
+def _log_bodies(request: web.Request, exchange: Exchange) -> None:
+    headers = {
+        name: "***" if name.lower() in _SECRET_HEADERS else value
+        for name, value in request.headers.items()
+    }
+    access_log.debug(
+        "request %s %s headers %s body %s",
+        request.method,
+        request.path,
+        headers,
+        redact(exchange.request_body or b""),
+        extra={"event": "request_body"},
+    )
+    if exchange.response_body is not None:
+        access_log.debug(
+            "response body %s", redact(exchange.response_body), extra={"event": "response_body"}
+        )
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    add_response_headers(request.app[STATE].config, request, response)
+    exchange = request.get(EXCHANGE)
+    if exchange is not None and exchange.verdict is not None:
+        response.headers.update(exchange.verdict.headers())

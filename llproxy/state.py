@@ -1,0 +1,63 @@
+"""Per-process serving state, and the keys the app and its boundary find it under."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from .config import Config
+from .discovery import DiscoveryLoop, ScanResult
+from .keys import KeyRing
+from .metrics import DiscoveryTelemetry, Telemetry
+from .proxy import Exchange, UpstreamClient
+from .ratelimit import HitFunction, parse_networks
+from .registry import Registry
+from .usage import UsageRecord
+
+
+class ProxyState:
+    """Per-process serving state; `registry` is swapped whole, never mutated."""
+
+    def __init__(self, config: Config, worker_id: int = 0) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.workers = 1
+        self.registry = Registry()
+        self.models_body = listing_body(self.registry)
+        self.upstreams: UpstreamClient | None = None
+        self.discovery: DiscoveryLoop | None = None
+        self.telemetry = Telemetry()
+        # Where /metrics comes from: this process alone, or (in a worker) the supervisor,
+        # which merges every worker's numbers.
+        self.discovery_telemetry: DiscoveryTelemetry | None = None
+        self.metrics_source: Callable[[], Awaitable[bytes]] | None = None
+        self.keys = KeyRing()
+        # Who counts requests against rate limits; None until the app starts.
+        self.rate_hit: HitFunction | None = None
+        self.trusted_proxies = parse_networks("trusted_proxies", config.trusted_proxies)
+        # Usage records wait here for whoever writes them (this process, or the supervisor).
+        self.pending_usage: list[UsageRecord] = []
+
+    def take_usage(self) -> list[UsageRecord]:
+        records, self.pending_usage = self.pending_usage, []
+        return records
+
+    def take_scan(self, result: ScanResult) -> None:
+        if self.discovery_telemetry is not None:
+            self.discovery_telemetry.record(result)
+        self.set_registry(result.registry)
+
+    def set_registry(self, registry: Registry) -> None:
+        # Serialise once per snapshot rather than per GET /v1/models.
+        self.models_body = listing_body(registry)
+        self.registry = registry
+
+
+STATE = web.AppKey("llproxy_state", ProxyState)
+EXCHANGE = web.RequestKey("llproxy_exchange", Exchange)
+
+
+def listing_body(registry: Registry) -> bytes:
+    return orjson.dumps({"object": "list", "data": registry.listing()})
