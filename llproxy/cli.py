@@ -59,8 +59,8 @@ state_dir_option = env_option(
     "--state-dir",
     env="STATE_DIR",
     metavar="DIR",
-    help="Where the key database lives. Default: $STATE_DIRECTORY (systemd), else "
-    "$XDG_STATE_HOME/llproxy.",
+    help="Where the key and usage database lives. Default: state_dir of the config, "
+    "$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/llproxy.",
 )
 
 

@@ -72,28 +72,32 @@ def _targets(endpoints: Sequence[Endpoint]) -> list[_Target]:
 _Address = tuple[socket.AddressFamily, str]
 
 
-async def _resolve(host: str) -> _Address | None:
+async def _resolve(host: str) -> list[_Address]:
+    """Every address of a host, once per scan (none when it does not resolve)."""
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
         log.warning("cannot resolve %s; its endpoints are skipped this scan", host)
-        return None
-    family, _, _, _, sockaddr = infos[0]
-    return family, str(sockaddr[0])
+        return []
+    return list(dict.fromkeys((family, str(sockaddr[0])) for family, _, _, _, sockaddr in infos))
 
 
-async def _port_open(address: _Address, port: int, timeout: float) -> bool:
-    family, ip = address
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
-        return True
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        sock.close()
+async def _port_open(addresses: list[_Address], port: int, timeout: float) -> bool:
+    """Whether anything accepts on the port at one of the addresses (`localhost` may be
+    ::1 first while a server listens on 127.0.0.1 only)."""
+    loop = asyncio.get_running_loop()
+    for family, ip in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, (ip, port))
+            return True
+        except (OSError, TimeoutError):
+            continue
+        finally:
+            sock.close()
+    return False
 
 
 async def _get_json(
@@ -133,7 +137,7 @@ async def _probe(
     session: aiohttp.ClientSession,
     target: _Target,
     timeout: float,
-    addresses: dict[str, _Address | None],
+    addresses: dict[str, list[_Address]],
 ) -> list[FoundModel] | None:
     """The models one server offers, or None when no server answers there."""
     endpoint, upstream = target.endpoint, target.upstream
@@ -142,10 +146,9 @@ async def _probe(
             {"id": m, "object": "model", "owned_by": upstream.hostname} for m in endpoint.models
         ]
     else:
-        if endpoint.url is None:
-            address = addresses.get(upstream.hostname)
-            if address is None or not await _port_open(address, upstream.port, timeout):
-                return None
+        hosts = addresses.get(upstream.hostname, [])
+        if endpoint.url is None and not await _port_open(hosts, upstream.port, timeout):
+            return None
         found = _entries(await _get_json(session, f"{upstream.base_url}/models", upstream, timeout))
         if found is None:
             return None

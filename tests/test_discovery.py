@@ -176,3 +176,15 @@ async def test_non_openai_servers_are_ignored(aiohttp_server: Any) -> None:
         result = await scan(config, session)
     assert result.registry.models == {}
     assert result.registry.servers == 1  # the JSON one is a server, with no usable model
+
+
+async def test_a_range_on_a_host_name_is_resolved_and_probed(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    # Where `localhost` resolves to ::1 first, the 127.0.0.1-only fake is still found
+    # (each address is tried); this machine may resolve it to 127.0.0.1 alone.
+    upstream = await start_upstream(model_ids=["by-name"])
+    proxy = await start_proxy(
+        [{"hostname": "localhost", "port_start": upstream.port, "port_end": upstream.port}]
+    )
+    assert list(proxy.state.registry.models) == ["by-name"]

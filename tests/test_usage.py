@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 
@@ -148,3 +149,36 @@ async def test_usage_survives_sigterm_across_workers(
     assert "fake-model" in table and "70" in table
     database = b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
     assert secret.encode() not in database
+
+
+async def test_a_busy_worker_records_every_request(
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
+) -> None:
+    # Many requests in little time: every one is recorded, and no worker goes down. (The
+    # channel's own test covers messages larger than one read, which once killed workers.)
+    upstream = await start_upstream(chunks=1)
+    state = tmp_path / "state"
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"endpoints": [upstream.endpoint()], "rate_limit": None}))
+    daemon = await start_llproxy(
+        "--config", str(config), "--workers", "1", env={"LLPROXY_STATE_DIR": str(state)}
+    )
+    body = {"model": "fake-model", "messages": CHAT}
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> int:
+            async with session.post(f"{daemon.url}/v1/chat/completions", json=body) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses: list[int] = []
+        for _ in range(30):
+            statuses.extend(await asyncio.gather(*(one() for _ in range(50))))
+    assert statuses.count(200) == 1500
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    assert "died" not in daemon.output
+    rows = json.loads(run_cli("usage", "--json", "--by", "model", state=state).stdout)
+    assert rows == [
+        {"model": "fake-model", "requests": 1500, "prompt_tokens": 10500, "completion_tokens": 1500}
+    ]
