@@ -81,7 +81,6 @@ class WorkerHandle:
     worker_id: int
     process: BaseProcess
     channel: Channel
-    config: Config
     started: float = field(default_factory=time.monotonic)
     ready: asyncio.Future[None] | None = None
     retiring: bool = False
@@ -152,7 +151,7 @@ class Supervisor:
         process.start()
         child_end.close()
         channel = Channel(parent_end, lambda message: self._on_message(worker_id, message))
-        handle = WorkerHandle(worker_id, process, channel, config)
+        handle = WorkerHandle(worker_id, process, channel)
         self.workers[worker_id] = handle
         self._all_exited.clear()
         return handle

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestServer
 
 from llproxy.app import create_app
@@ -81,6 +83,23 @@ def free_port_block(size: int) -> int:
             for sock in held:
                 sock.close()
     raise RuntimeError(f"no block of {size} free ports")
+
+
+@asynccontextmanager
+async def chat_request(base_url: str, stream: bool = True) -> AsyncIterator[ClientResponse]:
+    """A chat request to llproxy, open while the body is in use."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{base_url}/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": stream,
+            },
+        ) as resp,
+    ):
+        yield resp
 
 
 UpstreamFactory = Callable[..., Awaitable[RunningUpstream]]

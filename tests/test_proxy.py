@@ -12,7 +12,13 @@ import openai
 import orjson
 import pytest
 
-from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory
+from .conftest import (
+    ProxyFactory,
+    RunningProxy,
+    RunningUpstream,
+    UpstreamFactory,
+    chat_request,
+)
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -347,13 +353,7 @@ async def test_client_disconnect_cancels_upstream(
     proxy = await start_proxy([upstream.endpoint()])
 
     async def call() -> None:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{proxy.url}/v1/chat/completions",
-                json={"model": "fake-model", "messages": CHAT, "stream": stream},
-            ) as resp,
-        ):
+        async with chat_request(proxy.url, stream) as resp:
             await resp.content.readany()
             await asyncio.sleep(60)
 

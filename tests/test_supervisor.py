@@ -19,7 +19,7 @@ import pytest
 
 from llproxy.supervisor import EX_BIND_FAILURE, EX_BOOT_FAILURE
 
-from .conftest import RunningUpstream, UpstreamFactory
+from .conftest import RunningUpstream, UpstreamFactory, chat_request
 from .process import LlproxyProcess
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -102,13 +102,7 @@ async def test_graceful_timeout_cancels_what_is_left(
     daemon = await start_llproxy(
         "--config", str(config), "--workers", "1", "--graceful-timeout", "1"
     )
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{daemon.url}/v1/chat/completions",
-            json={"model": "fake-model", "messages": CHAT, "stream": True},
-        ) as resp,
-    ):
+    async with chat_request(daemon.url) as resp:
         await resp.content.readany()
         started = time.monotonic()
         daemon.signal(signal.SIGTERM)
@@ -125,13 +119,7 @@ async def test_second_sigint_forces(
     upstream = await start_upstream(chunks=100, chunk_delay=0.2)
     config = write_config(tmp_path / "c.json", [upstream])
     daemon = await start_llproxy("--config", str(config), "--workers", "1")
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{daemon.url}/v1/chat/completions",
-            json={"model": "fake-model", "messages": CHAT, "stream": True},
-        ) as resp,
-    ):
+    async with chat_request(daemon.url) as resp:
         await resp.content.readany()
         daemon.signal(signal.SIGINT)
         await daemon.wait_for("again to force")
