@@ -73,19 +73,17 @@ class Exchange:
         self.completion_tokens = completion if isinstance(completion, int) else None
         return True
 
-    def take_stream_usage(self, tail: bytes) -> None:
-        """The usage chunk is the last event carrying `usage`; only the tail is looked at."""
-        for event in reversed(tail.split(b"\n\n")):
-            event = event.strip()
-            if event.startswith(b"data:") and b'"usage"' in event:
-                try:
-                    if self.take_usage(orjson.loads(event[5:])):
-                        return
-                except orjson.JSONDecodeError:
-                    continue
-
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _event_document(event: bytes) -> Any:
+    """The JSON of one server-sent event's `data:` lines; None when it is not JSON."""
+    payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
 
 
 class UsageFromTail:
@@ -100,7 +98,10 @@ class UsageFromTail:
         return chunk
 
     def finish(self) -> bytes:
-        self.exchange.take_stream_usage(b"".join(self.recent))
+        # The usage chunk is the last event that carries `usage`.
+        for event in reversed(_EVENT_END.split(b"".join(self.recent))):
+            if b'"usage"' in event and self.exchange.take_usage(_event_document(event)):
+                break
         return b""
 
 
@@ -134,16 +135,8 @@ class UsageChunkFilter:
         return b"".join(kept)
 
     def _usage_only(self, event: bytes) -> bool:
-        payload = b"".join(
-            line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
-        )
-        try:
-            document = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return False
-        if not self.exchange.take_usage(document):
-            return False
-        return not document.get("choices")
+        document = _event_document(event)
+        return self.exchange.take_usage(document) and not document.get("choices")
 
     def finish(self) -> bytes:
         rest, self.pending = self.pending, b""
