@@ -8,7 +8,6 @@ length of the configured key leaks). Key changes go to the same SQLite database 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +17,9 @@ from aiohttp import web
 
 from .config import Config, ConfigError, rate_limit_value
 from .errors import InvalidRequest, ProxyError
-from .keys import REVOKED_SET, KeyStore, state_dir
+from .keys import KeyStore, key_hash, share_revocation
 from .keys_view import key_rows
-from .ratelimit import redis_client
+from .statedb import state_dir
 from .usage import GROUPINGS, usage_sums
 
 
@@ -36,10 +35,6 @@ class KeyNotFound(ProxyError):
     code = "key_not_found"
 
 
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
-
-
 def _json(document: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
 
@@ -47,7 +42,7 @@ def _json(document: Any, status: int = 200) -> web.Response:
 class AdminApi:
     def __init__(self, config: Config, keys_changed: Callable[[], None]) -> None:
         assert config.admin_key is not None
-        self._admin_digest = _digest(config.admin_key)
+        self._admin_hash = key_hash(config.admin_key)
         self.directory = state_dir(config.state_dir)
         # This process applies its own change at once; the others at their next reload.
         self._keys_changed = keys_changed
@@ -56,18 +51,15 @@ class AdminApi:
     def _authorize(self, request: web.Request) -> None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else ""
-        if not hmac.compare_digest(_digest(given), self._admin_digest):
+        if not hmac.compare_digest(key_hash(given), self._admin_hash):
             raise AdminUnauthorized(
                 "a valid admin key is required: 'Authorization: Bearer <admin_key>'"
             )
 
     async def list_keys(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        store = KeyStore(self.directory)
-        try:
+        with KeyStore(self.directory) as store:
             return _json({"object": "list", "data": key_rows(store.all())})
-        finally:
-            store.close()
 
     async def create_key(self, request: web.Request) -> web.Response:
         self._authorize(request)
@@ -93,32 +85,23 @@ class AdminApi:
             rate_limit = rate_limit_value("rate_limit", rate_limit)
         except ConfigError as exc:
             raise InvalidRequest(str(exc), param="rate_limit") from None
-        store = KeyStore(self.directory)
-        try:
-            secret = store.create(name, models, expires, rate_limit)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), param="name", code="key_exists") from None
-        finally:
-            store.close()
+        with KeyStore(self.directory) as store:
+            try:
+                secret = store.create(name, models, expires, rate_limit)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="name", code="key_exists") from None
         self._keys_changed()
         return _json({"name": name, "key": secret}, status=201)
 
     async def revoke_key(self, request: web.Request) -> web.Response:
         self._authorize(request)
         name = request.match_info["name"]
-        store = KeyStore(self.directory)
-        try:
+        with KeyStore(self.directory) as store:
             revoked = store.revoke(name)
-        finally:
-            store.close()
         if revoked is None:
             raise KeyNotFound(f"no active key named '{name}'")
         if self.redis_url is not None:
-            client = redis_client(self.redis_url)
-            try:
-                await client.sadd(REVOKED_SET, revoked)
-            finally:
-                await client.aclose()
+            await share_revocation(self.redis_url, revoked)
         self._keys_changed()
         return _json({"name": name, "revoked": True})
 

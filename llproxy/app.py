@@ -25,11 +25,12 @@ from .discovery import DiscoveryLoop
 from .errors import InvalidRequest, ModelNotFound, RequestTimeout, RequestTooLarge
 from .gateway import boundary, check_model_allowed, on_response_prepare
 from .hardening import preflight
-from .keys import REVOKED_SET, KeyRing, state_dir
+from .keys import REVOKED_SET, KeyRing
 from .metrics import CONTENT_TYPE, DiscoveryTelemetry, render
 from .proxy import Exchange, UpstreamClient, make_upstream_session
 from .ratelimit import memory_counter, redis_client, redis_counter
 from .state import EXCHANGE, STATE, ProxyState
+from .statedb import state_dir
 from .usage import FLUSH_SECONDS, UsageWriter
 from .validation import validate
 

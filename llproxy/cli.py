@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -55,6 +56,16 @@ def main() -> None:
     """One OpenAI-compatible endpoint for every LLM server llproxy can find."""
 
 
+LOCAL_DATE = click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
+
+
+def state_directory(config_path: str | None, state_dir: str | None) -> Path:
+    """The state directory a `keys` or `usage` command works on, as the daemon finds it."""
+    from .statedb import state_dir as resolve
+
+    return resolve(load_or_exit(config_path, state_dir=state_dir).state_dir)
+
+
 state_dir_option = env_option(
     "--state-dir",
     env="STATE_DIR",
@@ -66,7 +77,8 @@ state_dir_option = env_option(
 
 def refuse_open_bind(config: Config, allow_open: bool) -> None:
     """Without keys, anyone who reaches the port may use every model: only on loopback."""
-    from .keys import KeyRing, state_dir
+    from .keys import KeyRing
+    from .statedb import state_dir
 
     if config.loopback_only or allow_open:
         return
@@ -233,7 +245,7 @@ def keys() -> None:
 @click.option(
     "--expires",
     metavar="DATE",
-    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    type=LOCAL_DATE,
     help="Local date (and time) after which the key stops working.",
 )
 def keys_create(
@@ -247,21 +259,18 @@ def keys_create(
     """Create a key and print its secret alone on stdout (it is shown only this once)."""
     from .config import rate_limit_value
     from .keys import KeyStore
-    from .keys import state_dir as resolve_state_dir
 
     if rate_limit is not None:
         try:
             rate_limit_value("--rate-limit", rate_limit)
         except ConfigError as exc:
             raise click.BadParameter(str(exc)) from None
-    store = KeyStore(resolve_state_dir(load_or_exit(config_path, state_dir=state_dir).state_dir))
-    try:
-        globs = [glob.strip() for glob in models.split(",") if glob.strip()]
-        secret = store.create(name, globs, expires.timestamp() if expires else None, rate_limit)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        store.close()
+    globs = [glob.strip() for glob in models.split(",") if glob.strip()]
+    with KeyStore(state_directory(config_path, state_dir)) as store:
+        try:
+            secret = store.create(name, globs, expires.timestamp() if expires else None, rate_limit)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     click.echo(f"created key {name!r} in {store.path}; its secret follows on stdout", err=True)
     click.echo(secret)
 
@@ -273,14 +282,10 @@ def keys_create(
 def keys_list(config_path: str | None, state_dir: str | None, as_json: bool) -> None:
     """List the keys (names, fingerprints, models, status; never secrets)."""
     from .keys import KeyStore
-    from .keys import state_dir as resolve_state_dir
     from .keys_view import show_keys
 
-    store = KeyStore(resolve_state_dir(load_or_exit(config_path, state_dir=state_dir).state_dir))
-    try:
+    with KeyStore(state_directory(config_path, state_dir)) as store:
         show_keys(store.all(), as_json)
-    finally:
-        store.close()
 
 
 @keys.command("revoke")
@@ -290,29 +295,25 @@ def keys_list(config_path: str | None, state_dir: str | None, as_json: bool) -> 
 def keys_revoke(config_path: str | None, state_dir: str | None, name: str) -> None:
     """Revoke a key; a running daemon refuses it within a few seconds (with redis_url in the
     config, every instance sharing that Redis does)."""
-    from .keys import REVOKED_SET, KeyStore
-    from .keys import state_dir as resolve_state_dir
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from .keys import KeyStore, share_revocation
+    from .statedb import state_dir as resolve_state_dir
 
     config = load_or_exit(config_path, state_dir=state_dir)
-    store = KeyStore(resolve_state_dir(config.state_dir))
-    try:
+    with KeyStore(resolve_state_dir(config.state_dir)) as store:
         revoked = store.revoke(name)
-    finally:
-        store.close()
     if revoked is None:
         raise click.ClickException(f"no active key named {name!r}")
     if config.redis_url is not None:
-        import redis
-
-        client = redis.Redis.from_url(config.redis_url, socket_connect_timeout=5)
         try:
-            client.sadd(REVOKED_SET, revoked)
-        except redis.RedisError as exc:
+            asyncio.run(share_revocation(config.redis_url, revoked))
+        except (RedisError, OSError) as exc:
             raise click.ClickException(
                 f"revoked here, but not shared through Redis: {exc}"
             ) from None
-        finally:
-            client.close()
     click.echo(f"revoked key {name!r}", err=True)
 
 
@@ -322,7 +323,7 @@ def keys_revoke(config_path: str | None, state_dir: str | None, name: str) -> No
 @click.option(
     "--since",
     metavar="DATE",
-    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    type=LOCAL_DATE,
     help="Only requests from this local date (and time) on.",
 )
 @click.option(
@@ -337,10 +338,9 @@ def usage_command(
     config_path: str | None, state_dir: str | None, since: Any, by: str, as_json: bool
 ) -> None:
     """Sum the recorded requests and tokens."""
-    from .keys import state_dir as resolve_state_dir
     from .usage import usage_sums
     from .usage_view import show_usage
 
-    directory = resolve_state_dir(load_or_exit(config_path, state_dir=state_dir).state_dir)
-    rows = usage_sums(directory, since.timestamp() if since else None, by)
+    since_time = since.timestamp() if since else None
+    rows = usage_sums(state_directory(config_path, state_dir), since_time, by)
     show_usage(rows, by, as_json)

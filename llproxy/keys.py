@@ -8,22 +8,22 @@ created or revoked key takes effect within seconds, without a restart.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import hmac
-import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
+from .ratelimit import redis_client
+from .statedb import DATABASE, open_database
+
 KEY_PREFIX = "llp-"
-DATABASE = "llproxy.db"
 # With redis_url, revoked key hashes are also put in this set, for every instance.
 REVOKED_SET = "llproxy:revoked-keys"
 
@@ -38,18 +38,6 @@ CREATE TABLE IF NOT EXISTS api_keys (
     rate_limit TEXT
 )
 """
-
-
-def state_dir(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Path:
-    """--state-dir, $LLPROXY_STATE_DIR, systemd's $STATE_DIRECTORY, else XDG state home."""
-    env = os.environ if environ is None else environ
-    for candidate in (explicit, env.get("LLPROXY_STATE_DIR")):
-        if candidate:
-            return Path(candidate)
-    if env.get("STATE_DIRECTORY"):
-        return Path(env["STATE_DIRECTORY"].split(":")[0])
-    home = Path(env.get("HOME") or Path.home())
-    return Path(env.get("XDG_STATE_HOME") or home / ".local" / "state") / "llproxy"
 
 
 def key_hash(secret: str) -> str:
@@ -86,16 +74,17 @@ class KeyStore:
     """The keys table of the state database."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = directory / DATABASE
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
-        with contextlib.suppress(OSError):
-            os.chmod(self.path, 0o600)
+        self._db = open_database(directory, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def create(
         self,
@@ -188,3 +177,12 @@ class KeyRing:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+
+async def share_revocation(redis_url: str, hashed: str) -> None:
+    """Tell every llproxy that shares this Redis that the key is revoked."""
+    client = redis_client(redis_url)
+    try:
+        await client.sadd(REVOKED_SET, hashed)
+    finally:
+        await client.aclose()

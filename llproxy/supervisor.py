@@ -41,11 +41,11 @@ from .channel import (
 )
 from .config import Config, ConfigError
 from .discovery import DiscoveryLoop, ScanResult
-from .keys import state_dir
 from .metrics import DiscoveryTelemetry, Telemetry, render
 from .ratelimit import Verdict, memory_counter
 from .registry import Registry
 from .sdnotify import Notifier
+from .statedb import state_dir
 from .usage import UsageWriter
 from .worker import worker_main
 

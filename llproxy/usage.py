@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .keys import DATABASE
+from .statedb import DATABASE, open_database
 
 log = logging.getLogger("llproxy.usage")
 
 FLUSH_SECONDS = 1.0
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS usage (
     time REAL NOT NULL,
     client TEXT NOT NULL,
@@ -34,7 +35,9 @@ CREATE TABLE IF NOT EXISTS usage (
     completion_tokens INTEGER,
     duration_ms REAL NOT NULL
 )
-"""
+""",
+    "CREATE INDEX IF NOT EXISTS usage_time ON usage (time)",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,17 +52,6 @@ class UsageRecord:
     duration_ms: float
 
 
-def open_database(directory: Path) -> sqlite3.Connection:
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    db = sqlite3.connect(
-        directory / DATABASE, isolation_level=None, timeout=10.0, check_same_thread=False
-    )
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(_SCHEMA)
-    db.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
-    return db
-
-
 class UsageWriter:
     """Batches records and writes them off the event loop."""
 
@@ -68,7 +60,6 @@ class UsageWriter:
         self._pending: list[UsageRecord] = []
         self._db: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
-        self.written = 0
 
     def add(self, records: Sequence[UsageRecord]) -> None:
         self._pending.extend(records)
@@ -93,7 +84,7 @@ class UsageWriter:
 
     def _write(self, batch: list[UsageRecord]) -> None:
         if self._db is None:
-            self._db = open_database(self.directory)
+            self._db = open_database(self.directory, *_SCHEMA, threads=True)
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
@@ -112,7 +103,6 @@ class UsageWriter:
                     for r in batch
                 ],
             )
-        self.written += len(batch)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -137,7 +127,7 @@ def usage_sums(directory: Path, since: float | None, by: str) -> list[dict[str, 
     path = directory / DATABASE
     if not path.exists():
         return []
-    db = open_database(directory)
+    db = open_database(directory, *_SCHEMA)
     try:
         rows = db.execute(
             f"SELECT {expression}, count(*), sum(prompt_tokens), sum(completion_tokens) "

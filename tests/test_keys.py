@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from llproxy.config import EX_CONFIG, ConfigError, parse_config
-from llproxy.keys import DATABASE, KeyRing, KeyStore, key_hash
+from llproxy.keys import KeyRing, KeyStore, key_hash
+from llproxy.statedb import DATABASE
 
 from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory
 from .process import LlproxyProcess, create_key, run_cli

@@ -103,6 +103,7 @@ async def test_no_usage_from_upstream_is_recorded_as_null(
     upstream = await start_upstream(report_usage=False)
     state = tmp_path / "state"
     proxy = await start_proxy([upstream.endpoint()], state_dir=str(state))
+    # The usage writer made the database, not a `keys` command: private all the same.
     await proxy.client().chat.completions.create(model="fake-model", messages=CHAT)
     stream = await proxy.client().chat.completions.create(
         model="fake-model", messages=CHAT, stream=True
@@ -112,6 +113,7 @@ async def test_no_usage_from_upstream_is_recorded_as_null(
     assert rows == [
         {"client": "127.0.0.1", "requests": 2, "prompt_tokens": None, "completion_tokens": None}
     ]
+    assert oct((state / "llproxy.db").stat().st_mode & 0o777) == "0o600"
 
 
 async def test_usage_survives_sigterm_across_workers(
@@ -149,6 +151,7 @@ async def test_usage_survives_sigterm_across_workers(
     assert "fake-model" in table and "70" in table
     database = b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
     assert secret.encode() not in database
+    assert oct((state / "llproxy.db").stat().st_mode & 0o777) == "0o600"
 
 
 async def test_a_busy_worker_records_every_request(
