@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from .config import Config, ConfigError, rate_limit_value
-from .errors import InvalidRequest, ProxyError
+from .errors import InvalidRequest, ProxyError, json_response
 from .keys import KeyStore, key_hash, share_revocation
 from .keys_view import key_rows
 from .statedb import state_dir
@@ -36,7 +36,7 @@ class KeyNotFound(ProxyError):
 
 
 def _json(document: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
+    return json_response(orjson.dumps(document), status)
 
 
 class AdminApi:

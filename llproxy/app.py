@@ -22,14 +22,20 @@ from redis.exceptions import RedisError
 from .admin import AdminApi
 from .config import Config
 from .discovery import DiscoveryLoop
-from .errors import InvalidRequest, ModelNotFound, RequestTimeout, RequestTooLarge
+from .errors import (
+    InvalidRequest,
+    ModelNotFound,
+    RequestTimeout,
+    RequestTooLarge,
+    json_response,
+)
 from .gateway import boundary, check_model_allowed, on_response_prepare
 from .hardening import preflight
 from .keys import REVOKED_SET, KeyRing
 from .metrics import CONTENT_TYPE, DiscoveryTelemetry, render
 from .proxy import Exchange, UpstreamClient, make_upstream_session
 from .ratelimit import memory_counter, redis_client, redis_counter
-from .state import EXCHANGE, STATE, ProxyState
+from .state import EXCHANGE, STATE, ProxyState, listing_body
 from .statedb import state_dir
 from .usage import FLUSH_SECONDS, UsageWriter
 from .validation import validate
@@ -38,13 +44,9 @@ access_log = logging.getLogger("llproxy.access")
 log = logging.getLogger("llproxy.app")
 
 
-def _json(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type="application/json")
-
-
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return _json(
+    return json_response(
         orjson.dumps(
             {
                 "status": "ok",
@@ -70,13 +72,13 @@ async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     key = request[EXCHANGE].key
     if key is None or not key.models:
-        return _json(state.models_body)
+        return json_response(state.models_body)
     allowed = [
         entry
         for name, entry in zip(state.registry.models, state.registry.listing(), strict=True)
         if key.allows(name)
     ]
-    return _json(orjson.dumps({"object": "list", "data": allowed}))
+    return json_response(listing_body(allowed))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -85,7 +87,7 @@ async def get_model(request: web.Request) -> web.Response:
     model = request.app[STATE].registry.get(name)
     if model is None:
         raise ModelNotFound(f"The model '{name}' does not exist", param="model")
-    return _json(orjson.dumps(model.entry))
+    return json_response(orjson.dumps(model.entry))
 
 
 async def proxy_post(request: web.Request) -> web.StreamResponse:

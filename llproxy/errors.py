@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 
 class ProxyError(Exception):
@@ -84,3 +85,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: Any = N
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}
     )
+
+
+def json_response(body: bytes, status: int = 200) -> web.Response:
+    """A JSON body already serialised, as every API answer and error is sent."""
+    return web.Response(body=body, status=status, content_type="application/json")

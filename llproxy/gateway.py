@@ -20,6 +20,7 @@ from .errors import (
     ProxyError,
     ServiceUnavailable,
     error_body,
+    json_response,
 )
 from .hardening import add_response_headers, check_host
 from .keys import ApiKey, KeyRing
@@ -36,10 +37,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT_CLOSED_REQUEST = 499
 
 
-def _json(body: bytes, status: int) -> web.Response:
-    return web.Response(body=body, status=status, content_type="application/json")
-
-
 _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -52,11 +49,17 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     status = 500
     try:
         state = request.app[STATE]
-        check_host(state.config, request)
+        check_host(request, state.accepted_hosts)
         if request.path.startswith("/v1/") and request.method != "OPTIONS":
             if state.keys.enabled:
                 exchange.key = _authenticate(state.keys, request)
-            await _check_rate_limit(state, request, exchange)
+            # Who the client is, for its rate limit and its usage records.
+            exchange.client = (
+                exchange.key.name
+                if exchange.key is not None
+                else client_address(request, state.trusted_proxies)
+            )
+            await _check_rate_limit(state, exchange)
         response = await handler(request)
         status = response.status
         if exchange.request_body is not None and isinstance(response, web.Response):
@@ -64,7 +67,7 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
         return response
     except ProxyError as exc:
         status = exc.status
-        response = _json(exc.body(), exc.status)
+        response = json_response(exc.body(), exc.status)
         if isinstance(exc, RateLimitExceeded):
             response.headers["Retry-After"] = str(max(1, math.ceil(exc.verdict.reset_after)))
         return response
@@ -89,7 +92,9 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return _json(error_body("internal error in llproxy", "server_error", None, None), 500)
+        return json_response(
+            error_body("internal error in llproxy", "server_error", None, None), 500
+        )
     finally:
         if request.path.startswith("/v1/"):
             _record(request, exchange, status, started)
@@ -109,12 +114,13 @@ def _authenticate(keys: KeyRing, request: web.Request) -> ApiKey:
     return key
 
 
-async def _check_rate_limit(state: ProxyState, request: web.Request, exchange: Exchange) -> None:
+async def _check_rate_limit(state: ProxyState, exchange: Exchange) -> None:
     key = exchange.key
     limit = key.rate_limit if key is not None and key.rate_limit else state.config.rate_limit
     if limit is None or state.rate_hit is None:
         return
-    client = f"key:{key.name}" if key else f"ip:{client_address(request, state.trusted_proxies)}"
+    # Separate namespaces: a key named like an address must not share its counter.
+    client = f"key:{exchange.client}" if key else f"ip:{exchange.client}"
     try:
         verdict = await state.rate_hit(limit, client)
     except ServiceUnavailable:
@@ -133,7 +139,7 @@ def check_model_allowed(key: ApiKey | None, name: str) -> None:
 
 
 def _record(request: web.Request, exchange: Exchange, status: int, started: float) -> None:
-    """Account one API request: metrics, the worker's stats, and the access log line."""
+    """Account one API request: metrics, its usage record, and the access log line."""
     now = time.perf_counter()
     state = request.app[STATE]
     # Only registry names become label values: a client must not mint time series.
@@ -150,15 +156,10 @@ def _record(request: web.Request, exchange: Exchange, status: int, started: floa
             telemetry.add_tokens(telemetry.prompt_tokens, label, exchange.prompt_tokens)
         if exchange.completion_tokens is not None:
             telemetry.add_tokens(telemetry.generation_tokens, label, exchange.completion_tokens)
-        client = (
-            exchange.key.name
-            if exchange.key is not None
-            else client_address(request, state.trusted_proxies)
-        )
         state.pending_usage.append(
             UsageRecord(
                 time.time(),
-                client,
+                exchange.client,
                 label,
                 exchange.upstream,
                 status,

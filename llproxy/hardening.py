@@ -44,11 +44,17 @@ def host_name(host_header: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def check_host(config: Config, request: web.Request) -> None:
-    if not config.loopback_only:
+def accepted_hosts(config: Config) -> tuple[str, ...] | None:
+    """Host names accepted besides loopback ones; None when any is (not bound to loopback).
+    Decided once at startup: it is asked on every request."""
+    return config.allowed_hosts if config.loopback_only else None
+
+
+def check_host(request: web.Request, accepted: tuple[str, ...] | None) -> None:
+    if accepted is None:
         return
     name = host_name(request.headers.get("Host", ""))
-    if name in _LOOPBACK_NAMES or name.startswith("127.") or name in config.allowed_hosts:
+    if name in _LOOPBACK_NAMES or name.startswith("127.") or name in accepted:
         return
     raise HostNotAllowed(
         f"Host '{name}' is not accepted by a proxy bound to loopback; "

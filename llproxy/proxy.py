@@ -51,6 +51,7 @@ class Exchange:
     model: str | None = None
     resolved: bool = False  # model names a registry entry
     key: ApiKey | None = None  # the client's key, when keys are in use
+    client: str = "-"  # the key's name, else the client's address
     verdict: Verdict | None = None  # the rate limiter's answer, for the response headers
     # llproxy asked the upstream for the usage chunk; the client did not, so it is removed.
     hide_usage_chunk: bool = False

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from .config import Config
 from .discovery import DiscoveryLoop, ScanResult
+from .hardening import accepted_hosts
 from .keys import KeyRing
 from .metrics import DiscoveryTelemetry, Telemetry
 from .proxy import Exchange, UpstreamClient
@@ -25,7 +27,7 @@ class ProxyState:
         self.worker_id = worker_id
         self.workers = 1
         self.registry = Registry()
-        self.models_body = listing_body(self.registry)
+        self.models_body = listing_body(self.registry.listing())
         self.upstreams: UpstreamClient | None = None
         self.discovery: DiscoveryLoop | None = None
         self.telemetry = Telemetry()
@@ -37,6 +39,7 @@ class ProxyState:
         # Who counts requests against rate limits; None until the app starts.
         self.rate_hit: HitFunction | None = None
         self.trusted_proxies = parse_networks("trusted_proxies", config.trusted_proxies)
+        self.accepted_hosts = accepted_hosts(config)
         # Usage records wait here for whoever writes them (this process, or the supervisor).
         self.pending_usage: list[UsageRecord] = []
 
@@ -51,7 +54,7 @@ class ProxyState:
 
     def set_registry(self, registry: Registry) -> None:
         # Serialise once per snapshot rather than per GET /v1/models.
-        self.models_body = listing_body(registry)
+        self.models_body = listing_body(registry.listing())
         self.registry = registry
 
 
@@ -59,5 +62,6 @@ STATE = web.AppKey("llproxy_state", ProxyState)
 EXCHANGE = web.RequestKey("llproxy_exchange", Exchange)
 
 
-def listing_body(registry: Registry) -> bytes:
-    return orjson.dumps({"object": "list", "data": registry.listing()})
+def listing_body(entries: Sequence[Mapping[str, Any]]) -> bytes:
+    """The body of GET /v1/models for these model entries."""
+    return orjson.dumps({"object": "list", "data": entries})
