@@ -380,7 +380,10 @@ def _networks(path: str, value: Any) -> tuple[str, ...]:
     from .ratelimit import parse_networks
 
     items = _string_list(path, value)
-    parse_networks(path, items)
+    try:
+        parse_networks(items)
+    except ValueError as exc:
+        raise ConfigError(f"{path}{exc}") from None
     return items
 
 

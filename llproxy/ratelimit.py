@@ -94,17 +94,14 @@ def redis_counter(url: str) -> Counter:
 HitFunction = Callable[[str, str], Awaitable[Verdict]]
 
 
-def parse_networks(path: str, values: Sequence[str]) -> tuple[IpNetwork, ...]:
-    from .config import ConfigError
-
+def parse_networks(values: Sequence[str]) -> tuple[IpNetwork, ...]:
+    """Addresses or networks; a ValueError (`[index]: …`) names the first that is neither."""
     networks = []
     for i, value in enumerate(values):
         try:
             networks.append(ipaddress.ip_network(value, strict=False))
         except ValueError:
-            raise ConfigError(
-                f"{path}[{i}]: must be an IP address or network, got {value!r}"
-            ) from None
+            raise ValueError(f"[{i}]: must be an IP address or network, got {value!r}") from None
     return tuple(networks)
 
 

@@ -38,7 +38,7 @@ class ProxyState:
         self.keys = KeyRing()
         # Who counts requests against rate limits; None until the app starts.
         self.rate_hit: HitFunction | None = None
-        self.trusted_proxies = parse_networks("trusted_proxies", config.trusted_proxies)
+        self.trusted_proxies = parse_networks(config.trusted_proxies)
         self.accepted_hosts = accepted_hosts(config)
         # Usage records wait here for whoever writes them (this process, or the supervisor).
         self.pending_usage: list[UsageRecord] = []
