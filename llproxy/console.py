@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .channel import StatsReply
 from .registry import Registry
+from .report import models_table
 
 COMMANDS = {
     "help": "list the commands",
@@ -82,18 +83,7 @@ class InteractiveConsole:
         self.out.print(table)
 
     def show_models(self, registry: Registry) -> None:
-        table = Table(title=f"{len(registry.models)} models on {registry.servers} servers")
-        for column in ("name", "upstream id", "host:port", "tags"):
-            table.add_column(column)
-        for model in registry.models.values():
-            for replica in model.replicas:
-                table.add_row(
-                    model.name,
-                    replica.upstream_id,
-                    replica.upstream.address,
-                    ", ".join(replica.upstream.tags),
-                )
-        self.out.print(table)
+        self.out.print(models_table(registry))
 
     def show_workers(self, workers: Sequence[Any]) -> None:
         table = Table(title=f"{len(workers)} workers")

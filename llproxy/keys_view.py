@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
-import orjson
 from rich.console import Console
 from rich.table import Table
 
 from .keys import ApiKey
+from .report import print_json
 
 
 def _when(stamp: float | None) -> str:
@@ -43,7 +42,7 @@ def key_rows(keys: list[ApiKey]) -> list[dict[str, Any]]:
 def show_keys(keys: list[ApiKey], as_json: bool) -> None:
     rows = key_rows(keys)
     if as_json:
-        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        print_json(rows)
         return
     table = Table(title=f"{len(rows)} API keys")
     for column in ("name", "fingerprint", "models", "rate limit", "status", "created", "expires"):

@@ -1,4 +1,5 @@
-"""`llproxy scan`: one discovery pass, shown as a progress bar and a table, or as JSON."""
+"""`llproxy scan`: one discovery pass, shown as a progress bar and a table, or as JSON; and
+the pieces of output the other commands and the console share."""
 
 from __future__ import annotations
 
@@ -13,6 +14,28 @@ from rich.table import Table
 
 from .config import Config
 from .discovery import ScanResult, make_scan_session, scan
+from .registry import Registry
+
+
+def print_json(rows: list[dict[str, Any]]) -> None:
+    """A command's `--json` output: the rows as one indented JSON array on stdout."""
+    sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def models_table(registry: Registry) -> Table:
+    """Every model with each of its replicas: name, upstream id, host:port, tags."""
+    table = Table(title=f"{len(registry.models)} models on {registry.servers} servers")
+    for column in ("name", "upstream id", "host:port", "tags"):
+        table.add_column(column)
+    for model in registry.models.values():
+        for replica in model.replicas:
+            table.add_row(
+                model.name,
+                replica.upstream_id,
+                replica.upstream.address,
+                ", ".join(replica.upstream.tags),
+            )
+    return table
 
 
 def scan_rows(result: ScanResult) -> list[dict[str, Any]]:
@@ -54,18 +77,9 @@ def run_scan(config: Config, as_json: bool) -> int:
     result = uvloop.run(_scan_once(config, show_progress=err.is_terminal and not as_json))
     rows = scan_rows(result)
     if as_json:
-        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        print_json(rows)
     elif rows:
-        table = Table(
-            title=f"{len(result.registry.models)} models on {result.registry.servers} servers"
-        )
-        for column in ("name", "upstream id", "host:port", "tags"):
-            table.add_column(column)
-        for row in rows:
-            table.add_row(
-                row["name"], row["id"], f"{row['hostname']}:{row['port']}", ", ".join(row["tags"])
-            )
-        Console().print(table)
+        Console().print(models_table(result.registry))
     summary = (
         f"scanned {result.probed} addresses in {result.duration_ms:.0f} ms: "
         f"{result.registry.servers} servers, {len(result.registry.models)} models"

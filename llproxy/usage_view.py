@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-import orjson
 from rich.console import Console
 from rich.table import Table
+
+from .report import print_json
 
 
 def show_usage(rows: list[dict[str, Any]], by: str, as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        print_json(rows)
         return
     group = {"key": "client", "model": "model", "day": "day"}[by]
     table = Table(title=f"usage by {by}")
