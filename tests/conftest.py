@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -100,6 +101,12 @@ async def chat_request(base_url: str, stream: bool = True) -> AsyncIterator[Clie
         ) as resp,
     ):
         yield resp
+
+
+def write_config(path: Path, upstreams: list[RunningUpstream], **top: Any) -> Path:
+    """An llproxy config file with one endpoint per upstream, plus any top-level keys."""
+    path.write_text(json.dumps({"endpoints": [u.endpoint() for u in upstreams], **top}))
+    return path
 
 
 UpstreamFactory = Callable[..., Awaitable[RunningUpstream]]

@@ -15,7 +15,7 @@ import openai
 
 from llproxy import __version__
 
-from .conftest import RunningUpstream, UpstreamFactory
+from .conftest import RunningUpstream, UpstreamFactory, write_config
 from .process import LlproxyProcess
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -37,10 +37,8 @@ async def run_llproxy(*args: str, env: dict[str, str] | None = None) -> tuple[in
     return proc.returncode, out.decode(), err.decode()
 
 
-def write_config(tmp_path: Path, upstream: RunningUpstream, **top: object) -> Path:
-    path = tmp_path / "llproxy.json"
-    path.write_text(json.dumps({"endpoints": [upstream.endpoint(tags=["t"])], **top}))
-    return path
+def tagged_config(tmp_path: Path, upstream: RunningUpstream) -> Path:
+    return write_config(tmp_path / "llproxy.json", [], endpoints=[upstream.endpoint(tags=["t"])])
 
 
 async def test_version_and_python_m() -> None:
@@ -52,7 +50,7 @@ async def test_serve_proxies_and_stops_cleanly_on_sigterm(
     start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
 ) -> None:
     upstream = await start_upstream(model_ids=["org/m.gguf"])
-    config = write_config(tmp_path, upstream)
+    config = tagged_config(tmp_path, upstream)
     daemon = await start_llproxy("--config", str(config), "--verbose")
     await daemon.wait_for("serving on http://127.0.0.1")
     client = openai.AsyncOpenAI(base_url=f"{daemon.url}/v1", api_key="x", max_retries=0)
@@ -91,7 +89,7 @@ async def test_aihost_serves_one_server_without_a_config(
 async def test_scan_json(start_upstream: UpstreamFactory, tmp_path: Path) -> None:
     upstream = await start_upstream(model_ids=["org/m.gguf", "n"])
     code, out, _ = await run_llproxy(
-        "scan", "--json", "--config", str(write_config(tmp_path, upstream))
+        "scan", "--json", "--config", str(tagged_config(tmp_path, upstream))
     )
     assert code == 0
     assert json.loads(out) == [
@@ -110,7 +108,7 @@ async def test_scan_table_and_nothing_found(
     start_upstream: UpstreamFactory, tmp_path: Path
 ) -> None:
     upstream = await start_upstream(model_ids=["tabled"])
-    code, out, err = await run_llproxy("scan", "--config", str(write_config(tmp_path, upstream)))
+    code, out, err = await run_llproxy("scan", "--config", str(tagged_config(tmp_path, upstream)))
     assert code == 0 and "tabled:t" in out and f"127.0.0.1:{upstream.port}" in out
     assert "1 models" in err
 

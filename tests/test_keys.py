@@ -18,7 +18,7 @@ from llproxy.config import EX_CONFIG, ConfigError, parse_config
 from llproxy.keys import KeyRing, KeyStore, key_hash
 from llproxy.statedb import DATABASE
 
-from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory
+from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory, write_config
 from .process import LlproxyProcess, create_key, run_cli
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -174,8 +174,7 @@ async def test_keys_created_and_revoked_while_serving(
     start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
 ) -> None:
     upstream = await start_upstream()
-    config = tmp_path / "c.json"
-    config.write_text(json.dumps({"endpoints": [upstream.endpoint()]}))
+    config = write_config(tmp_path / "c.json", [upstream])
     state = tmp_path / "state"
     daemon = await start_llproxy(
         "--config", str(config), "--workers", "2", "-v", env={"LLPROXY_STATE_DIR": str(state)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 
 from llproxy.config import ConfigError, parse_config
 
-from .conftest import ProxyFactory, RunningUpstream, UpstreamFactory
+from .conftest import ProxyFactory, RunningUpstream, UpstreamFactory, write_config
 from .process import LlproxyProcess, create_key, run_cli
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -126,10 +125,7 @@ async def test_limit_is_exact_across_workers(
     start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
 ) -> None:
     upstream = await start_upstream()
-    config = tmp_path / "c.json"
-    config.write_text(
-        json.dumps({"endpoints": [upstream.endpoint()], "rate_limit": "10 per minute"})
-    )
+    config = write_config(tmp_path / "c.json", [upstream], rate_limit="10 per minute")
     daemon = await start_llproxy("--config", str(config), "--workers", "2", "-v")
     statuses = await burst(daemon.url, 30)
     assert statuses.count(200) == 10 and statuses.count(429) == 20
@@ -142,15 +138,8 @@ async def test_instances_sharing_redis_share_a_limit(
     start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path, redis_url: str
 ) -> None:
     upstream = await start_upstream()
-    config = tmp_path / "c.json"
-    config.write_text(
-        json.dumps(
-            {
-                "endpoints": [upstream.endpoint()],
-                "rate_limit": "6 per minute",
-                "redis_url": redis_url,
-            }
-        )
+    config = write_config(
+        tmp_path / "c.json", [upstream], rate_limit="6 per minute", redis_url=redis_url
     )
     first = await start_llproxy("--config", str(config), "--workers", "1")
     second = await start_llproxy("--config", str(config), "--workers", "2")
@@ -174,8 +163,7 @@ async def test_revocation_is_shared_through_redis(
     start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path, redis_url: str
 ) -> None:
     upstream = await start_upstream()
-    config = tmp_path / "c.json"
-    config.write_text(json.dumps({"endpoints": [upstream.endpoint()], "redis_url": redis_url}))
+    config = write_config(tmp_path / "c.json", [upstream], redis_url=redis_url)
     here, there = tmp_path / "here", tmp_path / "there"
     secret = create_key(here, "shared")
     there.mkdir()

@@ -11,7 +11,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import openai
@@ -19,16 +18,11 @@ import pytest
 
 from llproxy.supervisor import EX_BIND_FAILURE, EX_BOOT_FAILURE
 
-from .conftest import RunningUpstream, UpstreamFactory, chat_request
+from .conftest import UpstreamFactory, chat_request, write_config
 from .process import LlproxyProcess
 
 CHAT = [{"role": "user", "content": "hi"}]
 Start = Callable[..., Awaitable[LlproxyProcess]]
-
-
-def write_config(path: Path, upstreams: list[RunningUpstream], **top: Any) -> Path:
-    path.write_text(json.dumps({"endpoints": [u.endpoint() for u in upstreams], **top}))
-    return path
 
 
 async def worker_pids(daemon: LlproxyProcess, want: int, seconds: float = 10) -> set[int]:

@@ -17,7 +17,7 @@ import orjson
 from llproxy.proxy import Exchange, UsageChunkFilter
 from llproxy.usage import usage_sums
 
-from .conftest import ProxyFactory, RunningProxy, UpstreamFactory
+from .conftest import ProxyFactory, RunningProxy, UpstreamFactory, write_config
 from .process import LlproxyProcess, create_key, run_cli
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -122,8 +122,7 @@ async def test_usage_survives_sigterm_across_workers(
     upstream = await start_upstream(chunks=3)
     state = tmp_path / "state"
     secret = create_key(state, "team-a")
-    config = tmp_path / "c.json"
-    config.write_text(json.dumps({"endpoints": [upstream.endpoint()]}))
+    config = write_config(tmp_path / "c.json", [upstream])
     daemon = await start_llproxy(
         "--config", str(config), "--workers", "2", env={"LLPROXY_STATE_DIR": str(state)}
     )
@@ -161,8 +160,7 @@ async def test_a_busy_worker_records_every_request(
     # channel's own test covers messages larger than one read, which once killed workers.)
     upstream = await start_upstream(chunks=1)
     state = tmp_path / "state"
-    config = tmp_path / "c.json"
-    config.write_text(json.dumps({"endpoints": [upstream.endpoint()], "rate_limit": None}))
+    config = write_config(tmp_path / "c.json", [upstream], rate_limit=None)
     daemon = await start_llproxy(
         "--config", str(config), "--workers", "1", env={"LLPROXY_STATE_DIR": str(state)}
     )
