@@ -33,10 +33,11 @@ from .gateway import boundary, check_model_allowed, on_response_prepare
 from .hardening import preflight
 from .keys import REVOKED_SET, KeyRing
 from .metrics import CONTENT_TYPE, DiscoveryTelemetry, render
-from .proxy import Exchange, UpstreamClient, make_upstream_session
+from .proxy import Exchange, UpstreamClient
 from .ratelimit import memory_counter, redis_client, redis_counter
 from .state import EXCHANGE, STATE, ProxyState, listing_body
 from .statedb import state_dir
+from .upstream_http import request_path
 from .usage import FLUSH_SECONDS, UsageWriter
 from .validation import validate
 
@@ -107,6 +108,10 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest("request body must be a JSON object")
     path = request.match_info["path"]
     validate(path, body)
+    try:
+        target = request_path(path)
+    except ValueError:
+        raise InvalidRequest(f"invalid path /v1/{path}") from None
 
     name = body.get("model") or state.config.default_model
     if name is None:
@@ -126,7 +131,7 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     in_flight = state.telemetry.in_flight
     in_flight[name] = in_flight.get(name, 0) + 1
     try:
-        return await state.upstreams.forward(request, model, path, body, exchange)
+        return await state.upstreams.forward(request, model, target, body, exchange)
     finally:
         in_flight[name] -= 1
 
@@ -218,12 +223,11 @@ async def _key_ring(app: web.Application) -> AsyncIterator[None]:
     state.keys.close()
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    session = make_upstream_session(state.config.timeouts)
-    state.upstreams = UpstreamClient(session, state.config.timeouts)
+    state.upstreams = UpstreamClient(state.config.timeouts)
     yield
-    await session.close()
+    await state.upstreams.close()
 
 
 async def _local_discovery(app: web.Application) -> AsyncIterator[None]:
@@ -252,7 +256,7 @@ def create_app(config: Config, *, discover: bool = True, worker_id: int = 0) -> 
         app[STATE].rate_hit = memory_counter().hit
     if discover:  # likewise it writes its own usage; workers send theirs to the supervisor
         app.cleanup_ctx.append(_usage_writer)
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream_client)
     if discover:
         app.cleanup_ctx.append(_local_discovery)
     app.on_response_prepare.append(on_response_prepare)

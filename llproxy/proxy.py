@@ -17,31 +17,26 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from .config import Timeouts
-from .discovery import upstream_headers
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
 from .keys import ApiKey
 from .ratelimit import Verdict
 from .registry import Balancer, Model, Replica
+from .upstream_http import ConnectFailed, UpstreamBroken, UpstreamPool
 
 # Upstream response headers worth relaying; everything else is hop-by-hop or describes a
-# body encoding that aiohttp already undid.
-_RELAYED_HEADERS = ("Content-Type", "X-Request-Id")
+# body encoding already undone.
+_RELAYED = (("Content-Type", "content-type"), ("X-Request-Id", "x-request-id"))
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_ERROR_BODY = 64 * 1024
 # The last reads of a stream are kept to find its usage chunk, which may arrive split.
 _USAGE_TAIL_READS = 4
-# Failures of the upstream side only. A write to a departed client raises
-# ClientConnectionResetError, which is none of these and propagates.
-_UPSTREAM_FAILURES = (
-    aiohttp.ClientPayloadError,
-    aiohttp.ServerConnectionError,
-    aiohttp.ClientOSError,
-)
+# keep-alive just under the 5 s idle timeout of uvicorn-based servers (vLLM, SGLang,
+# tabbyAPI), so a pooled connection is never reused while the server is closing it.
+UPSTREAM_KEEPALIVE = 4.0
 
 
 @dataclass(slots=True)
@@ -144,25 +139,6 @@ class UsageChunkFilter:
         return rest
 
 
-class _Refused(Exception):
-    """The replica could not be reached; nothing was sent, so another may be tried."""
-
-
-def make_upstream_session(timeouts: Timeouts) -> aiohttp.ClientSession:
-    # keepalive just under the 5 s idle timeout of uvicorn-based servers (vLLM, SGLang,
-    # tabbyAPI), so a pooled connection is never reused while the server is closing it.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, ttl_dns_cache=300)
-    return aiohttp.ClientSession(
-        connector=connector,
-        # One session serves every client: a cookie one upstream sets must not be replayed
-        # on anyone else's request.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect),
-        auto_decompress=True,
-        skip_auto_headers=("User-Agent",),
-    )
-
-
 def _upstream_error(status: int, raw: bytes) -> web.Response:
     """Relay an upstream error as is when it is OpenAI-shaped, else wrap it so it is."""
     try:
@@ -186,10 +162,13 @@ def _stream_error_event(exc: ProxyError) -> bytes:
 class UpstreamClient:
     """The worker's one connection pool to every upstream, and replica balancing."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts) -> None:
-        self.session = session
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.pool = UpstreamPool(timeouts.connect, UPSTREAM_KEEPALIVE)
         self.timeouts = timeouts
         self.balancer = Balancer()
+
+    async def close(self) -> None:
+        await self.pool.close()
 
     async def forward(
         self,
@@ -207,7 +186,7 @@ class UpstreamClient:
             self.balancer.acquire(replica)
             try:
                 return await self._attempt(request, replica, path, payload, exchange)
-            except _Refused as exc:
+            except ConnectFailed as exc:
                 exchange.upstream_error = "refused"
                 refused.append(f"{replica.upstream.address} ({exc})")
             finally:
@@ -225,44 +204,32 @@ class UpstreamClient:
         exchange: Exchange,
     ) -> web.StreamResponse:
         upstream = replica.upstream
-        headers = {
-            "Content-Type": "application/json",
-            "Accept-Encoding": "identity",
-            **upstream_headers(upstream),
-        }
         loop = asyncio.get_running_loop()
         response: web.StreamResponse | None = None
         try:
             async with asyncio.timeout(self.timeouts.first_byte) as deadline:
-                try:
-                    upstream_resp = await self.session.post(
-                        f"{upstream.base_url}/{path}", data=payload, headers=headers
-                    )
-                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                    raise _Refused(type(exc).__name__) from exc
+                upstream_resp = await self.pool.post(upstream, path, payload)
                 finished = False
                 try:
                     if upstream_resp.status >= 400:
-                        raw = await upstream_resp.content.read(MAX_ERROR_BODY)
-                        finished = upstream_resp.content.at_eof()
+                        raw = await upstream_resp.read(MAX_ERROR_BODY)
+                        finished = upstream_resp.at_eof()
                         return _upstream_error(upstream_resp.status, raw)
-                    relayed = {
-                        name: upstream_resp.headers[name]
-                        for name in _RELAYED_HEADERS
-                        if name in upstream_resp.headers
-                    }
-                    if upstream_resp.content_type != "text/event-stream":
-                        if not upstream_resp.content.is_eof():  # usually all came at once
+                    headers = upstream_resp.headers
+                    relayed = {name: headers[key] for name, key in _RELAYED if key in headers}
+                    content_type = upstream_resp.content_type
+                    if content_type != "text/event-stream":
+                        if not upstream_resp.at_eof():  # usually all came at once
                             deadline.reschedule(loop.time() + self.timeouts.idle)
                         data = await upstream_resp.read()
                         exchange.first_byte_at = time.perf_counter()
                         finished = True
-                        if upstream_resp.content_type == "application/json":
+                        if content_type == "application/json":
                             with contextlib.suppress(orjson.JSONDecodeError):
                                 exchange.take_usage(orjson.loads(data))
                         return web.Response(status=upstream_resp.status, body=data, headers=relayed)
 
-                    chunk = await upstream_resp.content.readany()
+                    chunk = await upstream_resp.chunk()
                     exchange.first_byte_at = time.perf_counter()
                     response = web.StreamResponse(
                         status=upstream_resp.status, headers={**relayed, **_SSE_HEADERS}
@@ -277,7 +244,7 @@ class UpstreamClient:
                         if relay := events.feed(chunk):
                             await response.write(relay)
                         deadline.reschedule(loop.time() + self.timeouts.idle)
-                        chunk = await upstream_resp.content.readany()
+                        chunk = await upstream_resp.chunk()
                     if rest := events.finish():
                         await response.write(rest)
                     finished = True
@@ -297,11 +264,10 @@ class UpstreamClient:
                     f"{self.timeouts.first_byte if response is None else self.timeouts.idle:g} s"
                 ),
             )
-        except _UPSTREAM_FAILURES as exc:
+        except UpstreamBroken as exc:
             exchange.upstream_error = "failed"
             return await self._fail(
-                response,
-                UpstreamUnreachable(f"upstream {upstream.address} failed: {type(exc).__name__}"),
+                response, UpstreamUnreachable(f"upstream {upstream.address} failed: {exc}")
             )
         assert response is not None
         await response.write_eof()
