@@ -9,7 +9,6 @@ upstream connection at once, so the server stops generating.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import time
@@ -21,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from .config import Timeouts
+from .deadlines import Watchdog
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
 from .keys import ApiKey
 from .ratelimit import Verdict
@@ -164,10 +164,12 @@ class UpstreamClient:
 
     def __init__(self, timeouts: Timeouts) -> None:
         self.pool = UpstreamPool(timeouts.connect, UPSTREAM_KEEPALIVE)
+        self.watchdog = Watchdog()
         self.timeouts = timeouts
         self.balancer = Balancer()
 
     async def close(self) -> None:
+        self.watchdog.close()
         await self.pool.close()
 
     async def forward(
@@ -204,10 +206,9 @@ class UpstreamClient:
         exchange: Exchange,
     ) -> web.StreamResponse:
         upstream = replica.upstream
-        loop = asyncio.get_running_loop()
         response: web.StreamResponse | None = None
         try:
-            async with asyncio.timeout(self.timeouts.first_byte) as deadline:
+            async with self.watchdog.deadline(self.timeouts.first_byte) as deadline:
                 upstream_resp = await self.pool.post(upstream, path, payload)
                 finished = False
                 try:
@@ -220,7 +221,7 @@ class UpstreamClient:
                     content_type = upstream_resp.content_type
                     if content_type != "text/event-stream":
                         if not upstream_resp.at_eof():  # usually all came at once
-                            deadline.reschedule(loop.time() + self.timeouts.idle)
+                            deadline.extend(self.timeouts.idle)
                         data = await upstream_resp.read()
                         exchange.first_byte_at = time.perf_counter()
                         finished = True
@@ -243,7 +244,7 @@ class UpstreamClient:
                     while chunk:
                         if relay := events.feed(chunk):
                             await response.write(relay)
-                        deadline.reschedule(loop.time() + self.timeouts.idle)
+                        deadline.extend(self.timeouts.idle)
                         chunk = await upstream_resp.chunk()
                     if rest := events.finish():
                         await response.write(rest)

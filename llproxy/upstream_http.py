@@ -201,6 +201,7 @@ class _Connection(asyncio.Protocol):
         self.head_bytes = 0
         self.received_any = False
         self.reusable = False
+        self.reused = False  # taken from the pool, so the upstream may have closed it
         self.idle_since = 0.0
         self.paused = False
 
@@ -267,7 +268,7 @@ class _Connection(asyncio.Protocol):
         if response is None or response.complete:
             return
         if self.head_ready is not None and not self.received_any:
-            self._fail(_Stale() if self.pool.was_reused(self) else UpstreamBroken("closed"))
+            self._fail(_Stale() if self.reused else UpstreamBroken("closed"))
         elif self.head_ready is None and self._ends_at_close(response):
             response._finish()
         else:
@@ -329,7 +330,6 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._reused: set[_Connection] = set()
         self._routes: dict[Upstream, _Route] = {}
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -367,8 +367,6 @@ class UpstreamPool:
         except BaseException:
             connection.drop()
             raise
-        finally:
-            self._reused.discard(connection)
 
     def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
@@ -378,7 +376,7 @@ class UpstreamPool:
             if connection.closed or connection.idle_since < oldest_allowed:
                 connection.drop()
                 continue
-            self._reused.add(connection)
+            connection.reused = True
             return connection
         return None
 
@@ -416,10 +414,6 @@ class UpstreamPool:
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
-        self._reused.discard(connection)
-
-    def was_reused(self, connection: _Connection) -> bool:
-        return connection in self._reused
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:
