@@ -352,21 +352,16 @@ class UpstreamPool:
             + b"\r\n"
         )
         connection = self._take_idle(route.key)
-        if connection is not None:
+        while True:
+            if connection is None:
+                connection = await self._connect(route)
             try:
-                return await self._exchange(connection, head, payload)
+                return await connection.send(head, payload)
             except _Stale:
-                pass
-        return await self._exchange(await self._connect(route), head, payload)
-
-    async def _exchange(
-        self, connection: _Connection, head: bytes, payload: bytes
-    ) -> UpstreamResponse:
-        try:
-            return await connection.send(head, payload)
-        except BaseException:
-            connection.drop()
-            raise
+                connection = None  # raised only by a pooled one, so this retries once
+            except BaseException:
+                connection.drop()
+                raise
 
     def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
