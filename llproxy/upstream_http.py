@@ -198,7 +198,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
         self.head_ready: asyncio.Future[UpstreamResponse] | None = None
-        self.head_bytes = 0
+        self.head_bytes = 0  # received while the head is incomplete
+        self.field_bytes = 0  # in the header fields parsed so far
         self.received_any = False
         self.reusable = False
         self.reused = False  # taken from the pool, so the upstream may have closed it
@@ -211,7 +212,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.response = UpstreamResponse(self)
         self.head_ready = asyncio.get_running_loop().create_future()
-        self.head_bytes = 0
+        self.head_bytes = self.field_bytes = 0
         self.received_any = False
         self.reusable = False
         self.transport.write(head + payload)
@@ -249,17 +250,17 @@ class _Connection(asyncio.Protocol):
             self.drop()
             return
         self.received_any = True
-        if self.head_ready is not None:
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self._fail(UpstreamBroken(f"response head larger than {MAX_HEAD_BYTES} bytes"))
-                return
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # A callback's own error (a bad gzip stream, an unknown encoding) is the cause.
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
             self._fail(UpstreamBroken(f"malformed response: {cause or exc}"))
+            return
+        if self.head_ready is not None:  # the head is still incomplete
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._fail(UpstreamBroken(f"response head larger than {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
@@ -278,6 +279,10 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None
+        # Counted here too: a whole oversized head can arrive in a single read.
+        self.field_bytes += len(name) + len(value)
+        if self.field_bytes > MAX_HEAD_BYTES:
+            raise UpstreamBroken(f"response head larger than {MAX_HEAD_BYTES} bytes")
         self.response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:

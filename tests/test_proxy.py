@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from yarl import URL
 
 from .conftest import (
     ProxyFactory,
@@ -227,6 +228,24 @@ async def test_bad_requests_get_400_and_never_reach_upstream(
     # And the daemon keeps serving.
     models = await proxy.client().models.list()
     assert [m.id for m in models.data] == ["fake-model"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/%2E%2E/admin", "/v1/chat/%2E%2E/%2E%2E/admin", "/v1/chat//completions"]
+)
+async def test_paths_that_could_leave_v1_are_refused(
+    proxy: RunningProxy, upstream: RunningUpstream, path: str
+) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            URL(f"{proxy.url}{path}", encoded=True),
+            json={"model": "fake-model", "messages": CHAT},
+        ) as resp,
+    ):
+        assert resp.status == 400
+        assert_openai_error(await resp.json(), "invalid_request_error")
+    assert upstream.fake.generation_requests == []
 
 
 async def test_unknown_model_is_404(proxy: RunningProxy, upstream: RunningUpstream) -> None:
