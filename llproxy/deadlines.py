@@ -4,7 +4,8 @@
 under uvloop that cost about a fifth of a proxied request's CPU. Upstream timeouts are
 seconds to minutes long, so checking every deadline ten times a second is exact enough:
 a deadline fires at most RESOLUTION late. Semantics follow `asyncio.timeout`: the task is
-cancelled and the cancellation leaves the block as TimeoutError.
+cancelled and the cancellation leaves the block as TimeoutError. Entering and leaving a
+block need no awaiting, so it is a plain `with` block.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ class Deadline:
             self.expired = True
             self._task.cancel()
 
-    async def __aenter__(self) -> Deadline:
+    def __enter__(self) -> Deadline:
         self._task = asyncio.current_task()
         self._watchdog.add(self)
         return self
 
-    async def __aexit__(
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,

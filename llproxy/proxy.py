@@ -219,7 +219,7 @@ class UpstreamClient:
         upstream = replica.upstream
         response: web.StreamResponse | None = None
         try:
-            async with self.watchdog.deadline(self.timeouts.first_byte) as deadline:
+            with self.watchdog.deadline(self.timeouts.first_byte) as deadline:
                 upstream_resp = await self.pool.post(upstream, path, payload)
                 finished = False
                 try:

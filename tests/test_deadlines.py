@@ -12,9 +12,8 @@ from llproxy.deadlines import Watchdog
 async def test_block_past_its_deadline_raises_timeout_error() -> None:
     watchdog = Watchdog()
     try:
-        with pytest.raises(TimeoutError):
-            async with watchdog.deadline(0.2):
-                await asyncio.sleep(30)
+        with pytest.raises(TimeoutError), watchdog.deadline(0.2):
+            await asyncio.sleep(30)
     finally:
         watchdog.close()
 
@@ -22,7 +21,7 @@ async def test_block_past_its_deadline_raises_timeout_error() -> None:
 async def test_extended_deadline_lets_a_long_block_finish() -> None:
     watchdog = Watchdog()
     try:
-        async with watchdog.deadline(0.3) as deadline:
+        with watchdog.deadline(0.3) as deadline:
             for _ in range(8):  # 0.8 s in all, never 0.3 s without an extension
                 await asyncio.sleep(0.1)
                 deadline.extend(0.3)
@@ -37,7 +36,7 @@ async def test_other_cancellation_is_not_turned_into_a_timeout() -> None:
     started = asyncio.Event()
 
     async def guarded() -> None:
-        async with watchdog.deadline(30):
+        with watchdog.deadline(30):
             started.set()
             await asyncio.sleep(30)
 
@@ -54,7 +53,7 @@ async def test_many_deadlines_each_fire_alone() -> None:
 
     async def wait(limit: float, work: float) -> str:
         try:
-            async with watchdog.deadline(limit):
+            with watchdog.deadline(limit):
                 await asyncio.sleep(work)
         except TimeoutError:
             return "timeout"
