@@ -38,7 +38,7 @@ from .ratelimit import memory_counter, redis_client, redis_counter
 from .state import EXCHANGE, STATE, ProxyState, listing_body
 from .statedb import state_dir
 from .upstream_http import request_path
-from .usage import FLUSH_SECONDS, UsageWriter
+from .usage import UsageWriter
 from .validation import validate
 
 access_log = logging.getLogger("llproxy.access")
@@ -178,18 +178,8 @@ def _with_usage_chunk(body: dict[str, Any], exchange: Exchange) -> dict[str, Any
 async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     writer = UsageWriter(state_dir(state.config.state_dir))
-
-    async def drain() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            writer.add(state.take_usage())
-            await writer.flush()
-
-    task = asyncio.create_task(drain(), name="llproxy-usage-drain")
+    writer.start(state.take_usage)
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
     writer.add(state.take_usage())
     await writer.close()
 

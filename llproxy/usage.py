@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,32 +56,44 @@ class UsageRecord(NamedTuple):
 
 
 class UsageWriter:
-    """Batches records and writes them off the event loop."""
+    """Batches records and writes them off the event loop, in one thread of its own.
+
+    Every use of the database happens in that thread, one after another: a flush cancelled
+    by a stop leaves its batch being written there, and the final flush and the close queue
+    up behind it instead of using the connection alongside it (which SQLite does not
+    survive).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._pending: list[UsageRecord] = []
         self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llproxy-usage")
         self._task: asyncio.Task[None] | None = None
 
     def add(self, records: Sequence[UsageRecord]) -> None:
         self._pending.extend(records)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="llproxy-usage")
+    def start(self, collect: Callable[[], Sequence[UsageRecord]] | None = None) -> None:
+        """Flush every FLUSH_SECONDS, first adding what `collect` returns, if given."""
+        self._task = asyncio.create_task(self._run(collect), name="llproxy-usage")
 
-    async def _run(self) -> None:
+    async def _run(self, collect: Callable[[], Sequence[UsageRecord]] | None) -> None:
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
+            if collect is not None:
+                self.add(collect())
             await self.flush()
 
     async def flush(self) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
+        written = asyncio.get_running_loop().run_in_executor(self._thread, self._write, batch)
         try:
-            await asyncio.to_thread(self._write, batch)
-        except sqlite3.Error as exc:
+            # Shielded: once handed to the thread, a batch is written whatever happens here.
+            await asyncio.shield(written)
+        except (sqlite3.Error, OSError) as exc:  # also: the state directory is unusable
             log.error("cannot write %d usage records (kept for the next try): %s", len(batch), exc)
             self._pending[:0] = batch
 
@@ -91,14 +104,20 @@ class UsageWriter:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
 
+    def _close_database(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
-        if self._db is not None:
-            self._db.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._close_database)
+        self._thread.shutdown()
 
 
 GROUPINGS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,7 +16,8 @@ import openai
 import orjson
 
 from llproxy.proxy import Exchange, UsageChunkFilter
-from llproxy.usage import usage_sums
+from llproxy.statedb import DATABASE
+from llproxy.usage import UsageRecord, UsageWriter, usage_sums
 
 from .conftest import ProxyFactory, RunningProxy, UpstreamFactory, write_config
 from .process import LlproxyProcess, create_key, run_cli
@@ -183,3 +185,21 @@ async def test_a_busy_worker_records_every_request(
     assert rows == [
         {"model": "fake-model", "requests": 1500, "prompt_tokens": 10500, "completion_tokens": 1500}
     ]
+
+
+async def test_writer_cancelled_mid_write_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    # A stop can cancel a flush while its batch is being written in the writer's thread;
+    # the last flush must wait for it rather than use the database alongside it.
+    writer = UsageWriter(tmp_path)
+    big = [
+        UsageRecord(float(i), "client", "model:tag", "127.0.0.1:1", 200, 1, 2, 0.5)
+        for i in range(200_000)
+    ]
+    writer.add(big)
+    flushing = asyncio.create_task(writer.flush())
+    await asyncio.sleep(0.05)  # the thread is inserting now
+    flushing.cancel()
+    writer.add(big[:10])
+    await writer.close()
+    with sqlite3.connect(tmp_path / DATABASE) as db:
+        assert db.execute("SELECT count(*) FROM usage").fetchone() == (200_010,)
