@@ -295,6 +295,7 @@ def versions() -> dict[str, str]:
             return "?"
 
     import aiohttp
+    import httptools
     import uvloop
 
     cpu = "?"
@@ -308,6 +309,7 @@ def versions() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
+        "httptools": httptools.__version__,
         "uvloop": uvloop.__version__,
         "nginx": first_line(["nginx", "-v"]),
         "wrk": first_line(["wrk", "--version"]),

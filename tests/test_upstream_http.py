@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+import trustme
 
 from llproxy.registry import Upstream
 from llproxy.upstream_http import (
@@ -343,3 +346,52 @@ def test_request_path_is_encoded(path: str, expected: str) -> None:
 def test_request_path_refuses_dot_and_empty_segments(path: str) -> None:
     with pytest.raises(ValueError):
         request_path(path)
+
+
+@asynccontextmanager
+async def tls_server(ca: trustme.CA) -> AsyncIterator[Served]:
+    served = Served()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.connections.append([])
+        try:
+            await keep_answering(served, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    served.port = server.sockets[0].getsockname()[1]
+    try:
+        yield served
+    finally:
+        server.close()
+
+
+def tls_upstream(port: int) -> Upstream:
+    return Upstream(base_url=f"https://127.0.0.1:{port}/v1", hostname="127.0.0.1", port=port)
+
+
+async def test_https_upstream_with_a_trusted_certificate(
+    pool: UpstreamPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # the system store, here
+    async with tls_server(ca) as served:
+        response = await pool.post(tls_upstream(served.port), "chat/completions", b"{}")
+        assert response.status == 200 and await response.read() == b'{"ok": true}'
+        response.release()
+    assert f"Host: 127.0.0.1:{served.port}\r\n".encode() in served.connections[0][0]
+
+
+async def test_https_upstream_with_an_untrusted_certificate_is_refused(
+    pool: UpstreamPool,
+) -> None:
+    async with tls_server(trustme.CA()) as served:
+        with pytest.raises(ConnectFailed):
+            await pool.post(tls_upstream(served.port), "chat/completions", b"{}")
+    assert served.connections == [] or served.connections == [[]]  # no request was sent
