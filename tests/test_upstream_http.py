@@ -94,6 +94,14 @@ def answer(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
     return f"HTTP/1.1 {status}\r\n{head}\r\n".encode() + body
 
 
+async def fetch(pool: UpstreamPool, upstream: Upstream) -> bytes:
+    """One request's whole body, its connection handed back to the pool."""
+    response = await asyncio.wait_for(pool.post(upstream, "completions", b"{}"), 10)
+    body = await asyncio.wait_for(response.read(), 10)
+    response.release()
+    return body
+
+
 @pytest.fixture
 async def pool() -> AsyncIterator[UpstreamPool]:
     pool = UpstreamPool(connect_timeout=5.0, keepalive=4.0)
@@ -157,9 +165,7 @@ async def test_body_delimited_by_close(pool: UpstreamPool) -> None:
     async with scripted(until_close) as served:
         upstream = upstream_at(served.port)
         for _ in range(2):  # the closed connection is not pooled
-            response = await pool.post(upstream, "completions", b"{}")
-            assert await response.read() == b"all of it"
-            response.release()
+            assert await fetch(pool, upstream) == b"all of it"
     assert [len(requests) for requests in served.connections] == [1, 1]
 
 
@@ -171,9 +177,7 @@ async def test_gzip_body_is_decoded(pool: UpstreamPool) -> None:
         writer.write(answer(gzip.compress(b'{"packed": 1}'), "Content-Encoding: gzip"))
 
     async with scripted(gzipped) as served:
-        response = await pool.post(upstream_at(served.port), "completions", b"{}")
-        assert await response.read() == b'{"packed": 1}'
-        response.release()
+        assert await fetch(pool, upstream_at(served.port)) == b'{"packed": 1}'
 
 
 async def test_interim_100_is_skipped(pool: UpstreamPool) -> None:
@@ -246,12 +250,8 @@ async def test_pooled_connection_closed_by_upstream_is_retried_once(pool: Upstre
 
     async with scripted(close_the_first_on_its_second_request) as served:
         upstream = upstream_at(served.port)
-        first = await pool.post(upstream, "completions", b"{}")
-        assert await first.read() == b"answer 1"
-        first.release()
-        second = await asyncio.wait_for(pool.post(upstream, "completions", b"{}"), 10)
-        assert await second.read() == b"answer 2"
-        second.release()
+        assert await fetch(pool, upstream) == b"answer 1"
+        assert await fetch(pool, upstream) == b"answer 2"
     assert [len(requests) for requests in served.connections] == [2, 1]
 
 
@@ -322,9 +322,7 @@ async def test_idle_connections_are_closed_after_keepalive() -> None:
             await served.wait_closed_by_client(reader)
 
         async with scripted(answer_then_wait) as served:
-            response = await pool.post(upstream_at(served.port), "completions", b"{}")
-            assert await response.read() == b"ok"
-            response.release()
+            assert await fetch(pool, upstream_at(served.port)) == b"ok"
             await asyncio.wait_for(served.closed_by_client.wait(), 10)
     finally:
         await pool.close()
