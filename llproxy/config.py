@@ -171,13 +171,16 @@ def _string_list(path: str, value: Any) -> tuple[str, ...]:
 
 def _secret(path: str, value: Any, environ: Mapping[str, str]) -> str:
     text = _nonempty_str(path, value)
-    if not text.startswith("env:"):
-        return text
-    name = text[4:]
-    if name not in environ or not environ[name]:
-        # Name the variable, never the secret.
-        raise ConfigError(f"{path}: environment variable {name} is not set")
-    return environ[name]
+    if text.startswith("env:"):
+        name = text[4:]
+        if name not in environ or not environ[name]:
+            # Name the variable, never the secret.
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+        text = environ[name]
+    # Secrets go into header lines, where a line break would end the header early.
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+        raise ConfigError(f"{path}: contains a control character (a trailing newline?)")
+    return text
 
 
 def _bind_address(path: str, value: Any) -> str:

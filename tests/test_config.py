@@ -170,6 +170,14 @@ def test_bad_config_names_the_field(data: Any, message: str) -> None:
     assert str(caught.value).startswith(message), str(caught.value)
 
 
+def test_secret_with_a_line_break_is_refused_without_showing_it() -> None:
+    data = {"endpoints": [{"url": "http://x/v1", "apikey": "env:UPSTREAM_KEY"}]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, environ={"UPSTREAM_KEY": "sk-secret-value\n"})
+    assert str(caught.value).startswith("endpoints[0].apikey: contains a control character")
+    assert "sk-secret-value" not in str(caught.value)
+
+
 def test_disabled_endpoint_may_name_an_unset_variable() -> None:
     config = parse_config(
         {"endpoints": [{"url": "http://x/v1", "apikey": "env:UNSET", "enable": False}]},
