@@ -82,8 +82,9 @@ class _Route:
             host=host,
             port=upstream.port,
             tls=tls,
-            path_prefix=parts.path.rstrip("/"),
-            head_fields="".join(f"{field}\r\n" for field in fields).encode("latin-1"),
+            # Already-escaped characters stay as they are; the rest must be ASCII.
+            path_prefix=quote(parts.path.rstrip("/"), safe=_PATH_SAFE + "%"),
+            head_fields="".join(f"{field}\r\n" for field in fields).encode(),
         )
 
 

@@ -393,3 +393,17 @@ async def test_https_upstream_with_an_untrusted_certificate_is_refused(
         with pytest.raises(ConnectFailed):
             await pool.post(tls_upstream(served.port), "chat/completions", b"{}")
     assert served.connections == [] or served.connections == [[]]  # no request was sent
+
+
+async def test_base_url_path_and_key_outside_ascii_are_sent_safely(pool: UpstreamPool) -> None:
+    async with scripted(keep_answering) as served:
+        upstream = Upstream(
+            base_url=f"http://127.0.0.1:{served.port}/my models/v1",
+            hostname="127.0.0.1",
+            port=served.port,
+            apikey="clé-secrète",
+        )
+        assert await fetch(pool, upstream) == b'{"ok": true}'
+    head = served.connections[0][0]
+    assert head.startswith(b"POST /my%20models/v1/completions HTTP/1.1\r\n")
+    assert "Authorization: Bearer clé-secrète\r\n".encode() in head
