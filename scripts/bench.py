@@ -443,20 +443,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.soak_requests:
             port, proc = llproxies[cores]
             before = [rss_mb(pid) for pid in workers_of(proc.pid)]
-            rate = statistics.median(r.rps for r in bench.results[f"llproxy-{cores}w|json|32"])
-            seconds = min(args.soak_max_seconds, max(5.0, args.soak_requests / max(rate, 1)))
-            print(f"soak: about {args.soak_requests} requests, at most {seconds:.0f} s", flush=True)
-            result = wrk(
-                f"http://127.0.0.1:{port}{CHAT_PATH}",
-                scripts[(f"llproxy-{cores}w", False)],
-                32,
-                seconds,
+            print(
+                f"soak: {args.soak_requests} requests, at most {args.soak_max_seconds:.0f} s",
+                flush=True,
             )
+            # wrk runs for a time, not a count: rounds until the count is reached or the
+            # time is up, each round sized by the rate measured so far.
+            rate = statistics.median(r.rps for r in bench.results[f"llproxy-{cores}w|json|32"])
+            requests = errors = 0
+            started = time.monotonic()
+            while requests < args.soak_requests:
+                left = args.soak_max_seconds - (time.monotonic() - started)
+                if left < 1:
+                    break
+                seconds = min(left, max(2.0, (args.soak_requests - requests) / max(rate, 1)))
+                result = wrk(
+                    f"http://127.0.0.1:{port}{CHAT_PATH}",
+                    scripts[(f"llproxy-{cores}w", False)],
+                    32,
+                    seconds,
+                )
+                requests, errors = requests + result.requests, errors + result.errors
+                rate = result.rps
             after = [rss_mb(pid) for pid in workers_of(proc.pid)]
             soak = {
-                "requests": result.requests,
-                "errors": result.errors,
-                "seconds": seconds,
+                "requests": requests,
+                "errors": errors,
+                "seconds": time.monotonic() - started,
                 "rss_before": before,
                 "rss_after": after,
             }
