@@ -46,10 +46,6 @@ class _Target:
     upstream: Upstream
 
 
-def upstream_headers(upstream: Upstream) -> dict[str, str]:
-    return {"Authorization": f"Bearer {upstream.apikey}"} if upstream.apikey else {}
-
-
 def _targets(endpoints: Sequence[Endpoint]) -> list[_Target]:
     targets = []
     for endpoint in endpoints:
@@ -107,7 +103,7 @@ async def _get_json(
     try:
         async with session.get(
             url,
-            headers=upstream_headers(upstream),
+            headers=upstream.auth_headers(),
             timeout=aiohttp.ClientTimeout(total=timeout),
             allow_redirects=False,
         ) as resp:

@@ -43,6 +43,10 @@ class Upstream:
     def address(self) -> str:
         return f"{self.hostname}:{self.port}"
 
+    def auth_headers(self) -> dict[str, str]:
+        """What every request to this upstream carries to authenticate, if anything."""
+        return {"Authorization": f"Bearer {self.apikey}"} if self.apikey else {}
+
 
 @dataclass(frozen=True, slots=True)
 class Replica:

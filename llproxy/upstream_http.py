@@ -74,9 +74,8 @@ class _Route:
             f"Host: {netloc}",
             "Content-Type: application/json",
             "Accept-Encoding: identity",
+            *(f"{name}: {value}" for name, value in upstream.auth_headers().items()),
         ]
-        if upstream.apikey:
-            fields.append(f"Authorization: Bearer {upstream.apikey}")
         return cls(
             key=(parts.scheme, host, upstream.port),
             host=host,
