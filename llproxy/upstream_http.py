@@ -24,6 +24,7 @@ from .registry import Upstream
 
 # An upstream's status line and headers; more is a broken or hostile server.
 MAX_HEAD_BYTES = 64 * 1024
+_HEAD_TOO_LARGE = f"response head larger than {MAX_HEAD_BYTES} bytes"
 # Body bytes buffered for a slow reader before the upstream socket stops being read.
 HIGH_WATER = 256 * 1024
 # Characters left as they are in a request path; everything else is percent-encoded.
@@ -260,7 +261,7 @@ class _Connection(asyncio.Protocol):
         if self.head_ready is not None:  # the head is still incomplete
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
-                self._fail(UpstreamBroken(f"response head larger than {MAX_HEAD_BYTES} bytes"))
+                self._fail(UpstreamBroken(_HEAD_TOO_LARGE))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
@@ -282,7 +283,7 @@ class _Connection(asyncio.Protocol):
         # Counted here too: a whole oversized head can arrive in a single read.
         self.field_bytes += len(name) + len(value)
         if self.field_bytes > MAX_HEAD_BYTES:
-            raise UpstreamBroken(f"response head larger than {MAX_HEAD_BYTES} bytes")
+            raise UpstreamBroken(_HEAD_TOO_LARGE)
         self.response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
