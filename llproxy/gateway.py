@@ -42,11 +42,36 @@ _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_
 
 @web.middleware
 async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every error to an OpenAI-shaped body and write the access log line, once."""
+    """Answer every request once, OpenAI-shaped even when it fails, and account for it.
+
+    The answer is sent here rather than by aiohttp after the return, so the accounting
+    (metrics, usage record, access log line) runs after the client has its bytes.
+    """
     started = time.perf_counter()
     exchange = Exchange()
     request[EXCHANGE] = exchange
     status = 500
+    try:
+        response = await _answer(request, handler, exchange)
+        status = response.status
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionResetError:
+            # aiohttp meets the same closed connection after the return and drops it.
+            status = CLIENT_CLOSED_REQUEST
+        return response
+    except asyncio.CancelledError:
+        # The client went away (or a graceful stop ran out of time): nobody gets an answer.
+        status = CLIENT_CLOSED_REQUEST
+        raise
+    finally:
+        if request.path.startswith("/v1/"):
+            _record(request, exchange, status, started)
+
+
+async def _answer(request: web.Request, handler: Handler, exchange: Exchange) -> web.StreamResponse:
+    """The handler's response after the gateway's checks, or the error it became."""
     try:
         state = request.app[STATE]
         check_host(request, state.accepted_hosts)
@@ -61,12 +86,10 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
             )
             await _check_rate_limit(state, exchange)
         response = await handler(request)
-        status = response.status
         if exchange.request_body is not None and isinstance(response, web.Response):
             exchange.response_body = response.body if isinstance(response.body, bytes) else None
         return response
     except ProxyError as exc:
-        status = exc.status
         response = json_response(exc.body(), exc.status)
         if isinstance(exc, RateLimitExceeded):
             response.headers["Retry-After"] = str(max(1, math.ceil(exc.verdict.reset_after)))
@@ -74,7 +97,6 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        status = exc.status
         if exc.status == 413:
             limit = request.app[STATE].config.max_request_bytes
             message = f"request body is larger than the limit of {limit} bytes"
@@ -87,17 +109,12 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
             status=exc.status, body=body, content_type="application/json", headers=headers
         )
     except asyncio.CancelledError:
-        # The client went away (or a graceful stop ran out of time): nobody gets an answer.
-        status = CLIENT_CLOSED_REQUEST
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return json_response(
             error_body("internal error in llproxy", "server_error", None, None), 500
         )
-    finally:
-        if request.path.startswith("/v1/"):
-            _record(request, exchange, status, started)
 
 
 def _authenticate(keys: KeyRing, request: web.Request) -> ApiKey:
