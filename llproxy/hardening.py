@@ -7,6 +7,8 @@ loopback (or explicitly allowed) closes that door. CORS is off unless origins ar
 
 from __future__ import annotations
 
+import functools
+
 from aiohttp import web
 
 from .config import Config
@@ -53,13 +55,21 @@ def accepted_hosts(config: Config) -> tuple[str, ...] | None:
 def check_host(request: web.Request, accepted: tuple[str, ...] | None) -> None:
     if accepted is None:
         return
-    name = host_name(request.headers.get("Host", ""))
-    if name in _LOOPBACK_NAMES or name.startswith("127.") or name in accepted:
+    header = request.headers.get("Host", "")
+    if _host_accepted(header, accepted):
         return
+    name = host_name(header)
     raise HostNotAllowed(
         f"Host '{name}' is not accepted by a proxy bound to loopback; "
         "add it to allowed_hosts if this is intended"
     )
+
+
+# Asked on every request, with the same one or two Host values.
+@functools.lru_cache(maxsize=64)
+def _host_accepted(header: str, accepted: tuple[str, ...]) -> bool:
+    name = host_name(header)
+    return name in _LOOPBACK_NAMES or name.startswith("127.") or name in accepted
 
 
 def allowed_origin(config: Config, request: web.Request) -> str | None:
@@ -75,12 +85,13 @@ def add_response_headers(
     config: Config, request: web.Request, response: web.StreamResponse
 ) -> None:
     response.headers.update(SECURITY_HEADERS)
+    if not config.cors_origins:
+        return
     origin = allowed_origin(config, request)
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = "*"
-    if config.cors_origins:
-        response.headers.add("Vary", "Origin")
+    response.headers.add("Vary", "Origin")
 
 
 async def preflight(request: web.Request, config: Config) -> web.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 import time
 import zlib
@@ -43,6 +44,8 @@ class _Stale(Exception):
     """A pooled connection was closed by the upstream before it read the request."""
 
 
+# Clients name a handful of paths over and over; quoting each anew showed in profiles.
+@functools.lru_cache(maxsize=256)
 def request_path(path: str) -> str:
     """A client's path below /v1/, made safe to put on the request line; ValueError when
     it has empty, `.` or `..` segments (it could otherwise leave the upstream's /v1/)."""
