@@ -13,7 +13,9 @@ import contextlib
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -55,6 +57,9 @@ class Exchange:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     upstream_error: str | None = None
+    # Reads usage from what the answer kept for it; run at accounting time, after the
+    # client has its bytes, so parsing a long completion does not delay them.
+    read_usage: Callable[[], object] | None = None
     # Kept only when bodies are logged (-vv).
     request_body: bytes | None = None
     response_body: bytes | None = None
@@ -68,6 +73,10 @@ class Exchange:
         self.prompt_tokens = prompt if isinstance(prompt, int) else None
         self.completion_tokens = completion if isinstance(completion, int) else None
         return True
+
+    def take_usage_from_json(self, body: bytes) -> None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            self.take_usage(orjson.loads(body))
 
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -94,7 +103,7 @@ class _EventStream(web.StreamResponse):
 
 
 class UsageFromTail:
-    """Relays a stream unchanged and reads its usage chunk, if any, from the last reads."""
+    """Relays a stream unchanged and keeps its last reads, where a usage chunk would be."""
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
@@ -105,11 +114,14 @@ class UsageFromTail:
         return chunk
 
     def finish(self) -> bytes:
+        self.exchange.read_usage = self.read_usage
+        return b""
+
+    def read_usage(self) -> None:
         # The usage chunk is the last event that carries `usage`.
         for event in reversed(_EVENT_END.split(b"".join(self.recent))):
             if b'"usage"' in event and self.exchange.take_usage(_event_document(event)):
                 break
-        return b""
 
 
 class UsageChunkFilter:
@@ -237,8 +249,7 @@ class UpstreamClient:
                         exchange.first_byte_at = time.perf_counter()
                         finished = True
                         if content_type == "application/json":
-                            with contextlib.suppress(orjson.JSONDecodeError):
-                                exchange.take_usage(orjson.loads(data))
+                            exchange.read_usage = partial(exchange.take_usage_from_json, data)
                         return web.Response(status=upstream_resp.status, body=data, headers=relayed)
 
                     chunk = await upstream_resp.chunk()
