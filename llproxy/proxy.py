@@ -252,11 +252,13 @@ class UpstreamClient:
                             exchange.read_usage = partial(exchange.take_usage_from_json, data)
                         return web.Response(status=upstream_resp.status, body=data, headers=relayed)
 
-                    chunk = await upstream_resp.chunk()
-                    exchange.first_byte_at = time.perf_counter()
-                    response = _EventStream(
+                    # Built while the upstream thinks; sent only with the first chunk.
+                    stream = _EventStream(
                         status=upstream_resp.status, headers={**relayed, **_SSE_HEADERS}
                     )
+                    chunk = await upstream_resp.chunk()
+                    exchange.first_byte_at = time.perf_counter()
+                    response = stream
                     await response.prepare(request)
                     events: UsageChunkFilter | UsageFromTail = (
                         UsageChunkFilter(exchange)
