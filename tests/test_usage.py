@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
+import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -203,3 +205,60 @@ async def test_writer_cancelled_mid_write_loses_and_doubles_nothing(tmp_path: Pa
     await writer.close()
     with sqlite3.connect(tmp_path / DATABASE) as db:
         assert db.execute("SELECT count(*) FROM usage").fetchone() == (200_010,)
+
+
+class _PeekAtLogTime(logging.Handler):
+    """When the access line is written, what the client's socket already holds."""
+
+    def __init__(self, client: socket.socket) -> None:
+        super().__init__(logging.INFO)
+        self.client = client
+        self.held: list[tuple[str, bytes]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prompt = getattr(record, "prompt_tokens", None)
+        try:
+            held = self.client.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            held = b""
+        self.held.append((str(prompt), held))
+
+
+async def test_accounting_runs_once_the_client_has_the_whole_answer(
+    proxy: RunningProxy,
+) -> None:
+    """Metrics, usage and the log line must not delay the client: when they run, the
+    complete response (the last chunk of a stream, too) is already in its socket."""
+    access = logging.getLogger("llproxy.access")
+    loop = asyncio.get_running_loop()
+    with socket.create_connection(("127.0.0.1", proxy.server.port)) as client:
+        client.setblocking(False)
+        peek = _PeekAtLogTime(client)
+        level = access.level
+        access.setLevel(logging.INFO)
+        access.addHandler(peek)
+        try:
+            for stream in (False, True):
+                body = orjson.dumps({"model": "fake-model", "messages": CHAT, "stream": stream})
+                await loop.sock_sendall(
+                    client,
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body),
+                )
+                received = b""
+                end = b"0\r\n\r\n" if stream else b'"completion_tokens"'
+                while end not in received or (not stream and not received.endswith(b"}")):
+                    async with asyncio.timeout(10):
+                        received += await loop.sock_recv(client, 1 << 20)
+                assert len(peek.held) == 1 + stream
+                prompt, held = peek.held[-1]
+                assert held == received and held.startswith(b"HTTP/1.1 200")
+                if not stream:
+                    answer = orjson.loads(received.partition(b"\r\n\r\n")[2])
+                    expected = str(answer["usage"]["prompt_tokens"])
+                # Usage was read by then, from the body or the stream's usage chunk.
+                assert prompt == expected
+        finally:
+            access.removeHandler(peek)
+            access.setLevel(level)
