@@ -6,7 +6,8 @@ import asyncio
 import socket
 from typing import Any
 
-from llproxy.channel import Channel, MetricsReply
+from llproxy.channel import Channel, MetricsReply, UsageBatch
+from llproxy.usage import UsageRecord
 
 BIG = 5 * 1024 * 1024  # far over what one read of a socket returns
 
@@ -34,4 +35,26 @@ async def test_large_messages_both_ways_at_once() -> None:
     await left.close()
     await asyncio.wait_for(closed.wait(), 10)
     assert not right.send(MetricsReply(0, b"x"))
+    await right.close()
+
+
+async def test_usage_batches_arrive_as_usage_records() -> None:
+    left_sock, right_sock = socket.socketpair()
+    got: list[Any] = []
+    left = Channel(left_sock, lambda message: None)
+    right = Channel(right_sock, got.append)
+    await left.attach()
+    await right.attach()
+    records = [
+        UsageRecord(1.5, "team-a", "m:tag", "127.0.0.1:8000", 200, 7, 3, 12.5),
+        UsageRecord(2.5, "127.0.0.1", "m:tag", None, 504, None, None, 30000.0),
+    ]
+    assert left.send(UsageBatch(records))
+    async with asyncio.timeout(10):
+        while not got:
+            await asyncio.sleep(0.01)
+    assert got == [UsageBatch(records)]
+    assert all(type(record) is UsageRecord for record in got[0].records)
+    assert got[0].records[0].completion_tokens == 3
+    await left.close()
     await right.close()
