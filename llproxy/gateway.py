@@ -160,7 +160,7 @@ def _record(request: web.Request, exchange: Exchange, status: int, started: floa
     now = time.perf_counter()
     state = request.app[STATE]
     if exchange.read_usage is not None:
-        exchange.read_usage()
+        exchange.take_usage(exchange.read_usage())
     # Only registry names become label values: a client must not mint time series.
     label = exchange.model if exchange.resolved and exchange.model else "-"
     telemetry = state.telemetry

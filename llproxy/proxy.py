@@ -9,7 +9,6 @@ upstream connection at once, so the server stops generating.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from collections import deque
@@ -57,9 +56,10 @@ class Exchange:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     upstream_error: str | None = None
-    # Reads usage from what the answer kept for it; run at accounting time, after the
-    # client has its bytes, so parsing a long completion does not delay them.
-    read_usage: Callable[[], object] | None = None
+    # The document that carries the answer's usage, read from what the answer kept for it
+    # at accounting time: after the client has its bytes, so parsing a long completion
+    # does not delay them. It holds no reference back to the exchange: no cycle to collect.
+    read_usage: Callable[[], Any] | None = None
     # Kept only when bodies are logged (-vv).
     request_body: bytes | None = None
     response_body: bytes | None = None
@@ -74,21 +74,27 @@ class Exchange:
         self.completion_tokens = completion if isinstance(completion, int) else None
         return True
 
-    def take_usage_from_json(self, body: bytes) -> None:
-        with contextlib.suppress(orjson.JSONDecodeError):
-            self.take_usage(orjson.loads(body))
-
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
-def _event_document(event: bytes) -> Any:
-    """The JSON of one server-sent event's `data:` lines; None when it is not JSON."""
-    payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+def _json_document(raw: bytes) -> Any:
+    """The decoded JSON; None when it is not JSON."""
     try:
-        return orjson.loads(payload)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
+
+
+def _event_document(event: bytes) -> Any:
+    """The JSON of one server-sent event's `data:` lines; None when it is not JSON."""
+    return _json_document(
+        b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+    )
+
+
+def _has_usage(document: Any) -> bool:
+    return isinstance(document, dict) and isinstance(document.get("usage"), dict)
 
 
 class _EventStream(web.StreamResponse):
@@ -105,8 +111,7 @@ class _EventStream(web.StreamResponse):
 class UsageFromTail:
     """Relays a stream unchanged and keeps its last reads, where a usage chunk would be."""
 
-    def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
+    def __init__(self) -> None:
         self.recent: deque[bytes] = deque(maxlen=_USAGE_TAIL_READS)
 
     def feed(self, chunk: bytes) -> bytes:
@@ -114,14 +119,14 @@ class UsageFromTail:
         return chunk
 
     def finish(self) -> bytes:
-        self.exchange.read_usage = self.read_usage
         return b""
 
-    def read_usage(self) -> None:
-        # The usage chunk is the last event that carries `usage`.
+    def usage_document(self) -> Any:
+        """The usage chunk: the last event that carries `usage`; None when none does."""
         for event in reversed(_EVENT_END.split(b"".join(self.recent))):
-            if b'"usage"' in event and self.exchange.take_usage(_event_document(event)):
-                break
+            if b'"usage"' in event and _has_usage(document := _event_document(event)):
+                return document
+        return None
 
 
 class UsageChunkFilter:
@@ -164,10 +169,7 @@ class UsageChunkFilter:
 
 def _upstream_error(status: int, raw: bytes) -> web.Response:
     """Relay an upstream error as is when it is OpenAI-shaped, else wrap it so it is."""
-    try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        parsed = None
+    parsed = _json_document(raw)
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         body = raw
     else:
@@ -249,7 +251,7 @@ class UpstreamClient:
                         exchange.first_byte_at = time.perf_counter()
                         finished = True
                         if content_type == "application/json":
-                            exchange.read_usage = partial(exchange.take_usage_from_json, data)
+                            exchange.read_usage = partial(_json_document, data)
                         return web.Response(status=upstream_resp.status, body=data, headers=relayed)
 
                     # Built while the upstream thinks; sent only with the first chunk.
@@ -260,11 +262,12 @@ class UpstreamClient:
                     exchange.first_byte_at = time.perf_counter()
                     response = stream
                     await response.prepare(request)
-                    events: UsageChunkFilter | UsageFromTail = (
-                        UsageChunkFilter(exchange)
-                        if exchange.hide_usage_chunk
-                        else UsageFromTail(exchange)
-                    )
+                    events: UsageChunkFilter | UsageFromTail
+                    if exchange.hide_usage_chunk:
+                        events = UsageChunkFilter(exchange)
+                    else:
+                        events = UsageFromTail()
+                        exchange.read_usage = events.usage_document
                     while chunk:
                         if relay := events.feed(chunk):
                             await response.write(relay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from typing import Any
@@ -493,3 +494,35 @@ async def test_single_process_metrics_include_discovery(proxy: RunningProxy) -> 
     assert 'llproxy_requests_total{model="fake-model",status="200"} 1.0' in text
     assert "llproxy_models 1.0" in text and "llproxy_servers 1.0" in text
     assert "llproxy_scan_duration_seconds_count 1.0" in text
+
+
+async def test_requests_leave_nothing_for_the_cycle_collector(proxy: RunningProxy) -> None:
+    """Every request's objects are freed as soon as it ends, by reference counting alone:
+    a cycle through an Exchange would hold each answer's body until a collection."""
+    client = proxy.client()
+
+    async def one_of_each() -> None:
+        await client.chat.completions.create(model="fake-model", messages=CHAT)
+        for options in (None, {"include_usage": True}):
+            stream = await client.chat.completions.create(
+                model="fake-model", messages=CHAT, stream=True, stream_options=options
+            )
+            assert len([chunk async for chunk in stream]) >= 2
+
+    await one_of_each()  # pools and caches are filled once, not per request
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(5):
+            await one_of_each()
+        gc.collect()
+        ours = [
+            type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("llproxy")
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == []
+    assert proxy.state.telemetry.requests[("fake-model", "200")] == 18
