@@ -108,8 +108,6 @@ async def _answer(request: web.Request, handler: Handler, exchange: Exchange) ->
         return web.Response(
             status=exc.status, body=body, content_type="application/json", headers=headers
         )
-    except asyncio.CancelledError:
-        raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return json_response(
