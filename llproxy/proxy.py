@@ -66,9 +66,9 @@ class Exchange:
 
     def take_usage(self, document: Any) -> bool:
         """Record `usage` from a decoded response or chunk; False when it has none."""
-        usage = document.get("usage") if isinstance(document, dict) else None
-        if not isinstance(usage, dict):
+        if not _has_usage(document):
             return False
+        usage = document["usage"]
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         self.prompt_tokens = prompt if isinstance(prompt, int) else None
         self.completion_tokens = completion if isinstance(completion, int) else None
