@@ -29,7 +29,7 @@ from .errors import (
     RequestTooLarge,
     json_response,
 )
-from .gateway import boundary, check_model_allowed, on_response_prepare
+from .gateway import boundary, check_model_allowed
 from .hardening import preflight
 from .keys import REVOKED_SET, KeyRing
 from .metrics import CONTENT_TYPE, DiscoveryTelemetry, render
@@ -249,7 +249,6 @@ def create_app(config: Config, *, discover: bool = True, worker_id: int = 0) -> 
     app.cleanup_ctx.append(_upstream_client)
     if discover:
         app.cleanup_ctx.append(_local_discovery)
-    app.on_response_prepare.append(on_response_prepare)
     if config.cors_origins:
         app.router.add_route("OPTIONS", "/v1/{path:.*}", _preflight)
     app.router.add_get("/health", health)

@@ -22,7 +22,7 @@ from .errors import (
     error_body,
     json_response,
 )
-from .hardening import add_response_headers, check_host
+from .hardening import check_host, response_headers
 from .keys import ApiKey, KeyRing
 from .proxy import Exchange
 from .ratelimit import RateLimitExceeded, client_address
@@ -55,7 +55,9 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
         response = await _answer(request, handler, exchange)
         status = response.status
         try:
-            await response.prepare(request)
+            if not response.prepared:  # else a stream, built with these headers
+                response.headers.update(exchange.response_headers)
+                await response.prepare(request)
             await response.write_eof()
         except ConnectionResetError:
             # aiohttp meets the same closed connection after the return and drops it.
@@ -74,6 +76,7 @@ async def _answer(request: web.Request, handler: Handler, exchange: Exchange) ->
     """The handler's response after the gateway's checks, or the error it became."""
     try:
         state = request.app[STATE]
+        exchange.response_headers = response_headers(state.config, request)
         check_host(request, state.accepted_hosts)
         if request.path.startswith("/v1/") and request.method != "OPTIONS":
             if state.keys.enabled:
@@ -143,7 +146,7 @@ async def _check_rate_limit(state: ProxyState, exchange: Exchange) -> None:
     except Exception as exc:  # Redis down or similar: refuse rather than count nothing
         log.error("rate limiter failed: %s", exc)
         raise ServiceUnavailable("the rate limiter is unavailable") from None
-    exchange.verdict = verdict
+    exchange.response_headers = {**exchange.response_headers, **verdict.headers()}
     if not verdict.allowed:
         raise RateLimitExceeded(verdict, limit)
 
@@ -250,10 +253,3 @@ def _log_bodies(request: web.Request, exchange: Exchange) -> None:
         access_log.debug(
             "response body %s", redact(exchange.response_body), extra={"event": "response_body"}
         )
-
-
-async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    add_response_headers(request.app[STATE].config, request, response)
-    exchange = request.get(EXCHANGE)
-    if exchange is not None and exchange.verdict is not None:
-        response.headers.update(exchange.verdict.headers())

@@ -8,13 +8,14 @@ loopback (or explicitly allowed) closes that door. CORS is off unless origins ar
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 from aiohttp import web
 
 from .config import Config
 from .errors import ProxyError
 
-SECURITY_HEADERS = {
+SECURITY_HEADERS: Mapping[str, str] = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
@@ -81,17 +82,17 @@ def allowed_origin(config: Config, request: web.Request) -> str | None:
     return None
 
 
-def add_response_headers(
-    config: Config, request: web.Request, response: web.StreamResponse
-) -> None:
-    response.headers.update(SECURITY_HEADERS)
+def response_headers(config: Config, request: web.Request) -> Mapping[str, str]:
+    """The headers every answer to this request carries: the security headers, and the CORS
+    ones when origins are configured. Not to be changed: usually the shared constant."""
     if not config.cors_origins:
-        return
+        return SECURITY_HEADERS
+    headers = {**SECURITY_HEADERS, "Vary": "Origin"}
     origin = allowed_origin(config, request)
     if origin is not None:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "*"
-    response.headers.add("Vary", "Origin")
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Access-Control-Expose-Headers"] = "*"
+    return headers
 
 
 async def preflight(request: web.Request, config: Config) -> web.Response:

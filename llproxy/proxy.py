@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -24,7 +24,6 @@ from .config import Timeouts
 from .deadlines import Watchdog
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
 from .keys import ApiKey
-from .ratelimit import Verdict
 from .registry import Balancer, Model, Replica
 from .upstream_http import ConnectFailed, UpstreamBroken, UpstreamPool
 
@@ -48,7 +47,9 @@ class Exchange:
     resolved: bool = False  # model names a registry entry
     key: ApiKey | None = None  # the client's key, when keys are in use
     client: str = "-"  # the key's name, else the client's address
-    verdict: Verdict | None = None  # the rate limiter's answer, for the response headers
+    # What the gateway puts on every answer (security, CORS, rate-limit headers). It sends
+    # most answers itself; a stream, sent from here, is built with them.
+    response_headers: Mapping[str, str] = field(default_factory=dict)
     # llproxy asked the upstream for the usage chunk; the client did not, so it is removed.
     hide_usage_chunk: bool = False
     upstream: str | None = None
@@ -256,7 +257,8 @@ class UpstreamClient:
 
                     # Built while the upstream thinks; sent only with the first chunk.
                     stream = _EventStream(
-                        status=upstream_resp.status, headers={**relayed, **_SSE_HEADERS}
+                        status=upstream_resp.status,
+                        headers={**relayed, **_SSE_HEADERS, **exchange.response_headers},
                     )
                     chunk = await upstream_resp.chunk()
                     exchange.first_byte_at = time.perf_counter()

@@ -137,6 +137,32 @@ async def test_cors_allow_list(start_proxy: ProxyFactory, upstream: RunningUpstr
     assert "Access-Control-Allow-Origin" not in headers
 
 
+async def test_a_stream_carries_cors_and_rate_limit_headers(
+    start_proxy: ProxyFactory, upstream: RunningUpstream
+) -> None:
+    # The proxy sends a stream itself, not the gateway: it must still carry every header
+    # the gateway puts on an answer.
+    proxy = await start_proxy(
+        [upstream.endpoint()], cors_origins=["https://app.example"], rate_limit="5 per minute"
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={"Origin": "https://app.example"},
+        ) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert resp.headers["Vary"] == "Origin"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "4"
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert resp.headers["X-Frame-Options"] == "DENY"
+        assert b"data: [DONE]" in await resp.read()
+
+
 def test_cors_origins_are_validated() -> None:
     with pytest.raises(ConfigError, match=r"cors_origins\[1\]: must be an origin"):
         parse_config({"cors_origins": ["https://ok.example", "not an origin"]})
