@@ -48,11 +48,13 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     (metrics, usage record, access log line) runs after the client has its bytes.
     """
     started = time.perf_counter()
+    state = request.app[STATE]
+    api = request.path.startswith("/v1/")
     exchange = Exchange()
     request[EXCHANGE] = exchange
     status = 500
     try:
-        response = await _answer(request, handler, exchange)
+        response = await _answer(request, handler, state, exchange, api)
         status = response.status
         try:
             if not response.prepared:  # else a stream, built with these headers
@@ -68,17 +70,18 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
         status = CLIENT_CLOSED_REQUEST
         raise
     finally:
-        if request.path.startswith("/v1/"):
-            _record(request, exchange, status, started)
+        if api:
+            _record(request, state, exchange, status, started)
 
 
-async def _answer(request: web.Request, handler: Handler, exchange: Exchange) -> web.StreamResponse:
+async def _answer(
+    request: web.Request, handler: Handler, state: ProxyState, exchange: Exchange, api: bool
+) -> web.StreamResponse:
     """The handler's response after the gateway's checks, or the error it became."""
     try:
-        state = request.app[STATE]
         exchange.response_headers = response_headers(state.config, request)
         check_host(request, state.accepted_hosts)
-        if request.path.startswith("/v1/") and request.method != "OPTIONS":
+        if api and request.method != "OPTIONS":
             if state.keys.enabled:
                 exchange.key = _authenticate(state.keys, request)
             # Who the client is, for its rate limit and its usage records.
@@ -87,7 +90,9 @@ async def _answer(request: web.Request, handler: Handler, exchange: Exchange) ->
                 if exchange.key is not None
                 else client_address(request, state.trusted_proxies)
             )
-            await _check_rate_limit(state, exchange)
+            # Awaited only when a limit applies: most requests pass no limiter at all.
+            if (limit := _rate_limit(state, exchange.key)) is not None:
+                await _check_rate_limit(state, exchange, limit)
         response = await handler(request)
         if exchange.request_body is not None and isinstance(response, web.Response):
             exchange.response_body = response.body if isinstance(response.body, bytes) else None
@@ -101,8 +106,9 @@ async def _answer(request: web.Request, handler: Handler, exchange: Exchange) ->
         if exc.status < 400:
             raise
         if exc.status == 413:
-            limit = request.app[STATE].config.max_request_bytes
-            message = f"request body is larger than the limit of {limit} bytes"
+            message = (
+                f"request body is larger than the limit of {state.config.max_request_bytes} bytes"
+            )
         else:
             message = f"{exc.reason}: {request.method} {request.path}"
         code = _HTTP_ERROR_CODES.get(exc.status, exc.status)
@@ -132,13 +138,17 @@ def _authenticate(keys: KeyRing, request: web.Request) -> ApiKey:
     return key
 
 
-async def _check_rate_limit(state: ProxyState, exchange: Exchange) -> None:
-    key = exchange.key
-    limit = key.rate_limit if key is not None and key.rate_limit else state.config.rate_limit
-    if limit is None or state.rate_hit is None:
-        return
+def _rate_limit(state: ProxyState, key: ApiKey | None) -> str | None:
+    """The limit that applies to this client; None when nothing counts its requests."""
+    if state.rate_hit is None:
+        return None
+    return key.rate_limit if key is not None and key.rate_limit else state.config.rate_limit
+
+
+async def _check_rate_limit(state: ProxyState, exchange: Exchange, limit: str) -> None:
+    assert state.rate_hit is not None
     # Separate namespaces: a key named like an address must not share its counter.
-    client = f"key:{exchange.client}" if key else f"ip:{exchange.client}"
+    client = f"key:{exchange.client}" if exchange.key else f"ip:{exchange.client}"
     try:
         verdict = await state.rate_hit(limit, client)
     except ServiceUnavailable:
@@ -156,10 +166,11 @@ def check_model_allowed(key: ApiKey | None, name: str) -> None:
         raise ModelNotAllowed(f"this API key may not use the model '{name}'", param="model")
 
 
-def _record(request: web.Request, exchange: Exchange, status: int, started: float) -> None:
+def _record(
+    request: web.Request, state: ProxyState, exchange: Exchange, status: int, started: float
+) -> None:
     """Account one API request: metrics, its usage record, and the access log line."""
     now = time.perf_counter()
-    state = request.app[STATE]
     if exchange.read_usage is not None:
         exchange.take_usage(exchange.read_usage())
     # Only registry names become label values: a client must not mint time series.
