@@ -87,6 +87,29 @@ def _json_document(raw: bytes) -> Any:
         return None
 
 
+_USAGE_MEMBER = b'"usage":'
+
+
+def _json_usage_document(raw: bytes) -> Any:
+    """A document with the answer's `usage`, parsing as little of the answer as it can.
+
+    Usage is usually the answer's last member: then only it is parsed, not a long
+    completion. The slice from the last `"usage":` to the last `}` parses as an object
+    only when that member is the top level's last (a nested one leaves closing brackets
+    in the slice, one inside a string is escaped); anything else parses the whole answer.
+    """
+    at = raw.rfind(_USAGE_MEMBER)
+    end = raw.rfind(b"}")
+    if 0 < at < end and raw[at - 1] != ord("\\"):
+        try:
+            usage = orjson.loads(raw[at + len(_USAGE_MEMBER) : end])
+        except orjson.JSONDecodeError:
+            usage = None
+        if isinstance(usage, dict):
+            return {"usage": usage}
+    return _json_document(raw)
+
+
 def _event_document(event: bytes) -> Any:
     """The JSON of one server-sent event's `data:` lines; None when it is not JSON."""
     return _json_document(
@@ -243,7 +266,10 @@ class UpstreamClient:
                         finished = upstream_resp.at_eof()
                         return _upstream_error(upstream_resp.status, raw)
                     headers = upstream_resp.headers
-                    relayed = {name: headers[key] for name, key in _RELAYED if key in headers}
+                    relayed = {}
+                    for name, key in _RELAYED:
+                        if key in headers:
+                            relayed[name] = headers[key]
                     content_type = upstream_resp.content_type
                     if content_type != "text/event-stream":
                         if not upstream_resp.at_eof():  # usually all came at once
@@ -252,7 +278,7 @@ class UpstreamClient:
                         exchange.first_byte_at = time.perf_counter()
                         finished = True
                         if content_type == "application/json":
-                            exchange.read_usage = partial(_json_document, data)
+                            exchange.read_usage = partial(_json_usage_document, data)
                         return web.Response(status=upstream_resp.status, body=data, headers=relayed)
 
                     # Built while the upstream thinks; sent only with the first chunk.

@@ -16,8 +16,9 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
+import pytest
 
-from llproxy.proxy import Exchange, UsageChunkFilter
+from llproxy.proxy import Exchange, UsageChunkFilter, _json_document, _json_usage_document
 from llproxy.statedb import DATABASE
 from llproxy.usage import UsageRecord, UsageWriter, usage_sums
 
@@ -72,6 +73,37 @@ async def recorded(state: Path, by: str, want: int) -> list[dict[str, Any]]:
         if sum(r["requests"] for r in rows) >= want or time.monotonic() > deadline:
             return rows
         await asyncio.sleep(0.2)
+
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}
+CONTENT = 'the model said "usage": {"prompt_tokens": 1} }'
+
+
+def top_usage(document: Any) -> Any:
+    usage = document.get("usage") if isinstance(document, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        orjson.dumps({"choices": [{"message": {"content": CONTENT}}], "usage": USAGE}),
+        json.dumps({"choices": [], "usage": USAGE}, indent=2).encode() + b"\n",
+        orjson.dumps({"usage": USAGE, "choices": [], "system_fingerprint": "x"}),
+        orjson.dumps({"usage": USAGE, "choices": [{"usage": {"prompt_tokens": 1}}]}),
+        orjson.dumps({"usage": USAGE, "tool": {"usage": {"prompt_tokens": 1}}}),
+        orjson.dumps({"usage": USAGE, 'a"usage': {"prompt_tokens": 1}}),
+        orjson.dumps({"choices": [], "usage": {**USAGE, "details": {"cached_tokens": 2}}}),
+        orjson.dumps({"choices": [], "usage": None}),
+        orjson.dumps({"choices": [{"message": {"content": CONTENT}}]}),
+        b'{"choices": [], "usage" : {"prompt_tokens": 3}}',
+        b"upstream says hi",
+    ],
+)
+def test_usage_of_a_json_answer_is_the_top_level_one(raw: bytes) -> None:
+    """Usage read from the answer's tail is exactly what parsing the whole answer gives,
+    whatever else in it looks like a usage member."""
+    assert top_usage(_json_usage_document(raw)) == top_usage(_json_document(raw))
 
 
 async def test_plain_and_streamed_usage_match_the_upstream(
