@@ -64,6 +64,13 @@ def _add_counts(into: dict[Any, int], other: dict[Any, int]) -> None:
         into[key] = into.get(key, 0) + value
 
 
+def _observe(table: dict[str, Histogram], model: str, seconds: float) -> None:
+    histogram = table.get(model)
+    if histogram is None:
+        histogram = table[model] = Histogram(LATENCY_BUCKETS)
+    histogram.observe(seconds)
+
+
 @dataclass(slots=True)
 class Telemetry:
     """One process's numbers since it started; picklable, mergeable."""
@@ -80,14 +87,25 @@ class Telemetry:
         key = (model, str(status))
         self.requests[key] = self.requests.get(key, 0) + 1
 
-    def observe(self, table: dict[str, Histogram], model: str, seconds: float) -> None:
-        histogram = table.get(model)
-        if histogram is None:
-            histogram = table[model] = Histogram(LATENCY_BUCKETS)
-        histogram.observe(seconds)
-
-    def add_tokens(self, table: dict[str, int], model: str, tokens: int) -> None:
-        table[model] = table.get(model, 0) + tokens
+    def record_answer(
+        self,
+        model: str,
+        status: int,
+        seconds: float,
+        first_token_seconds: float | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        """Everything about one answer of a known model, in one call: it runs per request."""
+        self.count_request(model, status)
+        _observe(self.duration, model, seconds)
+        if first_token_seconds is not None:
+            _observe(self.time_to_first_token, model, first_token_seconds)
+        if prompt_tokens is not None:
+            self.prompt_tokens[model] = self.prompt_tokens.get(model, 0) + prompt_tokens
+        if completion_tokens is not None:
+            tokens = self.generation_tokens
+            tokens[model] = tokens.get(model, 0) + completion_tokens
 
     def merge(self, other: Telemetry, live: bool = True) -> None:
         """Add another process's numbers; `live=False` for a finished process (no in-flight)."""
