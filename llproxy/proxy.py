@@ -286,16 +286,16 @@ class UpstreamClient:
                         status=upstream_resp.status,
                         headers={**relayed, **_SSE_HEADERS, **exchange.response_headers},
                     )
-                    chunk = await upstream_resp.chunk()
-                    exchange.first_byte_at = time.perf_counter()
-                    response = stream
-                    await response.prepare(request)
                     events: UsageChunkFilter | UsageFromTail
                     if exchange.hide_usage_chunk:
                         events = UsageChunkFilter(exchange)
                     else:
                         events = UsageFromTail()
                         exchange.read_usage = events.usage_document
+                    chunk = await upstream_resp.chunk()
+                    exchange.first_byte_at = time.perf_counter()
+                    response = stream
+                    await response.prepare(request)
                     while chunk:
                         if relay := events.feed(chunk):
                             await response.write(relay)
