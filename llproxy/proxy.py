@@ -256,6 +256,7 @@ class UpstreamClient:
     ) -> web.StreamResponse:
         upstream = replica.upstream
         response: web.StreamResponse | None = None
+        last = b""  # what the stream's end carries
         try:
             with self.watchdog.deadline(self.timeouts.first_byte) as deadline:
                 upstream_resp = await self.pool.post(upstream, path, payload)
@@ -297,12 +298,17 @@ class UpstreamClient:
                     response = stream
                     await response.prepare(request)
                     while chunk:
-                        if relay := events.feed(chunk):
+                        relay = events.feed(chunk)
+                        if upstream_resp.at_eof():
+                            # The upstream's end came with this chunk: both leave with the
+                            # stream's end, in one send.
+                            last = relay
+                            break
+                        if relay:
                             await response.write(relay)
                         deadline.extend(self.timeouts.idle)
                         chunk = await upstream_resp.chunk()
-                    if rest := events.finish():
-                        await response.write(rest)
+                    last += events.finish()
                     finished = True
                 finally:
                     if finished:
@@ -326,7 +332,7 @@ class UpstreamClient:
                 response, UpstreamUnreachable(f"upstream {upstream.address} failed: {exc}")
             )
         assert response is not None
-        await response.write_eof()
+        await response.write_eof(last)
         return response
 
     @staticmethod
