@@ -177,12 +177,13 @@ def _record(
     label = exchange.model if exchange.resolved and exchange.model else "-"
     telemetry = state.telemetry
     duration = now - started
+    first_byte = None if exchange.first_byte_at is None else exchange.first_byte_at - started
     if exchange.resolved:
         telemetry.record_answer(
             label,
             status,
             duration,
-            None if exchange.first_byte_at is None else exchange.first_byte_at - started,
+            first_byte,
             exchange.prompt_tokens,
             exchange.completion_tokens,
         )
@@ -207,7 +208,6 @@ def _record(
         return
     if access_log.isEnabledFor(logging.DEBUG):
         _log_bodies(request, exchange)
-    ttfb = None if exchange.first_byte_at is None else (exchange.first_byte_at - started) * 1000
     access_log.info(
         "%s %s %s",
         request.method,
@@ -225,7 +225,7 @@ def _record(
             "model": exchange.model,
             "upstream": exchange.upstream,
             "status": status,
-            "ttfb_ms": None if ttfb is None else round(ttfb, 1),
+            "ttfb_ms": None if first_byte is None else round(first_byte * 1000, 1),
             "prompt_tokens": exchange.prompt_tokens,
             "completion_tokens": exchange.completion_tokens,
             "duration_ms": round(duration * 1000, 1),
