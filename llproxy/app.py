@@ -37,7 +37,7 @@ from .proxy import Exchange, UpstreamClient
 from .ratelimit import memory_counter, redis_client, redis_counter
 from .state import EXCHANGE, STATE, ProxyState, listing_body
 from .statedb import state_dir
-from .upstream_http import request_path
+from .upstream_http import request_path, response_bounds
 from .usage import UsageWriter
 from .validation import validate
 
@@ -215,7 +215,7 @@ async def _key_ring(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.upstreams = UpstreamClient(state.config.timeouts)
+    state.upstreams = UpstreamClient(state.config.timeouts, response_bounds(state.config))
     yield
     await state.upstreams.close()
 

@@ -81,6 +81,11 @@ class Config:
     default_model: str | None = None
     timeouts: Timeouts = Timeouts()
     max_request_bytes: int = 10 * 1024 * 1024
+    # What one upstream response may send (an upstream is whatever listens on a scanned
+    # port): a whole body, one event of a stream, and how far compression may expand.
+    max_response_bytes: int = 64 * 1024 * 1024
+    max_event_bytes: int = 4 * 1024 * 1024
+    max_compression_ratio: int = 100
     endpoints: tuple[Endpoint, ...] = ()
     # Extra Host header names accepted when bound to loopback (e.g. behind a local nginx).
     allowed_hosts: tuple[str, ...] = ()
@@ -298,6 +303,9 @@ _TOP_KEYS = {
     "default_model",
     "timeouts",
     "max_request_bytes",
+    "max_response_bytes",
+    "max_event_bytes",
+    "max_compression_ratio",
     "endpoints",
     "allowed_hosts",
     "cors_origins",
@@ -343,6 +351,24 @@ def parse_config(
             "max_request_bytes",
             lambda v: _positive_int("max_request_bytes", v),
             defaults.max_request_bytes,
+        ),
+        max_response_bytes=_optional(
+            obj,
+            "max_response_bytes",
+            lambda v: _positive_int("max_response_bytes", v),
+            defaults.max_response_bytes,
+        ),
+        max_event_bytes=_optional(
+            obj,
+            "max_event_bytes",
+            lambda v: _positive_int("max_event_bytes", v),
+            defaults.max_event_bytes,
+        ),
+        max_compression_ratio=_optional(
+            obj,
+            "max_compression_ratio",
+            lambda v: _positive_int("max_compression_ratio", v),
+            defaults.max_compression_ratio,
         ),
         endpoints=endpoints,
         allowed_hosts=_optional(

@@ -22,6 +22,7 @@ import orjson
 
 from .config import Config, Endpoint
 from .registry import FoundModel, Registry, Upstream, final_names
+from .upstream_http import ResponseBounds, UpstreamBroken, decode_body
 
 log = logging.getLogger("llproxy.discovery")
 
@@ -32,12 +33,25 @@ ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
+class ServerProblem:
+    """A server that answered but would not list its models, and why."""
+
+    address: str
+    reason: str
+
+    def describe(self) -> str:
+        auth = "HTTP 401" in self.reason or "HTTP 403" in self.reason
+        return f"server {self.address} {self.reason}" + ("; check its apikey" if auth else "")
+
+
+@dataclass(frozen=True, slots=True)
 class ScanResult:
     registry: Registry
     duration_ms: float
     probed: int
     new: tuple[str, ...] = ()
     gone: tuple[str, ...] = ()
+    problems: tuple[ServerProblem, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +110,15 @@ async def _port_open(addresses: list[_Address], port: int, timeout: float) -> bo
     return False
 
 
+class _Refused(Exception):
+    """A server answered a listing request with something other than a model list."""
+
+
 async def _get_json(
     session: aiohttp.ClientSession, url: str, upstream: Upstream, timeout: float
 ) -> Any:
-    """GET a bounded JSON document; None on any failure (a probe never raises)."""
+    """GET a bounded JSON document; _Refused says why there is none (a probe never raises
+    anything else)."""
     try:
         async with session.get(
             url,
@@ -107,19 +126,44 @@ async def _get_json(
             timeout=aiohttp.ClientTimeout(total=timeout),
             allow_redirects=False,
         ) as resp:
-            if resp.status != 200:
-                return None
-            if (resp.content_length or 0) > MAX_LISTING_BYTES:
-                return None
             body = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
                 body += chunk
                 if len(body) > MAX_LISTING_BYTES:
-                    log.warning("model list at %s is over %d bytes; ignored", url, len(body))
-                    return None
-            return orjson.loads(body)
-    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, ValueError):
-        return None
+                    raise _Refused(f"its answer is over {MAX_LISTING_BYTES} bytes")
+            decoded = decode_body(bytes(body), resp.headers.get("Content-Encoding"), _LISTING)
+            if resp.status != 200:
+                raise _Refused(f"HTTP {resp.status} {resp.reason or ''}".strip() + _said(decoded))
+            return orjson.loads(decoded)
+    except UpstreamBroken as exc:
+        raise _Refused(str(exc)) from None
+    except orjson.JSONDecodeError:
+        raise _Refused("its answer is not JSON") from None
+    except TimeoutError:
+        raise _Refused(f"no answer within {timeout:g} s") from None
+    except (aiohttp.ClientError, ValueError) as exc:
+        raise _Refused(str(exc) or type(exc).__name__) from None
+
+
+# A listing is read whole: its bound is the body's.
+_LISTING = ResponseBounds(body_bytes=MAX_LISTING_BYTES)
+
+
+def _said(body: bytes) -> str:
+    """What an error answer says, short: its OpenAI-shaped message, else its first line."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        document = None
+    message: Any = None
+    if isinstance(document, dict):
+        error = document.get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        message = message or document.get("message") or document.get("detail")
+    if not isinstance(message, str):
+        message = body[:200].decode("utf-8", "replace").strip().splitlines()[:1]
+        message = message[0] if message else ""
+    return f": {message[:200]}" if message else ""
 
 
 def _entries(listing: Any) -> list[dict[str, Any]] | None:
@@ -134,8 +178,10 @@ async def _probe(
     target: _Target,
     timeout: float,
     addresses: dict[str, list[_Address]],
-) -> list[FoundModel] | None:
-    """The models one server offers, or None when no server answers there."""
+) -> list[FoundModel] | ServerProblem | None:
+    """The models one server offers; a ServerProblem when it would not list them and that
+    is worth telling (a configured URL, or a server that refused the credentials); None
+    when no server answers there."""
     endpoint, upstream = target.endpoint, target.upstream
     if endpoint.models is not None:
         entries: list[dict[str, Any]] = [
@@ -145,12 +191,25 @@ async def _probe(
         hosts = addresses.get(upstream.hostname, [])
         if endpoint.url is None and not await _port_open(hosts, upstream.port, timeout):
             return None
-        found = _entries(await _get_json(session, f"{upstream.base_url}/models", upstream, timeout))
+        try:
+            found = _entries(
+                await _get_json(session, f"{upstream.base_url}/models", upstream, timeout)
+            )
+        except _Refused as exc:
+            reason = str(exc)
+            if endpoint.url is not None or reason.startswith(("HTTP 401", "HTTP 403")):
+                return ServerProblem(upstream.base_url, f"refused the model list: {reason}")
+            return None
         if found is None:
+            if endpoint.url is not None:
+                return ServerProblem(upstream.base_url, "its model list is not OpenAI-shaped")
             return None
         entries = found
         # tabbyAPI lists every model on disk under /v1/models; /v1/model names the loaded one.
-        loaded = await _get_json(session, f"{upstream.base_url}/model", upstream, timeout)
+        try:
+            loaded = await _get_json(session, f"{upstream.base_url}/model", upstream, timeout)
+        except _Refused:
+            loaded = None
         if isinstance(loaded, dict) and isinstance(loaded.get("id"), str) and loaded["id"]:
             entries = [e for e in entries if e["id"] == loaded["id"]] or [loaded]
 
@@ -184,7 +243,7 @@ async def scan(
     limit = asyncio.Semaphore(SCAN_CONCURRENCY)
     done = 0
 
-    async def bounded(target: _Target) -> list[FoundModel] | None:
+    async def bounded(target: _Target) -> list[FoundModel] | ServerProblem | None:
         nonlocal done
         async with limit:
             result = await _probe(session, target, config.timeouts.scan, addresses)
@@ -194,8 +253,8 @@ async def scan(
         return result
 
     results = await asyncio.gather(*(bounded(t) for t in targets))
-    found = [model for models in results if models for model in models]
-    servers = sum(1 for models in results if models is not None)
+    found = [model for models in results if isinstance(models, list) for model in models]
+    servers = sum(1 for models in results if isinstance(models, list))
     registry = Registry.build(found, servers)
     old_names = set(previous.models) if previous is not None else set()
     new_names = set(registry.models)
@@ -205,33 +264,100 @@ async def scan(
         probed=len(targets),
         new=tuple(sorted(new_names - old_names)),
         gone=tuple(sorted(old_names - new_names)),
+        problems=tuple(r for r in results if isinstance(r, ServerProblem)),
     )
 
 
 def make_scan_session(config: Config) -> aiohttp.ClientSession:
     # Connections are not reused between scans: a server may restart in between.
     connector = aiohttp.TCPConnector(limit=SCAN_CONCURRENCY, force_close=True, ttl_dns_cache=60)
-    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": "llproxy-discovery"})
+    # Listings are decoded here, within their bound: aiohttp would inflate any size.
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        headers={"User-Agent": "llproxy-discovery", "Accept-Encoding": "identity"},
+    )
 
 
-def log_scan(result: ScanResult) -> None:
-    registry = result.registry
-    log.info(
-        "scan: %d servers, %d models, %d new, %d gone in %.0f ms",
-        registry.servers,
-        len(registry.models),
-        len(result.new),
-        len(result.gone),
-        result.duration_ms,
-        extra={
+class ScanLog:
+    """What scans tell the log: the first scan's summary, then only what changed (models
+    found or gone, by name; servers that refuse or recover; a default model that is
+    missing), so a short scan interval does not flood it."""
+
+    def __init__(self) -> None:
+        self.first = True
+        self.problems: dict[str, str] = {}
+        self.missing: frozenset[str] = frozenset()
+
+    def report(self, result: ScanResult, config: Config) -> None:
+        registry = result.registry
+        fields = {
             "event": "scan",
             "servers": registry.servers,
             "models": len(registry.models),
             "new": list(result.new),
             "gone": list(result.gone),
             "duration_ms": round(result.duration_ms, 1),
-        },
-    )
+        }
+        if self.first:
+            log.info(
+                "scan: %d servers, %d models in %.0f ms",
+                registry.servers,
+                len(registry.models),
+                result.duration_ms,
+                extra=fields,
+            )
+        elif result.new or result.gone:
+            changes = [f"new {', '.join(result.new)}"] if result.new else []
+            changes += [f"gone {', '.join(result.gone)}"] if result.gone else []
+            log.info(
+                "scan: %s (now %d servers, %d models)",
+                "; ".join(changes),
+                registry.servers,
+                len(registry.models),
+                extra=fields,
+            )
+        self._report_problems(result.problems)
+        self._report_missing(config, registry)
+        self.first = False
+
+    def _report_problems(self, problems: Sequence[ServerProblem]) -> None:
+        now = {problem.address: problem.reason for problem in problems}
+        for problem in problems:
+            if self.problems.get(problem.address) != problem.reason:
+                log.warning(
+                    "%s",
+                    problem.describe(),
+                    extra={
+                        "event": "server_problem",
+                        "server": problem.address,
+                        "reason": problem.reason,
+                    },
+                )
+        for address in self.problems.keys() - now.keys():
+            log.info("server %s answers again", address)
+        self.problems = now
+
+    def _report_missing(self, config: Config, registry: Registry) -> None:
+        missing = frozenset(missing_models(config, registry))
+        for name in sorted(missing - self.missing):
+            log.warning(
+                "%s is not among the %d models found",
+                name,
+                len(registry.models),
+                extra={"event": "model_missing", "model": name},
+            )
+        for name in sorted(self.missing - missing):
+            log.info("%s is available now", name)
+        self.missing = missing
+
+
+def missing_models(config: Config, registry: Registry) -> list[str]:
+    """The models the config names that the registry lacks, each described."""
+    missing = []
+    if config.default_model is not None and config.default_model not in registry.models:
+        missing.append(f"default_model '{config.default_model}'")
+    return missing
 
 
 class DiscoveryLoop:
@@ -245,6 +371,7 @@ class DiscoveryLoop:
         self._running_scan: asyncio.Task[ScanResult] | None = None
         self._wake = asyncio.Event()
         self.registry = Registry()
+        self._log = ScanLog()
 
     async def start(self) -> None:
         self._session = make_scan_session(self.config)
@@ -277,7 +404,7 @@ class DiscoveryLoop:
         result = await scan(self.config, self._session, self.registry)
         self.registry = result.registry
         self._publish(result)
-        log_scan(result)
+        self._log.report(result, self.config)
         return result
 
     async def _run(self) -> None:

@@ -9,10 +9,11 @@ upstream connection at once, so the server stops generating.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -25,7 +26,13 @@ from .deadlines import Watchdog
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
 from .keys import ApiKey
 from .registry import Balancer, Model, Replica
-from .upstream_http import ConnectFailed, UpstreamBroken, UpstreamPool
+from .upstream_http import (
+    ConnectFailed,
+    ResponseBounds,
+    UpstreamBroken,
+    UpstreamPool,
+    UpstreamTooLarge,
+)
 
 # Upstream response headers worth relaying; everything else is hop-by-hop or describes a
 # body encoding already undone.
@@ -146,49 +153,119 @@ class UsageFromTail:
         return b""
 
     def usage_document(self) -> Any:
-        """The usage chunk: the last event that carries `usage`; None when none does."""
-        for event in reversed(_EVENT_END.split(b"".join(self.recent))):
-            if b'"usage"' in event and _has_usage(document := _event_document(event)):
-                return document
-        return None
+        return _last_usage_event(self.recent)
 
 
-class UsageChunkFilter:
-    """Relays server-sent events minus the usage-only chunk, whose numbers it keeps.
+def _last_usage_event(reads: Iterable[bytes]) -> Any:
+    """The usage chunk among a stream's last reads: the last event that carries `usage`;
+    None when none does."""
+    for event in reversed(_EVENT_END.split(b"".join(reads))):
+        if b'"usage"' in event and _has_usage(document := _event_document(event)):
+            return document
+    return None
 
-    Complete events go on at once; only a trailing partial event waits for its end, which
-    the client could not use before anyway.
+
+@functools.lru_cache(maxsize=256)
+def model_rename(upstream_id: str, name: str) -> ModelRename | None:
+    """How the client's name replaces the upstream's id in answers; None when they agree."""
+    return None if upstream_id == name else ModelRename(upstream_id, name)
+
+
+class ModelRename:
+    """Puts the name the client asked for where the upstream wrote its own model id.
+
+    A structural `"model":"<id>"` cannot occur inside a JSON string (its quotes would be
+    escaped there), so replacing the bytes renames exactly the member.
     """
 
-    def __init__(self, exchange: Exchange) -> None:
+    def __init__(self, upstream_id: str, name: str) -> None:
+        old, new = orjson.dumps(upstream_id), orjson.dumps(name)
+        self.pairs = tuple(
+            (b'"model":' + gap + old, b'"model":' + gap + new) for gap in (b"", b" ")
+        )
+
+    def apply(self, data: bytes) -> bytes:
+        for old, new in self.pairs:
+            data = data.replace(old, new)
+        return data
+
+
+def _only_usage(document: dict[str, Any]) -> bool:
+    """Whether a chunk brings the client nothing but usage: no choice carries content,
+    a tool call, a finish reason or anything else. Servers shape this chunk differently
+    (`choices: []`, or LiteLLM's one choice with an empty delta)."""
+    for choice in document.get("choices") or ():
+        if not isinstance(choice, dict):
+            return False
+        for key, value in choice.items():
+            if key == "delta" and isinstance(value, dict):
+                if any(v not in (None, "", [], {}) for v in value.values()):
+                    return False
+            elif key != "index" and value not in (None, "", [], {}):
+                return False
+    return True
+
+
+class EventRelay:
+    """Relays server-sent events whole: renamed to the client's model name, and minus the
+    usage-only chunk (whose numbers it keeps) when the client did not ask for it.
+
+    Complete events go on at once; only a trailing partial event waits for its end, which
+    the client could not use before anyway. The upstream client bounds an event's size.
+    """
+
+    def __init__(self, exchange: Exchange, rename: ModelRename | None) -> None:
         self.exchange = exchange
-        self.pending = b""
+        self.rename = rename
+        self.hide_usage = exchange.hide_usage_chunk
+        self.pending: list[bytes] = []  # a partial event, as it arrived
+        self.tail = b""  # the last bytes of pending, where an event end may begin
+        self.recent: deque[bytes] = deque(maxlen=_USAGE_TAIL_READS)
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self.pending + chunk if self.pending else chunk
+        if self.pending:
+            seam = self.tail + chunk[:3]
+            self.pending.append(chunk)
+            if b"\n\n" not in chunk and b"\n\r\n" not in chunk and not _EVENT_END.search(seam):
+                self.tail = (self.tail + chunk)[-3:]
+                return b""  # still inside one event: joined once it ends
+            data = b"".join(self.pending)
+        else:
+            data = chunk
         ends = list(_EVENT_END.finditer(data))
         if not ends:
-            self.pending = data
+            self.pending, self.tail = [data], data[-3:]
             return b""
         cut = ends[-1].end()
-        complete, self.pending = data[:cut], data[cut:]
-        if b'"usage"' not in complete:
-            return complete
+        complete = data[:cut]
+        self.pending = [data[cut:]] if cut < len(data) else []
+        self.tail = data[-3:]
+        if self.hide_usage and b'"usage"' in complete:
+            complete = self._without_usage_chunk(complete, ends)
+        else:
+            self.recent.append(complete)
+        return self.rename.apply(complete) if self.rename is not None else complete
+
+    def _without_usage_chunk(self, complete: bytes, ends: list[re.Match[bytes]]) -> bytes:
         kept, start = [], 0
         for end in ends:
             event = complete[start : end.end()]
             start = end.end()
-            if not (b'"usage"' in event and self._usage_only(event)):
-                kept.append(event)
+            if b'"usage"' in event:
+                document = _event_document(event)
+                if self.exchange.take_usage(document) and _only_usage(document):
+                    continue
+            kept.append(event)
         return b"".join(kept)
 
-    def _usage_only(self, event: bytes) -> bool:
-        document = _event_document(event)
-        return self.exchange.take_usage(document) and not document.get("choices")
-
     def finish(self) -> bytes:
-        rest, self.pending = self.pending, b""
-        return rest
+        rest = b"".join(self.pending)
+        self.pending = []
+        return self.rename.apply(rest) if self.rename is not None else rest
+
+    def usage_document(self) -> Any:
+        """The usage chunk, when the client sees it (else `feed` took its numbers)."""
+        return _last_usage_event(self.recent)
 
 
 def _upstream_error(status: int, raw: bytes) -> web.Response:
@@ -211,8 +288,8 @@ def _stream_error_event(exc: ProxyError) -> bytes:
 class UpstreamClient:
     """The worker's one connection pool to every upstream, and replica balancing."""
 
-    def __init__(self, timeouts: Timeouts) -> None:
-        self.pool = UpstreamPool(timeouts.connect, UPSTREAM_KEEPALIVE)
+    def __init__(self, timeouts: Timeouts, bounds: ResponseBounds | None = None) -> None:
+        self.pool = UpstreamPool(timeouts.connect, UPSTREAM_KEEPALIVE, bounds)
         self.watchdog = Watchdog()
         self.timeouts = timeouts
         self.balancer = Balancer()
@@ -234,9 +311,10 @@ class UpstreamClient:
             exchange.upstream = replica.upstream.address
             # Only `model` changes; the rest of the client's body is kept as sent.
             payload = orjson.dumps({**body, "model": replica.upstream_id})
+            rename = model_rename(replica.upstream_id, exchange.model or model.name)
             self.balancer.acquire(replica)
             try:
-                return await self._attempt(request, replica, path, payload, exchange)
+                return await self._attempt(request, replica, path, payload, exchange, rename)
             except ConnectFailed as exc:
                 exchange.upstream_error = "refused"
                 refused.append(f"{replica.upstream.address} ({exc})")
@@ -253,6 +331,7 @@ class UpstreamClient:
         path: str,
         payload: bytes,
         exchange: Exchange,
+        rename: ModelRename | None,
     ) -> web.StreamResponse:
         upstream = replica.upstream
         response: web.StreamResponse | None = None
@@ -279,6 +358,8 @@ class UpstreamClient:
                         exchange.first_byte_at = time.perf_counter()
                         finished = True
                         if content_type == "application/json":
+                            if rename is not None:
+                                data = rename.apply(data)
                             exchange.read_usage = partial(_json_usage_document, data)
                         return web.Response(status=upstream_resp.status, body=data, headers=relayed)
 
@@ -287,11 +368,12 @@ class UpstreamClient:
                         status=upstream_resp.status,
                         headers={**relayed, **_SSE_HEADERS, **exchange.response_headers},
                     )
-                    events: UsageChunkFilter | UsageFromTail
-                    if exchange.hide_usage_chunk:
-                        events = UsageChunkFilter(exchange)
+                    events: EventRelay | UsageFromTail
+                    if exchange.hide_usage_chunk or rename is not None:
+                        events = EventRelay(exchange, rename)
                     else:
                         events = UsageFromTail()
+                    if not exchange.hide_usage_chunk:
                         exchange.read_usage = events.usage_document
                     chunk = await upstream_resp.chunk()
                     exchange.first_byte_at = time.perf_counter()
@@ -324,6 +406,14 @@ class UpstreamClient:
                 UpstreamTimeout(
                     f"upstream {upstream.address} sent nothing for "
                     f"{self.timeouts.first_byte if response is None else self.timeouts.idle:g} s"
+                ),
+            )
+        except UpstreamTooLarge as exc:
+            exchange.upstream_error = "too_large"
+            return await self._fail(
+                response,
+                UpstreamUnreachable(
+                    f"upstream {upstream.address} was cut off: {exc}", code="upstream_too_large"
                 ),
             )
         except UpstreamBroken as exc:

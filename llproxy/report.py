@@ -9,11 +9,12 @@ from typing import Any
 import orjson
 import uvloop
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from .config import Config
-from .discovery import ScanResult, make_scan_session, scan
+from .discovery import ScanResult, make_scan_session, missing_models, scan
 from .registry import Registry
 
 
@@ -85,4 +86,9 @@ def run_scan(config: Config, as_json: bool) -> int:
         f"{result.registry.servers} servers, {len(result.registry.models)} models"
     )
     err.print(summary if rows else f"no models found ({summary})", highlight=False)
+    lines = [problem.describe() for problem in result.problems] + [
+        f"{name} is not among the models found" for name in missing_models(config, result.registry)
+    ]
+    for line in lines:
+        err.print(f"[yellow]{escape(line)}[/yellow]", highlight=False)
     return 0

@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 
 import httptools
 
+from .config import Config
 from .registry import Upstream
 
 # An upstream's status line and headers; more is a broken or hostile server.
@@ -28,6 +29,9 @@ MAX_HEAD_BYTES = 64 * 1024
 _HEAD_TOO_LARGE = f"response head larger than {MAX_HEAD_BYTES} bytes"
 # Body bytes buffered for a slow reader before the upstream socket stops being read.
 HIGH_WATER = 256 * 1024
+# Decoded bytes a compressed body may produce before its ratio is held against it: a gzip
+# header and the first deflate blocks expand more than the stream does on average.
+DECODE_SLACK = 1024 * 1024
 # Characters left as they are in a request path; everything else is percent-encoded.
 _PATH_SAFE = "/-._~!$&'()*+,;=:@"
 
@@ -38,6 +42,74 @@ class ConnectFailed(Exception):
 
 class UpstreamBroken(Exception):
     """The upstream answered with something that is not a complete HTTP response."""
+
+
+class UpstreamTooLarge(UpstreamBroken):
+    """The upstream sent more than a bound allows; it is cut off there."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseBounds:
+    """What one upstream response may send: any upstream is untrusted, since discovery
+    takes whatever listens on a scanned port."""
+
+    body_bytes: int = 64 * 1024 * 1024  # a whole (not streamed) body, decoded
+    event_bytes: int = 4 * 1024 * 1024  # one server-sent event of a stream
+    compression_ratio: int = 100  # decoded bytes per received byte
+
+
+def response_bounds(config: Config) -> ResponseBounds:
+    return ResponseBounds(
+        config.max_response_bytes, config.max_event_bytes, config.max_compression_ratio
+    )
+
+
+class BoundedDecoder:
+    """gzip or deflate decoded read by read, never past the ratio its bounds allow: a small
+    compressed body must not expand to gigabytes in one call."""
+
+    def __init__(self, encoding: str, ratio: int) -> None:
+        encoding = encoding.strip().lower()
+        if encoding in ("gzip", "x-gzip"):
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._zlib = zlib.decompressobj()
+        else:
+            raise UpstreamBroken(f"unsupported content-encoding {encoding!r}")
+        self.ratio = ratio
+        self.received = 0
+        self.produced = 0
+
+    def decode(self, data: bytes) -> bytes:
+        self.received += len(data)
+        allowed = self.ratio * self.received + DECODE_SLACK - self.produced
+        try:
+            out = self._zlib.decompress(data, allowed + 1)
+        except zlib.error as exc:
+            raise UpstreamBroken(f"bad compressed body: {exc}") from None
+        if len(out) > allowed or self._zlib.unconsumed_tail:
+            raise UpstreamTooLarge(
+                f"compressed body expands more than {self.ratio} times (a compression bomb?)"
+            )
+        self.produced += len(out)
+        return out
+
+    def flush(self) -> bytes:
+        try:
+            return self._zlib.flush()
+        except zlib.error as exc:
+            raise UpstreamBroken(f"bad compressed body: {exc}") from None
+
+
+def decode_body(data: bytes, encoding: str | None, bounds: ResponseBounds) -> bytes:
+    """A whole body in its content-encoding, decoded within the bounds."""
+    if encoding is None or encoding.strip().lower() in ("", "identity"):
+        return data
+    decoder = BoundedDecoder(encoding, bounds.compression_ratio)
+    body = decoder.decode(data) + decoder.flush()
+    if len(body) > bounds.body_bytes:
+        raise UpstreamTooLarge(f"body larger than {bounds.body_bytes} bytes")
+    return body
 
 
 class _Stale(Exception):
@@ -98,14 +170,21 @@ class UpstreamResponse:
     the connection, which is how a cancelled or abandoned request stops the upstream.
     """
 
-    def __init__(self, connection: _Connection) -> None:
+    def __init__(self, connection: _Connection, bounds: ResponseBounds) -> None:
         self._connection = connection
+        self._bounds = bounds
         self.status = 0
         self.headers: dict[str, str] = {}
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._decoder: zlib._Decompress | None = None
+        self._decoder: BoundedDecoder | None = None
+        # A whole body is bounded in size; a stream (which may run for hours) per event.
+        self._body_limit: int | None = None
+        self._received = 0
+        self._event_limit: int | None = None
+        self._since_event_end = 0
+        self._seam = b""  # a stream's last bytes, where an event end may begin
         self.complete = False
         self.error: Exception | None = None
 
@@ -162,26 +241,47 @@ class UpstreamResponse:
 
     def _start_body(self) -> None:
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
-        if encoding in ("gzip", "x-gzip"):
-            self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif encoding == "deflate":
-            self._decoder = zlib.decompressobj()
-        elif encoding != "identity":
-            raise UpstreamBroken(f"unsupported content-encoding {encoding!r}")
+        if encoding != "identity":
+            self._decoder = BoundedDecoder(encoding, self._bounds.compression_ratio)
+        if self.content_type == "text/event-stream":
+            self._event_limit = self._bounds.event_bytes
+        else:
+            self._body_limit = self._bounds.body_bytes
 
     def _feed(self, data: bytes) -> bool:
         """Queue body bytes; True when the reader has fallen behind."""
         if self._decoder is not None:
-            data = self._decoder.decompress(data)
+            data = self._decoder.decode(data)
             if not data:
                 return False
+        self._count(data)
         self._chunks.append(data)
         self._buffered += len(data)
         self._wake()
         return self._buffered > HIGH_WATER
 
+    def _count(self, data: bytes) -> None:
+        """Hold the decoded bytes against the response's bound."""
+        if self._body_limit is not None:
+            self._received += len(data)
+            if self._received > self._body_limit:
+                raise UpstreamTooLarge(f"response body larger than {self._body_limit} bytes")
+        elif self._event_limit is not None:
+            # An event ends at a blank line; one that never ends is cut at the bound.
+            end = max(data.rfind(b"\n\n"), data.rfind(b"\n\r\n"))
+            if end >= 0:
+                self._since_event_end = len(data) - end
+            elif b"\n\n" in (seam := self._seam + data[:2]) or b"\n\r\n" in seam:
+                self._since_event_end = len(data)
+            else:
+                self._since_event_end += len(data)
+            self._seam = data[-2:]
+            if self._since_event_end > self._event_limit:
+                raise UpstreamTooLarge(f"stream event larger than {self._event_limit} bytes")
+
     def _finish(self) -> None:
         if self._decoder is not None and (rest := self._decoder.flush()):
+            self._count(rest)
             self._chunks.append(rest)
         self.complete = True
         self._wake()
@@ -197,6 +297,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]) -> None:
         self.pool = pool
+        self.bounds = pool.bounds
         self.key = key
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
@@ -214,7 +315,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: bytes, payload: bytes) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
-        self.response = UpstreamResponse(self)
+        self.response = UpstreamResponse(self, self.bounds)
         self.head_ready = asyncio.get_running_loop().create_future()
         self.head_bytes = self.field_bytes = 0
         self.received_any = False
@@ -257,9 +358,14 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            # A callback's own error (a bad gzip stream, an unknown encoding) is the cause.
+            # A callback's own error (a bound crossed, a bad gzip stream, an unknown
+            # encoding) is the cause, and says it better than the parser does.
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
-            self._fail(UpstreamBroken(f"malformed response: {cause or exc}"))
+            self._fail(
+                cause
+                if isinstance(cause, UpstreamBroken)
+                else UpstreamBroken(f"malformed response: {cause or exc}")
+            )
             return
         if self.head_ready is not None:  # the head is still incomplete
             self.head_bytes += len(data)
@@ -275,7 +381,10 @@ class _Connection(asyncio.Protocol):
         if self.head_ready is not None and not self.received_any:
             self._fail(_Stale() if self.reused else UpstreamBroken("closed"))
         elif self.head_ready is None and self._ends_at_close(response):
-            response._finish()
+            try:
+                response._finish()
+            except UpstreamBroken as error:  # its last compressed bytes broke a bound
+                response._fail(error)
         else:
             self._fail(UpstreamBroken("connection closed before the response was complete"))
 
@@ -335,9 +444,12 @@ class _Connection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per upstream address, reused most recent first."""
 
-    def __init__(self, connect_timeout: float, keepalive: float) -> None:
+    def __init__(
+        self, connect_timeout: float, keepalive: float, bounds: ResponseBounds | None = None
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
+        self.bounds = bounds or ResponseBounds()
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._routes: dict[Upstream, _Route] = {}
         self._tls: ssl.SSLContext | None = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,10 @@ class FakeUpstream:
     hang: bool = False
     die_after_chunks: int | None = None
     report_usage: bool = True  # some servers never send `usage`
+    # The usage chunk's choices: `[]` (vLLM, llama.cpp) or LiteLLM's one empty delta.
+    usage_chunk_choices: list[Any] = field(default_factory=list)
     name: str = "fake"
+    require_key: str | None = None  # answer 401 unless `Authorization: Bearer <key>`
     received: list[Received] = field(default_factory=list)
     got_request: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -55,6 +60,12 @@ class FakeUpstream:
     async def _models(self, request: web.Request) -> web.Response:
         self.listing_requests += 1
         self.received.append(Received("models", dict(request.headers), None))
+        authorization = request.headers.get("Authorization")
+        if self.require_key and authorization != f"Bearer {self.require_key}":
+            return web.json_response(
+                {"error": {"message": "Invalid API key", "type": "auth_error", "code": 401}},
+                status=401,
+            )
         data = [
             {
                 "id": mid,
@@ -211,7 +222,7 @@ class FakeUpstream:
                 "object": "chat.completion.chunk",
                 "created": 1,
                 "model": model,
-                "choices": [],
+                "choices": self.usage_chunk_choices,
                 "usage": {
                     "prompt_tokens": 7,
                     "completion_tokens": self.chunks,
@@ -222,3 +233,73 @@ class FakeUpstream:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+@dataclass
+class HostileUpstream:
+    """An upstream that attacks its client: a gzip bomb, an endless line, a huge body.
+
+    Any local user who listens on a scanned port is an upstream, so llproxy must survive
+    these. `mode` picks the attack; `size` is how many bytes it would send (or expand
+    to) if nobody stopped it; `sent` counts what it managed to send.
+    """
+
+    mode: str = "gzip_bomb"  # gzip_bomb | endless_line | huge_body
+    size: int = 64 * 1024 * 1024
+    stream: bool = False  # answer as an event stream (else JSON)
+    prefix: bytes = b""  # sent before the attack, e.g. one good event
+    model_id: str = "hostile"
+    sent: int = 0
+    client_left: asyncio.Event = field(default_factory=asyncio.Event)
+    requests: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/{path:.+}", self._post)
+        return app
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model_id, "object": "model"}]}
+        )
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.requests += 1
+        content_type = "text/event-stream" if self.stream else "application/json"
+        headers = {"Content-Type": content_type}
+        if self.mode == "gzip_bomb":
+            headers["Content-Encoding"] = "gzip"
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        try:
+            if self.prefix:
+                await response.write(self.prefix)
+            for block in self._blocks():
+                await response.write(block)
+                self.sent += len(block)
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.client_left.set()
+            raise
+        return response
+
+    def _blocks(self) -> Iterator[bytes]:
+        step = 256 * 1024
+        if self.mode == "gzip_bomb":
+            packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            zeros = b"0" * step
+            for _ in range(self.size // step):
+                if out := packer.compress(zeros):
+                    yield out
+            yield packer.flush()
+        elif self.mode == "endless_line":
+            yield b"data: "
+            for _ in range(self.size // step):
+                yield b"x" * step
+        else:
+            yield b'{"choices": "'
+            for _ in range(self.size // step):
+                yield b"x" * step
+            yield b'"}'

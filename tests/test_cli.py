@@ -117,3 +117,21 @@ async def test_scan_table_and_nothing_found(
     code, out, err = await run_llproxy("scan", "--config", str(empty))
     assert code == 0 and out == ""
     assert "no models found" in err
+
+
+async def test_scan_says_which_server_refused_and_why(
+    start_upstream: UpstreamFactory, tmp_path: Path
+) -> None:
+    locked = await start_upstream(require_key="sk-right")
+    config = tmp_path / "c.json"
+    config.write_text(
+        json.dumps({"endpoints": [locked.endpoint(apikey="env:UP_KEY")], "default_model": "x"})
+    )
+    code, out, err = await run_llproxy("scan", "--config", str(config), env={"UP_KEY": "sk-no"})
+    assert code == 0 and out == ""
+    assert "no models found" in err
+    assert (
+        f"server http://127.0.0.1:{locked.port}/v1 refused the model list: HTTP 401 "
+        "Unauthorized: Invalid API key; check its apikey" in " ".join(err.split())
+    )
+    assert "default_model 'x' is not among the models found" in err

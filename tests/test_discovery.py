@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from llproxy.config import parse_config
 from llproxy.discovery import make_scan_session, scan
@@ -188,3 +191,66 @@ async def test_a_range_on_a_host_name_is_resolved_and_probed(
         [{"hostname": "localhost", "port_start": upstream.port, "port_end": upstream.port}]
     )
     assert list(proxy.state.registry.models) == ["by-name"]
+
+
+async def test_a_server_that_refuses_the_key_is_named_with_its_reason(
+    start_upstream: UpstreamFactory,
+) -> None:
+    locked = await start_upstream(require_key="sk-right")
+    config = parse_config(
+        {"endpoints": [locked.endpoint(apikey="env:TEST_KEY")]}, environ={"TEST_KEY": "sk-wrong"}
+    )
+    async with make_scan_session(config) as session:
+        result = await scan(config, session)
+    assert result.registry.models == {}
+    [problem] = result.problems
+    assert problem.address == f"http://127.0.0.1:{locked.port}/v1"
+    assert problem.reason == "refused the model list: HTTP 401 Unauthorized: Invalid API key"
+    assert problem.describe().endswith("; check its apikey")
+
+
+async def test_a_configured_url_that_fails_is_reported_but_closed_ports_are_not(
+    start_upstream: UpstreamFactory,
+) -> None:
+    closed = free_port_block(1)
+    config = parse_config(
+        {
+            "endpoints": [
+                {"url": f"http://127.0.0.1:{closed}/v1"},
+                {"hostname": "127.0.0.1", "port_start": closed, "port_end": closed},
+            ]
+        }
+    )
+    async with make_scan_session(config) as session:
+        result = await scan(config, session)
+    [problem] = result.problems
+    assert problem.address == f"http://127.0.0.1:{closed}/v1"
+    assert problem.reason.startswith("refused the model list: ")
+
+
+async def test_rescans_log_only_what_changed_by_name(
+    start_upstream: UpstreamFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from llproxy.discovery import DiscoveryLoop
+
+    upstream = await start_upstream(model_ids=["a", "b"])
+    config = parse_config({"endpoints": [upstream.endpoint()], "default_model": "c"})
+    loop = DiscoveryLoop(config, lambda result: None)
+    await loop.start()
+    caplog.set_level(logging.INFO, logger="llproxy.discovery")
+    try:
+        await loop.scan_now()
+        await loop.scan_now()
+        await loop.scan_now()
+        upstream.fake.model_ids = ["a", "c"]
+        await loop.scan_now()
+        await loop.scan_now()
+    finally:
+        await loop.stop()
+    lines = [record.getMessage() for record in caplog.records]
+    assert re.fullmatch(r"scan: 1 servers, 2 models in \d+ ms", lines[0])
+    assert lines[1:] == [
+        "default_model 'c' is not among the 2 models found",
+        "scan: new c; gone b (now 1 servers, 2 models)",
+        "default_model 'c' is available now",
+    ]

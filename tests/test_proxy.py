@@ -526,3 +526,22 @@ async def test_requests_leave_nothing_for_the_cycle_collector(proxy: RunningProx
         gc.enable()
     assert ours == []
     assert proxy.state.telemetry.requests[("fake-model", "200")] == 18
+
+
+async def test_answers_carry_the_name_the_client_asked_for(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    upstream = await start_upstream(model_ids=["/models/tiny-llama.gguf"])
+    proxy = await start_proxy([upstream.endpoint(tags=["gpu0"])])
+    client = proxy.client()
+    reply = await client.chat.completions.create(model="tiny-llama:gpu0", messages=CHAT)
+    assert reply.model == "tiny-llama:gpu0"
+    stream = await client.chat.completions.create(
+        model="tiny-llama:gpu0", messages=CHAT, stream=True
+    )
+    models = {chunk.model async for chunk in stream}
+    assert models == {"tiny-llama:gpu0"}
+    # The upstream was asked for its own id all the same.
+    assert {r.body["model"] for r in upstream.fake.generation_requests} == {
+        "/models/tiny-llama.gguf"
+    }

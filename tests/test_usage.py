@@ -18,7 +18,7 @@ import openai
 import orjson
 import pytest
 
-from llproxy.proxy import Exchange, UsageChunkFilter, _json_document, _json_usage_document
+from llproxy.proxy import EventRelay, Exchange, _json_document, _json_usage_document
 from llproxy.statedb import DATABASE
 from llproxy.usage import UsageRecord, UsageWriter, usage_sums
 
@@ -39,15 +39,15 @@ def test_usage_chunk_filter_at_every_split() -> None:
     stream = b"".join(content) + usage + b"data: [DONE]\n\n"
     expected = b"".join(content) + b"data: [DONE]\n\n"
     for cut in range(1, len(stream)):
-        exchange = Exchange()
-        events = UsageChunkFilter(exchange)
+        exchange = Exchange(hide_usage_chunk=True)
+        events = EventRelay(exchange, None)
         out = events.feed(stream[:cut]) + events.feed(stream[cut:]) + events.finish()
         assert out == expected, cut
         assert (exchange.prompt_tokens, exchange.completion_tokens) == (11, 3)
     # Byte by byte, and with CRLF line ends.
     crlf = stream.replace(b"\n", b"\r\n")
-    exchange = Exchange()
-    events = UsageChunkFilter(exchange)
+    exchange = Exchange(hide_usage_chunk=True)
+    events = EventRelay(exchange, None)
     out = b"".join(events.feed(crlf[i : i + 1]) for i in range(len(crlf))) + events.finish()
     assert out == expected.replace(b"\n", b"\r\n") and exchange.prompt_tokens == 11
 
@@ -59,8 +59,8 @@ def test_usage_on_a_content_chunk_is_read_but_the_chunk_kept() -> None:
             "usage": {"prompt_tokens": 2, "completion_tokens": 1},
         }
     )
-    exchange = Exchange()
-    events = UsageChunkFilter(exchange)
+    exchange = Exchange(hide_usage_chunk=True)
+    events = EventRelay(exchange, None)
     assert events.feed(both) + events.finish() == both
     assert exchange.prompt_tokens == 2
 
@@ -294,3 +294,32 @@ async def test_accounting_runs_once_the_client_has_the_whole_answer(
         finally:
             access.removeHandler(peek)
             access.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    "usage_choices",
+    [[], [{"index": 0, "delta": {}}], [{"index": 0, "delta": {}, "finish_reason": None}]],
+    ids=["vllm", "litellm", "litellm-null-finish"],
+)
+async def test_a_usage_only_chunk_is_hidden_whatever_its_shape(
+    start_upstream: UpstreamFactory,
+    start_proxy: ProxyFactory,
+    tmp_path: Path,
+    usage_choices: list[Any],
+) -> None:
+    """LiteLLM's usage chunk carries one choice with an empty delta: still nothing for a
+    client that did not ask for usage, and still counted."""
+    upstream = await start_upstream(usage_chunk_choices=usage_choices)
+    state = tmp_path / "state"
+    proxy = await start_proxy([upstream.endpoint()], state_dir=str(state))
+    stream = await proxy.client().chat.completions.create(
+        model="fake-model", messages=CHAT, stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert [c.usage for c in chunks] == [None] * 5
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "w0 w1 w2 w3 w4 "
+    assert upstream.fake.generation_requests[-1].body["stream_options"] == {"include_usage": True}
+    rows = await recorded(state, "model", 1)
+    assert rows == [
+        {"model": "fake-model", "requests": 1, "prompt_tokens": 7, "completion_tokens": 5}
+    ]
