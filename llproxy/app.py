@@ -16,30 +16,34 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from redis.exceptions import RedisError
 
 from .admin import AdminApi
 from .config import Config
 from .discovery import DiscoveryLoop
+from .encoding import BodyEncodingError, BodyTooLarge, UnsupportedEncoding, decode_body
 from .errors import (
+    ExpectationFailed,
     InvalidRequest,
     ModelNotFound,
     RequestTimeout,
     RequestTooLarge,
+    RouteNotFound,
+    UnsupportedMediaType,
     json_response,
 )
 from .gateway import boundary, check_model_allowed
 from .hardening import preflight
 from .keys import REVOKED_SET, KeyRing
 from .metrics import CONTENT_TYPE, DiscoveryTelemetry, render
+from .payload import FormPayload, JsonPayload, Payload
 from .proxy import Exchange, UpstreamClient
 from .ratelimit import memory_counter, redis_client, redis_counter
 from .state import EXCHANGE, STATE, ProxyState, listing_body
 from .statedb import state_dir
 from .upstream_http import request_path, response_bounds
 from .usage import UsageWriter
-from .validation import validate
 
 access_log = logging.getLogger("llproxy.access")
 log = logging.getLogger("llproxy.app")
@@ -93,27 +97,23 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def proxy_post(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    limit = state.config.max_request_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes")
-    raw = await _read_body(request, state.config)
+    path = request.match_info["path"]
+    # Only what the gateway means to forward goes upstream, with the endpoint's key: not
+    # management paths (/v1/files, /v1/organization/...) nor anything that is no path.
+    if path not in state.forward_paths:
+        raise RouteNotFound(f"Not Found: POST /v1/{path} is not an inference route")
+    raw = await read_body(request, state.config)
     exchange = request[EXCHANGE]
     if access_log.isEnabledFor(logging.DEBUG):
         exchange.request_body = raw
-    try:
-        body: Any = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    path = request.match_info["path"]
-    validate(path, body)
-    try:
-        target = request_path(path)
-    except ValueError:
-        raise InvalidRequest(f"invalid path /v1/{path}") from None
+    payload: Payload
+    if request.content_type == "multipart/form-data":
+        payload = FormPayload.parse(raw, request.headers.get("Content-Type", ""))
+    else:
+        payload = JsonPayload.parse(raw, path)
+    target = request_path(path)
 
-    name = body.get("model") or state.config.default_model
+    name = payload.model or state.config.default_model
     if name is None:
         raise InvalidRequest("you must provide a model parameter", param="model")
     exchange.model = name
@@ -125,27 +125,58 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
             param="model",
         )
     exchange.resolved = True
-    if body.get("stream") is True and path in _USAGE_PATHS:
-        body = _with_usage_chunk(body, exchange)
+    if isinstance(payload, JsonPayload) and payload.stream and path in _USAGE_PATHS:
+        payload = JsonPayload(_with_usage_chunk(payload.body, exchange))
     assert state.upstreams is not None
     in_flight = state.telemetry.in_flight
     in_flight[name] = in_flight.get(name, 0) + 1
     try:
-        return await state.upstreams.forward(request, model, target, body, exchange)
+        return await state.upstreams.forward(request, model, target, payload, exchange)
     finally:
         in_flight[name] -= 1
 
 
-async def _read_body(request: web.Request, config: Config) -> bytes:
+async def read_body(request: web.Request, config: Config) -> bytes:
+    """The request's body, decoded, within max_request_bytes and timeouts.client_body.
+
+    `Expect: 100-continue` is answered only here, once the gateway let the request in and
+    its announced size fits: a refused client never sends its body.
+    """
+    limit = config.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(f"request body is larger than the limit of {limit} bytes")
+    expect = request.headers.get("Expect")
+    if expect is not None:
+        if expect.strip().lower() != "100-continue":
+            raise ExpectationFailed(f"unsupported Expect: {expect[:100]!r}")
+        if request.version >= HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer proper has not started
     if request.content.is_eof():  # the usual case: the body came with the headers
-        return await request.read()
+        raw = await request.read()
+    else:
+        try:
+            async with asyncio.timeout(config.timeouts.client_body):
+                raw = await request.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {config.timeouts.client_body:g} s"
+            ) from None
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is None:
+        return raw
     try:
-        async with asyncio.timeout(config.timeouts.client_body):
-            return await request.read()
-    except TimeoutError:
-        raise RequestTimeout(
-            f"the request body did not arrive within {config.timeouts.client_body:g} s"
-        ) from None
+        return decode_body(raw, encoding, limit, config.max_compression_ratio)
+    except UnsupportedEncoding as exc:
+        raise UnsupportedMediaType(f"{exc}; send gzip, deflate or identity") from None
+    except BodyTooLarge as exc:
+        raise RequestTooLarge(f"decoded request {exc} (the limit is {limit})") from None
+    except BodyEncodingError as exc:
+        raise InvalidRequest(f"request {exc}") from None
+
+
+async def _continue_later(request: web.Request) -> None:
+    """aiohttp would send `100 Continue` before any check; read_body sends it instead."""
 
 
 async def _preflight(request: web.Request) -> web.Response:
@@ -236,7 +267,8 @@ def create_app(config: Config, *, discover: bool = True, worker_id: int = 0) -> 
     app = web.Application(
         middlewares=[boundary],
         client_max_size=config.max_request_bytes,
-        handler_args={"max_field_size": 16384},
+        # Compressed request bodies are decoded by read_body, within their bound.
+        handler_args={"max_field_size": 16384, "auto_decompress": False},
     )
     app[STATE] = ProxyState(config, worker_id)
     app.cleanup_ctx.append(_key_ring)
@@ -255,7 +287,7 @@ def create_app(config: Config, *, discover: bool = True, worker_id: int = 0) -> 
     app.router.add_get("/metrics", prometheus)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{name}", get_model)
-    app.router.add_post("/v1/{path:.+}", proxy_post)
+    app.router.add_post("/v1/{path:.+}", proxy_post, expect_handler=_continue_later)
     if config.admin_key is not None:
         AdminApi(config, lambda: app[STATE].keys.refresh()).add_routes(app)
     return app

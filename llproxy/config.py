@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -87,6 +88,8 @@ class Config:
     max_event_bytes: int = 4 * 1024 * 1024
     max_compression_ratio: int = 100
     endpoints: tuple[Endpoint, ...] = ()
+    # Paths below /v1/ forwarded besides the built-in inference ones (e.g. "tokenize").
+    forward_paths: tuple[str, ...] = ()
     # Extra Host header names accepted when bound to loopback (e.g. behind a local nginx).
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
@@ -307,6 +310,7 @@ _TOP_KEYS = {
     "max_event_bytes",
     "max_compression_ratio",
     "endpoints",
+    "forward_paths",
     "allowed_hosts",
     "cors_origins",
     "api_keys",
@@ -371,6 +375,9 @@ def parse_config(
             defaults.max_compression_ratio,
         ),
         endpoints=endpoints,
+        forward_paths=_optional(
+            obj, "forward_paths", lambda v: _forward_paths("forward_paths", v), ()
+        ),
         allowed_hosts=_optional(
             obj, "allowed_hosts", lambda v: _string_list("allowed_hosts", v), ()
         ),
@@ -446,6 +453,20 @@ def _cors_origins(path: str, value: Any) -> tuple[str, ...]:
                 f"{path}[{i}]: must be an origin like https://app.example.com or *, got {origin!r}"
             )
     return tuple(o.rstrip("/") for o in origins)
+
+
+_FORWARD_PATH = re.compile(r"[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*")
+
+
+def _forward_paths(path: str, value: Any) -> tuple[str, ...]:
+    items = _string_list(path, value)
+    for i, item in enumerate(items):
+        if not _FORWARD_PATH.fullmatch(item.strip("/")):
+            raise ConfigError(
+                f"{path}[{i}]: must be a path below /v1/ such as 'tokenize' "
+                f"(letters, digits, '-', '_' and '/'), got {item!r}"
+            )
+    return tuple(item.strip("/") for item in items)
 
 
 def _interval(path: str, value: Any) -> int:

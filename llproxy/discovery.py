@@ -21,8 +21,8 @@ import aiohttp
 import orjson
 
 from .config import Config, Endpoint
+from .encoding import BodyEncodingError, decode_body
 from .registry import FoundModel, Registry, Upstream, final_names
-from .upstream_http import ResponseBounds, UpstreamBroken, decode_body
 
 log = logging.getLogger("llproxy.discovery")
 
@@ -131,11 +131,13 @@ async def _get_json(
                 body += chunk
                 if len(body) > MAX_LISTING_BYTES:
                     raise _Refused(f"its answer is over {MAX_LISTING_BYTES} bytes")
-            decoded = decode_body(bytes(body), resp.headers.get("Content-Encoding"), _LISTING)
+            decoded = decode_body(
+                bytes(body), resp.headers.get("Content-Encoding"), MAX_LISTING_BYTES, 100
+            )
             if resp.status != 200:
                 raise _Refused(f"HTTP {resp.status} {resp.reason or ''}".strip() + _said(decoded))
             return orjson.loads(decoded)
-    except UpstreamBroken as exc:
+    except BodyEncodingError as exc:
         raise _Refused(str(exc)) from None
     except orjson.JSONDecodeError:
         raise _Refused("its answer is not JSON") from None
@@ -143,10 +145,6 @@ async def _get_json(
         raise _Refused(f"no answer within {timeout:g} s") from None
     except (aiohttp.ClientError, ValueError) as exc:
         raise _Refused(str(exc) or type(exc).__name__) from None
-
-
-# A listing is read whole: its bound is the body's.
-_LISTING = ResponseBounds(body_bytes=MAX_LISTING_BYTES)
 
 
 def _said(body: bytes) -> str:
@@ -170,7 +168,19 @@ def _entries(listing: Any) -> list[dict[str, Any]] | None:
     data = listing.get("data") if isinstance(listing, dict) else listing
     if not isinstance(data, list):
         return None
-    return [e for e in data if isinstance(e, dict) and isinstance(e.get("id"), str) and e["id"]]
+    return [e for e in data if isinstance(e, dict) and _usable_id(e.get("id"))]
+
+
+MAX_MODEL_ID = 512
+
+
+def _usable_id(value: Any) -> bool:
+    """A model id llproxy can name, send and log: text without control characters."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_MODEL_ID
+        and not any(ord(char) < 0x20 or ord(char) == 0x7F for char in value)
+    )
 
 
 async def _probe(
@@ -210,7 +220,7 @@ async def _probe(
             loaded = await _get_json(session, f"{upstream.base_url}/model", upstream, timeout)
         except _Refused:
             loaded = None
-        if isinstance(loaded, dict) and isinstance(loaded.get("id"), str) and loaded["id"]:
+        if isinstance(loaded, dict) and _usable_id(loaded.get("id")):
             entries = [e for e in entries if e["id"] == loaded["id"]] or [loaded]
 
     models = [

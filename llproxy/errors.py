@@ -51,6 +51,12 @@ class ModelNotFound(ProxyError):
     code = "model_not_found"
 
 
+class RouteNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class RequestTimeout(ProxyError):
     status = 408
     type = "invalid_request_error"
@@ -61,6 +67,18 @@ class RequestTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class ExpectationFailed(ProxyError):
+    status = 417
+    type = "invalid_request_error"
+    code = "expectation_failed"
 
 
 class UpstreamUnreachable(ProxyError):

@@ -22,7 +22,7 @@ from .errors import (
     error_body,
     json_response,
 )
-from .hardening import check_host, response_headers
+from .hardening import check_host, check_origin, response_headers
 from .keys import ApiKey, KeyRing
 from .proxy import Exchange
 from .ratelimit import RateLimitExceeded, client_address
@@ -81,6 +81,7 @@ async def _answer(
     try:
         exchange.response_headers = response_headers(state.config, request)
         check_host(request, state.accepted_hosts)
+        check_origin(state.config, request)
         if api and request.method != "OPTIONS":
             if state.keys.enabled:
                 exchange.key = _authenticate(state.keys, request)

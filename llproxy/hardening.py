@@ -8,6 +8,8 @@ loopback (or explicitly allowed) closes that door. CORS is off unless origins ar
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -23,7 +25,6 @@ SECURITY_HEADERS: Mapping[str, str] = {
     # No version banner: aiohttp would announce Python's and its own.
     "Server": "llproxy",
 }
-_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 _CORS_ALLOWED_HEADERS = "Authorization, Content-Type, X-Api-Key, OpenAI-Organization, OpenAI-Beta"
 
 
@@ -39,38 +40,104 @@ class OriginNotAllowed(ProxyError):
     code = "origin_not_allowed"
 
 
-def host_name(host_header: str) -> str:
-    """The name in a Host header, without port: `[::1]:80` → `::1`, `a.b:8` → `a.b`."""
-    host = host_header.strip().lower()
+# A DNS name: dot-separated labels of letters, digits, `-` and `_`, an optional final dot.
+_LABEL = r"[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?"
+_REG_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def host_name(host_header: str) -> str | None:
+    """The name in a Host header, lower case and without its port (`[::1]:80` → `::1`,
+    `a.b:8` → `a.b`); None when the header is not a well-formed `host[:port]`."""
+    host = host_header.lower()
     if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        name, bracket, rest = host[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+        if not bracket or (rest and not (rest[:1] == ":" and _PORT.fullmatch(rest[1:]))):
+            return None
+        return name
+    name, colon, port = host.partition(":")
+    if colon and not _PORT.fullmatch(port):
+        return None
+    return name if _REG_NAME.fullmatch(name) else None
 
 
-def accepted_hosts(config: Config) -> tuple[str, ...] | None:
+def is_loopback_name(name: str) -> bool:
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def accepted_hosts(config: Config) -> frozenset[str] | None:
     """Host names accepted besides loopback ones; None when any is (not bound to loopback).
     Decided once at startup: it is asked on every request."""
-    return config.allowed_hosts if config.loopback_only else None
+    if not config.loopback_only:
+        return None
+    return frozenset(name.lower().rstrip(".") for name in config.allowed_hosts)
 
 
-def check_host(request: web.Request, accepted: tuple[str, ...] | None) -> None:
+def check_host(request: web.Request, accepted: frozenset[str] | None) -> None:
+    """Refuse a request whose Host (or absolute request target) names anything but this
+    machine's loopback or an allowed name: what a DNS-rebinding page would send."""
     if accepted is None:
         return
     header = request.headers.get("Host", "")
-    if _host_accepted(header, accepted):
-        return
-    name = host_name(header)
-    raise HostNotAllowed(
-        f"Host '{name}' is not accepted by a proxy bound to loopback; "
-        "add it to allowed_hosts if this is intended"
+    if not _host_accepted(header, accepted):
+        raise _host_refused(header)
+    # An absolute-form target (`GET http://name/ HTTP/1.1`) names the host itself.
+    if request.host != header and not _host_accepted(request.host, accepted):
+        raise _host_refused(request.host)
+
+
+def _host_refused(value: str) -> HostNotAllowed:
+    return HostNotAllowed(
+        f"Host {value[:100]!r} is not accepted by a proxy bound to loopback; "
+        "add its name to allowed_hosts if this is intended"
     )
 
 
 # Asked on every request, with the same one or two Host values.
 @functools.lru_cache(maxsize=64)
-def _host_accepted(header: str, accepted: tuple[str, ...]) -> bool:
+def _host_accepted(header: str, accepted: frozenset[str]) -> bool:
     name = host_name(header)
-    return name in _LOOPBACK_NAMES or name.startswith("127.") or name in accepted
+    if name is None:
+        return False
+    return is_loopback_name(name) or name.rstrip(".") in accepted
+
+
+def check_origin(config: Config, request: web.Request) -> None:
+    """Refuse a browser's cross-site request unless cors_origins allows its origin.
+
+    Without keys, anything that reaches the port may spend the user's models; any web page
+    the user visits can send a form or a `text/plain` POST here without a preflight. A
+    browser says where a request comes from (`Origin`, `Sec-Fetch-Site`); requests without
+    them (curl, SDKs, servers) are not a browser's and pass.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        if request.headers.get("Sec-Fetch-Site") == "cross-site":
+            raise OriginNotAllowed("a cross-site request from a web page is refused")
+        return
+    if "*" in config.cors_origins or origin.rstrip("/") in config.cors_origins:
+        return
+    if _same_origin(origin, request.headers.get("Host", "")):
+        return
+    raise OriginNotAllowed(
+        f"requests from the web page origin {origin[:200]!r} are refused; "
+        "add it to cors_origins to allow them"
+    )
+
+
+def _same_origin(origin: str, host_header: str) -> bool:
+    """Whether a page of this proxy itself sent the request (its own web pages do)."""
+    scheme, sep, authority = origin.lower().partition("://")
+    return bool(sep) and scheme in ("http", "https") and authority == host_header.lower()
 
 
 def allowed_origin(config: Config, request: web.Request) -> str | None:

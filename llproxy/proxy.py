@@ -25,6 +25,7 @@ from .config import Timeouts
 from .deadlines import Watchdog
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
 from .keys import ApiKey
+from .payload import Payload
 from .registry import Balancer, Model, Replica
 from .upstream_http import (
     ConnectFailed,
@@ -303,18 +304,19 @@ class UpstreamClient:
         request: web.Request,
         model: Model,
         path: str,
-        body: dict[str, Any],
+        payload: Payload,
         exchange: Exchange,
     ) -> web.StreamResponse:
         refused: list[str] = []
         for replica in self.balancer.order(model.replicas):
             exchange.upstream = replica.upstream.address
-            # Only `model` changes; the rest of the client's body is kept as sent.
-            payload = orjson.dumps({**body, "model": replica.upstream_id})
+            body = payload.encode(replica.upstream_id)
             rename = model_rename(replica.upstream_id, exchange.model or model.name)
             self.balancer.acquire(replica)
             try:
-                return await self._attempt(request, replica, path, payload, exchange, rename)
+                return await self._attempt(
+                    request, replica, path, body, payload.content_type, exchange, rename
+                )
             except ConnectFailed as exc:
                 exchange.upstream_error = "refused"
                 refused.append(f"{replica.upstream.address} ({exc})")
@@ -329,7 +331,8 @@ class UpstreamClient:
         request: web.Request,
         replica: Replica,
         path: str,
-        payload: bytes,
+        body: bytes,
+        media_type: bytes,
         exchange: Exchange,
         rename: ModelRename | None,
     ) -> web.StreamResponse:
@@ -338,7 +341,7 @@ class UpstreamClient:
         last = b""  # what the stream's end carries
         try:
             with self.watchdog.deadline(self.timeouts.first_byte) as deadline:
-                upstream_resp = await self.pool.post(upstream, path, payload)
+                upstream_resp = await self.pool.post(upstream, path, body, media_type)
                 finished = False
                 try:
                     if upstream_resp.status >= 400:

@@ -40,6 +40,7 @@ class ProxyState:
         self.rate_hit: HitFunction | None = None
         self.trusted_proxies = parse_networks(config.trusted_proxies)
         self.accepted_hosts = accepted_hosts(config)
+        self.forward_paths = INFERENCE_PATHS | frozenset(config.forward_paths)
         # Usage records wait here for whoever writes them (this process, or the supervisor).
         self.pending_usage: list[UsageRecord] = []
 
@@ -57,6 +58,25 @@ class ProxyState:
         self.models_body = listing_body(registry.listing())
         self.registry = registry
 
+
+# Paths below /v1/ that llproxy forwards to an upstream (`forward_paths` adds to them).
+INFERENCE_PATHS = frozenset(
+    {
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "rerank",
+        "reranking",
+        "score",
+        "moderations",
+        "audio/transcriptions",
+        "audio/translations",
+        "audio/speech",
+        "images/generations",
+        "images/edits",
+        "images/variations",
+    }
+)
 
 STATE = web.AppKey("llproxy_state", ProxyState)
 EXCHANGE = web.RequestKey("llproxy_exchange", Exchange)

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import ssl
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from typing import cast
@@ -22,6 +21,7 @@ from urllib.parse import quote, urlsplit
 import httptools
 
 from .config import Config
+from .encoding import BodyEncodingError, BodyTooLarge, BoundedDecoder
 from .registry import Upstream
 
 # An upstream's status line and headers; more is a broken or hostile server.
@@ -29,9 +29,7 @@ MAX_HEAD_BYTES = 64 * 1024
 _HEAD_TOO_LARGE = f"response head larger than {MAX_HEAD_BYTES} bytes"
 # Body bytes buffered for a slow reader before the upstream socket stops being read.
 HIGH_WATER = 256 * 1024
-# Decoded bytes a compressed body may produce before its ratio is held against it: a gzip
-# header and the first deflate blocks expand more than the stream does on average.
-DECODE_SLACK = 1024 * 1024
+JSON = b"application/json"
 # Characters left as they are in a request path; everything else is percent-encoded.
 _PATH_SAFE = "/-._~!$&'()*+,;=:@"
 
@@ -62,54 +60,6 @@ def response_bounds(config: Config) -> ResponseBounds:
     return ResponseBounds(
         config.max_response_bytes, config.max_event_bytes, config.max_compression_ratio
     )
-
-
-class BoundedDecoder:
-    """gzip or deflate decoded read by read, never past the ratio its bounds allow: a small
-    compressed body must not expand to gigabytes in one call."""
-
-    def __init__(self, encoding: str, ratio: int) -> None:
-        encoding = encoding.strip().lower()
-        if encoding in ("gzip", "x-gzip"):
-            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif encoding == "deflate":
-            self._zlib = zlib.decompressobj()
-        else:
-            raise UpstreamBroken(f"unsupported content-encoding {encoding!r}")
-        self.ratio = ratio
-        self.received = 0
-        self.produced = 0
-
-    def decode(self, data: bytes) -> bytes:
-        self.received += len(data)
-        allowed = self.ratio * self.received + DECODE_SLACK - self.produced
-        try:
-            out = self._zlib.decompress(data, allowed + 1)
-        except zlib.error as exc:
-            raise UpstreamBroken(f"bad compressed body: {exc}") from None
-        if len(out) > allowed or self._zlib.unconsumed_tail:
-            raise UpstreamTooLarge(
-                f"compressed body expands more than {self.ratio} times (a compression bomb?)"
-            )
-        self.produced += len(out)
-        return out
-
-    def flush(self) -> bytes:
-        try:
-            return self._zlib.flush()
-        except zlib.error as exc:
-            raise UpstreamBroken(f"bad compressed body: {exc}") from None
-
-
-def decode_body(data: bytes, encoding: str | None, bounds: ResponseBounds) -> bytes:
-    """A whole body in its content-encoding, decoded within the bounds."""
-    if encoding is None or encoding.strip().lower() in ("", "identity"):
-        return data
-    decoder = BoundedDecoder(encoding, bounds.compression_ratio)
-    body = decoder.decode(data) + decoder.flush()
-    if len(body) > bounds.body_bytes:
-        raise UpstreamTooLarge(f"body larger than {bounds.body_bytes} bytes")
-    return body
 
 
 class _Stale(Exception):
@@ -148,7 +98,6 @@ class _Route:
             netloc = f"{netloc}:{upstream.port}"
         fields = [
             f"Host: {netloc}",
-            "Content-Type: application/json",
             "Accept-Encoding: identity",
             *(f"{name}: {value}" for name, value in upstream.auth_headers().items()),
         ]
@@ -265,7 +214,7 @@ class UpstreamResponse:
         if self._body_limit is not None:
             self._received += len(data)
             if self._received > self._body_limit:
-                raise UpstreamTooLarge(f"response body larger than {self._body_limit} bytes")
+                raise BodyTooLarge(f"response body larger than {self._body_limit} bytes")
         elif self._event_limit is not None:
             # An event ends at a blank line; one that never ends is cut at the bound.
             end = max(data.rfind(b"\n\n"), data.rfind(b"\n\r\n"))
@@ -277,7 +226,7 @@ class UpstreamResponse:
                 self._since_event_end += len(data)
             self._seam = data[-2:]
             if self._since_event_end > self._event_limit:
-                raise UpstreamTooLarge(f"stream event larger than {self._event_limit} bytes")
+                raise BodyTooLarge(f"stream event larger than {self._event_limit} bytes")
 
     def _finish(self) -> None:
         if self._decoder is not None and (rest := self._decoder.flush()):
@@ -290,6 +239,19 @@ class UpstreamResponse:
         if not self.complete and self.error is None:
             self.error = error
             self._wake()
+
+
+def _as_upstream_error(cause: BaseException | None) -> UpstreamBroken | None:
+    """What an error raised while reading an answer says about the upstream."""
+    if isinstance(cause, UpstreamBroken):
+        return cause
+    if isinstance(cause, BodyTooLarge):
+        return UpstreamTooLarge(str(cause))
+    if isinstance(cause, BodyEncodingError):
+        return UpstreamBroken(str(cause))
+    if cause is not None:
+        return UpstreamBroken(f"malformed response: {cause}")
+    return None
 
 
 class _Connection(asyncio.Protocol):
@@ -361,11 +323,7 @@ class _Connection(asyncio.Protocol):
             # A callback's own error (a bound crossed, a bad gzip stream, an unknown
             # encoding) is the cause, and says it better than the parser does.
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
-            self._fail(
-                cause
-                if isinstance(cause, UpstreamBroken)
-                else UpstreamBroken(f"malformed response: {cause or exc}")
-            )
+            self._fail(_as_upstream_error(cause) or UpstreamBroken(f"malformed response: {exc}"))
             return
         if self.head_ready is not None:  # the head is still incomplete
             self.head_bytes += len(data)
@@ -383,8 +341,8 @@ class _Connection(asyncio.Protocol):
         elif self.head_ready is None and self._ends_at_close(response):
             try:
                 response._finish()
-            except UpstreamBroken as error:  # its last compressed bytes broke a bound
-                response._fail(error)
+            except BodyEncodingError as error:  # its last compressed bytes were bad
+                response._fail(_as_upstream_error(error) or error)
         else:
             self._fail(UpstreamBroken("connection closed before the response was complete"))
 
@@ -455,7 +413,9 @@ class UpstreamPool:
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def post(self, upstream: Upstream, path: str, payload: bytes) -> UpstreamResponse:
+    async def post(
+        self, upstream: Upstream, path: str, payload: bytes, content_type: bytes = JSON
+    ) -> UpstreamResponse:
         """Send the request and wait for the response's status and headers.
 
         Raises ConnectFailed when no connection could be made, UpstreamBroken when the
@@ -469,6 +429,9 @@ class UpstreamPool:
             (
                 f"POST {route.path_prefix}/{path} HTTP/1.1\r\nContent-Length: {len(payload)}\r\n"
             ).encode("latin-1")
+            + b"Content-Type: "
+            + content_type
+            + b"\r\n"
             + route.head_fields
             + b"\r\n"
         )

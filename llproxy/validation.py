@@ -47,9 +47,30 @@ def validate_chat(body: dict[str, Any]) -> None:
             )
 
 
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(token, int) and not isinstance(token, bool) for token in value
+    )
+
+
 def validate_completion(body: dict[str, Any]) -> None:
     if "prompt" not in body or body["prompt"] is None:
         raise InvalidRequest("'prompt' is required", param="prompt")
+    prompt = body["prompt"]
+    # A string, a list of strings, a list of token ids, or a list of such lists.
+    if not (
+        isinstance(prompt, str)
+        or _is_token_list(prompt)
+        or (
+            isinstance(prompt, list)
+            and all(isinstance(item, str) or _is_token_list(item) for item in prompt)
+        )
+    ):
+        raise InvalidRequest(
+            "'prompt' must be a string, a list of strings, or a list of token ids (or of "
+            "such lists)",
+            param="prompt",
+        )
 
 
 PATH_VALIDATORS = {

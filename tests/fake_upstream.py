@@ -84,8 +84,10 @@ class FakeUpstream:
         return web.json_response({"id": self.loaded_model, "object": "model", "owned_by": "tabby"})
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
-        body = orjson.loads(await request.read())
         path = request.match_info["path"]
+        if request.content_type == "multipart/form-data":
+            return await self._form(request, path)
+        body = orjson.loads(await request.read())
         self.received.append(Received(path, dict(request.headers), body))
         self.got_request.set()
         try:
@@ -93,6 +95,19 @@ class FakeUpstream:
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnected.set()
             raise
+
+    async def _form(self, request: web.Request, path: str) -> web.Response:
+        """An upload (audio transcription): the fields as text, files by name and size."""
+        form = await request.post()
+        fields: dict[str, Any] = {}
+        for name, value in form.items():
+            if isinstance(value, str):
+                fields[name] = value
+            else:
+                fields[name] = {"filename": value.filename, "size": len(value.file.read())}
+        self.received.append(Received(path, dict(request.headers), fields))
+        self.got_request.set()
+        return web.json_response({"text": f"heard {fields.get('file', {}).get('size')} bytes"})
 
     async def _answer(self, request: web.Request, path: str, body: Any) -> web.StreamResponse:
         if self.hang:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,27 @@ async def test_loopback_host_names_are_accepted(proxy: RunningProxy, host: str) 
     assert status == 200
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:42069", "192.168.1.5", ""])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",
+        "evil.example:42069",
+        "192.168.1.5",
+        "",
+        # Each starts with a loopback name: only the whole name counts.
+        "127.0.0.1.attacker.example",
+        "127.0.0.1x",
+        "127.0.0.1@evil",
+        "127.0.0.1 evil",
+        "localhost:42100.evil",
+        "localhost.evil.example",
+        "[::1]x",
+        "[::1]:80:80",
+        "[::1.evil]",
+        "localhost:",
+        "localhost:999999",
+    ],
+)
 async def test_other_host_names_are_refused_on_loopback(
     proxy: RunningProxy, upstream: RunningUpstream, host: str
 ) -> None:
@@ -103,10 +125,11 @@ async def test_cors_is_off_by_default(proxy: RunningProxy) -> None:
         Origin="https://app.example",
         **{"Access-Control-Request-Method": "POST"},
     )
-    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    # A page of another origin is refused outright, its preflight included.
+    assert status == 403 and body["error"]["code"] == "origin_not_allowed"
     assert "Access-Control-Allow-Origin" not in headers
-    _, headers, _ = await request(proxy, "GET", "/v1/models", Origin="https://app.example")
-    assert "Access-Control-Allow-Origin" not in headers
+    status, headers, _ = await request(proxy, "GET", "/v1/models", Origin="https://app.example")
+    assert status == 403 and "Access-Control-Allow-Origin" not in headers
 
 
 async def test_cors_allow_list(start_proxy: ProxyFactory, upstream: RunningUpstream) -> None:
@@ -218,3 +241,163 @@ async def test_oversized_header_is_refused_without_a_log_traceback(
     async with aiohttp.ClientSession() as session, session.get(f"{daemon.url}/health") as resp:
         assert resp.status == 200  # and the daemon keeps serving
     assert "Traceback" not in daemon.output
+
+
+async def raw_exchange(port: int, data: bytes, read_timeout: float = 10) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes or goes quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    answer = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), read_timeout):
+            answer += chunk
+    except TimeoutError:
+        pass
+    writer.close()
+    return answer
+
+
+async def test_an_absolute_request_target_names_the_host_too(
+    proxy: RunningProxy, upstream: RunningUpstream
+) -> None:
+    body = orjson.dumps(CHAT)
+    answer = await raw_exchange(
+        proxy.server.port,
+        b"POST http://evil.example/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+    )
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert b'"code":"host_not_allowed"' in answer
+    assert upstream.fake.generation_requests == []
+    ok = await raw_exchange(
+        proxy.server.port,
+        b"GET http://localhost:1/v1/models HTTP/1.1\r\n"
+        b"Host: localhost\r\nConnection: close\r\n\r\n",
+    )
+    assert ok.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize(
+    ("headers", "content_type"),
+    [
+        ({"Origin": "https://evil.example"}, "text/plain"),
+        ({"Origin": "https://evil.example"}, "application/json"),
+        ({"Origin": "null"}, "application/x-www-form-urlencoded"),
+        ({"Origin": "http://localhost:3000"}, "text/plain"),  # another local page
+        ({"Sec-Fetch-Site": "cross-site"}, "text/plain"),
+    ],
+)
+async def test_cross_site_browser_requests_are_refused(
+    proxy: RunningProxy, upstream: RunningUpstream, headers: dict[str, str], content_type: str
+) -> None:
+    """Without keys, a web page the user visits must not spend their models."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{proxy.url}/v1/chat/completions",
+            data=orjson.dumps(CHAT),
+            headers={"Content-Type": content_type, **headers},
+        ) as resp,
+    ):
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == "origin_not_allowed"
+    assert upstream.fake.generation_requests == []
+
+
+async def test_same_origin_and_allowed_origins_pass(
+    start_proxy: ProxyFactory, upstream: RunningUpstream
+) -> None:
+    proxy = await start_proxy([upstream.endpoint()], cors_origins=["https://app.example"])
+    own = f"http://127.0.0.1:{proxy.server.port}"
+    for origin, site in ((own, "same-origin"), ("https://app.example", "cross-site")):
+        status, _, body = await request(
+            proxy,
+            "POST",
+            "/v1/chat/completions",
+            CHAT,
+            Origin=origin,
+            **{"Sec-Fetch-Site": site},
+        )
+        assert status == 200, body
+    # No Origin at all: curl, SDKs and servers are not browsers.
+    assert (await request(proxy, "POST", "/v1/chat/completions", CHAT))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("encoding", "data", "status", "code"),
+    [
+        ("gzip", gzip.compress(orjson.dumps(CHAT)), 200, None),
+        ("deflate", zlib.compress(orjson.dumps(CHAT)), 200, None),
+        ("gzip", b"this is not gzip", 400, None),
+        ("br", b"\x0b\x02\x80hello\x03", 415, "unsupported_media_type"),
+        ("gzip", gzip.compress(b" " * (3 * 1024 * 1024)), 413, "request_too_large"),
+    ],
+)
+async def test_compressed_request_bodies_are_decoded_within_the_limit(
+    start_proxy: ProxyFactory,
+    upstream: RunningUpstream,
+    encoding: str,
+    data: bytes,
+    status: int,
+    code: str | None,
+) -> None:
+    proxy = await start_proxy([upstream.endpoint()], max_request_bytes=1024 * 1024)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{proxy.url}/v1/chat/completions",
+            data=data,
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        ) as resp,
+    ):
+        body = await resp.json()
+        assert resp.status == status, body
+    if status == 200:
+        assert upstream.fake.generation_requests[-1].body["messages"] == CHAT["messages"]
+    else:
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert code is None or body["error"]["code"] == code
+        assert upstream.fake.generation_requests == []
+
+
+async def test_expect_continue_over_the_limit_is_refused_before_the_body(
+    start_proxy: ProxyFactory, upstream: RunningUpstream
+) -> None:
+    proxy = await start_proxy([upstream.endpoint()], max_request_bytes=1000)
+    answer = await raw_exchange(
+        proxy.server.port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 21000000\r\n\r\n",
+        read_timeout=5,
+    )
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert b"100 Continue" not in answer
+    # Within the limit, the client is told to go on, and then answered.
+    body = orjson.dumps(CHAT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body)
+    final = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert final.startswith(b"HTTP/1.1 200")
+
+
+async def test_expect_continue_for_a_refused_key_gets_no_continue(
+    start_proxy: ProxyFactory, upstream: RunningUpstream
+) -> None:
+    proxy = await start_proxy([upstream.endpoint()], api_keys=["k" * 20])
+    answer = await raw_exchange(
+        proxy.server.port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n",
+        read_timeout=5,
+    )
+    assert answer.startswith(b"HTTP/1.1 401") and b"100 Continue" not in answer

@@ -211,6 +211,11 @@ async def test_missing_model_uses_default_model(
             "stream",
         ),
         ("/v1/completions", b'{"model": "fake-model"}', "prompt"),
+        ("/v1/completions", b'{"model": "fake-model", "prompt": {}}', "prompt"),
+        ("/v1/completions", b'{"model": "fake-model", "prompt": true}', "prompt"),
+        ("/v1/completions", b'{"model": "fake-model", "prompt": 5}', "prompt"),
+        ("/v1/completions", b'{"model": "fake-model", "prompt": ["a", {}]}', "prompt"),
+        ("/v1/completions", b'{"model": "fake-model", "prompt": [1, true]}', "prompt"),
         (
             "/v1/completions",
             b'{"model": "fake-model", "prompt": "x", "max_tokens": -3}',
@@ -232,11 +237,26 @@ async def test_bad_requests_get_400_and_never_reach_upstream(
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/%2E%2E/admin", "/v1/chat/%2E%2E/%2E%2E/admin", "/v1/chat//completions"]
+    "path",
+    [
+        "/v1/%2E%2E/admin",
+        "/v1/chat/%2E%2E/%2E%2E/admin",
+        "/v1/chat//completions",
+        "/v1/..;/admin",
+        "/v1/%252e%252e/admin",
+        "/v1/chat/completions/../../admin",
+        "/v1/files",
+        "/v1/organization/api_keys",
+        "/v1/fine_tuning/jobs",
+        "/v1/chat/completions%00",
+        "/v1/Chat/Completions",
+    ],
 )
-async def test_paths_that_could_leave_v1_are_refused(
+async def test_only_inference_paths_are_forwarded(
     proxy: RunningProxy, upstream: RunningUpstream, path: str
 ) -> None:
+    """Any other POST below /v1/ would go upstream with the endpoint's apikey: 404, and
+    nothing is sent."""
     async with (
         aiohttp.ClientSession() as session,
         session.post(
@@ -244,9 +264,21 @@ async def test_paths_that_could_leave_v1_are_refused(
             json={"model": "fake-model", "messages": CHAT},
         ) as resp,
     ):
-        assert resp.status == 400
-        assert_openai_error(await resp.json(), "invalid_request_error")
+        assert resp.status == 404
+        assert_openai_error(await resp.json(), "invalid_request_error", "not_found")
     assert upstream.fake.generation_requests == []
+
+
+async def test_forward_paths_extend_the_allow_list(
+    start_proxy: ProxyFactory, upstream: RunningUpstream
+) -> None:
+    proxy = await start_proxy([upstream.endpoint()], forward_paths=["tokenize", "/x/y/"])
+    for path in ("tokenize", "x/y"):
+        status, _ = await raw_post(proxy, f"/v1/{path}", orjson.dumps({"model": "fake-model"}))
+        assert status == 200
+        assert upstream.fake.generation_requests[-1].path == path
+    status, _ = await raw_post(proxy, "/v1/detokenize", orjson.dumps({"model": "fake-model"}))
+    assert status == 404
 
 
 async def test_unknown_model_is_404(proxy: RunningProxy, upstream: RunningUpstream) -> None:
@@ -545,3 +577,56 @@ async def test_answers_carry_the_name_the_client_asked_for(
     assert {r.body["model"] for r in upstream.fake.generation_requests} == {
         "/models/tiny-llama.gguf"
     }
+
+
+@pytest.mark.parametrize("prompt", ["x", ["a", "b"], [1, 2, 3], [[1, 2], [3]], ["a", [1]]])
+async def test_every_prompt_shape_openai_allows_is_forwarded(
+    proxy: RunningProxy, upstream: RunningUpstream, prompt: Any
+) -> None:
+    status, _ = await raw_post(
+        proxy, "/v1/completions", orjson.dumps({"model": "fake-model", "prompt": prompt})
+    )
+    assert status == 200
+    assert upstream.fake.generation_requests[-1].body["prompt"] == prompt
+
+
+async def test_audio_uploads_are_forwarded_with_the_model_renamed(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    upstream = await start_upstream(model_ids=["org/whisper-small.bin"])
+    proxy = await start_proxy([upstream.endpoint(tags=["gpu0"])])
+    audio = bytes(range(256)) * 40  # binary, boundary-like bytes included
+    transcript = await proxy.client().audio.transcriptions.create(
+        model="whisper-small:gpu0", file=("clip.wav", audio, "audio/wav"), language="en"
+    )
+    assert transcript.text == f"heard {len(audio)} bytes"
+    sent = upstream.fake.generation_requests[-1]
+    assert sent.path == "audio/transcriptions"
+    assert sent.body == {
+        "model": "org/whisper-small.bin",
+        "language": "en",
+        "file": {"filename": "clip.wav", "size": len(audio)},
+    }
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data", "status"),
+    [
+        ("multipart/form-data", b"--x\r\n", 400),  # no boundary
+        ("multipart/form-data; boundary=x", b"--x\r\nnot closed", 400),
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Disposition: form-data; name="model"\r\n\r\nnope\r\n--x--\r\n',
+            404,
+        ),
+    ],
+)
+async def test_bad_uploads_never_reach_the_upstream(
+    proxy: RunningProxy, upstream: RunningUpstream, content_type: str, data: bytes, status: int
+) -> None:
+    got, body = await raw_post(
+        proxy, "/v1/audio/transcriptions", data, **{"Content-Type": content_type}
+    )
+    assert got == status
+    assert_openai_error(body)
+    assert upstream.fake.generation_requests == []
