@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from .config import Config, ConfigError, rate_limit_value
 from .errors import InvalidRequest, ProxyError, json_response
-from .keys import KeyStore, key_hash, share_revocation
+from .keys import KeyFieldError, KeyStore, key_hash, share_revocation
 from .keys_view import key_rows
 from .statedb import state_dir
 from .usage import GROUPINGS, usage_sums
@@ -77,7 +78,9 @@ class AdminApi:
             raise InvalidRequest("'models' must be a list of model globs", param="models")
         expires = body.get("expires")
         if expires is not None and (
-            not isinstance(expires, int | float) or isinstance(expires, bool)
+            not isinstance(expires, int | float)
+            or isinstance(expires, bool)
+            or not math.isfinite(expires)
         ):
             raise InvalidRequest("'expires' must be a Unix time in seconds", param="expires")
         rate_limit = body.get("rate_limit")
@@ -88,6 +91,8 @@ class AdminApi:
         with KeyStore(self.directory) as store:
             try:
                 secret = store.create(name, models, expires, rate_limit)
+            except KeyFieldError as exc:
+                raise InvalidRequest(str(exc), param=exc.field) from None
             except ValueError as exc:
                 raise InvalidRequest(str(exc), param="name", code="key_exists") from None
         self._keys_changed()

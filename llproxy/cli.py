@@ -197,7 +197,7 @@ def serve(
     from .logs import setup_logging
     from .supervisor import ServeOptions, run
 
-    setup_logging(verbose, log_format)
+    setup_logging(verbose, log_format, secrets=config.secrets())
     options = ServeOptions(
         load_config=lambda: build_config(config_path, overrides),
         workers=workers,
@@ -218,7 +218,7 @@ def scan_command(config_path: str | None, as_json: bool) -> None:
     from .logs import setup_logging
     from .report import run_scan
 
-    setup_logging(0, stream=sys.stderr)
+    setup_logging(0, stream=sys.stderr, secrets=config.secrets())
     sys.exit(run_scan(config, as_json))
 
 
@@ -258,7 +258,7 @@ def keys_create(
 ) -> None:
     """Create a key and print its secret alone on stdout (it is shown only this once)."""
     from .config import rate_limit_value
-    from .keys import KeyStore
+    from .keys import KeyFieldError, KeyStore
 
     if rate_limit is not None:
         try:
@@ -269,6 +269,9 @@ def keys_create(
     with KeyStore(state_directory(config_path, state_dir)) as store:
         try:
             secret = store.create(name, globs, expires.timestamp() if expires else None, rate_limit)
+        except KeyFieldError as exc:
+            message = str(exc).partition(": ")[2]
+            raise click.BadParameter(message, param_hint=f"--{exc.field}") from None
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"created key {name!r} in {store.path}; its secret follows on stdout", err=True)

@@ -106,6 +106,13 @@ class Config:
     def loopback_only(self) -> bool:
         return self.bindip == "localhost" or ipaddress.ip_address(self.bindip).is_loopback
 
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret this configuration holds, for the log to mask."""
+        values = [*self.api_keys, self.admin_key, *(e.apikey for e in self.endpoints)]
+        if self.redis_url is not None:
+            values.append(urlsplit(self.redis_url).password)
+        return tuple(value for value in values if value)
+
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the non-None values in changes applied (command-line flags)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

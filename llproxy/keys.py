@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import re
 import secrets
 import sqlite3
 import time
@@ -38,6 +39,42 @@ CREATE TABLE IF NOT EXISTS api_keys (
     rate_limit TEXT
 )
 """
+
+
+# Names show in logs and URLs: a safe set of characters and a bounded length.
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+MAX_GLOBS = 100
+MAX_GLOB_LENGTH = 200
+# The latest expiry a date can show (9999-12-31).
+LAST_EXPIRY = 253402300799.0
+
+
+class KeyFieldError(ValueError):
+    """A key's field that cannot be stored; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def check_key_fields(name: str, models: Iterable[str], expires: float | None) -> None:
+    """Raise KeyFieldError for a name, glob list or expiry a key must not have."""
+    if not KEY_NAME.fullmatch(name):
+        raise KeyFieldError(
+            "name",
+            "must be 1 to 64 letters, digits, '.', '_', '@' or '-', starting with a letter or "
+            f"digit; got {name[:80]!r}",
+        )
+    globs = list(models)
+    if len(globs) > MAX_GLOBS:
+        raise KeyFieldError("models", f"at most {MAX_GLOBS} globs")
+    for glob in globs:
+        if not glob or len(glob) > MAX_GLOB_LENGTH or not glob.isprintable():
+            raise KeyFieldError(
+                "models", f"each glob must be 1 to {MAX_GLOB_LENGTH} printable characters"
+            )
+    if expires is not None and not (time.time() < expires <= LAST_EXPIRY):
+        raise KeyFieldError("expires", "must be a time in the future, before the year 10000")
 
 
 def key_hash(secret: str) -> str:
@@ -93,7 +130,10 @@ class KeyStore:
         expires: float | None = None,
         rate_limit: str | None = None,
     ) -> str:
-        """Store a new key and return its secret, which is never stored or shown again."""
+        """Store a new key and return its secret, which is never stored or shown again.
+        KeyFieldError for a bad field, ValueError when the name is taken."""
+        models = list(models)
+        check_key_fields(name, models, expires)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         models_json = orjson.dumps(list(models)).decode()
         try:

@@ -52,6 +52,7 @@ def show_keys(keys: list[ApiKey], as_json: bool) -> None:
             row["name"],
             row["fingerprint"],
             ", ".join(row["models"]) or "*",
+            row["rate_limit"] or "default",
             row["status"],
             _when(row["created"]),
             _when(row["expires"]),

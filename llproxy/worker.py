@@ -36,6 +36,7 @@ from .channel import (
     WorkerSpec,
 )
 from .errors import ServiceUnavailable
+from .http_server import AppRunner
 from .logs import setup_logging
 from .ratelimit import Verdict
 from .state import STATE
@@ -49,7 +50,7 @@ SUPERVISOR_TIMEOUT = 5.0
 def worker_main(spec: WorkerSpec) -> None:
     # Ctrl-C at a terminal signals the whole process group; the supervisor decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    setup_logging(spec.verbose, spec.log_format)
+    setup_logging(spec.verbose, spec.log_format, secrets=spec.config.secrets())
     uvloop.run(serve(spec))
 
 
@@ -113,7 +114,7 @@ async def serve(spec: WorkerSpec) -> None:
         return
     first.cancel()
 
-    runner = web.AppRunner(
+    runner = AppRunner(
         app,
         handle_signals=False,
         access_log=None,

@@ -119,3 +119,30 @@ async def test_keys_and_usage_through_the_admin_api(
 def test_admin_key_must_be_long() -> None:
     with pytest.raises(ConfigError, match="admin_key: must be at least 16 characters"):
         parse_config({"admin_key": "short"})
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"name": "../x"}, "name"),
+        ({"name": "x" * 100_000}, "name"),
+        ({"name": "ok\r\nforged: line"}, "name"),
+        ({"name": "a\nb"}, "name"),
+        ({"name": " lead"}, "name"),
+        ({"name": "ok", "expires": 1}, "expires"),
+        ({"name": "ok", "expires": 1e300}, "expires"),
+        ({"name": "ok", "models": ["a\nb"]}, "models"),
+        ({"name": "ok", "models": ["x" * 201]}, "models"),
+        ({"name": "ok", "models": ["m"] * 101}, "models"),
+    ],
+)
+async def test_admin_refuses_unsafe_key_fields(
+    start_proxy: ProxyFactory, upstream: RunningUpstream, body: dict[str, Any], param: str
+) -> None:
+    proxy = await start_proxy([upstream.endpoint()], admin_key=ADMIN)
+    status, answer = await call(proxy, "POST", "/admin/keys", body)
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["param"] == param
+    status, listed = await call(proxy, "GET", "/admin/keys")
+    assert listed["data"] == []  # nothing was stored

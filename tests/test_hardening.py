@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -401,3 +402,40 @@ async def test_expect_continue_for_a_refused_key_gets_no_continue(
         read_timeout=5,
     )
     assert answer.startswith(b"HTTP/1.1 401") and b"100 Continue" not in answer
+
+
+PARSER_ERRORS = {
+    "target *": b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "long url": b"GET /v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "tab in path": b"GET /v1/mo\tdels HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "method FOO": b"FOO /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "http/0.9": b"GET /v1/models\r\n\r\n",
+    "key in a bad header": b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n"
+    b"Authorization: Bearer llp-topsecretkey1234567890\x01\r\n\r\n",
+}
+
+
+async def test_parser_errors_are_openai_shaped_without_a_banner(
+    start_llproxy: Start, tmp_path: Path
+) -> None:
+    """What aiohttp's parser refuses gets JSON with the security headers, and at -vv the
+    log has one line per request, with no key and no traceback."""
+    config = tmp_path / "c.json"
+    config.write_text('{"endpoints": []}')
+    daemon = await start_llproxy("--config", str(config), "--workers", "1", "-vv")
+    for name, data in PARSER_ERRORS.items():
+        answer = await raw_exchange(daemon.port, data, read_timeout=5)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert re.match(rb"HTTP/\d\.\d 4\d\d ", head), (name, answer[:300])
+        headers = head.decode("latin-1").lower()
+        assert "content-type: application/json" in headers, name
+        assert "x-content-type-options: nosniff" in headers, name
+        assert "server: llproxy" in headers and "aiohttp" not in answer.decode("latin-1"), name
+        error = orjson.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"}, name
+        assert error["type"] == "invalid_request_error", name
+    async with aiohttp.ClientSession() as session:
+        assert (await daemon.health(session))["status"] == "ok"
+    await daemon.wait_for("malformed request from")
+    assert "topsecretkey" not in daemon.output
+    assert "Traceback" not in daemon.output

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -63,9 +66,13 @@ def test_list_and_revoke(tmp_path: Path) -> None:
 def test_key_ring_checks_status(tmp_path: Path) -> None:
     store = KeyStore(tmp_path)
     live = store.create("live")
-    old = store.create("old", expires=time.time() - 1)
+    # A key cannot be created expired: this one expires a moment after.
+    expiry = time.time() + 0.3
+    old = store.create("old", expires=expiry)
     gone = store.create("gone")
     store.revoke("gone")
+    while time.time() <= expiry:
+        time.sleep(0.05)
     ring = KeyRing(directory=tmp_path)
     assert ring.enabled
     assert ring.authenticate(live) is not None and ring.authenticate(live).name == "live"  # type: ignore[union-attr]
@@ -236,3 +243,48 @@ async def test_non_loopback_bind_needs_keys_or_allow_open(
         "--config", str(config), "--workers", "1", env={"LLPROXY_STATE_DIR": str(state)}
     )
     await with_key.wait_for("serving on http://0.0.0.0")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--name", "a\nforged"), "--name"),
+        (("--name", "../etc"), "--name"),
+        (("--name", "x" * 65), "--name"),
+        (("--name", "ok", "--expires", "2001-01-01"), "--expires"),
+    ],
+)
+def test_cli_refuses_unsafe_key_fields(tmp_path: Path, args: tuple[str, ...], says: str) -> None:
+    done = run_cli("keys", "create", *args, state=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert says in done.stderr
+
+
+def test_keys_table_puts_each_value_under_its_column(tmp_path: Path) -> None:
+    create_key(
+        tmp_path,
+        "alice",
+        "--models",
+        "llama*",
+        "--rate-limit",
+        "5 per minute",
+        "--expires",
+        "2099-01-01",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "llproxy", "keys", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LLPROXY_STATE_DIR": str(tmp_path), "COLUMNS": "200"},
+    )
+    lines = done.stdout.splitlines()
+    header = next(line for line in lines if "fingerprint" in line)
+    row = next(line for line in lines if "alice" in line)
+    columns = [cell.strip() for cell in header.split("┃")[1:-1]]
+    cells = dict(zip(columns, (cell.strip() for cell in row.split("│")[1:-1]), strict=True))
+    assert cells["models"] == "llama*"
+    assert cells["rate limit"] == "5 per minute"
+    assert cells["status"] == "active"
+    assert cells["expires"].startswith("2099-01-01")
+    assert cells["created"].startswith(time.strftime("%Y-"))
