@@ -39,7 +39,7 @@ from .keys import REVOKED_SET, KeyRing
 from .metrics import CONTENT_TYPE, DiscoveryTelemetry, render
 from .payload import FormPayload, JsonPayload, Payload
 from .proxy import Exchange, UpstreamClient
-from .ratelimit import memory_counter, redis_client, redis_counter
+from .ratelimit import RedisCounter, memory_counter, redis_client
 from .state import EXCHANGE, STATE, ProxyState, listing_body
 from .statedb import state_dir
 from .upstream_http import request_path, response_bounds
@@ -186,9 +186,10 @@ async def _preflight(request: web.Request) -> web.Response:
 async def _redis_limits(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     assert state.config.redis_url is not None
-    counter = redis_counter(state.config.redis_url)
+    counter = RedisCounter(state.config.redis_url)
     state.rate_hit = counter.hit
     yield
+    await counter.close()
 
 
 _USAGE_PATHS = ("chat/completions", "completions")
@@ -240,7 +241,7 @@ async def _key_ring(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     if shared is not None:
-        await shared.aclose()
+        await shared.aclose(close_connection_pool=True)
     state.keys.close()
 
 

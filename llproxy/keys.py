@@ -225,4 +225,4 @@ async def share_revocation(redis_url: str, hashed: str) -> None:
     try:
         await client.sadd(REVOKED_SET, hashed)
     finally:
-        await client.aclose()
+        await client.aclose(close_connection_pool=True)

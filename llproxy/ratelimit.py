@@ -19,9 +19,9 @@ from functools import lru_cache
 
 from aiohttp import web
 from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from .errors import ProxyError
 
@@ -81,14 +81,73 @@ def memory_counter() -> Counter:
     return Counter(MemoryStorage())
 
 
+# Connections one worker keeps to Redis. A burst beyond them waits for a free one (up to
+# REDIS_WAIT seconds) instead of failing: redis-py's default pool refuses past 100.
+REDIS_CONNECTIONS = 32
+REDIS_WAIT = 5.0
+
+
 def redis_client(url: str) -> Redis:
-    """An asyncio Redis client for llproxy's own shared state (revoked keys)."""
-    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2, decode_responses=True)
+    """An asyncio Redis client on a bounded, blocking pool of connections."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=REDIS_WAIT,
+        socket_connect_timeout=2,
+        socket_timeout=2,
+        decode_responses=True,
+    )
+    return Redis(connection_pool=pool)
 
 
-def redis_counter(url: str) -> Counter:
-    # limits names its asyncio Redis scheme async+redis://; users write redis://.
-    return Counter(RedisStorage(f"async+{url}", implementation="redispy"))
+# A moving window in one atomic step, on the server's clock (so hosts whose clocks differ
+# count alike): the client's hit times, newest first, at most `limit` of them. A hit is
+# allowed when the limit-th newest is older than the window. Returns the verdict, the hits
+# in the window, and the oldest of them (as text: Lua numbers would lose the fraction).
+_MOVING_WINDOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local window = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local allowed = 0
+local last = redis.call('LINDEX', KEYS[1], limit - 1)
+if not last or tonumber(last) < now - window then
+    redis.call('LPUSH', KEYS[1], string.format('%.6f', now))
+    redis.call('LTRIM', KEYS[1], 0, limit - 1)
+    redis.call('EXPIRE', KEYS[1], math.ceil(window))
+    allowed = 1
+end
+local count = 0
+local oldest = now
+for _, hit in ipairs(redis.call('LRANGE', KEYS[1], 0, limit - 1)) do
+    local at = tonumber(hit)
+    if at < now - window then break end
+    count = count + 1
+    oldest = at
+end
+return {allowed, count, string.format('%.6f', oldest + window - now)}
+"""
+
+
+class RedisCounter:
+    """The authority for every llproxy sharing one Redis: one script call per request."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis_client(url)
+        self._script = self.client.register_script(_MOVING_WINDOW)
+
+    async def hit(self, limit: str, key: str) -> Verdict:
+        item = parse_limit(limit)
+        window = item.get_expiry()
+        allowed, count, reset_after = await self._script(
+            keys=[f"llproxy:rate:{item.amount}/{window}:{key}"], args=[window, item.amount]
+        )
+        return Verdict(
+            bool(allowed), item.amount, max(0, item.amount - int(count)), float(reset_after)
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose(close_connection_pool=True)
 
 
 HitFunction = Callable[[str, str], Awaitable[Verdict]]

@@ -186,3 +186,25 @@ async def test_revocation_is_shared_through_redis(
         assert asyncio.get_running_loop().time() < deadline, "revocation did not spread"
         await asyncio.sleep(0.2)
     assert (await post(first.url, **auth))[0] == 401
+
+
+async def test_a_burst_with_a_healthy_redis_is_never_refused(
+    start_proxy: ProxyFactory, upstream: RunningUpstream, redis_url: str
+) -> None:
+    """200 requests at once, more than a worker's Redis connections: they wait for one,
+    none gets a 503; and the count is exact."""
+    proxy = await start_proxy(
+        [upstream.endpoint()], redis_url=redis_url, rate_limit="150 per minute"
+    )
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> int:
+            async with session.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(200)))
+    assert statuses.count(200) == 150 and statuses.count(429) == 50
+    assert statuses.count(503) == 0
+    assert len(upstream.fake.generation_requests) == 150
