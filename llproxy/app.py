@@ -69,7 +69,7 @@ async def prometheus(request: web.Request) -> web.Response:
     if state.metrics_source is not None:
         body = await state.metrics_source()
     else:
-        body = render(state.telemetry, state.discovery_telemetry)
+        body = render(state.telemetry, state.discovery_telemetry, state.usage_telemetry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -210,6 +210,7 @@ def _with_usage_chunk(body: dict[str, Any], exchange: Exchange) -> dict[str, Any
 async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     writer = UsageWriter(state_dir(state.config.state_dir))
+    state.usage_telemetry = writer.telemetry
     writer.start(state.take_usage)
     yield
     writer.add(state.take_usage())

@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 
 from .ratelimit import redis_client
-from .statedb import DATABASE, open_database
+from .statedb import DATABASE, file_identity, open_database
 
 KEY_PREFIX = "llp-"
 # With redis_url, revoked key hashes are also put in this set, for every instance.
@@ -180,6 +180,7 @@ class KeyRing:
         }
         self.directory = directory
         self.store: KeyStore | None = None
+        self._file: tuple[int, int] | None = None
         self._version: int | None = None
         self.keys: dict[str, ApiKey] = dict(self._static)
         # Hashes revoked on other instances (shared through Redis).
@@ -192,11 +193,21 @@ class KeyRing:
         return bool(self.keys)
 
     def refresh(self) -> None:
+        if self.directory is None:
+            return
+        path = self.directory / DATABASE
+        if self.store is not None and self._file != file_identity(path) and path.exists():
+            # Replaced (the state directory was deleted and made anew): read the new one.
+            # Merely gone, the keys last read stay in force: deleting the state directory
+            # must not open the proxy.
+            self.store.close()
+            self.store, self._version = None, None
         if self.store is None:
             # The database may only appear when the first key is created.
-            if self.directory is None or not (self.directory / DATABASE).exists():
+            if not path.exists():
                 return
             self.store = KeyStore(self.directory)
+            self._file = file_identity(path)
         version = self.store.version()
         if version == self._version:
             return

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .discovery import ScanResult
+    from .usage import WriterTelemetry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Generation is slow: buckets reach minutes, and start fine enough for proxy overhead.
@@ -163,7 +164,9 @@ class DiscoveryTelemetry:
         self.scan_duration.observe(result.duration_ms / 1000)
 
 
-def _families(requests: Telemetry, discovery: DiscoveryTelemetry | None) -> Iterator[Metric]:
+def _families(
+    requests: Telemetry, discovery: DiscoveryTelemetry | None, usage: WriterTelemetry | None
+) -> Iterator[Metric]:
     counter = CounterMetricFamily(
         "llproxy_requests",
         "Requests answered, by model and HTTP status",
@@ -220,6 +223,26 @@ def _families(requests: Telemetry, discovery: DiscoveryTelemetry | None) -> Iter
         scan = HistogramMetricFamily("llproxy_scan_duration_seconds", "Time of one discovery pass")
         scan.add_metric([], discovery.scan_duration.cumulative(), discovery.scan_duration.total)
         yield scan
+    if usage is not None:
+        for name, text, value in (
+            ("llproxy_usage_records_written", "Usage records written", usage.written),
+            (
+                "llproxy_usage_records_dropped",
+                "Usage records dropped because the database stayed unwritable",
+                usage.dropped,
+            ),
+            (
+                "llproxy_usage_write_errors",
+                "Failed writes of usage records (the records are kept for the next try)",
+                usage.write_errors,
+            ),
+            (
+                "llproxy_usage_database_recreated",
+                "Times the usage database vanished while in use and was made anew",
+                usage.recreated,
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
 
 
 class _Snapshot(Collector):
@@ -230,7 +253,11 @@ class _Snapshot(Collector):
         return self._families
 
 
-def render(requests: Telemetry, discovery: DiscoveryTelemetry | None = None) -> bytes:
+def render(
+    requests: Telemetry,
+    discovery: DiscoveryTelemetry | None = None,
+    usage: WriterTelemetry | None = None,
+) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(_families(requests, discovery)))
+    registry.register(_Snapshot(_families(requests, discovery, usage)))
     return generate_latest(registry)

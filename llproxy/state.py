@@ -16,7 +16,7 @@ from .metrics import DiscoveryTelemetry, Telemetry
 from .proxy import Exchange, UpstreamClient
 from .ratelimit import HitFunction, parse_networks
 from .registry import Registry
-from .usage import UsageRecord
+from .usage import UsageRecord, WriterTelemetry
 
 
 class ProxyState:
@@ -43,6 +43,7 @@ class ProxyState:
         self.forward_paths = INFERENCE_PATHS | frozenset(config.forward_paths)
         # Usage records wait here for whoever writes them (this process, or the supervisor).
         self.pending_usage: list[UsageRecord] = []
+        self.usage_telemetry: WriterTelemetry | None = None  # when this process writes them
 
     def take_usage(self) -> list[UsageRecord]:
         records, self.pending_usage = self.pending_usage, []

@@ -41,3 +41,13 @@ def open_database(directory: Path, *schema: str, threads: bool = False) -> sqlit
     for statement in schema:
         db.execute(statement)
     return db
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, None when it is missing: tells a file made anew at the
+    same path from the one a connection has open."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino

@@ -272,7 +272,8 @@ class Supervisor:
             merged.merge(reply.telemetry)
         handle = self.workers.get(worker_id)
         if handle is not None:
-            handle.channel.send(MetricsReply(token, render(merged, self.discovery_telemetry)))
+            body = render(merged, self.discovery_telemetry, self.usage.telemetry)
+            handle.channel.send(MetricsReply(token, body))
 
     async def _answer_rate_limit(self, worker_id: int, token: int, limit: str, key: str) -> None:
         try:

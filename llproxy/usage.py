@@ -14,10 +14,11 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .statedb import DATABASE, open_database
+from .statedb import DATABASE, file_identity, open_database
 
 log = logging.getLogger("llproxy.usage")
 
@@ -55,24 +56,52 @@ class UsageRecord(NamedTuple):
     duration_ms: float
 
 
+# Records held while the database cannot be written; past this the oldest are dropped
+# (and counted), so an unwritable state directory cannot exhaust memory.
+MAX_PENDING = 1_000_000
+
+
+@dataclass(slots=True)
+class WriterTelemetry:
+    """What became of the usage records: written, or lost (and why it is never silent)."""
+
+    written: int = 0
+    dropped: int = 0
+    write_errors: int = 0
+    recreated: int = 0  # times the database file vanished and was made anew
+
+
 class UsageWriter:
     """Batches records and writes them off the event loop, in one thread of its own.
 
     Every use of the database happens in that thread, one after another: a flush cancelled
     by a stop leaves its batch being written there, and the final flush and the close queue
     up behind it instead of using the connection alongside it (which SQLite does not
-    survive).
+    survive). Before each batch it checks that its file is still the one at the path: a
+    deleted state directory would otherwise swallow every record into an unlinked file.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_pending: int = MAX_PENDING) -> None:
         self.directory = directory
+        self.max_pending = max_pending
+        self.telemetry = WriterTelemetry()
         self._pending: list[UsageRecord] = []
         self._db: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) of the open database
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llproxy-usage")
         self._task: asyncio.Task[None] | None = None
 
     def add(self, records: Sequence[UsageRecord]) -> None:
         self._pending.extend(records)
+        excess = len(self._pending) - self.max_pending
+        if excess > 0:
+            del self._pending[:excess]
+            self.telemetry.dropped += excess
+            log.error(
+                "dropped the %d oldest usage records: %d wait for a writable database",
+                excess,
+                self.max_pending,
+            )
 
     def start(self, collect: Callable[[], Sequence[UsageRecord]] | None = None) -> None:
         """Flush every FLUSH_SECONDS, first adding what `collect` returns, if given."""
@@ -94,12 +123,23 @@ class UsageWriter:
             # Shielded: once handed to the thread, a batch is written whatever happens here.
             await asyncio.shield(written)
         except (sqlite3.Error, OSError) as exc:  # also: the state directory is unusable
+            self.telemetry.write_errors += 1
             log.error("cannot write %d usage records (kept for the next try): %s", len(batch), exc)
             self._pending[:0] = batch
+            self.add(())  # holds the bound
+        else:
+            self.telemetry.written += len(batch)
 
     def _write(self, batch: list[UsageRecord]) -> None:
+        path = self.directory / DATABASE
+        if self._db is not None and self._file != file_identity(path):
+            # Deleted or replaced under us: writing on would lose every record unseen.
+            log.error("the usage database %s was removed while in use; making it anew", path)
+            self.telemetry.recreated += 1
+            self._close_database()
         if self._db is None:
             self._db = open_database(self.directory, *_SCHEMA, threads=True)
+            self._file = file_identity(path)
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
@@ -108,6 +148,7 @@ class UsageWriter:
         if self._db is not None:
             self._db.close()
             self._db = None
+            self._file = None
 
     async def close(self) -> None:
         if self._task is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,6 +213,17 @@ async def test_keys_created_and_revoked_while_serving(
     await settles(secret, 200)
     assert run_cli("keys", "revoke", "late", state=state).returncode == 0
     await settles(secret, 401)
+    # The state directory deleted: the keys last read stay in force, the proxy closed.
+    other = create_key(state, "other")
+    await settles(other, 200)
+    shutil.rmtree(state)
+    await asyncio.sleep(2.5)  # past the workers' reload period
+    await settles(None, 401)
+    await settles(other, 200)
+    # Made anew with a new key: that database is the one read from now on.
+    renewed = create_key(state, "renewed")
+    await settles(renewed, 200)
+    await settles(other, 401)
     daemon.signal(signal.SIGTERM)
     await daemon.wait_exit()
     # Logs name the key and its fingerprint, never the secret.

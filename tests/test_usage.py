@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import signal
 import socket
 import sqlite3
@@ -323,3 +324,66 @@ async def test_a_usage_only_chunk_is_hidden_whatever_its_shape(
     assert rows == [
         {"model": "fake-model", "requests": 1, "prompt_tokens": 7, "completion_tokens": 5}
     ]
+
+
+async def metric(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+async def test_a_deleted_state_directory_loses_no_usage_record(
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
+) -> None:
+    """Deleted while serving, the directory and its database are made anew and the next
+    records land there, with an error in the log and a metric: nothing vanishes unseen."""
+    upstream = await start_upstream()
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "c.json", [upstream])
+    daemon = await start_llproxy(
+        "--config", str(config), "--workers", "2", env={"LLPROXY_STATE_DIR": str(state)}
+    )
+    client = openai.AsyncOpenAI(base_url=f"{daemon.url}/v1", api_key="x", max_retries=0)
+    async with client:
+        for _ in range(4):
+            await client.chat.completions.create(model="fake-model", messages=CHAT)
+        assert sum(r["requests"] for r in await recorded(state, "model", 4)) == 4
+        shutil.rmtree(state)
+        for _ in range(6):
+            await client.chat.completions.create(model="fake-model", messages=CHAT)
+        rows = await recorded(state, "model", 6)
+        assert rows == [
+            {"model": "fake-model", "requests": 6, "prompt_tokens": 42, "completion_tokens": 30}
+        ]
+        await daemon.wait_for(r"the usage database .* was removed while in use; making it anew")
+        assert await metric(daemon.url, "llproxy_usage_database_recreated_total") == 1
+        assert await metric(daemon.url, "llproxy_usage_records_written_total") == 10
+
+        # A state directory that cannot be made: the records wait, and an error says why.
+        shutil.rmtree(state)
+        state.write_text("a file where the directory should be")
+        for _ in range(3):
+            await client.chat.completions.create(model="fake-model", messages=CHAT)
+        await daemon.wait_for(r"cannot write 3 usage records \(kept for the next try\)")
+        assert await metric(daemon.url, "llproxy_usage_write_errors_total") >= 1
+        state.unlink()
+        rows = await recorded(state, "model", 3)
+        assert rows[0]["requests"] == 3
+    assert await metric(daemon.url, "llproxy_usage_records_dropped_total") == 0
+
+
+async def test_records_past_the_bound_are_dropped_and_counted(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a directory")
+    writer = UsageWriter(blocked, max_pending=5)
+    writer.add([UsageRecord(float(i), "c", "m", None, 200, 1, 1, 1.0) for i in range(4)])
+    await writer.flush()  # fails: kept
+    writer.add([UsageRecord(float(i), "c", "m", None, 200, 1, 1, 1.0) for i in range(4, 8)])
+    assert writer.telemetry.dropped == 3 and writer.telemetry.write_errors == 1
+    blocked.unlink()
+    await writer.close()
+    with sqlite3.connect(blocked / DATABASE) as db:
+        times = [t for (t,) in db.execute("SELECT time FROM usage ORDER BY time")]
+    assert times == [3.0, 4.0, 5.0, 6.0, 7.0]  # the newest five
