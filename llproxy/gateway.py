@@ -53,12 +53,17 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     exchange = Exchange()
     request[EXCHANGE] = exchange
     status = 500
+    state.active_requests += 1
     try:
         response = await _answer(request, handler, state, exchange, api)
         status = response.status
         try:
             if not response.prepared:  # else a stream, built with these headers
                 response.headers.update(exchange.response_headers)
+                if state.draining:
+                    # This worker is retiring: the client must not send its next request
+                    # here, so it is told to close, and closes cleanly.
+                    response.force_close()
                 await response.prepare(request)
             await response.write_eof()
         except ConnectionResetError:
@@ -70,6 +75,7 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
         status = CLIENT_CLOSED_REQUEST
         raise
     finally:
+        state.active_requests -= 1
         if api:
             _record(request, state, exchange, status, started)
 
@@ -79,6 +85,7 @@ async def _answer(
 ) -> web.StreamResponse:
     """The handler's response after the gateway's checks, or the error it became."""
     try:
+        exchange.close_connection = state.draining
         exchange.response_headers = response_headers(state.config, request)
         check_host(request, state.accepted_hosts)
         check_origin(state.config, request)

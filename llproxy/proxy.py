@@ -60,6 +60,8 @@ class Exchange:
     response_headers: Mapping[str, str] = field(default_factory=dict)
     # llproxy asked the upstream for the usage chunk; the client did not, so it is removed.
     hide_usage_chunk: bool = False
+    # The worker is retiring: the answer ends the connection (`Connection: close`).
+    close_connection: bool = False
     upstream: str | None = None
     first_byte_at: float | None = None
     prompt_tokens: int | None = None
@@ -381,6 +383,8 @@ class UpstreamClient:
                     chunk = await upstream_resp.chunk()
                     exchange.first_byte_at = time.perf_counter()
                     response = stream
+                    if exchange.close_connection:
+                        response.force_close()
                     await response.prepare(request)
                     while chunk:
                         relay = events.feed(chunk)

@@ -26,6 +26,10 @@ class ProxyState:
         self.config = config
         self.worker_id = worker_id
         self.workers = 1
+        # Requests being answered, and whether this process is retiring (then every answer
+        # says `Connection: close`).
+        self.active_requests = 0
+        self.draining = False
         self.registry = Registry()
         self.models_body = listing_body(self.registry.listing())
         self.upstreams: UpstreamClient | None = None

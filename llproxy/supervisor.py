@@ -441,6 +441,10 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
+        # The workers stop accepting; once this last copy of the listening socket is
+        # closed too, a new connection is refused at once instead of waiting in the queue
+        # of a socket nobody accepts on.
+        self.sock.close()
         log.info(
             "shutting down: finishing requests in flight (up to %g s)",
             self.options.graceful_timeout,

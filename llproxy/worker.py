@@ -39,12 +39,42 @@ from .errors import ServiceUnavailable
 from .http_server import AppRunner
 from .logs import setup_logging
 from .ratelimit import Verdict
-from .state import STATE
+from .state import STATE, ProxyState
 from .usage import FLUSH_SECONDS
 
 log = logging.getLogger("llproxy.worker")
 
 SUPERVISOR_TIMEOUT = 5.0
+
+
+# Once nothing is in flight, how long a retiring worker keeps its keep-alive connections
+# open for a client's next request (answered with `Connection: close`): closing one just
+# as the client sends on it would fail that request.
+IDLE_GRACE = 1.0
+
+
+async def drain(
+    runner: web.AppRunner, site: web.BaseSite, state: ProxyState, graceful: float
+) -> None:
+    """Retire without dropping a request: stop accepting (new connections go to the other
+    workers, or are refused when all stop), answer every request that still arrives with
+    `Connection: close`, and wait until the clients have gone, the requests in flight are
+    done and quiet for IDLE_GRACE, or `graceful` runs out. runner.cleanup() then closes
+    what is left."""
+    await site.stop()
+    state.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + graceful
+    quiet_since: float | None = None
+    server = runner.server
+    while server is not None and server.connections and loop.time() < deadline:
+        if state.active_requests:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= IDLE_GRACE:
+            break
+        await asyncio.sleep(0.05)
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -134,7 +164,8 @@ async def serve(spec: WorkerSpec) -> None:
             send_usage()
 
     await runner.setup()
-    await web.SockSite(runner, spec.sock).start()
+    site = web.SockSite(runner, spec.sock)
+    await site.start()
     # What exists now (modules, config, the app) lives as long as the worker: kept out of
     # the collector's generations, a full collection no longer walks it every time.
     gc.collect()
@@ -143,6 +174,7 @@ async def serve(spec: WorkerSpec) -> None:
     shipping = asyncio.create_task(ship_usage(), name="llproxy-usage-ship")
     reason = await stop.get()
     log.debug("worker %d stopping: %s", spec.worker_id, reason)
+    await drain(runner, site, state, spec.graceful_timeout)
     await runner.cleanup()
     shipping.cancel()
     # The last word: usage of requests that finished during the drain, and the numbers.

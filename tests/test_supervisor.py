@@ -88,6 +88,75 @@ async def test_sigterm_lets_a_stream_finish_and_exits_0(
     assert "shutting down" in daemon.output
 
 
+async def test_after_sigterm_new_connections_are_refused_at_once(
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
+) -> None:
+    """While a stream drains, a new client is refused at once, not left hanging in the
+    queue of a socket nobody accepts on."""
+    upstream = await start_upstream(chunks=12, chunk_delay=0.25)
+    config = write_config(tmp_path / "c.json", [upstream])
+    daemon = await start_llproxy("--config", str(config), "--workers", "2")
+    async with chat_request(daemon.url) as resp:
+        await resp.content.readany()
+        daemon.signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        with pytest.raises(ConnectionRefusedError):
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", daemon.port), 2
+            )
+            # Accepted after all: then it must be answered at once, never hang.
+            writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            await asyncio.wait_for(reader.read(), 2)
+            writer.close()
+        assert b"data: [DONE]" in await resp.read()  # the stream in flight finished
+    assert await daemon.wait_exit() == 0
+
+
+async def test_reloads_under_keep_alive_load_fail_no_request(
+    start_llproxy: Start, tmp_path: Path
+) -> None:
+    """Retiring workers tell each client `Connection: close` on its last answer instead of
+    closing a connection the client is about to use."""
+    from .fast import fast_upstream
+
+    async with fast_upstream() as port:
+        config = tmp_path / "c.json"
+        config.write_text(
+            json.dumps(
+                {"endpoints": [{"hostname": "127.0.0.1", "port_start": port}], "rate_limit": None}
+            )
+        )
+        daemon = await start_llproxy("--config", str(config), "--workers", "2")
+        body = {"model": "bench-model", "messages": CHAT}
+        outcomes: dict[str, int] = {}
+        running = True
+
+        async def client(session: aiohttp.ClientSession) -> None:
+            while running:
+                try:
+                    async with session.post(f"{daemon.url}/v1/chat/completions", json=body) as resp:
+                        await resp.read()
+                        outcome = str(resp.status)
+                except aiohttp.ClientError as exc:
+                    outcome = type(exc).__name__
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+        async def reloads() -> None:
+            nonlocal running
+            for _ in range(2):
+                await asyncio.sleep(1.0)
+                daemon.signal(signal.SIGHUP)
+                await daemon.wait_for(r"reloaded .*: 2 workers", after=len(daemon.output))
+            await asyncio.sleep(0.5)
+            running = False
+
+        connector = aiohttp.TCPConnector(limit=8)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await asyncio.gather(reloads(), *(client(session) for _ in range(8)))
+    assert set(outcomes) == {"200"}, outcomes
+    assert outcomes["200"] > 500
+
+
 async def test_graceful_timeout_cancels_what_is_left(
     start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
 ) -> None:
