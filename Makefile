@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv run test lint bench clean
 
+# pip's and setuptools' chatter goes to .venv/install.log; it is shown only if the install fails.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "installing llproxy and its tools into $(VENV) (log: $(VENV)/install.log)"
+	@( $(BIN)/python -m pip install --upgrade pip \
+	  && $(BIN)/python -m pip install -e '.[dev]' ) > $(VENV)/install.log 2>&1 \
+	  || { cat $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -18,6 +21,7 @@ run: $(STAMP)
 	$(BIN)/llproxy serve --verbose
 
 test: $(STAMP)
+	scripts/system-deps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -10,27 +10,39 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .config import EX_CONFIG, Config, ConfigError, resolve_config, single_server_endpoints
+from .config import (
+    EX_CONFIG,
+    SECRET_GROUPS,
+    Config,
+    ConfigError,
+    resolve_config,
+    single_server_endpoints,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def build_config(config_path: str | None, overrides: dict[str, Any]) -> Config:
-    """The config file (or default) with command-line overrides; raises ConfigError."""
+def build_config(
+    config_path: str | None, overrides: dict[str, Any], needs: frozenset[str] = SECRET_GROUPS
+) -> Config:
+    """The config file (or default) with command-line overrides; raises ConfigError.
+    `needs` names the secrets the command uses (SECRET_GROUPS)."""
     changes = dict(overrides)
     aihost = changes.pop("aihost", None)
     aihostport = changes.pop("aihostport", None)
     if (aihost is None) != (aihostport is None):
         raise ConfigError("--aihost and --aihostport must be given together")
-    config = resolve_config(config_path)
+    config = resolve_config(config_path, needs=needs)
     if aihost is not None:
         changes["endpoints"] = single_server_endpoints(aihost, aihostport)
     return config.with_overrides(**changes)
 
 
-def load_or_exit(config_path: str | None, **overrides: Any) -> Config:
+def load_or_exit(
+    config_path: str | None, needs: frozenset[str] = SECRET_GROUPS, **overrides: Any
+) -> Config:
     try:
-        return build_config(config_path, overrides)
+        return build_config(config_path, overrides, needs)
     except ConfigError as exc:
         click.echo(f"llproxy: configuration error: {exc}", err=True)
         sys.exit(EX_CONFIG)
@@ -63,7 +75,7 @@ def state_directory(config_path: str | None, state_dir: str | None) -> Path:
     """The state directory a `keys` or `usage` command works on, as the daemon finds it."""
     from .statedb import state_dir as resolve
 
-    return resolve(load_or_exit(config_path, state_dir=state_dir).state_dir)
+    return resolve(load_or_exit(config_path, frozenset(), state_dir=state_dir).state_dir)
 
 
 state_dir_option = env_option(
@@ -214,7 +226,7 @@ def serve(
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def scan_command(config_path: str | None, as_json: bool) -> None:
     """Run one discovery pass and list the models found."""
-    config = load_or_exit(config_path)
+    config = load_or_exit(config_path, frozenset({"endpoints"}))
     from .logs import setup_logging
     from .report import run_scan
 
@@ -305,7 +317,7 @@ def keys_revoke(config_path: str | None, state_dir: str | None, name: str) -> No
     from .keys import KeyStore, share_revocation
     from .statedb import state_dir as resolve_state_dir
 
-    config = load_or_exit(config_path, state_dir=state_dir)
+    config = load_or_exit(config_path, frozenset({"redis_url"}), state_dir=state_dir)
     with KeyStore(resolve_state_dir(config.state_dir)) as store:
         revoked = store.revoke(name)
     if revoked is None:

@@ -184,18 +184,32 @@ def _string_list(path: str, value: Any) -> tuple[str, ...]:
     return tuple(_nonempty_str(f"{path}[{i}]", item) for i, item in enumerate(items))
 
 
-def _secret(path: str, value: Any, environ: Mapping[str, str]) -> str:
-    text = _nonempty_str(path, value)
-    if text.startswith("env:"):
-        name = text[4:]
-        if name not in environ or not environ[name]:
-            # Name the variable, never the secret.
-            raise ConfigError(f"{path}: environment variable {name} is not set")
-        text = environ[name]
-    # Secrets go into header lines, where a line break would end the header early.
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
-        raise ConfigError(f"{path}: contains a control character (a trailing newline?)")
-    return text
+# The groups of secrets a config holds; a command asks only for the ones it uses, so an
+# `env:` variable it never reads may be unset (`llproxy usage` needs no upstream apikey).
+SECRET_GROUPS = frozenset({"endpoints", "api_keys", "admin_key", "redis_url"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Secrets:
+    environ: Mapping[str, str]
+    needed: frozenset[str]
+
+    def read(self, path: str, value: Any, group: str) -> str | None:
+        """The secret, from the environment for `env:NAME`; None when that variable is
+        unset and this command does not need the group."""
+        text = _nonempty_str(path, value)
+        if text.startswith("env:"):
+            name = text[4:]
+            if not self.environ.get(name):
+                if group not in self.needed:
+                    return None
+                # Name the variable, never the secret.
+                raise ConfigError(f"{path}: environment variable {name} is not set")
+            text = self.environ[name]
+        # Secrets go into header lines, where a line break would end the header early.
+        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+            raise ConfigError(f"{path}: contains a control character (a trailing newline?)")
+        return text
 
 
 def _bind_address(path: str, value: Any) -> str:
@@ -249,7 +263,7 @@ _ENDPOINT_KEYS = {
 }
 
 
-def _endpoint(index: int, value: Any, environ: Mapping[str, str]) -> Endpoint:
+def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
     path = f"endpoints[{index}]"
     obj = _expect(path, value, dict, "an object")
     _check_keys(path, obj, _ENDPOINT_KEYS)
@@ -263,7 +277,7 @@ def _endpoint(index: int, value: Any, environ: Mapping[str, str]) -> Endpoint:
     filter_ = _optional(obj, "filter", lambda v: _nonempty_str(f"{path}.filter", v), None)
     # A disabled endpoint may name a variable that is not set on this machine.
     apikey = (
-        _optional(obj, "apikey", lambda v: _secret(f"{path}.apikey", v, environ), None)
+        _optional(obj, "apikey", lambda v: secrets.read(f"{path}.apikey", v, "endpoints"), None)
         if enable
         else None
     )
@@ -331,10 +345,14 @@ MIN_STATIC_KEY_LENGTH = 16
 
 
 def parse_config(
-    data: Any, source: str = "<string>", environ: Mapping[str, str] | None = None
+    data: Any,
+    source: str = "<string>",
+    environ: Mapping[str, str] | None = None,
+    needs: frozenset[str] = SECRET_GROUPS,
 ) -> Config:
-    """Validate decoded JSON and build the Config; raises ConfigError naming the field."""
-    env = os.environ if environ is None else environ
+    """Validate decoded JSON and build the Config; raises ConfigError naming the field.
+    Secrets outside `needs` whose variable is unset are left out."""
+    env = _Secrets(os.environ if environ is None else environ, needs)
     obj = _expect("(top level)", data, dict, "a JSON object")
     _check_keys("", obj, _TOP_KEYS)
     defaults = Config()
@@ -399,7 +417,9 @@ def parse_config(
             obj, "trusted_proxies", lambda v: _networks("trusted_proxies", v), ()
         ),
         redis_url=_optional(obj, "redis_url", lambda v: _redis_url("redis_url", v, env), None),
-        admin_key=_optional(obj, "admin_key", lambda v: _long_secret("admin_key", v, env), None),
+        admin_key=_optional(
+            obj, "admin_key", lambda v: _long_secret("admin_key", v, env, "admin_key"), None
+        ),
         source=source,
     )
 
@@ -430,23 +450,26 @@ def _networks(path: str, value: Any) -> tuple[str, ...]:
     return items
 
 
-def _redis_url(path: str, value: Any, environ: Mapping[str, str]) -> str:
-    url = _secret(path, value, environ)  # may carry a password
+def _redis_url(path: str, value: Any, secrets: _Secrets) -> str | None:
+    url = secrets.read(path, value, "redis_url")  # may carry a password
+    if url is None:
+        return None
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"{path}: must be a redis://, rediss:// or unix:// URL")
     return url
 
 
-def _long_secret(path: str, value: Any, environ: Mapping[str, str]) -> str:
-    secret = _secret(path, value, environ)
-    if len(secret) < MIN_STATIC_KEY_LENGTH:
+def _long_secret(path: str, value: Any, secrets: _Secrets, group: str) -> str | None:
+    secret = secrets.read(path, value, group)
+    if secret is not None and len(secret) < MIN_STATIC_KEY_LENGTH:
         raise ConfigError(f"{path}: must be at least {MIN_STATIC_KEY_LENGTH} characters")
     return secret
 
 
-def _static_keys(path: str, value: Any, environ: Mapping[str, str]) -> tuple[str, ...]:
+def _static_keys(path: str, value: Any, secrets: _Secrets) -> tuple[str, ...]:
     items = _expect(path, value, list, "a list of keys")
-    return tuple(_long_secret(f"{path}[{i}]", item, environ) for i, item in enumerate(items))
+    keys = (_long_secret(f"{path}[{i}]", item, secrets, "api_keys") for i, item in enumerate(items))
+    return tuple(key for key in keys if key is not None)
 
 
 def _cors_origins(path: str, value: Any) -> tuple[str, ...]:
@@ -483,7 +506,9 @@ def _interval(path: str, value: Any) -> int:
     return interval
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: Path, environ: Mapping[str, str] | None = None, needs: frozenset[str] = SECRET_GROUPS
+) -> Config:
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -493,7 +518,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON: {exc}") from None
     try:
-        return parse_config(data, source=str(path), environ=environ)
+        return parse_config(data, source=str(path), environ=environ, needs=needs)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -519,8 +544,12 @@ def find_config_file(explicit: str | None, environ: Mapping[str, str] | None = N
     return None
 
 
-def resolve_config(explicit: str | None, environ: Mapping[str, str] | None = None) -> Config:
+def resolve_config(
+    explicit: str | None,
+    environ: Mapping[str, str] | None = None,
+    needs: frozenset[str] = SECRET_GROUPS,
+) -> Config:
     path = find_config_file(explicit, environ)
     if path is None:
         return Config(endpoints=default_endpoints())
-    return load_config(path, environ)
+    return load_config(path, environ, needs)

@@ -64,7 +64,11 @@ class RunningProxy:
 
 
 def free_port_block(size: int) -> int:
-    """The first of `size` consecutive loopback ports that are free right now."""
+    """The first of `size` consecutive loopback ports that are free right now.
+
+    Probed with SO_REUSEADDR, as servers bind: a port whose old connections linger in
+    TIME_WAIT (hundreds do on a busy machine) is free for a server all the same.
+    """
     for _ in range(100):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -76,6 +80,7 @@ def free_port_block(size: int) -> int:
             for port in range(start, start + size):
                 sock = socket.socket()
                 held.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("127.0.0.1", port))
             return start
         except OSError:

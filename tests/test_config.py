@@ -81,9 +81,28 @@ def test_every_optional_key() -> None:
     assert (config.timeouts.idle, config.timeouts.scan) == (30.0, 0.5)
 
 
-def test_the_example_file_is_valid() -> None:
-    config = load_config(
-        EXAMPLE,
+def test_the_example_file_runs_as_it_is(tmp_path: Path) -> None:
+    """No secret to set, nothing to edit: a workstation can start from it."""
+    config = load_config(EXAMPLE, environ={})
+    assert config.endpoints and config.default_model is None
+    done = subprocess.run(
+        [sys.executable, "-m", "llproxy", "scan", "--json", "--config", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert isinstance(json.loads(done.stdout), list)  # whatever this machine serves
+
+
+def test_the_optional_parts_in_the_readme_are_valid() -> None:
+    """The README's snippet of every optional key parses, with its variables set."""
+    readme = (EXAMPLE.parent / "README.md").read_text()
+    snippet = readme.split("<!-- optional-config -->", 2)[1]
+    data = json.loads(snippet.split("```json", 1)[1].split("```", 1)[0])
+    config = parse_config(
+        data,
         environ={
             "EXAMPLE_API_KEY": "sk-x",
             "LLPROXY_STATIC_KEY": "a-static-key-0123456789",
@@ -91,7 +110,7 @@ def test_the_example_file_is_valid() -> None:
             "LLPROXY_ADMIN_KEY": "an-admin-key-0123456789",
         },
     )
-    assert config.endpoints
+    assert config.admin_key and config.redis_url and config.api_keys
 
 
 @pytest.mark.parametrize(
@@ -254,3 +273,40 @@ def test_aihost_needs_aihostport() -> None:
     done = _llproxy("serve", "--aihost", "127.0.0.1")
     assert done.returncode == EX_CONFIG
     assert "--aihost and --aihostport must be given together" in done.stderr
+
+
+def test_each_command_needs_only_the_secrets_it_uses(tmp_path: Path) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(
+        json.dumps(
+            {
+                "endpoints": [{"url": "http://127.0.0.1:9/v1", "apikey": "env:UNSET_UP"}],
+                "api_keys": ["env:UNSET_STATIC"],
+                "admin_key": "env:UNSET_ADMIN",
+                "redis_url": "env:UNSET_REDIS",
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNSET_")}
+    env["LLPROXY_STATE_DIR"] = str(tmp_path / "state")
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "llproxy", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, **extra},
+        )
+
+    for args in (("usage",), ("keys", "list"), ("keys", "create", "--name", "k")):
+        done = run(*args)
+        assert done.returncode == 0, (args, done.stderr)
+    # scan sends the upstream apikeys; nothing else.
+    done = run("scan")
+    assert done.returncode == 78
+    assert "endpoints[0].apikey: environment variable UNSET_UP is not set" in done.stderr
+    assert run("scan", UNSET_UP="sk-up").returncode == 0
+    # revoke spreads the revocation through Redis.
+    done = run("keys", "revoke", "k")
+    assert done.returncode == 78 and "redis_url: environment variable UNSET_REDIS" in done.stderr
