@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test chaos lint bench clean
 
 # pip's and setuptools' chatter goes to .venv/install.log; it is shown only if the install fails.
 $(STAMP): pyproject.toml
@@ -23,6 +23,11 @@ run: $(STAMP)
 test: $(STAMP)
 	scripts/system-deps
 	$(BIN)/python -m pytest
+
+# The slow attack runs, each bounded in count and time, printing its figures (about 5 min).
+chaos: $(STAMP)
+	scripts/system-deps
+	$(BIN)/python -m pytest -m chaos tests/chaos -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check llproxy tests scripts

@@ -95,6 +95,19 @@ class FakeUpstream:
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnected.set()
             raise
+        except (KeyError, TypeError, AttributeError) as exc:
+            # As a real server does with a body it cannot use: a 400, not a crash.
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"bad request: {exc!r}",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=400,
+            )
 
     async def _form(self, request: web.Request, path: str) -> web.Response:
         """An upload (audio transcription): the fields as text, files by name and size."""
