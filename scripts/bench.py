@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# Counted on every request like the default limit, never reached in a run.
+LIMIT_NEVER_REACHED = "1000000000 per 15 minutes"
 PYTHON = sys.executable
 CHAT_PATH = "/v1/chat/completions"
 
@@ -370,13 +372,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
         )
+        # The same, with a rate limit on that is too high to refuse: what limiting costs.
+        limited_config = workdir / "llproxy-limited.json"
+        limited_config.write_text(
+            json.dumps({**json.loads(config.read_text()), "rate_limit": LIMIT_NEVER_REACHED})
+        )
         # Usage records of the load go to this run's directory, not the user's state.
         os.environ["LLPROXY_STATE_DIR"] = str(workdir / "state")
-        llproxies = {}
-        for workers in sorted({1, cores}):
+
+        def start_llproxy(name: str, workers: int, config: Path) -> tuple[int, Any]:
             port = free_port()
             proc = procs.start(
-                f"llproxy-{workers}",
+                name,
                 [
                     PYTHON,
                     "-m",
@@ -390,8 +397,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     str(workers),
                 ],
             )
-            llproxies[workers] = (port, proc)
-        for port in (fast, slow, nginx_fast, nginx_slow, *(p for p, _ in llproxies.values())):
+            return port, proc
+
+        llproxies = {
+            workers: start_llproxy(f"llproxy-{workers}", workers, config)
+            for workers in sorted({1, cores})
+        }
+        limited_port, _ = start_llproxy(f"llproxy-{cores}-limited", cores, limited_config)
+        for port in (
+            fast,
+            slow,
+            nginx_fast,
+            nginx_slow,
+            limited_port,
+            *(p for p, _ in llproxies.values()),
+        ):
             wait_listening(port)
         time.sleep(2)  # workers become ready after the first scan
 
@@ -402,6 +422,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         targets = {"direct": (fast, "bench-model"), "nginx": (nginx_fast, "bench-model")}
         for workers, (port, _) in llproxies.items():
             targets[f"llproxy-{workers}w"] = (port, "bench-model:fast")
+        targets[f"llproxy-{cores}w+limit"] = (limited_port, "bench-model:fast")
         scripts = {
             (name, stream): lua_script(workdir / f"{name}-{stream}.lua", model, stream)
             for name, (_, model) in targets.items()
@@ -497,7 +518,8 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list[str]]:
     results: dict[str, list[Any]] = data["results"]
     cores = data["cores"]
-    names = ["direct", "nginx"] + [f"llproxy-{w}w" for w in sorted({1, cores})]
+    timed = ["direct", "nginx"] + [f"llproxy-{w}w" for w in sorted({1, cores})]
+    names = [*timed, f"llproxy-{cores}w+limit"]
     rows = [
         [
             "figure",
@@ -537,8 +559,15 @@ def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list
         [r.rps for r in results[f"{top}|json|32"]], [r.rps for r in results["nginx|json|32"]]
     )
     verdicts.insert(0, f"{top} non-streaming c32 throughput: {ratio:.2f}x nginx (target ≥ 0.25x)")
+    for key in ("json|32", "json|128", "stream|32", "stream|128"):
+        limited = median_ratio(
+            [r.rps for r in results[f"{top}+limit|{key}"]], [r.rps for r in results[f"{top}|{key}"]]
+        )
+        verdicts.append(
+            f"{top} with a rate limit on, {key}: {limited:.2f}x of limits off (target ≥ 0.90x)"
+        )
     ttfb_rows = []
-    for n in names:
+    for n in timed:
         samples = results[f"{n}|ttfb"]
         ttfb_rows.append(
             (
@@ -603,7 +632,8 @@ the median of {args["reps"]} repetitions; ratios are taken within each repetitio
 load, same moment) and then the median. Load: `wrk -t1 -cN -d{args["duration"]:g}s --latency`
 with a POST of a small chat request, against `scripts/fast_upstream.py` (direct), nginx
 as a plain reverse proxy (`proxy_buffering off`, upstream keep-alive), and llproxy with
-1 worker and one per core (no rate limit, no verbose log). Streaming: 20 SSE chunks.
+1 worker and one per core (no rate limit, no verbose log), and one per core with a rate
+limit too high to refuse (`+limit`: what limiting costs). Streaming: 20 SSE chunks.
 Stream timing: the upstream's delay mode (first chunk after 100 ms, then one every 10 ms),
 {args["stream_samples"]} sequential requests per target. Everything on 127.0.0.1 of one
 machine: wrk, the upstream, nginx and llproxy share its cores.
