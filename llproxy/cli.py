@@ -73,7 +73,7 @@ LOCAL_DATE = click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S
 
 def state_directory(config_path: str | None, state_dir: str | None) -> Path:
     """The state directory a `keys` or `usage` command works on, as the daemon finds it."""
-    from .statedb import state_dir as resolve
+    from .stores.sqlite import state_dir as resolve
 
     return resolve(load_or_exit(config_path, frozenset(), state_dir=state_dir).state_dir)
 
@@ -89,8 +89,8 @@ state_dir_option = env_option(
 
 def refuse_open_bind(config: Config, allow_open: bool) -> None:
     """Without keys, anyone who reaches the port may use every model: only on loopback."""
-    from .keys import KeyRing
-    from .statedb import state_dir
+    from .core.keys import KeyRing
+    from .stores.sqlite import state_dir
 
     if config.loopback_only or allow_open:
         return
@@ -206,8 +206,8 @@ def serve(
     )
     config = load_or_exit(config_path, **overrides)
     refuse_open_bind(config, allow_open)
-    from .logs import setup_logging
-    from .supervisor import ServeOptions, run
+    from .process.supervisor import ServeOptions, run
+    from .telemetry.logs import setup_logging
 
     setup_logging(verbose, log_format, secrets=config.secrets())
     options = ServeOptions(
@@ -227,8 +227,8 @@ def serve(
 def scan_command(config_path: str | None, as_json: bool) -> None:
     """Run one discovery pass and list the models found."""
     config = load_or_exit(config_path, frozenset({"endpoints"}))
-    from .logs import setup_logging
-    from .report import run_scan
+    from .telemetry.logs import setup_logging
+    from .ui.report import run_scan
 
     setup_logging(0, stream=sys.stderr, secrets=config.secrets())
     sys.exit(run_scan(config, as_json))
@@ -270,7 +270,7 @@ def keys_create(
 ) -> None:
     """Create a key and print its secret alone on stdout (it is shown only this once)."""
     from .config import rate_limit_value
-    from .keys import KeyFieldError, KeyStore
+    from .core.keys import KeyFieldError, KeyStore
 
     if rate_limit is not None:
         try:
@@ -296,8 +296,8 @@ def keys_create(
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def keys_list(config_path: str | None, state_dir: str | None, as_json: bool) -> None:
     """List the keys (names, fingerprints, models, status; never secrets)."""
-    from .keys import KeyStore
-    from .keys_view import show_keys
+    from .core.keys import KeyStore
+    from .ui.keys_view import show_keys
 
     with KeyStore(state_directory(config_path, state_dir)) as store:
         show_keys(store.all(), as_json)
@@ -314,8 +314,8 @@ def keys_revoke(config_path: str | None, state_dir: str | None, name: str) -> No
 
     from redis.exceptions import RedisError
 
-    from .keys import KeyStore, share_revocation
-    from .statedb import state_dir as resolve_state_dir
+    from .core.keys import KeyStore, share_revocation
+    from .stores.sqlite import state_dir as resolve_state_dir
 
     config = load_or_exit(config_path, frozenset({"redis_url"}), state_dir=state_dir)
     with KeyStore(resolve_state_dir(config.state_dir)) as store:
@@ -353,8 +353,8 @@ def usage_command(
     config_path: str | None, state_dir: str | None, since: Any, by: str, as_json: bool
 ) -> None:
     """Sum the recorded requests and tokens."""
-    from .usage import usage_sums
-    from .usage_view import show_usage
+    from .core.usage import usage_sums
+    from .ui.usage_view import show_usage
 
     since_time = since.timestamp() if since else None
     rows = usage_sums(state_directory(config_path, state_dir), since_time, by)

@@ -428,7 +428,7 @@ def rate_limit_value(path: str, value: Any) -> str | None:
     if value is None:
         return None
     text = _nonempty_str(path, value)
-    from .ratelimit import parse_limit
+    from .core.ratelimit import parse_limit
 
     try:
         parse_limit(text)
@@ -440,7 +440,7 @@ def rate_limit_value(path: str, value: Any) -> str | None:
 
 
 def _networks(path: str, value: Any) -> tuple[str, ...]:
-    from .ratelimit import parse_networks
+    from .core.ratelimit import parse_networks
 
     items = _string_list(path, value)
     try:

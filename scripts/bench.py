@@ -208,8 +208,8 @@ def stream_timing(port: int, model: str, count: int) -> tuple[float, float, floa
 
 def scan_seconds() -> float:
     sys.path.insert(0, str(ROOT))
+    from llproxy.backends.openai_http.discovery import make_scan_session, scan
     from llproxy.config import parse_config
-    from llproxy.discovery import make_scan_session, scan
 
     config = parse_config(
         {"endpoints": [{"hostname": "127.0.0.1", "port_start": 20000, "port_end": 24095}]}

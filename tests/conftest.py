@@ -16,9 +16,9 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestServer
 
-from llproxy.app import create_app
 from llproxy.config import parse_config
-from llproxy.state import STATE, ProxyState
+from llproxy.server.app import create_app
+from llproxy.server.state import STATE, ProxyState
 
 from .fake_upstream import FakeUpstream
 

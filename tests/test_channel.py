@@ -6,8 +6,8 @@ import asyncio
 import socket
 from typing import Any
 
-from llproxy.channel import Channel, MetricsReply, UsageBatch
-from llproxy.usage import UsageRecord
+from llproxy.core.usage import UsageRecord
+from llproxy.process.channel import Channel, MetricsReply, UsageBatch
 
 BIG = 5 * 1024 * 1024  # far over what one read of a socket returns
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from llproxy.deadlines import Watchdog
+from llproxy.core.deadlines import Watchdog
 
 
 async def test_block_past_its_deadline_raises_timeout_error() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from llproxy.backends.openai_http.discovery import make_scan_session, scan
 from llproxy.config import parse_config
-from llproxy.discovery import make_scan_session, scan
 
 from .conftest import ProxyFactory, UpstreamFactory, free_port_block
 
@@ -231,7 +231,7 @@ async def test_a_configured_url_that_fails_is_reported_but_closed_ports_are_not(
 async def test_rescans_log_only_what_changed_by_name(
     start_upstream: UpstreamFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from llproxy.discovery import DiscoveryLoop
+    from llproxy.backends.openai_http.discovery import DiscoveryLoop
 
     upstream = await start_upstream(model_ids=["a", "b"])
     config = parse_config({"endpoints": [upstream.endpoint()], "default_model": "c"})

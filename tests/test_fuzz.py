@@ -18,11 +18,11 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llproxy.app import create_app
 from llproxy.config import parse_config
-from llproxy.errors import InvalidRequest
-from llproxy.hardening import host_name
-from llproxy.multipart import FormBody
+from llproxy.core.errors import InvalidRequest
+from llproxy.core.multipart import FormBody
+from llproxy.gateway.hardening import host_name
+from llproxy.server.app import create_app
 
 from .fake_upstream import FakeUpstream
 

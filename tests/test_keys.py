@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from llproxy.config import EX_CONFIG, ConfigError, parse_config
-from llproxy.keys import KeyRing, KeyStore, key_hash
-from llproxy.statedb import DATABASE
+from llproxy.core.keys import KeyRing, KeyStore, key_hash
+from llproxy.stores.sqlite import DATABASE
 
 from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory, write_config
 from .process import LlproxyProcess, create_key, run_cli

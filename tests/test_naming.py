@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llproxy.registry import final_names, model_name
+from llproxy.core.registry import final_names, model_name
 
 
 @pytest.mark.parametrize(

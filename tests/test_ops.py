@@ -8,7 +8,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from llproxy.sdnotify import Notifier
+from llproxy.process.sdnotify import Notifier
 
 UNIT = Path(__file__).parent.parent / "scripts" / "llproxy.service"
 

@@ -16,7 +16,7 @@ import aiohttp
 import openai
 import pytest
 
-from llproxy.supervisor import EX_BIND_FAILURE, EX_BOOT_FAILURE
+from llproxy.process.supervisor import EX_BIND_FAILURE, EX_BOOT_FAILURE
 
 from .conftest import UpstreamFactory, chat_request, write_config
 from .process import LlproxyProcess

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from llproxy.registry import Upstream
-from llproxy.upstream_http import (
+from llproxy.backends.openai_http.transport import (
     HIGH_WATER,
     MAX_HEAD_BYTES,
     ConnectFailed,
@@ -27,6 +26,7 @@ from llproxy.upstream_http import (
     UpstreamPool,
     request_path,
 )
+from llproxy.core.registry import Upstream
 
 from .conftest import free_port_block
 

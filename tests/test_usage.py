@@ -19,9 +19,14 @@ import openai
 import orjson
 import pytest
 
-from llproxy.proxy import EventRelay, Exchange, _json_document, _json_usage_document
-from llproxy.statedb import DATABASE
-from llproxy.usage import UsageRecord, UsageWriter, usage_sums
+from llproxy.backends.openai_http.client import (
+    EventRelay,
+    Exchange,
+    _json_document,
+    _json_usage_document,
+)
+from llproxy.core.usage import UsageRecord, UsageWriter, usage_sums
+from llproxy.stores.sqlite import DATABASE
 
 from .conftest import ProxyFactory, RunningProxy, UpstreamFactory, write_config
 from .process import LlproxyProcess, create_key, run_cli

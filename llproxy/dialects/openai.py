@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InvalidRequest
+from ..core.errors import InvalidRequest
 
 
 def _is_number(value: Any) -> bool:

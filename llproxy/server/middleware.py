@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .errors import (
+from ..backends.openai_http.client import Exchange
+from ..core.errors import (
     InvalidApiKey,
     ModelNotAllowed,
     ProxyError,
@@ -22,12 +23,11 @@ from .errors import (
     error_body,
     json_response,
 )
-from .hardening import check_host, check_origin, response_headers
-from .keys import ApiKey, KeyRing
-from .proxy import Exchange
-from .ratelimit import RateLimitExceeded, client_address
+from ..core.keys import ApiKey, KeyRing
+from ..core.ratelimit import RateLimitExceeded, client_address
+from ..core.usage import UsageRecord
+from ..gateway.hardening import check_host, check_origin, response_headers
 from .state import EXCHANGE, STATE, ProxyState
-from .usage import UsageRecord
 
 access_log = logging.getLogger("llproxy.access")
 log = logging.getLogger("llproxy.gateway")

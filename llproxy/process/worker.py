@@ -19,7 +19,13 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from .app import create_app
+from ..core.errors import ServiceUnavailable
+from ..core.ratelimit import Verdict
+from ..core.usage import FLUSH_SECONDS
+from ..server.app import create_app
+from ..server.http import AppRunner
+from ..server.state import STATE, ProxyState
+from ..telemetry.logs import setup_logging
 from .channel import (
     Calls,
     Channel,
@@ -35,12 +41,6 @@ from .channel import (
     WorkerCount,
     WorkerSpec,
 )
-from .errors import ServiceUnavailable
-from .http_server import AppRunner
-from .logs import setup_logging
-from .ratelimit import Verdict
-from .state import STATE, ProxyState
-from .usage import FLUSH_SECONDS
 
 log = logging.getLogger("llproxy.worker")
 

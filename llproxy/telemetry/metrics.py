@@ -25,8 +25,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .discovery import ScanResult
-    from .usage import WriterTelemetry
+    from ..backends.openai_http.discovery import ScanResult
+    from ..core.usage import WriterTelemetry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Generation is slow: buckets reach minutes, and start fine enough for proxy overhead.

@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from .errors import error_body
-from .hardening import SECURITY_HEADERS
+from ..core.errors import error_body
+from ..gateway.hardening import SECURITY_HEADERS
 
 log = logging.getLogger("llproxy.http")
 

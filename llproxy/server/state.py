@@ -8,15 +8,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .config import Config
-from .discovery import DiscoveryLoop, ScanResult
-from .hardening import accepted_hosts
-from .keys import KeyRing
-from .metrics import DiscoveryTelemetry, Telemetry
-from .proxy import Exchange, UpstreamClient
-from .ratelimit import HitFunction, parse_networks
-from .registry import Registry
-from .usage import UsageRecord, WriterTelemetry
+from ..backends.openai_http.client import Exchange, UpstreamClient
+from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
+from ..config import Config
+from ..core.keys import KeyRing
+from ..core.ratelimit import HitFunction, parse_networks
+from ..core.registry import Registry
+from ..core.usage import UsageRecord, WriterTelemetry
+from ..gateway.hardening import accepted_hosts
+from ..telemetry.metrics import DiscoveryTelemetry, Telemetry
 
 
 class ProxyState:

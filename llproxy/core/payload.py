@@ -7,10 +7,10 @@ from typing import Any
 
 import orjson
 
+from ..backends.openai_http.transport import JSON
+from ..dialects.openai import validate
 from .errors import InvalidRequest
 from .multipart import FormBody
-from .upstream_http import JSON
-from .validation import validate
 
 
 class JsonPayload:

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from .config import Config, Endpoint
-from .encoding import BodyEncodingError, decode_body
-from .registry import FoundModel, Registry, Upstream, final_names
+from ...config import Config, Endpoint
+from ...core.encoding import BodyEncodingError, decode_body
+from ...core.registry import FoundModel, Registry, Upstream, final_names
 
 log = logging.getLogger("llproxy.discovery")
 

@@ -13,9 +13,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from .config import Config
-from .discovery import ScanResult, make_scan_session, missing_models, scan
-from .registry import Registry
+from ..backends.openai_http.discovery import ScanResult, make_scan_session, missing_models, scan
+from ..config import Config
+from ..core.registry import Registry
 
 
 def print_json(rows: list[dict[str, Any]]) -> None:

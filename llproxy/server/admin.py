@@ -16,12 +16,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .config import Config, ConfigError, rate_limit_value
-from .errors import InvalidRequest, ProxyError, json_response
-from .keys import KeyFieldError, KeyStore, key_hash, share_revocation
-from .keys_view import key_rows
-from .statedb import state_dir
-from .usage import GROUPINGS, usage_sums
+from ..config import Config, ConfigError, rate_limit_value
+from ..core.errors import InvalidRequest, ProxyError, json_response
+from ..core.keys import KeyFieldError, KeyStore, key_hash, share_revocation
+from ..core.usage import GROUPINGS, usage_sums
+from ..stores.sqlite import state_dir
+from ..ui.keys_view import key_rows
 
 
 class AdminUnauthorized(ProxyError):

@@ -25,6 +25,13 @@ from typing import Any
 
 import uvloop
 
+from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
+from ..config import Config, ConfigError
+from ..core.ratelimit import Verdict, memory_counter
+from ..core.registry import Registry
+from ..core.usage import UsageWriter
+from ..stores.sqlite import state_dir
+from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .channel import (
     Channel,
     MetricsReply,
@@ -39,14 +46,7 @@ from .channel import (
     WorkerCount,
     WorkerSpec,
 )
-from .config import Config, ConfigError
-from .discovery import DiscoveryLoop, ScanResult
-from .metrics import DiscoveryTelemetry, Telemetry, render
-from .ratelimit import Verdict, memory_counter
-from .registry import Registry
 from .sdnotify import Notifier
-from .statedb import state_dir
-from .usage import UsageWriter
 from .worker import worker_main
 
 log = logging.getLogger("llproxy.supervisor")
@@ -530,7 +530,7 @@ def run(config: Config, options: ServeOptions) -> int:
         return EX_BIND_FAILURE
     supervisor = Supervisor(options, config, sock)
     if options.console:
-        from .console import InteractiveConsole
+        from ..ui.console import InteractiveConsole
 
         supervisor.console = InteractiveConsole()
     # Workers are started before the master has an event loop, as a pre-fork server should.

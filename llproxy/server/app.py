@@ -19,11 +19,12 @@ import orjson
 from aiohttp import HttpVersion11, web
 from redis.exceptions import RedisError
 
-from .admin import AdminApi
-from .config import Config
-from .discovery import DiscoveryLoop
-from .encoding import BodyEncodingError, BodyTooLarge, UnsupportedEncoding, decode_body
-from .errors import (
+from ..backends.openai_http.client import Exchange, UpstreamClient
+from ..backends.openai_http.discovery import DiscoveryLoop
+from ..backends.openai_http.transport import request_path, response_bounds
+from ..config import Config
+from ..core.encoding import BodyEncodingError, BodyTooLarge, UnsupportedEncoding, decode_body
+from ..core.errors import (
     ExpectationFailed,
     InvalidRequest,
     ModelNotFound,
@@ -33,17 +34,16 @@ from .errors import (
     UnsupportedMediaType,
     json_response,
 )
-from .gateway import boundary, check_model_allowed
-from .hardening import preflight
-from .keys import REVOKED_SET, KeyRing
-from .metrics import CONTENT_TYPE, DiscoveryTelemetry, render
-from .payload import FormPayload, JsonPayload, Payload
-from .proxy import Exchange, UpstreamClient
-from .ratelimit import RedisCounter, memory_counter, redis_client
+from ..core.keys import REVOKED_SET, KeyRing
+from ..core.payload import FormPayload, JsonPayload, Payload
+from ..core.ratelimit import RedisCounter, memory_counter, redis_client
+from ..core.usage import UsageWriter
+from ..gateway.hardening import preflight
+from ..stores.sqlite import state_dir
+from ..telemetry.metrics import CONTENT_TYPE, DiscoveryTelemetry, render
+from .admin import AdminApi
+from .middleware import boundary, check_model_allowed
 from .state import EXCHANGE, STATE, ProxyState, listing_body
-from .statedb import state_dir
-from .upstream_http import request_path, response_bounds
-from .usage import UsageWriter
 
 access_log = logging.getLogger("llproxy.access")
 log = logging.getLogger("llproxy.app")

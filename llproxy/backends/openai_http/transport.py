@@ -20,9 +20,9 @@ from urllib.parse import quote, urlsplit
 
 import httptools
 
-from .config import Config
-from .encoding import BodyEncodingError, BodyTooLarge, BoundedDecoder
-from .registry import Upstream
+from ...config import Config
+from ...core.encoding import BodyEncodingError, BodyTooLarge, BoundedDecoder
+from ...core.registry import Upstream
 
 # An upstream's status line and headers; more is a broken or hostile server.
 MAX_HEAD_BYTES = 64 * 1024

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import orjson
 
+from ..stores.sqlite import DATABASE, file_identity, open_database
 from .ratelimit import redis_client
-from .statedb import DATABASE, file_identity, open_database
 
 KEY_PREFIX = "llp-"
 # With redis_url, revoked key hashes are also put in this set, for every instance.

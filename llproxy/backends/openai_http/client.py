@@ -21,13 +21,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .config import Timeouts
-from .deadlines import Watchdog
-from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
-from .keys import ApiKey
-from .payload import Payload
-from .registry import Balancer, Model, Replica
-from .upstream_http import (
+from ...config import Timeouts
+from ...core.deadlines import Watchdog
+from ...core.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_body
+from ...core.keys import ApiKey
+from ...core.payload import Payload
+from ...core.registry import Balancer, Model, Replica
+from .transport import (
     ConnectFailed,
     ResponseBounds,
     UpstreamBroken,

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
-from .metrics import Telemetry
-from .ratelimit import Verdict
-from .registry import Registry
-from .usage import UsageRecord
+from ..config import Config
+from ..core.ratelimit import Verdict
+from ..core.registry import Registry
+from ..core.usage import UsageRecord
+from ..telemetry.metrics import Telemetry
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .channel import StatsReply
-from .registry import Registry
+from ..core.registry import Registry
+from ..process.channel import StatsReply
 from .report import models_table
 
 COMMANDS = {

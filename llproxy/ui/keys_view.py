@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .keys import ApiKey
+from ..core.keys import ApiKey
 from .report import print_json
 
 

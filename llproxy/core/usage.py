@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .statedb import DATABASE, file_identity, open_database
+from ..stores.sqlite import DATABASE, file_identity, open_database
 
 log = logging.getLogger("llproxy.usage")
 

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from .config import Config
-from .errors import ProxyError
+from ..config import Config
+from ..core.errors import ProxyError
 
 SECURITY_HEADERS: Mapping[str, str] = {
     "X-Content-Type-Options": "nosniff",
