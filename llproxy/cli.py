@@ -89,14 +89,13 @@ state_dir_option = env_option(
 
 def refuse_open_bind(config: Config, allow_open: bool) -> None:
     """Without keys, anyone who reaches the port may use every model: only on loopback."""
-    from .core.keys import KeyRing
-    from .stores.sqlite import state_dir
+    from .stores.sqlite import StoredKeys, state_dir
 
     if config.loopback_only or allow_open:
         return
-    ring = KeyRing(config.api_keys, state_dir(config.state_dir))
-    enabled = ring.enabled
-    ring.close()
+    stored = StoredKeys(state_dir(config.state_dir))
+    enabled = bool(config.api_keys) or bool(stored.changed())
+    stored.close()
     if not enabled:
         click.echo(
             f"llproxy: refusing to serve on {config.bindip} without API keys: anyone who can "
@@ -207,7 +206,7 @@ def serve(
     config = load_or_exit(config_path, **overrides)
     refuse_open_bind(config, allow_open)
     from .process.supervisor import ServeOptions, run
-    from .telemetry.logs import setup_logging
+    from .ui.logs import setup_logging
 
     setup_logging(verbose, log_format, secrets=config.secrets())
     options = ServeOptions(
@@ -227,8 +226,8 @@ def serve(
 def scan_command(config_path: str | None, as_json: bool) -> None:
     """Run one discovery pass and list the models found."""
     config = load_or_exit(config_path, frozenset({"endpoints"}))
-    from .telemetry.logs import setup_logging
-    from .ui.report import run_scan
+    from .ui.logs import setup_logging
+    from .ui.scan import run_scan
 
     setup_logging(0, stream=sys.stderr, secrets=config.secrets())
     sys.exit(run_scan(config, as_json))
@@ -270,7 +269,10 @@ def keys_create(
 ) -> None:
     """Create a key and print its secret alone on stdout (it is shown only this once)."""
     from .config import rate_limit_value
-    from .core.keys import KeyFieldError, KeyStore
+    from .core.keys import KeyFieldError
+    from .stores import create_key
+    from .stores.sqlite import DATABASE
+    from .stores.sqlite import state_dir as resolve_state_dir
 
     if rate_limit is not None:
         try:
@@ -278,15 +280,18 @@ def keys_create(
         except ConfigError as exc:
             raise click.BadParameter(str(exc)) from None
     globs = [glob.strip() for glob in models.split(",") if glob.strip()]
-    with KeyStore(state_directory(config_path, state_dir)) as store:
-        try:
-            secret = store.create(name, globs, expires.timestamp() if expires else None, rate_limit)
-        except KeyFieldError as exc:
-            message = str(exc).partition(": ")[2]
-            raise click.BadParameter(message, param_hint=f"--{exc.field}") from None
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-    click.echo(f"created key {name!r} in {store.path}; its secret follows on stdout", err=True)
+    config = load_or_exit(config_path, frozenset(), state_dir=state_dir)
+    try:
+        secret = create_key(
+            config, name, globs, expires.timestamp() if expires else None, rate_limit
+        )
+    except KeyFieldError as exc:
+        message = str(exc).partition(": ")[2]
+        raise click.BadParameter(message, param_hint=f"--{exc.field}") from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    where = resolve_state_dir(config.state_dir) / DATABASE
+    click.echo(f"created key {name!r} in {where}; its secret follows on stdout", err=True)
     click.echo(secret)
 
 
@@ -296,8 +301,8 @@ def keys_create(
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def keys_list(config_path: str | None, state_dir: str | None, as_json: bool) -> None:
     """List the keys (names, fingerprints, models, status; never secrets)."""
-    from .core.keys import KeyStore
-    from .ui.keys_view import show_keys
+    from .stores.sqlite import KeyStore
+    from .ui.tables import show_keys
 
     with KeyStore(state_directory(config_path, state_dir)) as store:
         show_keys(store.all(), as_json)
@@ -314,21 +319,15 @@ def keys_revoke(config_path: str | None, state_dir: str | None, name: str) -> No
 
     from redis.exceptions import RedisError
 
-    from .core.keys import KeyStore, share_revocation
-    from .stores.sqlite import state_dir as resolve_state_dir
+    from .stores import revoke_key
 
     config = load_or_exit(config_path, frozenset({"redis_url"}), state_dir=state_dir)
-    with KeyStore(resolve_state_dir(config.state_dir)) as store:
-        revoked = store.revoke(name)
-    if revoked is None:
+    try:
+        revoked = asyncio.run(revoke_key(config, name))
+    except (RedisError, OSError) as exc:
+        raise click.ClickException(f"revoked here, but not shared through Redis: {exc}") from None
+    if not revoked:
         raise click.ClickException(f"no active key named {name!r}")
-    if config.redis_url is not None:
-        try:
-            asyncio.run(share_revocation(config.redis_url, revoked))
-        except (RedisError, OSError) as exc:
-            raise click.ClickException(
-                f"revoked here, but not shared through Redis: {exc}"
-            ) from None
     click.echo(f"revoked key {name!r}", err=True)
 
 
@@ -353,8 +352,8 @@ def usage_command(
     config_path: str | None, state_dir: str | None, since: Any, by: str, as_json: bool
 ) -> None:
     """Sum the recorded requests and tokens."""
-    from .core.usage import usage_sums
-    from .ui.usage_view import show_usage
+    from .stores.sqlite import usage_sums
+    from .ui.tables import show_usage
 
     since_time = since.timestamp() if since else None
     rows = usage_sums(state_directory(config_path, state_dir), since_time, by)

@@ -10,13 +10,17 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
+
+from .core.ratelimit import parse_limit
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 EX_CONFIG = 78
 DEFAULT_RATE_LIMIT = "1000 per 15 minutes"
@@ -428,8 +432,6 @@ def rate_limit_value(path: str, value: Any) -> str | None:
     if value is None:
         return None
     text = _nonempty_str(path, value)
-    from .core.ratelimit import parse_limit
-
     try:
         parse_limit(text)
     except ValueError:
@@ -439,9 +441,18 @@ def rate_limit_value(path: str, value: Any) -> str | None:
     return text
 
 
-def _networks(path: str, value: Any) -> tuple[str, ...]:
-    from .core.ratelimit import parse_networks
+def parse_networks(values: Sequence[str]) -> tuple[IpNetwork, ...]:
+    """Addresses or networks; a ValueError (`[index]: …`) names the first that is neither."""
+    networks = []
+    for i, value in enumerate(values):
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ValueError(f"[{i}]: must be an IP address or network, got {value!r}") from None
+    return tuple(networks)
 
+
+def _networks(path: str, value: Any) -> tuple[str, ...]:
     items = _string_list(path, value)
     try:
         parse_networks(items)

@@ -17,8 +17,8 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestServer
 
 from llproxy.config import parse_config
-from llproxy.server.app import create_app
-from llproxy.server.state import STATE, ProxyState
+from llproxy.server.app import serve_alone
+from llproxy.server.state import DISCOVERY, STATE, ProxyState
 
 from .fake_upstream import FakeUpstream
 
@@ -59,8 +59,7 @@ class RunningProxy:
         return client
 
     async def rescan(self) -> None:
-        assert self.state.discovery is not None
-        await self.state.discovery.scan_now()
+        await self.app[DISCOVERY].scan_now()
 
 
 def free_port_block(size: int) -> int:
@@ -136,7 +135,7 @@ async def start_proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Prox
         # Never the developer's real state directory.
         top.setdefault("state_dir", str(tmp_path / "state"))
         config = parse_config({"endpoints": endpoints, **top}, environ={"TEST_KEY": "sk-up-7"})
-        app = create_app(config)
+        app = serve_alone(config)
         server = await aiohttp_server(app)
         started.append(RunningProxy(app, server))
         return started[-1]

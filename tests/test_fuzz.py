@@ -22,7 +22,7 @@ from llproxy.config import parse_config
 from llproxy.core.errors import InvalidRequest
 from llproxy.core.multipart import FormBody
 from llproxy.gateway.hardening import host_name
-from llproxy.server.app import create_app
+from llproxy.server.app import serve_alone
 
 from .fake_upstream import FakeUpstream
 
@@ -87,7 +87,7 @@ class Servers:
                 "rate_limit": None,
             }
         )
-        proxy = web.AppRunner(create_app(config))
+        proxy = web.AppRunner(serve_alone(config))
         await proxy.setup()
         proxy_site = web.TCPSite(proxy, "127.0.0.1", 0)
         await proxy_site.start()

@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from llproxy.config import EX_CONFIG, ConfigError, parse_config
-from llproxy.core.keys import KeyRing, KeyStore, key_hash
-from llproxy.stores.sqlite import DATABASE
+from llproxy.core.keys import KeyRing, key_hash
+from llproxy.stores.sqlite import DATABASE, KeyStore, StoredKeys
 
 from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory, write_config
 from .process import LlproxyProcess, create_key, run_cli
@@ -64,6 +64,15 @@ def test_list_and_revoke(tmp_path: Path) -> None:
     assert missing.returncode != 0 and "no active key named 'bob'" in missing.stderr
 
 
+def stored_ring(directory: Path) -> KeyRing:
+    """A process's key ring as its store reads the database."""
+    ring = KeyRing()
+    stored = StoredKeys(directory)
+    ring.replace(stored.changed() or [])
+    stored.close()
+    return ring
+
+
 def test_key_ring_checks_status(tmp_path: Path) -> None:
     store = KeyStore(tmp_path)
     live = store.create("live")
@@ -74,24 +83,22 @@ def test_key_ring_checks_status(tmp_path: Path) -> None:
     store.revoke("gone")
     while time.time() <= expiry:
         time.sleep(0.05)
-    ring = KeyRing(directory=tmp_path)
+    ring = stored_ring(tmp_path)
     assert ring.enabled
     assert ring.authenticate(live) is not None and ring.authenticate(live).name == "live"  # type: ignore[union-attr]
     assert ring.authenticate(old) is None
     assert ring.authenticate(gone) is None
     assert ring.authenticate(live + "x") is None
     store.close()
-    ring.close()
 
 
 def test_a_revoked_last_key_keeps_the_proxy_closed(tmp_path: Path) -> None:
     store = KeyStore(tmp_path)
     store.create("only")
     store.revoke("only")
-    ring = KeyRing(directory=tmp_path)
+    ring = stored_ring(tmp_path)
     assert ring.enabled  # revoking every key must not reopen the door
     store.close()
-    ring.close()
 
 
 def test_static_keys_in_the_config() -> None:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from llproxy.telemetry.logs import setup_logging
+from llproxy.ui.logs import setup_logging
 
 SECRETS = {
     "Authorization: Bearer llp-abcdefghijklmnop": "llp-abcdefghijklmnop",

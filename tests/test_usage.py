@@ -19,14 +19,10 @@ import openai
 import orjson
 import pytest
 
-from llproxy.backends.openai_http.client import (
-    EventRelay,
-    Exchange,
-    _json_document,
-    _json_usage_document,
-)
-from llproxy.core.usage import UsageRecord, UsageWriter, usage_sums
-from llproxy.stores.sqlite import DATABASE
+from llproxy.core.record import RequestRecord
+from llproxy.core.sse import EventRelay, json_document, usage_of_json_answer
+from llproxy.core.usage import UsageRecord
+from llproxy.stores.sqlite import DATABASE, UsageWriter, usage_sums
 
 from .conftest import ProxyFactory, RunningProxy, UpstreamFactory, write_config
 from .process import LlproxyProcess, create_key, run_cli
@@ -45,15 +41,15 @@ def test_usage_chunk_filter_at_every_split() -> None:
     stream = b"".join(content) + usage + b"data: [DONE]\n\n"
     expected = b"".join(content) + b"data: [DONE]\n\n"
     for cut in range(1, len(stream)):
-        exchange = Exchange(hide_usage_chunk=True)
-        events = EventRelay(exchange, None)
+        exchange = RequestRecord()
+        events = EventRelay(exchange, None, hide_usage=True)
         out = events.feed(stream[:cut]) + events.feed(stream[cut:]) + events.finish()
         assert out == expected, cut
         assert (exchange.prompt_tokens, exchange.completion_tokens) == (11, 3)
     # Byte by byte, and with CRLF line ends.
     crlf = stream.replace(b"\n", b"\r\n")
-    exchange = Exchange(hide_usage_chunk=True)
-    events = EventRelay(exchange, None)
+    exchange = RequestRecord()
+    events = EventRelay(exchange, None, hide_usage=True)
     out = b"".join(events.feed(crlf[i : i + 1]) for i in range(len(crlf))) + events.finish()
     assert out == expected.replace(b"\n", b"\r\n") and exchange.prompt_tokens == 11
 
@@ -65,8 +61,8 @@ def test_usage_on_a_content_chunk_is_read_but_the_chunk_kept() -> None:
             "usage": {"prompt_tokens": 2, "completion_tokens": 1},
         }
     )
-    exchange = Exchange(hide_usage_chunk=True)
-    events = EventRelay(exchange, None)
+    exchange = RequestRecord()
+    events = EventRelay(exchange, None, hide_usage=True)
     assert events.feed(both) + events.finish() == both
     assert exchange.prompt_tokens == 2
 
@@ -109,7 +105,7 @@ def top_usage(document: Any) -> Any:
 def test_usage_of_a_json_answer_is_the_top_level_one(raw: bytes) -> None:
     """Usage read from the answer's tail is exactly what parsing the whole answer gives,
     whatever else in it looks like a usage member."""
-    assert top_usage(_json_usage_document(raw)) == top_usage(_json_document(raw))
+    assert top_usage(usage_of_json_answer(raw)) == top_usage(json_document(raw))
 
 
 async def test_plain_and_streamed_usage_match_the_upstream(

@@ -59,9 +59,16 @@ class Watchdog:
     """The deadlines of one event loop; ticks only while some block is being watched."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._active: set[Deadline] = set()
         self._ticking: asyncio.TimerHandle | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, found at first use: a Watchdog can be made before it runs."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def deadline(self, seconds: float) -> Deadline:
         return Deadline(self, self.loop.time() + seconds)

@@ -1,15 +1,11 @@
-"""The error hierarchy clients can see, each mapped to an OpenAI-shaped JSON body.
+"""The errors a client can be told, whatever dialect it speaks.
 
-Handlers raise these; one middleware turns them into responses, so every error a client
-sees has the shape `{"error": {"message", "type", "param", "code"}}`.
+Each carries its HTTP status, OpenAI's error `type` and `code` (OpenAI is the internal
+form; another dialect maps them to its own shape) and the headers it adds. Handlers raise
+them; the server's one boundary turns them into the client's dialect.
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-import orjson
-from aiohttp import web
 
 
 class ProxyError(Exception):
@@ -24,8 +20,9 @@ class ProxyError(Exception):
         if code is not None:
             self.code = code
 
-    def body(self) -> bytes:
-        return error_body(self.message, self.type, self.param, self.code)
+    def headers(self) -> dict[str, str]:
+        """Headers the answer carries besides the body (Retry-After, …)."""
+        return {}
 
 
 class InvalidRequest(ProxyError):
@@ -45,16 +42,29 @@ class ModelNotAllowed(ProxyError):
     code = "model_not_allowed"
 
 
+class RouteNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class ModelNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
 
 
-class RouteNotFound(ProxyError):
-    status = 404
+class MethodNotAllowed(ProxyError):
+    status = 405
     type = "invalid_request_error"
-    code = "not_found"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: str) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allowed}
 
 
 class RequestTimeout(ProxyError):
@@ -87,6 +97,10 @@ class UpstreamUnreachable(ProxyError):
     code = "upstream_unreachable"
 
 
+class ReplicaUnavailable(UpstreamUnreachable):
+    """This replica could not be reached and was sent nothing: another may be tried."""
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "upstream_error"
@@ -99,12 +113,8 @@ class ServiceUnavailable(ProxyError):
     code = "service_unavailable"
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    )
+class InternalError(ProxyError):
+    """A fault of llproxy's own; its detail goes to the log, not to the client."""
 
-
-def json_response(body: bytes, status: int = 200) -> web.Response:
-    """A JSON body already serialised, as every API answer and error is sent."""
-    return web.Response(body=body, status=status, content_type="application/json")
+    def __init__(self) -> None:
+        super().__init__("internal error in llproxy")

@@ -2,7 +2,7 @@
 
 A scan builds a new Registry and swaps it in whole; request handlers read whichever
 snapshot is current without locks. In-flight counts used for balancing are per-process
-state and live in `Balancer`, outside the snapshot.
+state and live in the router, outside the snapshot.
 """
 
 from __future__ import annotations
@@ -50,8 +50,15 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class Replica:
+    """One place a model is served: which backend answers it, where, under which id."""
+
     upstream: Upstream
     upstream_id: str
+    backend: str = "openai_http"  # the kind of Backend that answers it
+
+    @property
+    def address(self) -> str:
+        return self.upstream.address
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,35 +105,3 @@ class Registry:
 
     def upstreams(self) -> set[Upstream]:
         return {r.upstream for m in self.models.values() for r in m.replicas}
-
-
-class Balancer:
-    """Least-outstanding-requests choice among replicas, with per-process in-flight counts."""
-
-    def __init__(self) -> None:
-        self._in_flight: dict[str, int] = {}
-        self._turn = 0
-
-    def order(self, replicas: tuple[Replica, ...]) -> list[Replica]:
-        """Replicas to try, least loaded first; ties rotate so idle replicas share the work."""
-        if len(replicas) == 1:
-            return list(replicas)
-        self._turn += 1
-        count = len(replicas)
-        rotated = [replicas[(self._turn + i) % count] for i in range(count)]
-        return sorted(rotated, key=lambda r: self._in_flight.get(r.upstream.base_url, 0))
-
-    def acquire(self, replica: Replica) -> None:
-        key = replica.upstream.base_url
-        self._in_flight[key] = self._in_flight.get(key, 0) + 1
-
-    def release(self, replica: Replica) -> None:
-        key = replica.upstream.base_url
-        remaining = self._in_flight.get(key, 0) - 1
-        if remaining > 0:
-            self._in_flight[key] = remaining
-        else:
-            self._in_flight.pop(key, None)
-
-    def in_flight(self, replica: Replica) -> int:
-        return self._in_flight.get(replica.upstream.base_url, 0)

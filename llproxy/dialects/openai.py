@@ -1,14 +1,174 @@
-"""Checks on a client's request body before anything is sent upstream.
+"""The OpenAI dialect: chat completions, completions, embeddings, audio, images and the
+other inference routes, passed through almost as they are (OpenAI is the internal form).
 
-Only what an upstream would reject anyway, or what would make llproxy misroute, is
-checked; every other field passes through untouched.
+Bodies are checked only for what an upstream would reject anyway, or what would make
+llproxy misroute; every other field passes untouched. A stream is relayed chunk by chunk,
+renamed to the model name the client asked for, and without the usage chunk llproxy asked
+for when the client did not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..core.errors import InvalidRequest
+import orjson
+
+from ..core.call import FormPayload, JsonPayload, Payload, Reply, json_object
+from ..core.errors import InvalidRequest, ProxyError
+from ..core.multipart import FormBody
+from ..core.record import RequestRecord
+from ..core.sse import EventRelay, PassThrough, json_document, model_rename, usage_of_json_answer
+from . import JSON_TYPE, Answer, Incoming, Route
+
+# The routes below /v1/ forwarded to a model (the config's `forward_paths` adds to them).
+INFERENCE_PATHS = (
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "rerank",
+    "reranking",
+    "score",
+    "moderations",
+    "audio/transcriptions",
+    "audio/translations",
+    "audio/speech",
+    "images/generations",
+    "images/edits",
+    "images/variations",
+)
+# Where an upstream can add a usage chunk to a stream (stream_options.include_usage).
+_USAGE_ROUTES = ("chat/completions", "completions")
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+def error_of(error: ProxyError) -> bytes:
+    return error_body(error.message, error.type, error.param, error.code)
+
+
+class OpenAIDialect:
+    name = "openai"
+
+    def __init__(self, forward_paths: Sequence[str] = ()) -> None:
+        targets = dict.fromkeys((*INFERENCE_PATHS, *forward_paths))
+        self.routes = (
+            Route("GET", "/v1/models", "models"),
+            Route("GET", "/v1/models/{name}", "model"),
+            *(Route("POST", f"/v1/{target}", "call", target) for target in targets),
+        )
+
+    def translate(self, route: Route, incoming: Incoming) -> OpenAITranslation:
+        payload: Payload
+        if incoming.content_type == "multipart/form-data":
+            form = FormBody(incoming.body, incoming.headers.get("Content-Type", ""))
+            model = form.field("model")
+            if model is not None and not model:
+                raise InvalidRequest("'model' must be a non-empty string", param="model")
+            payload = FormPayload(form, incoming.headers.get("Content-Type", ""), model)
+            return OpenAITranslation(route.target, payload, model, stream=False)
+        body = json_object(incoming.body)
+        validate(route.target, body)
+        stream = body.get("stream") is True
+        hide_usage = False
+        if stream and route.target in _USAGE_ROUTES:
+            body, hide_usage = _with_usage_chunk(body)
+        payload = JsonPayload(body)
+        return OpenAITranslation(route.target, payload, payload.model, stream, hide_usage)
+
+    def error(self, error: ProxyError) -> Answer:
+        return Answer(error.status, error_of(error), headers=error.headers())
+
+    def models(self, entries: Sequence[Mapping[str, Any]]) -> Answer:
+        return Answer(200, listing_body(entries))
+
+    def model(self, entry: Mapping[str, Any]) -> Answer:
+        return Answer(200, orjson.dumps(entry))
+
+
+def listing_body(entries: Sequence[Mapping[str, Any]]) -> bytes:
+    """The body of GET /v1/models for these model entries."""
+    return orjson.dumps({"object": "list", "data": entries})
+
+
+def _with_usage_chunk(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The body asking the upstream for the usage chunk, and whether it must be hidden
+    from the client (which did not ask for it)."""
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body, False
+    merged = (
+        {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    )
+    return {**body, "stream_options": merged}, True
+
+
+class OpenAITranslation:
+    def __init__(
+        self,
+        target: str,
+        payload: Payload,
+        model: str | None,
+        stream: bool,
+        hide_usage: bool = False,
+    ) -> None:
+        self.target = target
+        self.payload = payload
+        self.model = model
+        self.stream = stream
+        self.hide_usage = hide_usage
+
+    def answer(self, reply: Reply, record: RequestRecord) -> Answer:
+        body = reply.body
+        if reply.media_type == JSON_TYPE:
+            rename = model_rename(reply.model_id, record.model or "")
+            if rename is not None:
+                body = rename.apply(body)
+            record.read_usage = lambda: usage_of_json_answer(body)
+        return Answer(reply.status, body, reply.media_type, reply.headers)
+
+    def upstream_error(self, reply: Reply) -> Answer:
+        """An OpenAI-shaped error passes as it is; anything else is wrapped so it is."""
+        parsed = json_document(reply.body)
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return Answer(reply.status, reply.body)
+        message: Any = parsed.get("message") if isinstance(parsed, dict) else None
+        if not isinstance(message, str):
+            text = reply.body[:1000].decode("utf-8", "replace").strip()
+            message = text or f"upstream status {reply.status}"
+        return Answer(reply.status, error_body(message, "upstream_error", None, reply.status))
+
+    def stream_transform(self, reply: Reply, record: RequestRecord) -> OpenAIStream:
+        rename = model_rename(reply.model_id, record.model or "")
+        relay: EventRelay | PassThrough
+        if self.hide_usage or rename is not None:
+            relay = EventRelay(record, rename, self.hide_usage)
+        else:
+            relay = PassThrough()
+        if not self.hide_usage:
+            record.read_usage = relay.usage_document
+        return OpenAIStream(relay)
+
+
+class OpenAIStream:
+    media_type = "text/event-stream"
+
+    def __init__(self, relay: EventRelay | PassThrough) -> None:
+        self.feed = relay.feed
+        self.finish = relay.finish
+
+    def fail(self, error: ProxyError) -> bytes:
+        return b"data: " + error_of(error) + b"\n\n"
+
+    def keepalive(self) -> bytes:
+        return b": keepalive\n\n"
+
+
+# --- validation ------------------------------------------------------------------------
 
 
 def _is_number(value: Any) -> bool:

@@ -1,0 +1,67 @@
+"""The gateway: the checks a request passes before any handler sees it (Host, origin, API
+key, rate limit), the headers every answer carries, and the accounting of what happened.
+The server calls it once per request; it knows routes only by whether they need a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from ..config import Config, parse_networks
+from ..core.errors import InvalidApiKey
+from ..core.keys import ApiKey, KeyRing
+from ..core.record import RequestRecord
+from ..stores import RateCounter
+from .credentials import presented_secret
+from .hardening import accepted_hosts, check_host, check_origin, response_headers
+from .limits import applicable_limit, check_limit, client_address
+
+
+class Gateway:
+    def __init__(self, config: Config, keys: KeyRing, counter: RateCounter) -> None:
+        self.config = config
+        self.keys = keys
+        self.counter = counter
+        self.accepted_hosts = accepted_hosts(config)
+        self.trusted_proxies = parse_networks(config.trusted_proxies)
+
+    def headers(self, request: web.Request) -> Mapping[str, str]:
+        """What every answer to this request carries: security and CORS headers."""
+        return response_headers(self.config, request)
+
+    async def admit(
+        self, request: web.Request, record: RequestRecord, needs_key: bool
+    ) -> Mapping[str, str]:
+        """Raise the ProxyError a request must get instead of an answer; else the headers
+        its rate limit adds (none for routes that need no key)."""
+        check_host(request, self.accepted_hosts)
+        check_origin(self.config, request)
+        if not needs_key:
+            return {}
+        if self.keys.enabled:
+            record.key = self.authenticate(request)
+        # Who the client is, for its rate limit and its usage records.
+        record.client = (
+            record.key.name
+            if record.key is not None
+            else client_address(request, self.trusted_proxies)
+        )
+        limit = applicable_limit(self.config.rate_limit, record.key)
+        if limit is None:
+            return {}
+        verdict = await check_limit(self.counter, limit, record.client, record.key is not None)
+        return verdict.headers()
+
+    def authenticate(self, request: web.Request) -> ApiKey:
+        secret = presented_secret(request.headers)
+        key = self.keys.authenticate(secret) if secret else None
+        if key is None:
+            raise InvalidApiKey(
+                "Incorrect API key provided"
+                if secret
+                else "An API key is required: send 'Authorization: Bearer <key>' or "
+                "'x-api-key: <key>'"
+            )
+        return key

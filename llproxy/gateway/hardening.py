@@ -162,16 +162,14 @@ def response_headers(config: Config, request: web.Request) -> Mapping[str, str]:
     return headers
 
 
-async def preflight(request: web.Request, config: Config) -> web.Response:
+def preflight_headers(config: Config, request: web.Request) -> dict[str, str]:
+    """The answer to a CORS preflight from an allowed origin; OriginNotAllowed else."""
     origin = allowed_origin(config, request)
     if origin is None:
         raise OriginNotAllowed(f"origin {request.headers.get('Origin')!r} is not allowed")
     requested = request.headers.get("Access-Control-Request-Headers", "")
-    return web.Response(
-        status=204,
-        headers={
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-            "Access-Control-Allow-Headers": requested or _CORS_ALLOWED_HEADERS,
-            "Access-Control-Max-Age": "600",
-        },
-    )
+    return {
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": requested or _CORS_ALLOWED_HEADERS,
+        "Access-Control-Max-Age": "600",
+    }

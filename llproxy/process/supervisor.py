@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -27,26 +27,22 @@ import uvloop
 
 from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..config import Config, ConfigError
-from ..core.ratelimit import Verdict, memory_counter
 from ..core.registry import Registry
-from ..core.usage import UsageWriter
-from ..stores.sqlite import state_dir
-from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
+from ..stores import HostShare
 from .channel import (
+    Calls,
     Channel,
-    MetricsReply,
     MetricsRequest,
-    RateLimitReply,
     RateLimitRequest,
     Ready,
     RegistryUpdate,
     StatsReply,
-    StatsRequest,
     UsageBatch,
     WorkerCount,
     WorkerSpec,
 )
 from .sdnotify import Notifier
+from .services import MasterServices
 from .worker import worker_main
 
 log = logging.getLogger("llproxy.supervisor")
@@ -81,6 +77,7 @@ class WorkerHandle:
     worker_id: int
     process: BaseProcess
     channel: Channel
+    calls: Calls
     started: float = field(default_factory=time.monotonic)
     ready: asyncio.Future[None] | None = None
     retiring: bool = False
@@ -118,17 +115,11 @@ class Supervisor:
         self._stopping: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stats_waiters: dict[int, tuple[asyncio.Future[None], list[StatsReply], int]] = {}
-        self._stats_tokens = itertools.count(1)
         self._done: asyncio.Future[None] | None = None
         self.console: Any = None
-        self.discovery_telemetry = DiscoveryTelemetry()
-        # Numbers of workers that exited, and the latest numbers of each live one.
-        self.retired = Telemetry()
-        self.last_seen: dict[int, Telemetry] = {}
-        # The host's one rate-limit counter, for workers when no Redis is configured.
-        self.rate_counter = memory_counter()
-        self.usage = UsageWriter(state_dir(config.state_dir))
+        # The host's rate table, mapped by every worker; made before any worker exists.
+        self.host = HostShare.create(self._context)
+        self.services = MasterServices(config)
         self.discovery = DiscoveryLoop(config, self.publish)
 
     # --- workers -----------------------------------------------------------------------
@@ -141,6 +132,7 @@ class Supervisor:
             config=config,
             sock=self.sock,
             channel=child_end,
+            host=self.host,
             verbose=self.options.verbose,
             log_format=self.options.log_format,
             graceful_timeout=self.options.graceful_timeout,
@@ -150,8 +142,8 @@ class Supervisor:
         )
         process.start()
         child_end.close()
-        channel = Channel(parent_end, lambda message: self._on_message(worker_id, message))
-        handle = WorkerHandle(worker_id, process, channel)
+        channel = Channel(parent_end, lambda message: self._on_message(handle, message))
+        handle = WorkerHandle(worker_id, process, channel, Calls(channel))
         self.workers[worker_id] = handle
         self._all_exited.clear()
         return handle
@@ -165,27 +157,28 @@ class Supervisor:
         handle.channel.send(RegistryUpdate(self.registry))
         handle.channel.send(WorkerCount(self.target))
 
-    def _on_message(self, sender: int, message: Any) -> None:
+    def _on_message(self, sender: WorkerHandle, message: Any) -> None:
         match message:
             case Ready(worker_id, pid):
-                handle = self.workers.get(worker_id)
-                if handle is not None and handle.ready is not None and not handle.ready.done():
-                    handle.ready.set_result(None)
+                if sender.ready is not None and not sender.ready.done():
+                    sender.ready.set_result(None)
                     log.debug("worker %d (pid %d) serving", worker_id, pid)
-            case MetricsRequest(token):
-                self._own(self._answer_metrics(sender, token))
             case UsageBatch(records):
-                self.usage.add(records)
-            case RateLimitRequest(token, limit, key):
-                self._own(self._answer_rate_limit(sender, token, limit, key))
-            case StatsReply(token, worker_id, _, telemetry):
-                self.last_seen[worker_id] = telemetry
-                waiter = self._stats_waiters.get(token)
-                if waiter is not None:
-                    future, replies, expected = waiter
-                    replies.append(message)
-                    if len(replies) >= expected and not future.done():
-                        future.set_result(None)
+                self.services.usage.add(records)
+            case MetricsRequest(token):
+                self._own(self._answer(sender, self.services.metrics(token, self._calls())))
+            case RateLimitRequest(token, limit, client):
+                self._own(self._answer(sender, self.services.count(token, limit, client)))
+            case StatsReply(0, worker_id, _, telemetry):  # the last word of an exiting worker
+                self.services.last_seen[worker_id] = telemetry
+            case StatsReply():
+                sender.calls.resolve(message)
+
+    def _calls(self) -> list[tuple[int, Calls]]:
+        return [(handle.worker_id, handle.calls) for handle in self._serving()]
+
+    async def _answer(self, handle: WorkerHandle, reply: Awaitable[Any]) -> None:
+        handle.channel.send(await reply)
 
     def _on_exit(self, handle: WorkerHandle) -> None:
         asyncio.get_running_loop().remove_reader(handle.process.sentinel)
@@ -199,9 +192,7 @@ class Supervisor:
         self.workers.pop(handle.worker_id, None)
         if not self.workers:
             self._all_exited.set()
-        last = self.last_seen.pop(handle.worker_id, None)
-        if last is not None:
-            self.retired.merge(last, live=False)
+        self.services.worker_exited(handle.worker_id)
         code = handle.process.exitcode
         how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
         served = handle.ready is not None and handle.ready.done() and not handle.ready.cancelled()
@@ -255,35 +246,17 @@ class Supervisor:
     def _serving(self) -> list[WorkerHandle]:
         return [h for h in self.workers.values() if not h.retiring]
 
-    def _broadcast(self, message: RegistryUpdate | WorkerCount | StatsRequest) -> None:
+    def _broadcast(self, message: RegistryUpdate | WorkerCount) -> None:
         for handle in list(self.workers.values()):
             handle.channel.send(message)
 
     def publish(self, result: ScanResult) -> None:
         self.registry = result.registry
-        self.discovery_telemetry.record(result)
+        self.services.discovery_telemetry.record(result)
         self._broadcast(RegistryUpdate(result.registry))
 
-    async def _answer_metrics(self, worker_id: int, token: int) -> None:
-        replies = await self.collect_stats()
-        merged = Telemetry()
-        merged.merge(self.retired, live=False)
-        for reply in replies:
-            merged.merge(reply.telemetry)
-        handle = self.workers.get(worker_id)
-        if handle is not None:
-            body = render(merged, self.discovery_telemetry, self.usage.telemetry)
-            handle.channel.send(MetricsReply(token, body))
-
-    async def _answer_rate_limit(self, worker_id: int, token: int, limit: str, key: str) -> None:
-        try:
-            verdict: Verdict | None = await self.rate_counter.hit(limit, key)
-        except Exception:
-            log.exception("rate limit check failed")
-            verdict = None
-        handle = self.workers.get(worker_id)
-        if handle is not None:
-            handle.channel.send(RateLimitReply(token, verdict))
+    async def collect_stats(self) -> list[StatsReply]:
+        return await self.services.stats(self._calls())
 
     async def _poll_telemetry(self) -> None:
         while True:
@@ -384,24 +357,6 @@ class Supervisor:
     async def handle_help(self) -> None:
         self.console.show_help()
 
-    async def collect_stats(self, timeout: float = 2.0) -> list[StatsReply]:
-        token = next(self._stats_tokens)
-        serving = self._serving()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        replies: list[StatsReply] = []
-        self._stats_waiters[token] = (future, replies, len(serving))
-        for handle in serving:
-            handle.channel.send(StatsRequest(token))
-        try:
-            if serving:
-                async with asyncio.timeout(timeout):
-                    await future
-        except TimeoutError:
-            log.warning("only %d of %d workers answered", len(replies), len(serving))
-        finally:
-            del self._stats_waiters[token]
-        return sorted(replies, key=lambda r: r.worker_id)
-
     # --- reload and shutdown ------------------------------------------------------------
 
     async def _reload(self) -> None:
@@ -481,7 +436,7 @@ class Supervisor:
         for handle in first:
             await self._watch(handle)
         await self.discovery.start()
-        self.usage.start()
+        self.services.usage.start()
         try:
             await self.discovery.scan_now()
         except Exception:
@@ -512,7 +467,7 @@ class Supervisor:
         await self._done
         await self.discovery.stop()
         # After every worker exited: their last usage batches are in, write them all.
-        await self.usage.close()
+        await self.services.usage.close()
         dispatcher.cancel()
         for task in list(self._tasks):
             if task is not self._stopping:

@@ -2,15 +2,13 @@
 
 It makes its event loop only after it started, takes registry snapshots from the
 supervisor instead of scanning, starts serving once it has the first one, and on SIGTERM
-(or when the supervisor vanishes) stops accepting and lets requests finish until the
-graceful deadline.
+(or when the supervisor vanishes) retires without dropping a request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import os
 import signal
@@ -21,11 +19,11 @@ from aiohttp import web
 
 from ..core.errors import ServiceUnavailable
 from ..core.ratelimit import Verdict
-from ..core.usage import FLUSH_SECONDS
 from ..server.app import create_app
 from ..server.http import AppRunner
 from ..server.state import STATE, ProxyState
-from ..telemetry.logs import setup_logging
+from ..stores import build_services
+from ..ui.logs import setup_logging
 from .channel import (
     Calls,
     Channel,
@@ -45,12 +43,106 @@ from .channel import (
 log = logging.getLogger("llproxy.worker")
 
 SUPERVISOR_TIMEOUT = 5.0
-
-
 # Once nothing is in flight, how long a retiring worker keeps its keep-alive connections
 # open for a client's next request (answered with `Connection: close`): closing one just
 # as the client sends on it would fail that request.
 IDLE_GRACE = 1.0
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    # Ctrl-C at a terminal signals the whole process group; the supervisor decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    setup_logging(spec.verbose, spec.log_format, secrets=spec.config.secrets())
+    uvloop.run(serve(spec))
+
+
+async def serve(spec: WorkerSpec) -> None:
+    stop: asyncio.Queue[str] = asyncio.Queue()
+    has_registry = asyncio.Event()
+    channel = Channel(
+        spec.channel,
+        lambda message: on_message(message),
+        lambda: stop.put_nowait("supervisor gone"),
+    )
+    calls = Calls(channel)
+
+    async def overflow(limit: str, client: str) -> Verdict:
+        try:
+            reply: RateLimitReply = await calls.call(
+                lambda token: RateLimitRequest(token, limit, client), SUPERVISOR_TIMEOUT
+            )
+        except (TimeoutError, ConnectionError):
+            reply = RateLimitReply(0, None)
+        if reply.verdict is None:
+            raise ServiceUnavailable("the rate limiter is unavailable")
+        return reply.verdict
+
+    services = build_services(
+        spec.config,
+        host=spec.host,
+        forward_usage=lambda records: channel.send(UsageBatch(records)),
+        overflow=overflow,
+    )
+    app = create_app(spec.config, services, worker_id=spec.worker_id, discover=False)
+    state = app[STATE]
+
+    def stats() -> StatsReply:
+        return StatsReply(0, spec.worker_id, os.getpid(), state.telemetry)
+
+    def on_message(message: Any) -> None:
+        match message:
+            case RegistryUpdate(registry):
+                state.set_registry(registry)
+                has_registry.set()
+            case WorkerCount(workers):
+                state.workers = workers
+            case StatsRequest(token):
+                channel.send(dataclasses.replace(stats(), token=token))
+            case MetricsReply() | RateLimitReply():
+                calls.resolve(message)
+
+    async def metrics_from_supervisor() -> bytes:
+        try:
+            reply: MetricsReply = await calls.call(MetricsRequest, SUPERVISOR_TIMEOUT)
+        except (TimeoutError, ConnectionError) as exc:
+            raise ServiceUnavailable(f"metrics unavailable: {exc or 'no answer'}") from None
+        return reply.body
+
+    state.metrics = metrics_from_supervisor
+    await channel.attach()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.put_nowait, "SIGTERM")
+
+    first = asyncio.ensure_future(stop.get())
+    registry_wait = asyncio.ensure_future(has_registry.wait())
+    await asyncio.wait({first, registry_wait}, return_when=asyncio.FIRST_COMPLETED)
+    registry_wait.cancel()
+    if first.done():
+        await channel.close()
+        return
+    first.cancel()
+
+    runner = AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        # aiohttp's default keeps idle clients (and slow header senders) for an hour.
+        keepalive_timeout=spec.config.timeouts.keepalive,
+        handler_cancellation=True,
+        shutdown_timeout=spec.graceful_timeout,
+    )
+    await runner.setup()
+    site = web.SockSite(runner, spec.sock)
+    await site.start()
+    channel.send(Ready(spec.worker_id, os.getpid()))
+    reason = await stop.get()
+    log.debug("worker %d stopping: %s", spec.worker_id, reason)
+    await drain(runner, site, state, spec.graceful_timeout)
+    # The app's cleanup passes on the last usage records (of requests that finished
+    # during the drain); then the numbers go, as the last word.
+    await runner.cleanup()
+    channel.send(stats())
+    await channel.close()
 
 
 async def drain(
@@ -75,109 +167,3 @@ async def drain(
         elif loop.time() - quiet_since >= IDLE_GRACE:
             break
         await asyncio.sleep(0.05)
-
-
-def worker_main(spec: WorkerSpec) -> None:
-    # Ctrl-C at a terminal signals the whole process group; the supervisor decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    setup_logging(spec.verbose, spec.log_format, secrets=spec.config.secrets())
-    uvloop.run(serve(spec))
-
-
-async def serve(spec: WorkerSpec) -> None:
-    app = create_app(spec.config, discover=False, worker_id=spec.worker_id)
-    state = app[STATE]
-    stop: asyncio.Queue[str] = asyncio.Queue()
-    has_registry = asyncio.Event()
-
-    def stats() -> StatsReply:
-        return StatsReply(0, spec.worker_id, os.getpid(), state.telemetry)
-
-    def on_message(message: Any) -> None:
-        match message:
-            case RegistryUpdate(registry):
-                state.set_registry(registry)
-                has_registry.set()
-            case WorkerCount(workers):
-                state.workers = workers
-            case StatsRequest(token):
-                channel.send(dataclasses.replace(stats(), token=token))
-            case MetricsReply(token, body):
-                calls.resolve(token, body)
-            case RateLimitReply(token, verdict):
-                calls.resolve(token, verdict)
-
-    async def metrics_from_supervisor() -> bytes:
-        try:
-            body: bytes = await calls.call(MetricsRequest, SUPERVISOR_TIMEOUT)
-        except (TimeoutError, ConnectionError) as exc:
-            raise ServiceUnavailable(f"metrics unavailable: {exc or 'no answer'}") from None
-        return body
-
-    async def count_at_supervisor(limit: str, key: str) -> Verdict:
-        try:
-            verdict: Verdict | None = await calls.call(
-                lambda token: RateLimitRequest(token, limit, key), SUPERVISOR_TIMEOUT
-            )
-        except (TimeoutError, ConnectionError):
-            verdict = None
-        if verdict is None:
-            raise ServiceUnavailable("the rate limiter is unavailable")
-        return verdict
-
-    state.metrics_source = metrics_from_supervisor
-    if spec.config.redis_url is None:  # else Redis counts for every instance
-        state.rate_hit = count_at_supervisor
-
-    channel = Channel(spec.channel, on_message, lambda: stop.put_nowait("supervisor gone"))
-    calls = Calls(channel)
-    await channel.attach()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.put_nowait, "SIGTERM")
-
-    first = asyncio.ensure_future(stop.get())
-    registry_wait = asyncio.ensure_future(has_registry.wait())
-    await asyncio.wait({first, registry_wait}, return_when=asyncio.FIRST_COMPLETED)
-    registry_wait.cancel()
-    if first.done():
-        await channel.close()
-        return
-    first.cancel()
-
-    runner = AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        # aiohttp's default keeps idle clients (and slow header senders) for an hour.
-        keepalive_timeout=spec.config.timeouts.keepalive,
-        handler_cancellation=True,
-        shutdown_timeout=spec.graceful_timeout,
-    )
-
-    def send_usage() -> None:
-        if state.pending_usage:
-            channel.send(UsageBatch(state.take_usage()))
-
-    async def ship_usage() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            send_usage()
-
-    await runner.setup()
-    site = web.SockSite(runner, spec.sock)
-    await site.start()
-    # What exists now (modules, config, the app) lives as long as the worker: kept out of
-    # the collector's generations, a full collection no longer walks it every time.
-    gc.collect()
-    gc.freeze()
-    channel.send(Ready(spec.worker_id, os.getpid()))
-    shipping = asyncio.create_task(ship_usage(), name="llproxy-usage-ship")
-    reason = await stop.get()
-    log.debug("worker %d stopping: %s", spec.worker_id, reason)
-    await drain(runner, site, state, spec.graceful_timeout)
-    await runner.cleanup()
-    shipping.cancel()
-    # The last word: usage of requests that finished during the drain, and the numbers.
-    send_usage()
-    channel.send(stats())
-    await channel.close()

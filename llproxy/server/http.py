@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from ..core.errors import error_body
+from ..dialects.openai import error_body
 from ..gateway.hardening import SECURITY_HEADERS
 
 log = logging.getLogger("llproxy.http")

@@ -1,29 +1,35 @@
-"""Per-process serving state, and the keys the app and its boundary find it under."""
+"""Per-process serving state, and the keys the app and its handlers find it under."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from ..backends.openai_http.client import Exchange, UpstreamClient
+from ..backends.openai_http import OpenAIHttpBackend
 from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
+from ..backends.openai_http.transport import response_bounds
 from ..config import Config
-from ..core.keys import KeyRing
-from ..core.ratelimit import HitFunction, parse_networks
+from ..core.record import RequestRecord
 from ..core.registry import Registry
-from ..core.usage import UsageRecord, WriterTelemetry
-from ..gateway.hardening import accepted_hosts
-from ..telemetry.metrics import DiscoveryTelemetry, Telemetry
+from ..core.router import Router
+from ..dialects import Dialect, Route
+from ..dialects.openai import OpenAIDialect
+from ..gateway import Gateway
+from ..gateway.accounting import Accounting
+from ..stores import Services
+from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
+from .respond import Delivery
 
 
 class ProxyState:
-    """Per-process serving state; `registry` is swapped whole, never mutated."""
+    """One serving process: its config, its stores, the registry snapshot it serves (swapped
+    whole, never mutated), and the parts a request passes through."""
 
-    def __init__(self, config: Config, worker_id: int = 0) -> None:
+    def __init__(self, config: Config, services: Services, worker_id: int = 0) -> None:
         self.config = config
+        self.services = services
         self.worker_id = worker_id
         self.workers = 1
         # Requests being answered, and whether this process is retiring (then every answer
@@ -31,62 +37,49 @@ class ProxyState:
         self.active_requests = 0
         self.draining = False
         self.registry = Registry()
-        self.models_body = listing_body(self.registry.listing())
-        self.upstreams: UpstreamClient | None = None
-        self.discovery: DiscoveryLoop | None = None
         self.telemetry = Telemetry()
-        # Where /metrics comes from: this process alone, or (in a worker) the supervisor,
-        # which merges every worker's numbers.
-        self.discovery_telemetry: DiscoveryTelemetry | None = None
-        self.metrics_source: Callable[[], Awaitable[bytes]] | None = None
-        self.keys = KeyRing()
-        # Who counts requests against rate limits; None until the app starts.
-        self.rate_hit: HitFunction | None = None
-        self.trusted_proxies = parse_networks(config.trusted_proxies)
-        self.accepted_hosts = accepted_hosts(config)
-        self.forward_paths = INFERENCE_PATHS | frozenset(config.forward_paths)
-        # Usage records wait here for whoever writes them (this process, or the supervisor).
-        self.pending_usage: list[UsageRecord] = []
-        self.usage_telemetry: WriterTelemetry | None = None  # when this process writes them
-
-    def take_usage(self) -> list[UsageRecord]:
-        records, self.pending_usage = self.pending_usage, []
-        return records
-
-    def take_scan(self, result: ScanResult) -> None:
-        if self.discovery_telemetry is not None:
-            self.discovery_telemetry.record(result)
-        self.set_registry(result.registry)
+        self.discovery_telemetry: DiscoveryTelemetry | None = None  # when it scans itself
+        # Where /metrics comes from: this process's own numbers, or (in a worker) the
+        # supervisor's merge of every worker's.
+        self.metrics: Callable[[], Awaitable[bytes]] = self._own_metrics
+        self.backend = OpenAIHttpBackend(config.timeouts, response_bounds(config))
+        self.router = Router(
+            lambda: self.registry, {"openai_http": self.backend}, config.default_model
+        )
+        self.gateway = Gateway(config, services.keys, services.rate)
+        self.accounting = Accounting(self.telemetry, services.usage, worker_id)
+        self.dialects: tuple[Dialect, ...] = (OpenAIDialect(config.forward_paths),)
 
     def set_registry(self, registry: Registry) -> None:
-        # Serialise once per snapshot rather than per GET /v1/models.
-        self.models_body = listing_body(registry.listing())
         self.registry = registry
 
+    def take_scan(self, result: ScanResult) -> None:
+        """A scan of this process's own."""
+        if self.discovery_telemetry is None:
+            self.discovery_telemetry = DiscoveryTelemetry()
+        self.discovery_telemetry.record(result)
+        self.set_registry(result.registry)
 
-# Paths below /v1/ that llproxy forwards to an upstream (`forward_paths` adds to them).
-INFERENCE_PATHS = frozenset(
-    {
-        "chat/completions",
-        "completions",
-        "embeddings",
-        "rerank",
-        "reranking",
-        "score",
-        "moderations",
-        "audio/transcriptions",
-        "audio/translations",
-        "audio/speech",
-        "images/generations",
-        "images/edits",
-        "images/variations",
-    }
-)
+    async def _own_metrics(self) -> bytes:
+        return render(self.telemetry, self.discovery_telemetry, self.services.usage.telemetry)
+
 
 STATE = web.AppKey("llproxy_state", ProxyState)
-EXCHANGE = web.RequestKey("llproxy_exchange", Exchange)
+DISCOVERY = web.AppKey("llproxy_discovery", DiscoveryLoop)
+RECORD = web.RequestKey("llproxy_record", RequestRecord)
+DELIVERY = web.RequestKey("llproxy_delivery", Delivery)
 
 
-def listing_body(entries: Sequence[Mapping[str, Any]]) -> bytes:
-    """The body of GET /v1/models for these model entries."""
-    return orjson.dumps({"object": "list", "data": entries})
+class RouteSpec:
+    """What the boundary knows of a matched route: its dialect, its guard, and whether
+    its requests are accounted (a dialect's are; health, metrics, admin are not)."""
+
+    __slots__ = ("accounted", "dialect", "route")
+
+    def __init__(self, dialect: Dialect, route: Route, accounted: bool = True) -> None:
+        self.dialect = dialect
+        self.route = route
+        self.accounted = accounted
+
+
+ROUTES = web.AppKey("llproxy_routes", dict[Any, RouteSpec])

@@ -1,0 +1,226 @@
+"""Where shared state lives: API keys, usage records, rate-limit counts.
+
+Each is a small protocol with implementations in SQLite (keys, usage), shared memory (one
+host's rate counts) and Redis (rate counts and revocations shared by several hosts). One
+function, `build_services`, chooses them from the config; a single process, a worker and
+the tests all get theirs from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import multiprocessing
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+
+from ..config import Config
+from ..core.keys import KeyRing
+from ..core.ratelimit import Verdict
+from ..core.usage import UsageRecord
+from .memory import TABLE_BYTES, DequeWindows, HostCounter, ProcessLock, WindowTable
+from .redis import RedisCounter, Revocations
+from .sqlite import FLUSH_SECONDS, KeyStore, StoredKeys, UsageWriter, WriterTelemetry, state_dir
+
+log = logging.getLogger("llproxy.stores")
+
+KEY_REFRESH_SECONDS = 2.0
+
+
+class RateCounter(Protocol):
+    async def hit(self, limit: str, client: str) -> Verdict:
+        """Check and count one request of `client` against `limit`, in one step."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class UsageSink(Protocol):
+    @property
+    def telemetry(self) -> WriterTelemetry | None:
+        """What became of the records, where they are written (None: passed on)."""
+
+    def add(self, records: Sequence[UsageRecord]) -> None: ...
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None:
+        """Write (or pass on) what is left."""
+        ...
+
+
+@dataclass(frozen=True)
+class HostShare:
+    """Memory and a lock shared by one host's processes (the rate table): made by the
+    master before its workers exist, handed to each at spawn."""
+
+    memory: Any
+    lock: ProcessLock
+
+    @classmethod
+    def create(cls, context: Any = None) -> HostShare:
+        context = context or multiprocessing.get_context("spawn")
+        return cls(context.RawArray("B", TABLE_BYTES), context.Lock())
+
+    @classmethod
+    def private(cls) -> HostShare:
+        """For a process that serves alone (its pages are mapped as they are used)."""
+        return cls(mmap.mmap(-1, TABLE_BYTES), threading.Lock())
+
+
+class ForwardedUsage:
+    """A worker's usage sink: records go to whoever writes them (the master), in batches."""
+
+    telemetry: WriterTelemetry | None = None
+
+    def __init__(self, send: Callable[[list[UsageRecord]], Any]) -> None:
+        self.send = send
+        self.pending: list[UsageRecord] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, records: Sequence[UsageRecord]) -> None:
+        self.pending.extend(records)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="llproxy-usage-forward")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            records, self.pending = self.pending, []
+            self.send(records)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._flush()
+
+
+class KeySync:
+    """Keeps a KeyRing current: the stored keys when they change, and the keys revoked on
+    other instances (Redis), read again every KEY_REFRESH_SECONDS."""
+
+    def __init__(self, ring: KeyRing, stored: StoredKeys, revocations: Revocations | None):
+        self.ring = ring
+        self.stored = stored
+        self.revocations = revocations
+        self._task: asyncio.Task[None] | None = None
+
+    def refresh_stored(self) -> None:
+        changed = self.stored.changed()
+        if changed is not None:
+            self.ring.replace(changed)
+
+    async def refresh(self) -> None:
+        self.refresh_stored()
+        if self.revocations is not None:
+            self.ring.revoked_elsewhere = await self.revocations.all()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="llproxy-keys")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except (sqlite3.Error, RedisError, OSError) as exc:
+                log.warning("cannot reload API keys: %s", exc)
+            await asyncio.sleep(KEY_REFRESH_SECONDS)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.revocations is not None:
+            await self.revocations.close()
+        self.stored.close()
+
+
+@dataclass
+class Services:
+    """The stores one serving process uses, chosen from the config."""
+
+    keys: KeyRing
+    key_sync: KeySync
+    usage: UsageSink
+    rate: RateCounter  # asked only for a client that a limit applies to
+
+    def start(self) -> None:
+        self.key_sync.refresh_stored()
+        self.key_sync.start()
+        self.usage.start()
+
+    async def close(self) -> None:
+        await self.key_sync.close()
+        await self.usage.close()
+        await self.rate.close()
+
+
+Overflow = Callable[[str, str], Awaitable[Verdict]]
+
+
+def build_services(
+    config: Config,
+    host: HostShare | None = None,
+    forward_usage: Callable[[list[UsageRecord]], Any] | None = None,
+    overflow: Overflow | None = None,
+) -> Services:
+    """The stores of one serving process. A worker passes what its master shares: the
+    host's rate table, where its usage records go, who counts what the table cannot;
+    a process serving alone passes nothing and holds all of them itself."""
+    directory = state_dir(config.state_dir)
+    keys = KeyRing(config.api_keys)
+    revocations = Revocations(config.redis_url) if config.redis_url else None
+    usage: UsageSink = (
+        ForwardedUsage(forward_usage) if forward_usage is not None else UsageWriter(directory)
+    )
+    rate: RateCounter
+    if config.redis_url is not None:
+        rate = RedisCounter(config.redis_url)
+    else:
+        share = host or HostShare.private()
+        rate = HostCounter(WindowTable(share.memory, share.lock), overflow or DequeWindows().hit)
+    return Services(keys, KeySync(keys, StoredKeys(directory), revocations), usage, rate)
+
+
+def create_key(
+    config: Config,
+    name: str,
+    models: Sequence[str] = (),
+    expires: float | None = None,
+    rate_limit: str | None = None,
+) -> str:
+    """Store a new key; its secret, shown once. KeyFieldError for a bad field, ValueError
+    when the name is taken."""
+    with KeyStore(state_dir(config.state_dir)) as store:
+        return store.create(name, models, expires, rate_limit)
+
+
+async def revoke_key(config: Config, name: str) -> bool:
+    """Revoke a key here and, with redis_url, on every instance sharing that Redis; False
+    when there is no active key of that name. RedisError when it could not be shared."""
+    with KeyStore(state_dir(config.state_dir)) as store:
+        hashed = store.revoke(name)
+    if hashed is None:
+        return False
+    if config.redis_url is not None:
+        revocations = Revocations(config.redis_url)
+        try:
+            await revocations.share(hashed)
+        finally:
+            await revocations.close()
+    return True

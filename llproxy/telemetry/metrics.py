@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from ..backends.openai_http.discovery import ScanResult
-    from ..core.usage import WriterTelemetry
+    from ..stores.sqlite import WriterTelemetry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Generation is slow: buckets reach minutes, and start fine enough for proxy overhead.

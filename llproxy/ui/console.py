@@ -18,7 +18,7 @@ from rich.table import Table
 
 from ..core.registry import Registry
 from ..process.channel import StatsReply
-from .report import models_table
+from .tables import models_table
 
 COMMANDS = {
     "help": "list the commands",

@@ -1,42 +1,18 @@
-"""`llproxy scan`: one discovery pass, shown as a progress bar and a table, or as JSON; and
-the pieces of output the other commands and the console share."""
+"""`llproxy scan`: one discovery pass, shown as a progress bar and a table, or as JSON,
+and what kept servers or models from being found."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-import orjson
 import uvloop
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
 from ..backends.openai_http.discovery import ScanResult, make_scan_session, missing_models, scan
 from ..config import Config
-from ..core.registry import Registry
-
-
-def print_json(rows: list[dict[str, Any]]) -> None:
-    """A command's `--json` output: the rows as one indented JSON array on stdout."""
-    sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-def models_table(registry: Registry) -> Table:
-    """Every model with each of its replicas: name, upstream id, host:port, tags."""
-    table = Table(title=f"{len(registry.models)} models on {registry.servers} servers")
-    for column in ("name", "upstream id", "host:port", "tags"):
-        table.add_column(column)
-    for model in registry.models.values():
-        for replica in model.replicas:
-            table.add_row(
-                model.name,
-                replica.upstream_id,
-                replica.upstream.address,
-                ", ".join(replica.upstream.tags),
-            )
-    return table
+from .tables import models_table, print_json
 
 
 def scan_rows(result: ScanResult) -> list[dict[str, Any]]:

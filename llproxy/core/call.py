@@ -1,0 +1,123 @@
+"""The internal form of a request and of its answer, between every layer.
+
+A dialect turns what a client sent into a Call, OpenAI-shaped whatever the client spoke; a
+Backend answers a Call for one replica with a Reply; the dialect turns the Reply into the
+client's own answer. Nothing here knows HTTP servers, clients or terminals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from .errors import InvalidRequest
+from .multipart import FormBody
+from .record import RequestRecord
+from .registry import Replica
+
+JSON = b"application/json"
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; InvalidRequest when it is not."""
+    try:
+        body: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+class JsonPayload:
+    """A JSON body; each replica gets it with its own model id."""
+
+    content_type = JSON
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    @property
+    def model(self) -> str | None:
+        model = self.body.get("model")
+        return model if isinstance(model, str) else None
+
+    def encode(self, model_id: str) -> bytes:
+        # Only `model` changes; the rest of the client's body goes as it was sent.
+        return orjson.dumps({**self.body, "model": model_id})
+
+
+class FormPayload:
+    """A multipart upload (audio, image edits): every part but `model` byte for byte."""
+
+    def __init__(self, form: FormBody, content_type: str, model: str | None) -> None:
+        self.form = form
+        self.content_type = content_type.encode("latin-1")
+        self.model = model
+
+    def encode(self, model_id: str) -> bytes:
+        return self.form.with_field("model", model_id)
+
+
+Payload = JsonPayload | FormPayload
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request for a model, as every backend understands it."""
+
+    route: str  # the OpenAI route below /v1/ it goes to: "chat/completions", "embeddings", …
+    model: str  # the registry name it is for
+    payload: Payload
+    stream: bool = False
+
+
+class Stream(Protocol):
+    """The rest of a streamed answer, chunk by chunk, as it arrives."""
+
+    @property
+    def ended(self) -> bool:
+        """Whether the answer's end came with the chunk last read."""
+
+    async def next(self) -> bytes:
+        """The next chunk; b"" at the end. Raises ProxyError when the answer fails."""
+
+    def close(self) -> None:
+        """The answer is not wanted (any more): stop it, so the model stops generating."""
+
+
+@dataclass(slots=True)
+class Reply:
+    """A backend's answer, once its first byte is in: a whole body, or the first chunk of
+    a stream and the stream."""
+
+    status: int
+    media_type: str  # "application/json", "text/event-stream", "audio/mpeg", …
+    body: bytes = b""  # the whole answer, or the stream's first chunk
+    stream: Stream | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # relayed as they are
+    model_id: str = ""  # the id the replica knows the model by (set by the router)
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        self._closers.append(closer)
+
+    def close(self) -> None:
+        """Done with the answer, whole or not: whatever it holds is let go."""
+        if self.stream is not None:
+            self.stream.close()
+        closers, self._closers = self._closers, []
+        for closer in closers:
+            closer()
+
+
+class Backend(Protocol):
+    """What answers Calls for one kind of replica (an OpenAI HTTP server, an operator)."""
+
+    async def send(self, call: Call, replica: Replica, record: RequestRecord) -> Reply:
+        """The replica's answer once its first byte is in. ReplicaUnavailable when it
+        was sent nothing (another replica may be tried); other ProxyErrors else."""
+        ...

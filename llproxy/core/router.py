@@ -1,0 +1,101 @@
+"""From a model name to an answer: the name resolved for the client's key, a replica
+chosen (least requests in flight), and the Call sent to the backend that serves it,
+falling over to the next replica when one could not be reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+
+from .call import Backend, Call, Reply
+from .errors import ModelNotAllowed, ModelNotFound, ReplicaUnavailable, UpstreamUnreachable
+from .keys import ApiKey
+from .record import RequestRecord
+from .registry import Model, Registry, Replica
+
+
+class Balancer:
+    """Least-outstanding-requests choice among replicas, with per-process in-flight counts."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[str, int] = {}
+        self._turn = 0
+
+    def order(self, replicas: tuple[Replica, ...]) -> list[Replica]:
+        """Replicas to try, least loaded first; ties rotate so idle replicas share the work."""
+        if len(replicas) == 1:
+            return list(replicas)
+        self._turn += 1
+        count = len(replicas)
+        rotated = [replicas[(self._turn + i) % count] for i in range(count)]
+        return sorted(rotated, key=lambda r: self._in_flight.get(r.upstream.base_url, 0))
+
+    def acquire(self, replica: Replica) -> None:
+        key = replica.upstream.base_url
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+
+    def release(self, replica: Replica) -> None:
+        key = replica.upstream.base_url
+        remaining = self._in_flight.get(key, 0) - 1
+        if remaining > 0:
+            self._in_flight[key] = remaining
+        else:
+            self._in_flight.pop(key, None)
+
+    def in_flight(self, replica: Replica) -> int:
+        return self._in_flight.get(replica.upstream.base_url, 0)
+
+
+def check_model_allowed(key: ApiKey | None, name: str) -> None:
+    if key is not None and not key.allows(name):
+        raise ModelNotAllowed(f"this API key may not use the model '{name}'", param="model")
+
+
+class Router:
+    def __init__(
+        self,
+        registry: Callable[[], Registry],
+        backends: Mapping[str, Backend],
+        default_model: str | None = None,
+    ) -> None:
+        self._registry = registry  # the current snapshot, whoever swaps it
+        self.backends = backends
+        self.default_model = default_model
+        self.balancer = Balancer()
+
+    def resolve(self, name: str, key: ApiKey | None) -> Model:
+        """The registry model a name stands for, if this key may use it."""
+        check_model_allowed(key, name)
+        model = self._registry().get(name)
+        if model is None:
+            raise ModelNotFound(
+                f"The model '{name}' does not exist; GET /v1/models lists the available models",
+                param="model",
+            )
+        return model
+
+    async def send(self, call: Call, model: Model, record: RequestRecord) -> Reply:
+        """The first answer a replica gives; replicas that could not be reached (and were
+        sent nothing) are skipped for the next. The replica counts as busy until the
+        reply is closed."""
+        refused: list[str] = []
+        for replica in self.balancer.order(model.replicas):
+            record.upstream = replica.address
+            self.balancer.acquire(replica)
+            try:
+                reply = await self.backends[replica.backend].send(call, replica, record)
+            except ReplicaUnavailable as exc:
+                self.balancer.release(replica)
+                record.upstream_error = "refused"
+                refused.append(exc.message)
+                continue
+            except BaseException:
+                self.balancer.release(replica)
+                raise
+            reply.model_id = replica.upstream_id
+            reply.on_close(partial(self.balancer.release, replica))
+            return reply
+        raise UpstreamUnreachable(
+            f"no upstream for model '{model.name}' could be reached: {'; '.join(refused)}"
+        )

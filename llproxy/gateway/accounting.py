@@ -1,0 +1,140 @@
+"""Accounting of one request once the client has its answer: the metrics, the usage
+record of a request that reached a model, and the access log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from aiohttp import web
+
+from ..core.record import RequestRecord
+from ..core.usage import UsageRecord
+from ..stores import UsageSink
+from ..telemetry.metrics import Telemetry
+
+access_log = logging.getLogger("llproxy.access")
+
+BODY_LOG_LIMIT = 2000
+_SECRET_HEADERS = {"authorization", "x-api-key", "apikey", "api-key", "proxy-authorization"}
+_SECRET_FIELDS = re.compile(
+    rb'("(?:api_?key|authorization|x-api-key|password|secret)"\s*:\s*)"(?:[^"\\]|\\.)*"',
+    re.IGNORECASE,
+)
+
+
+class Accounting:
+    def __init__(self, telemetry: Telemetry, usage: UsageSink, worker_id: int) -> None:
+        self.telemetry = telemetry
+        self.usage = usage
+        self.worker_id = worker_id
+
+    def resolved(self, record: RequestRecord, model: str) -> None:
+        """The request is for this registry model: under way until `account`."""
+        record.served = model
+        in_flight = self.telemetry.in_flight
+        in_flight[model] = in_flight.get(model, 0) + 1
+
+    def account(
+        self, request: web.Request, record: RequestRecord, status: int, started: float
+    ) -> None:
+        duration = time.perf_counter() - started
+        if record.read_usage is not None:
+            record.take_usage(record.read_usage())
+        # Only registry names become label values: a client must not mint time series.
+        label = record.served or "-"
+        telemetry = self.telemetry
+        first_byte = None if record.first_byte_at is None else record.first_byte_at - started
+        if record.served is not None:
+            telemetry.in_flight[label] -= 1
+            telemetry.record_answer(
+                label,
+                status,
+                duration,
+                first_byte,
+                record.prompt_tokens,
+                record.completion_tokens,
+            )
+            self.usage.add(
+                (
+                    UsageRecord(
+                        time.time(),
+                        record.client,
+                        label,
+                        record.upstream,
+                        status,
+                        record.prompt_tokens,
+                        record.completion_tokens,
+                        round(duration * 1000, 3),
+                    ),
+                )
+            )
+        else:
+            telemetry.count_request(label, status)
+        if record.upstream_error is not None:
+            key = (record.upstream or "-", record.upstream_error)
+            telemetry.upstream_errors[key] = telemetry.upstream_errors.get(key, 0) + 1
+        if access_log.isEnabledFor(logging.INFO):
+            self._log(request, record, status, duration, first_byte)
+
+    def _log(
+        self,
+        request: web.Request,
+        record: RequestRecord,
+        status: int,
+        duration: float,
+        first_byte: float | None,
+    ) -> None:
+        if access_log.isEnabledFor(logging.DEBUG):
+            _log_bodies(request, record)
+        access_log.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            status,
+            extra={
+                "event": "request",
+                "worker": self.worker_id,
+                "client": request.remote,
+                "key": None
+                if record.key is None
+                else f"{record.key.name}({record.key.fingerprint})",
+                "method": request.method,
+                "path": request.path,
+                "dialect": record.dialect,
+                "model": record.model,
+                "upstream": record.upstream,
+                "status": status,
+                "ttfb_ms": None if first_byte is None else round(first_byte * 1000, 1),
+                "prompt_tokens": record.prompt_tokens,
+                "completion_tokens": record.completion_tokens,
+                "duration_ms": round(duration * 1000, 1),
+            },
+        )
+
+
+def redact(body: bytes) -> str:
+    """A body for the debug log: secret-looking JSON fields masked, then truncated."""
+    masked = _SECRET_FIELDS.sub(rb'\1"***"', body)
+    text = masked[:BODY_LOG_LIMIT].decode("utf-8", "replace")
+    return text + (f"… ({len(body)} bytes)" if len(masked) > BODY_LOG_LIMIT else "")
+
+
+def _log_bodies(request: web.Request, record: RequestRecord) -> None:
+    headers = {
+        name: "***" if name.lower() in _SECRET_HEADERS else value
+        for name, value in request.headers.items()
+    }
+    access_log.debug(
+        "request %s %s headers %s body %s",
+        request.method,
+        request.path,
+        headers,
+        redact(record.request_body or b""),
+        extra={"event": "request_body"},
+    )
+    if record.response_body is not None:
+        access_log.debug(
+            "response body %s", redact(record.response_body), extra={"event": "response_body"}
+        )

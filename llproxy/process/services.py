@@ -1,0 +1,73 @@
+"""What the master shares with its workers, over their channels: usage records written to
+the database, metrics merged over every worker, the console's stats, and counting the
+clients a worker's rate table cannot hold."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from ..config import Config
+from ..stores.memory import DequeWindows
+from ..stores.sqlite import UsageWriter, state_dir
+from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
+from .channel import (
+    Calls,
+    MetricsReply,
+    RateLimitReply,
+    StatsReply,
+    StatsRequest,
+)
+
+log = logging.getLogger("llproxy.supervisor")
+
+STATS_TIMEOUT = 2.0
+
+
+class MasterServices:
+    def __init__(self, config: Config) -> None:
+        self.usage = UsageWriter(state_dir(config.state_dir))
+        self.overflow = DequeWindows()
+        self.discovery_telemetry = DiscoveryTelemetry()
+        # Numbers of workers that exited, and the latest numbers of each live one.
+        self.retired = Telemetry()
+        self.last_seen: dict[int, Telemetry] = {}
+
+    async def stats(self, workers: Iterable[tuple[int, Calls]]) -> list[StatsReply]:
+        """Every serving worker's numbers (those that answer within STATS_TIMEOUT)."""
+        asked = list(workers)
+
+        async def ask(calls: Calls) -> StatsReply | None:
+            try:
+                reply: StatsReply = await calls.call(StatsRequest, STATS_TIMEOUT)
+            except (TimeoutError, ConnectionError):
+                return None
+            return reply
+
+        answers = await asyncio.gather(*(ask(calls) for _, calls in asked))
+        replies = [reply for reply in answers if reply is not None]
+        if len(replies) < len(asked):
+            log.warning("only %d of %d workers answered", len(replies), len(asked))
+        for reply in replies:
+            self.last_seen[reply.worker_id] = reply.telemetry
+        return sorted(replies, key=lambda r: r.worker_id)
+
+    def worker_exited(self, worker_id: int) -> None:
+        last = self.last_seen.pop(worker_id, None)
+        if last is not None:
+            self.retired.merge(last, live=False)
+
+    async def metrics(self, token: int, workers: Iterable[tuple[int, Calls]]) -> MetricsReply:
+        merged = Telemetry()
+        merged.merge(self.retired, live=False)
+        for reply in await self.stats(workers):
+            merged.merge(reply.telemetry)
+        return MetricsReply(token, render(merged, self.discovery_telemetry, self.usage.telemetry))
+
+    async def count(self, token: int, limit: str, client: str) -> RateLimitReply:
+        try:
+            return RateLimitReply(token, await self.overflow.hit(limit, client))
+        except Exception:
+            log.exception("rate limit check failed")
+            return RateLimitReply(token, None)

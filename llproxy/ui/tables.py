@@ -1,0 +1,81 @@
+"""The tables and JSON the commands and the console print: models, keys, usage."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from ..core.keys import ApiKey, key_rows
+from ..core.registry import Registry
+
+
+def print_json(rows: list[dict[str, Any]]) -> None:
+    """A command's `--json` output: the rows as one indented JSON array on stdout."""
+    sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def models_table(registry: Registry) -> Table:
+    """Every model with each of its replicas: name, upstream id, host:port, tags."""
+    table = Table(title=f"{len(registry.models)} models on {registry.servers} servers")
+    for column in ("name", "upstream id", "host:port", "tags"):
+        table.add_column(column)
+    for model in registry.models.values():
+        for replica in model.replicas:
+            table.add_row(
+                model.name,
+                replica.upstream_id,
+                replica.upstream.address,
+                ", ".join(replica.upstream.tags),
+            )
+    return table
+
+
+def _when(stamp: float | None) -> str:
+    return "" if stamp is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+
+def show_keys(keys: list[ApiKey], as_json: bool) -> None:
+    rows = key_rows(keys)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=f"{len(rows)} API keys")
+    for column in ("name", "fingerprint", "models", "rate limit", "status", "created", "expires"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["fingerprint"],
+            ", ".join(row["models"]) or "*",
+            row["rate_limit"] or "default",
+            row["status"],
+            _when(row["created"]),
+            _when(row["expires"]),
+        )
+    Console().print(table)
+
+
+def show_usage(rows: list[dict[str, Any]], by: str, as_json: bool) -> None:
+    if as_json:
+        print_json(rows)
+        return
+    group = {"key": "client", "model": "model", "day": "day"}[by]
+    table = Table(title=f"usage by {by}")
+    table.add_column(group)
+    for column in ("requests", "prompt tokens", "completion tokens"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row[group]),
+            str(row["requests"]),
+            "-" if row["prompt_tokens"] is None else str(row["prompt_tokens"]),
+            "-" if row["completion_tokens"] is None else str(row["completion_tokens"]),
+        )
+    Console().print(table)
+    if not rows:
+        Console(stderr=True).print("no usage recorded", highlight=False)
