@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -346,6 +347,8 @@ _TOP_KEYS = {
     "admin_key",
 }
 MIN_STATIC_KEY_LENGTH = 16
+# Positive whole numbers that bound what a client or an upstream may send.
+_BOUNDS = ("max_request_bytes", "max_response_bytes", "max_event_bytes", "max_compression_ratio")
 
 
 def parse_config(
@@ -379,30 +382,10 @@ def parse_config(
             obj, "default_model", lambda v: _nonempty_str("default_model", v), None
         ),
         timeouts=_optional(obj, "timeouts", lambda v: _timeouts("timeouts", v), defaults.timeouts),
-        max_request_bytes=_optional(
-            obj,
-            "max_request_bytes",
-            lambda v: _positive_int("max_request_bytes", v),
-            defaults.max_request_bytes,
-        ),
-        max_response_bytes=_optional(
-            obj,
-            "max_response_bytes",
-            lambda v: _positive_int("max_response_bytes", v),
-            defaults.max_response_bytes,
-        ),
-        max_event_bytes=_optional(
-            obj,
-            "max_event_bytes",
-            lambda v: _positive_int("max_event_bytes", v),
-            defaults.max_event_bytes,
-        ),
-        max_compression_ratio=_optional(
-            obj,
-            "max_compression_ratio",
-            lambda v: _positive_int("max_compression_ratio", v),
-            defaults.max_compression_ratio,
-        ),
+        **{
+            key: _optional(obj, key, partial(_positive_int, key), getattr(defaults, key))
+            for key in _BOUNDS
+        },
         endpoints=endpoints,
         forward_paths=_optional(
             obj, "forward_paths", lambda v: _forward_paths("forward_paths", v), ()

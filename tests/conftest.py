@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -176,33 +180,37 @@ async def start_llproxy() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
         process.kill()
 
 
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    """A real redis-server of this test's own, on a free loopback port."""
-    import shutil
-    import subprocess
-    import time
-
+def start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+    """A real redis-server of a test's own, on a loopback port, keeping nothing on disk."""
     server = shutil.which("redis-server")
-    assert server, "redis-server is needed (.ci/run installs it)"
-    port = free_port_block(1)
-    proc = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
+    assert server, "redis-server is needed (scripts/system-deps installs it)"
+    options = {"port": str(port), "bind": "127.0.0.1", "save": "", "appendonly": "no"}
+    options["dir"] = str(directory)
+    return subprocess.Popen(
+        [server, *(part for k, v in options.items() for part in (f"--{k}", v))],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+async def wait_listening(port: int) -> None:
+    """Until something accepts connections on the loopback port."""
+    for _ in range(400):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server of this test's own, on a free loopback port."""
+    port = free_port_block(1)
+    proc = start_redis(port, tmp_path)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with socket.socket() as probe:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from .conftest import free_port_block
+from .conftest import free_port_block, wait_listening
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fast_upstream.py"
 
@@ -28,14 +28,7 @@ async def fast_upstream(*args: str) -> AsyncIterator[int]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(200):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            break
+        await wait_listening(port)
         yield port
     finally:
         proc.terminate()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ..conftest import free_port_block
+from ..conftest import free_port_block, start_redis, wait_listening
 from ..fake_upstream import HostileUpstream
 from ..fast import fast_upstream
 from ..process import LlproxyProcess
@@ -218,43 +217,11 @@ async def test_reloads_and_stop_under_load(
     assert load.max_ms() < 2000
 
 
-def start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-async def wait_port(port: int) -> None:
-    for _ in range(200):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise AssertionError(f"nothing listens on {port}")
-
-
 async def test_redis_killed_mid_run(start_llproxy: Start, tmp_path: Path, report: Any) -> None:
     redis_port = free_port_block(1)
     redis = start_redis(redis_port, tmp_path)
     try:
-        await wait_port(redis_port)
+        await wait_listening(redis_port)
         async with fast_upstream() as port:
             config = config_file(
                 tmp_path,
@@ -276,7 +243,7 @@ async def test_redis_killed_mid_run(start_llproxy: Start, tmp_path: Path, report
             during, during_max = dict(load.outcomes), load.max_ms()
             load.outcomes.clear()
             redis = start_redis(redis_port, tmp_path)
-            await wait_port(redis_port)
+            await wait_listening(redis_port)
             await asyncio.sleep(4)
             load.outcomes.clear()
             await asyncio.sleep(2)
