@@ -1,5 +1,6 @@
-"""The host's rate table in shared memory: exact moving windows, reused slots, and the
-overflow counter for what the table cannot hold; exact across real processes."""
+"""The host's rate table in shared memory: moving windows that never allow more than the
+limit, reused slots, and the overflow counter for what the table cannot hold; exact
+across real processes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from llproxy.core.ratelimit import Verdict, parse_limit
 from llproxy.stores import HostShare
-from llproxy.stores.memory import RING, SLOT_BYTES, DequeWindows, HostCounter, WindowTable
+from llproxy.stores.memory import SLOT_BYTES, DequeWindows, HostCounter, WindowTable
 
 
 def small_table(slots: int) -> WindowTable:
@@ -35,16 +36,24 @@ def test_a_window_allows_exactly_its_amount_and_slides() -> None:
     assert again is not None and again.allowed and again.remaining == 2
 
 
+def test_a_large_limit_stays_in_the_table_and_exact() -> None:
+    table = small_table(2)
+    verdicts = [table.hit(2000, 60.0, "key:busy") for _ in range(2005)]
+    assert all(v is not None for v in verdicts)
+    assert sum(v.allowed for v in verdicts if v) == 2000
+    last = verdicts[-1]
+    assert last is not None and last.remaining == 0 and 59 < last.reset_after <= 61
+
+
 def test_what_the_table_cannot_hold_overflows() -> None:
     table = small_table(4)
-    assert table.hit(RING + 1, 60.0, "ip:a") is None  # a limit larger than a ring
     held = [table.hit(5, 60.0, f"ip:{n}") for n in range(4)]
     assert all(v is not None and v.allowed for v in held)
     assert table.hit(5, 60.0, "ip:full") is None  # every slot is inside its window
     # A slot whose hits all left their window is reused.
     short = small_table(1)
     assert short.hit(5, 0.05, "ip:x") is not None
-    time.sleep(0.1)
+    time.sleep(0.15)
     reused = short.hit(5, 60.0, "ip:y")
     assert reused is not None and reused.allowed and reused.remaining == 4
 
@@ -57,13 +66,13 @@ async def test_the_host_counter_passes_overflow_on_and_stays_exact() -> None:
         asked.append((limit, client))
         return await windows.hit(limit, client)
 
-    counter = HostCounter(small_table(2), overflow)
-    big = f"{RING + 5} per minute"
-    verdicts = [await counter.hit(big, "key:a") for _ in range(RING + 7)]
-    assert sum(v.allowed for v in verdicts) == RING + 5
-    assert len(asked) == RING + 7
-    assert (await counter.hit("2 per minute", "ip:z")).allowed
-    assert len(asked) == RING + 7  # small limits stay in the table
+    counter = HostCounter(small_table(1), overflow)
+    assert (await counter.hit("3 per minute", "ip:first")).allowed  # takes the one slot
+    verdicts = [await counter.hit("3 per minute", "ip:second") for _ in range(5)]
+    assert [v.allowed for v in verdicts] == [True, True, True, False, False]
+    assert asked == [("3 per minute", "ip:second")] * 5
+    assert len([await counter.hit("3 per minute", "ip:first") for _ in range(2)]) == 2
+    assert len(asked) == 5  # the client in the table stays there
 
 
 def _hammer(memory: Any, lock: Any, results: Any, rounds: int) -> None:

@@ -1,14 +1,17 @@
-"""Rate counting in memory shared by one host's processes: exact moving windows, with no
-message per request.
+"""Rate counting in memory shared by one host's processes: moving windows with no message
+per request.
 
-The master allocates one table before it starts workers; every worker maps it (passed at
-spawn) and checks and counts a hit in one step under one process-shared lock, a few
-microseconds, instead of asking the master over its channel, which halved throughput.
-A client's window is a ring of the times of its last `amount` allowed hits.
+The master allocates one table before it starts its workers; every worker maps it
+(passed at spawn) and checks and counts a hit in one step under one process-shared lock,
+a few microseconds, instead of asking the master over its channel (which halved
+throughput). A client's hits are counted in slices of 1/64 of its window, each with its
+count and the time of its newest hit, so a slot is the same size whatever the limit. A
+slice leaves the count once its newest hit is a whole window old: no window ever holds
+more hits than the limit, and a hit leaves at most one slice late, never early.
 
-A client whose limit is larger than a ring, or that finds no free slot (the table is full
-of clients still inside their windows), is counted by an overflow counter: the master's,
-over the channel, so the count stays exact whichever worker serves it.
+A client that finds no free slot (more than SLOTS clients inside their windows at once)
+is counted by an overflow counter instead: the master's, over the channel, so the count
+stays exact whichever worker serves it.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ from typing import Any, Protocol
 from ..core.errors import ServiceUnavailable
 from ..core.ratelimit import Verdict, parse_limit
 
-# 1024 clients inside their windows at once, each with up to 1024 hit times: 8 MiB.
-SLOTS = 1024
-RING = 1024  # hit times a slot holds: larger limits go to the overflow counter
+SLOTS = 4096
+SLICES = 64
 PROBES = 32  # slots looked at for a client before it overflows
 LOCK_WAIT = 1.0  # seconds; the lock is held for microseconds, so this is a failure
-# A slot: the client's digest, its limit (amount, seconds), the ring's head and count,
-# then the ring of hit times (monotonic seconds).
-_HEAD = struct.Struct("=16sIdII")
-_RING_OFFSET = 40
-SLOT_BYTES = _RING_OFFSET + RING * 8
-TABLE_BYTES = SLOTS * SLOT_BYTES
+# A slot: the client's digest, its limit (amount, seconds), the number of its oldest
+# counted slice and the hits counted; then, for a ring of SLICES + 1 slices, the time of
+# each slice's newest hit and each slice's count.
+_HEAD = struct.Struct("=16sIdqI4x")
+RING = SLICES + 1
+_TIMES_OFFSET = _HEAD.size
+_COUNTS_OFFSET = _TIMES_OFFSET + RING * 8
+SLOT_BYTES = _COUNTS_OFFSET + RING * 4 + 4  # 8-byte aligned
+TABLE_BYTES = SLOTS * SLOT_BYTES  # 3.4 MB
 _EMPTY = bytes(16)
 
 Overflow = Callable[[str, str], Awaitable[Verdict]]
@@ -53,15 +58,15 @@ class WindowTable:
         assert len(self.view) >= slots * SLOT_BYTES
         self.slots = slots
         self.lock = lock
-        self.rings = [
-            self.view[i * SLOT_BYTES + _RING_OFFSET : (i + 1) * SLOT_BYTES].cast("d")
-            for i in range(slots)
-        ]
+        self.times = [self._part(i, _TIMES_OFFSET, RING * 8).cast("d") for i in range(slots)]
+        self.counts = [self._part(i, _COUNTS_OFFSET, RING * 4).cast("I") for i in range(slots)]
+
+    def _part(self, slot: int, offset: int, size: int) -> memoryview:
+        start = slot * SLOT_BYTES + offset
+        return self.view[start : start + size]
 
     def hit(self, amount: int, seconds: float, client: str) -> Verdict | None:
         """Check and count one request; None when this client cannot be held here."""
-        if amount > RING:
-            return None
         digest = hashlib.blake2b(f"{amount}/{seconds}:{client}".encode(), digest_size=16).digest()
         start = int.from_bytes(digest[:8], "little") % self.slots
         if not self.lock.acquire(True, LOCK_WAIT):
@@ -79,44 +84,51 @@ class WindowTable:
         reusable = None
         for probe in range(PROBES):
             slot = (start + probe) % self.slots
-            found, amount, window, head, count = _HEAD.unpack_from(self.view, slot * SLOT_BYTES)
+            found, _, seconds, _, total = _HEAD.unpack_from(self.view, slot * SLOT_BYTES)
             if found == digest:
                 return slot
             if found == _EMPTY:  # the end of this digest's probe chain
                 reusable = slot if reusable is None else reusable
                 break
-            newest = self.rings[slot][(head + count - 1) % amount] if count else 0.0
-            if reusable is None and newest <= now - window:
+            # Every hit of that client left its window: the slot is free again.
+            if reusable is None and (total == 0 or max(self.times[slot]) <= now - seconds):
                 reusable = slot
         if reusable is not None:
+            self.view[reusable * SLOT_BYTES : (reusable + 1) * SLOT_BYTES] = bytes(SLOT_BYTES)
             _HEAD.pack_into(self.view, reusable * SLOT_BYTES, digest, 0, 0.0, 0, 0)
         return reusable
 
     def _count(self, slot: int, amount: int, seconds: float, now: float) -> Verdict:
         offset = slot * SLOT_BYTES
-        digest, _, _, head, count = _HEAD.unpack_from(self.view, offset)
-        ring = self.rings[slot]
-        # Hits older than the window leave it: they are the oldest, so a binary search
-        # over the ring, oldest first, finds how many.
-        low, high = 0, count
-        while low < high:
-            middle = (low + high) // 2
-            if ring[(head + middle) % amount] <= now - seconds:
-                low = middle + 1
-            else:
-                high = middle
-        head, count = (head + low) % amount, count - low
-        allowed = count < amount
+        digest, _, _, head, total = _HEAD.unpack_from(self.view, offset)
+        times, counts = self.times[slot], self.counts[slot]
+        current = int(now * SLICES / seconds)
+        if current - head > RING:  # idle for longer than the window: nothing is left
+            counts[:] = memoryview(bytes(RING * 4)).cast("I")
+            head, total = current, 0
+        # Slices whose newest hit is a whole window old give their hits back.
+        while head < current:
+            index = head % RING
+            if counts[index] and times[index] > now - seconds:
+                break
+            total -= counts[index]
+            counts[index] = 0
+            head += 1
+        allowed = total < amount
         if allowed:
-            ring[(head + count) % amount] = now
-            count += 1
-        _HEAD.pack_into(self.view, offset, digest, amount, seconds, head, count)
-        return Verdict(allowed, amount, amount - count, max(0.0, ring[head] + seconds - now))
+            index = current % RING
+            counts[index] += 1
+            times[index] = now
+            total += 1
+        _HEAD.pack_into(self.view, offset, digest, amount, seconds, head, total)
+        oldest = head % RING
+        reset = times[oldest] + seconds - now if total and counts[oldest] else 0.0
+        return Verdict(allowed, amount, amount - total, max(0.0, reset))
 
 
 class DequeWindows:
-    """Moving windows in this process's own memory, of any size: the overflow counter
-    (the master's for a host's workers, or a single process's own)."""
+    """Exact moving windows in this process's own memory: the overflow counter (the
+    master's for a host's workers, or a single process's own)."""
 
     def __init__(self) -> None:
         self.windows: dict[str, tuple[float, deque[float]]] = {}
