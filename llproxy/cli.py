@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -203,6 +204,8 @@ def serve(
         interval_ms=None if scan_interval is None else int(scan_interval * 1000),
         state_dir=state_dir,
     )
+    # A name for this running llproxy, so it never serves itself (see core.call.via_name).
+    overrides["instance"] = secrets.token_hex(6)
     config = load_or_exit(config_path, **overrides)
     refuse_open_bind(config, allow_open)
     from .process.supervisor import ServeOptions, run
@@ -342,10 +345,10 @@ def keys_revoke(config_path: str | None, state_dir: str | None, name: str) -> No
 )
 @click.option(
     "--by",
-    type=click.Choice(["key", "model", "day"]),
+    type=click.Choice(["key", "model", "day", "dialect"]),
     default="key",
     show_default=True,
-    help="Group by API key (or client address), model, or local day.",
+    help="Group by API key (or client address), model, local day, or the client's dialect.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def usage_command(

@@ -51,6 +51,9 @@ class Timeouts:
     # one still sending its headers) is closed after keepalive.
     client_body: float = 60.0
     keepalive: float = 30.0
+    # A translated stream whose model is silent this long (a long prefill) gets its
+    # dialect's keepalive (Anthropic's ping, a comment), so clients do not give up.
+    stream_keepalive: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,8 @@ class Config:
     endpoints: tuple[Endpoint, ...] = ()
     # Paths below /v1/ forwarded besides the built-in inference ones (e.g. "tokenize").
     forward_paths: tuple[str, ...] = ()
+    # Other names for models: (exact name or glob, model name), in the file's order.
+    aliases: tuple[tuple[str, str], ...] = ()
     # Extra Host header names accepted when bound to loopback (e.g. behind a local nginx).
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
@@ -106,6 +111,9 @@ class Config:
     redis_url: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # enables /admin/
     source: str = "<built-in default>"
+    # This running llproxy's name on the wire (Via, its model listing), so it never
+    # discovers itself nor serves a request that went round through it. Set at start.
+    instance: str = ""
 
     @property
     def loopback_only(self) -> bool:
@@ -241,7 +249,7 @@ def _optional(obj: Mapping[str, Any], key: str, read: Callable[[Any], T], defaul
 
 # --- sections ---------------------------------------------------------------------------
 
-_TIMEOUT_KEYS = {"connect", "first_byte", "idle", "scan", "client_body", "keepalive"}
+_TIMEOUT_KEYS = {"connect", "first_byte", "idle", "scan", "client_body", "keepalive", "stream_keepalive"}
 
 
 def _timeouts(path: str, value: Any) -> Timeouts:
@@ -337,6 +345,7 @@ _TOP_KEYS = {
     "max_compression_ratio",
     "endpoints",
     "forward_paths",
+    "aliases",
     "allowed_hosts",
     "cors_origins",
     "api_keys",
@@ -390,6 +399,7 @@ def parse_config(
         forward_paths=_optional(
             obj, "forward_paths", lambda v: _forward_paths("forward_paths", v), ()
         ),
+        aliases=_optional(obj, "aliases", lambda v: _aliases("aliases", v), ()),
         allowed_hosts=_optional(
             obj, "allowed_hosts", lambda v: _string_list("allowed_hosts", v), ()
         ),
@@ -477,6 +487,17 @@ def _cors_origins(path: str, value: Any) -> tuple[str, ...]:
                 f"{path}[{i}]: must be an origin like https://app.example.com or *, got {origin!r}"
             )
     return tuple(o.rstrip("/") for o in origins)
+
+
+def _aliases(path: str, value: Any) -> tuple[tuple[str, str], ...]:
+    obj = _expect(path, value, dict, "an object of name (or glob) → model name")
+    pairs = []
+    for name, target in obj.items():
+        where = f"{path}.{name}"
+        if not name.strip() or not name.isprintable():
+            raise ConfigError(f"{path}: a name must be printable and not empty, got {name!r}")
+        pairs.append((name, _nonempty_str(where, target)))
+    return tuple(pairs)
 
 
 _FORWARD_PATH = re.compile(r"[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*")

@@ -19,6 +19,13 @@ from .record import RequestRecord
 from .registry import Replica
 
 JSON = b"application/json"
+# Every answer of an llproxy names its running instance, and every request it sends names
+# it in Via: discovery skips itself, and a request that comes round again is refused.
+INSTANCE_HEADER = "X-Llproxy-Instance"
+
+
+def via_name(instance: str) -> str:
+    return f"llproxy-{instance}"
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -64,6 +71,36 @@ class FormPayload:
 
 Payload = JsonPayload | FormPayload
 
+# Characters per token when a count must be estimated (a common rule of thumb; it counts
+# JSON punctuation too, so it errs towards more tokens).
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str | bytes) -> int:
+    return max(1, len(text) // CHARS_PER_TOKEN)
+
+
+def within_context(payload: Payload, context_length: int | None) -> Payload:
+    """A JSON call whose max_tokens (or max_completion_tokens) asks for more than the
+    model's context leaves after the prompt (estimated), with it lowered to what is left:
+    clients such as Claude Code ask for 32,000 or 64,000 whatever the model."""
+    if context_length is None or not isinstance(payload, JsonPayload):
+        return payload
+    body = payload.body
+    asked = {
+        name: body[name]
+        for name in ("max_tokens", "max_completion_tokens")
+        if isinstance(body.get(name), int)
+    }
+    if not asked:
+        return payload
+    prompt = {k: body[k] for k in ("messages", "prompt", "tools") if k in body}
+    room = context_length - estimate_tokens(orjson.dumps(prompt))
+    lowered = {name: room for name, value in asked.items() if value > room}
+    if room < 1 or not lowered:
+        return payload  # nothing fits or nothing to lower: the upstream's own answer
+    return JsonPayload({**body, **lowered})
+
 
 @dataclass(frozen=True, slots=True)
 class Call:
@@ -73,6 +110,7 @@ class Call:
     model: str  # the registry name it is for
     payload: Payload
     stream: bool = False
+    via: str = ""  # the proxies it passed through before this one (the client's Via)
 
 
 class Stream(Protocol):

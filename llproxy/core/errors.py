@@ -7,6 +7,8 @@ them; the server's one boundary turns them into the client's dialect.
 
 from __future__ import annotations
 
+import orjson
+
 
 class ProxyError(Exception):
     status = 500
@@ -53,6 +55,13 @@ class ModelNotFound(ProxyError):
     type = "invalid_request_error"
     code = "model_not_found"
 
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"The model '{name}' does not exist; GET /v1/models lists the available models",
+            param="model",
+        )
+        self.name = name
+
 
 class MethodNotAllowed(ProxyError):
     status = 405
@@ -91,10 +100,40 @@ class ExpectationFailed(ProxyError):
     code = "expectation_failed"
 
 
+class LoopDetected(ProxyError):
+    status = 508
+    type = "invalid_request_error"
+    code = "loop_detected"
+
+
 class UpstreamUnreachable(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_unreachable"
+
+
+class UpstreamFailed(ProxyError):
+    """The upstream answered an error after the client's stream had started: it becomes
+    the stream's error event, with the upstream's status and message."""
+
+    type = "upstream_error"
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(_said(body) or f"upstream status {status}", code=str(status))
+        self.status = status
+
+
+def _said(body: bytes) -> str:
+    """What an error body says: its `error.message` (or `message`), else its text."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:1000].decode("utf-8", "replace").strip()
+    error = document.get("error") if isinstance(document, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if message is None and isinstance(document, dict):
+        message = document.get("message") or error
+    return message if isinstance(message, str) else body[:1000].decode("utf-8", "replace")
 
 
 class ReplicaUnavailable(UpstreamUnreachable):

@@ -67,6 +67,8 @@ class Model:
     replicas: tuple[Replica, ...]
     # The upstream's own /v1/models entry (first replica), passed through with `id` replaced.
     entry: Mapping[str, Any]
+    context_length: int | None = None  # tokens, where the upstream says (the least of all)
+    capabilities: tuple[str, ...] = ()  # beyond completion: "tools", "vision", where known
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ class FoundModel:
     upstream: Upstream
     upstream_id: str
     entry: Mapping[str, Any]
+    context_length: int | None = None
+    capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +98,14 @@ class Registry:
         for name in sorted(grouped):
             items = grouped[name]
             replicas = tuple(dict.fromkeys(Replica(i.upstream, i.upstream_id) for i in items))
-            models[name] = Model(name, replicas, {**items[0].entry, "id": name})
+            lengths = [i.context_length for i in items if i.context_length]
+            models[name] = Model(
+                name,
+                replicas,
+                {**items[0].entry, "id": name},
+                min(lengths) if lengths else None,
+                items[0].capabilities,
+            )
         return cls(models, servers)
 
     def get(self, name: str) -> Model | None:

@@ -5,8 +5,10 @@ falling over to the next replica when one could not be reached.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 from .call import Backend, Call, Reply
 from .errors import ModelNotAllowed, ModelNotFound, ReplicaUnavailable, UpstreamUnreachable
@@ -52,28 +54,61 @@ def check_model_allowed(key: ApiKey | None, name: str) -> None:
         raise ModelNotAllowed(f"this API key may not use the model '{name}'", param="model")
 
 
+class Aliases:
+    """Other names for models: exact names first, then globs in the config's order."""
+
+    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self.exact = {name: target for name, target in pairs if not _is_glob(name)}
+        self.globs = [(name, target) for name, target in pairs if _is_glob(name)]
+
+    def target(self, name: str) -> str | None:
+        if name in self.exact:
+            return self.exact[name]
+        for glob, target in self.globs:
+            if fnmatch.fnmatchcase(name, glob):
+                return target
+        return None
+
+
+def _is_glob(name: str) -> bool:
+    return any(char in name for char in "*?[")
+
+
 class Router:
     def __init__(
         self,
         registry: Callable[[], Registry],
         backends: Mapping[str, Backend],
-        default_model: str | None = None,
+        aliases: Sequence[tuple[str, str]] = (),
     ) -> None:
         self._registry = registry  # the current snapshot, whoever swaps it
         self.backends = backends
-        self.default_model = default_model
+        self.aliases = Aliases(aliases)
         self.balancer = Balancer()
 
     def resolve(self, name: str, key: ApiKey | None) -> Model:
-        """The registry model a name stands for, if this key may use it."""
-        check_model_allowed(key, name)
-        model = self._registry().get(name)
+        """The registry model a name stands for (itself, an alias, or `x:latest` for `x`),
+        if this key may use it: a key's globs apply to the model an alias resolves to."""
+        registry = self._registry()
+        model = registry.get(name)
+        if model is None and (target := self.aliases.target(name)) is not None:
+            model = registry.get(target)
+        if model is None and name.endswith(":latest"):
+            model = registry.get(name.removesuffix(":latest"))
         if model is None:
-            raise ModelNotFound(
-                f"The model '{name}' does not exist; GET /v1/models lists the available models",
-                param="model",
-            )
+            raise ModelNotFound(name)
+        check_model_allowed(key, model.name)
         return model
+
+    def listing(self, key: ApiKey | None) -> list[Mapping[str, Any]]:
+        """The entries of the models this key may use, and of the exact aliases of them."""
+        models = self._registry().models
+        entries = [m.entry for name, m in models.items() if key is None or key.allows(name)]
+        for alias, target in self.aliases.exact.items():
+            model = models.get(target)
+            if model is not None and alias not in models and (key is None or key.allows(target)):
+                entries.append({**model.entry, "id": alias})
+        return entries
 
     async def send(self, call: Call, model: Model, record: RequestRecord) -> Reply:
         """The first answer a replica gives; replicas that could not be reached (and were

@@ -233,3 +233,22 @@ class EventRelay:
     def usage_document(self) -> Any:
         """The usage chunk, when the client sees it (else `feed` took its numbers)."""
         return last_usage_event(self.recent)
+
+
+def completion_as_chunk(raw: bytes) -> bytes:
+    """A whole chat completion as the one event of a stream (its message as the delta),
+    for a dialect that streams what the model answered at once."""
+    document = json_document(raw)
+    if not isinstance(document, dict):
+        document = {}
+    choices = [
+        {
+            "index": choice.get("index", 0),
+            "delta": choice.get("message") or {"content": choice.get("text", "")},
+            "finish_reason": choice.get("finish_reason"),
+        }
+        for choice in document.get("choices") or ()
+        if isinstance(choice, dict)
+    ]
+    chunk = {**document, "object": "chat.completion.chunk", "choices": choices}
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"

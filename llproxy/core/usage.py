@@ -21,3 +21,4 @@ class UsageRecord(NamedTuple):
     prompt_tokens: int | None
     completion_tokens: int | None
     duration_ms: float
+    dialect: str = "openai"  # what the client spoke

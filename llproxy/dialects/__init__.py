@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from ..core.call import Payload, Reply
 from ..core.errors import ProxyError
 from ..core.record import RequestRecord
+from ..core.registry import Model
 
 JSON_TYPE = "application/json"
 
@@ -23,9 +24,14 @@ JSON_TYPE = "application/json"
 class Route:
     method: str
     path: str  # as the server routes it, e.g. "/v1/models/{name}"
-    kind: str  # "call": a model answers; "models"/"model": the registry's listing
+    # "call": a model answers; "models"/"model": the registry's listing; "local": the
+    # dialect answers itself (with what the Catalog tells it).
+    kind: str
     target: str = ""  # for a call: the OpenAI route below /v1/ it goes to
     needs_key: bool = True
+    # The route is this dialect's only for requests carrying this header (two dialects
+    # share `GET /v1/models`; Anthropic's clients send `anthropic-version`).
+    header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +53,18 @@ class Answer:
     body: bytes
     media_type: str = JSON_TYPE
     headers: Mapping[str, str] = field(default_factory=dict)
+    about: str | None = None  # a model the answer speaks of: it must exist for the client
 
 
 class StreamTransform(Protocol):
     """A model's OpenAI stream, turned into the client's stream as the chunks arrive."""
 
     media_type: str
+
+    def start(self) -> bytes:
+        """What opens the stream, sent with its headers (once; also before the first
+        chunk when the model is slow to start)."""
+        ...
 
     def feed(self, chunk: bytes) -> bytes: ...
 
@@ -65,17 +77,37 @@ class StreamTransform(Protocol):
         ...
 
     def keepalive(self) -> bytes:
-        """What tells the client the stream is alive while the model is silent."""
+        """What tells the client the stream is alive while the model is silent; b"" for a
+        dialect that has none (its stream then opens only with the model's first chunk)."""
         ...
 
 
 class Translation(Protocol):
     """One request translated: what to ask a model, and how its answer goes back."""
 
-    model: str | None  # the name the client asked for; None: the default model
-    target: str  # the OpenAI route below /v1/ the call goes to
-    payload: Payload
-    stream: bool
+    @property
+    def model(self) -> str | None:
+        """The name the client asked for; None: the default model."""
+
+    @property
+    def target(self) -> str:
+        """The OpenAI route below /v1/ the call goes to."""
+
+    @property
+    def payload(self) -> Payload: ...
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def early(self) -> bool:
+        """The stream opens before the model's first chunk when that is slow to come (its
+        transform has a keepalive)."""
+
+    @property
+    def relays_as_is(self) -> bool:
+        """A whole answer to a stream request goes back as it is (OpenAI), not as a
+        stream."""
 
     def answer(self, reply: Reply, record: RequestRecord) -> Answer:
         """A whole answer (status < 400) in the client's shape."""
@@ -85,7 +117,26 @@ class Translation(Protocol):
         """An error the model's server answered, in the client's shape."""
         ...
 
-    def stream_transform(self, reply: Reply, record: RequestRecord) -> StreamTransform: ...
+    def stream_transform(self, record: RequestRecord, reply: Reply | None) -> StreamTransform:
+        """The transform of this request's stream; `reply` is None when the stream opens
+        before the model answered."""
+        ...
+
+
+class Catalog(Protocol):
+    """What a dialect may ask about the models when it answers locally."""
+
+    def listing(self) -> list[Mapping[str, Any]]:
+        """The entries of the models the client may use (`id` is the name to call)."""
+        ...
+
+    def resolve(self, name: str) -> Model:
+        """The model a name stands for; ProxyError when unknown or not allowed."""
+        ...
+
+    async def count_tokens(self, model: Model, text: str) -> int | None:
+        """The model's own count of tokens in `text`, where its server has one."""
+        ...
 
 
 class Dialect(Protocol):
@@ -94,8 +145,9 @@ class Dialect(Protocol):
     @property
     def routes(self) -> Sequence[Route]: ...
 
-    def translate(self, route: Route, incoming: Incoming) -> Translation:
-        """The request as a call, or a ProxyError (4xx) when it must not go upstream."""
+    def translate(self, route: Route, incoming: Incoming) -> Translation | Answer:
+        """The request as a call, an answer the dialect gives without a model (Ollama's
+        load and unload), or a ProxyError (4xx) when it must not go upstream."""
         ...
 
     def error(self, error: ProxyError) -> Answer:
@@ -108,4 +160,8 @@ class Dialect(Protocol):
 
     def model(self, entry: Mapping[str, Any]) -> Answer:
         """One model's entry."""
+        ...
+
+    async def local(self, route: Route, incoming: Incoming, catalog: Catalog) -> Answer:
+        """The answer to a route the dialect answers itself."""
         ...

@@ -19,7 +19,7 @@ from ..core.errors import InvalidRequest, ProxyError
 from ..core.multipart import FormBody
 from ..core.record import RequestRecord
 from ..core.sse import EventRelay, PassThrough, json_document, model_rename, usage_of_json_answer
-from . import JSON_TYPE, Answer, Incoming, Route
+from . import JSON_TYPE, Answer, Catalog, Incoming, Route
 
 # The routes below /v1/ forwarded to a model (the config's `forward_paths` adds to them).
 INFERENCE_PATHS = (
@@ -89,6 +89,9 @@ class OpenAIDialect:
     def model(self, entry: Mapping[str, Any]) -> Answer:
         return Answer(200, orjson.dumps(entry))
 
+    async def local(self, route: Route, incoming: Incoming, catalog: Catalog) -> Answer:
+        raise NotImplementedError(route.path)  # it declares no local route
+
 
 def listing_body(entries: Sequence[Mapping[str, Any]]) -> bytes:
     """The body of GET /v1/models for these model entries."""
@@ -108,6 +111,9 @@ def _with_usage_chunk(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
 
 class OpenAITranslation:
+    early = False  # no keepalive: a stream opens with the model's first chunk
+    relays_as_is = True
+
     def __init__(
         self,
         target: str,
@@ -142,7 +148,8 @@ class OpenAITranslation:
             message = text or f"upstream status {reply.status}"
         return Answer(reply.status, error_body(message, "upstream_error", None, reply.status))
 
-    def stream_transform(self, reply: Reply, record: RequestRecord) -> OpenAIStream:
+    def stream_transform(self, record: RequestRecord, reply: Reply | None) -> OpenAIStream:
+        assert reply is not None  # an OpenAI stream never opens before the model answers
         rename = model_rename(reply.model_id, record.model or "")
         relay: EventRelay | PassThrough
         if self.hide_usage or rename is not None:
@@ -161,11 +168,15 @@ class OpenAIStream:
         self.feed = relay.feed
         self.finish = relay.finish
 
+    def start(self) -> bytes:
+        return b""
+
     def fail(self, error: ProxyError) -> bytes:
         return b"data: " + error_of(error) + b"\n\n"
 
     def keepalive(self) -> bytes:
-        return b": keepalive\n\n"
+        # None: a relayed stream may be cut mid-event, where a comment would corrupt it.
+        return b""
 
 
 # --- validation ------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from ..config import Config, parse_networks
-from ..core.errors import InvalidApiKey
+from ..core.call import INSTANCE_HEADER, via_name
+from ..core.errors import InvalidApiKey, LoopDetected
 from ..core.keys import ApiKey, KeyRing
 from ..core.record import RequestRecord
 from ..stores import RateCounter
@@ -26,10 +27,14 @@ class Gateway:
         self.counter = counter
         self.accepted_hosts = accepted_hosts(config)
         self.trusted_proxies = parse_networks(config.trusted_proxies)
+        self.instance_header = {INSTANCE_HEADER: config.instance} if config.instance else {}
+        self.via_name = via_name(config.instance) if config.instance else ""
 
     def headers(self, request: web.Request) -> Mapping[str, str]:
-        """What every answer to this request carries: security and CORS headers."""
-        return response_headers(self.config, request)
+        """What every answer to this request carries: security and CORS headers, and the
+        instance's name (so discovery never takes this llproxy for an upstream)."""
+        headers = response_headers(self.config, request)
+        return {**headers, **self.instance_header} if self.instance_header else headers
 
     async def admit(
         self, request: web.Request, record: RequestRecord, needs_key: bool
@@ -38,6 +43,10 @@ class Gateway:
         its rate limit adds (none for routes that need no key)."""
         check_host(request, self.accepted_hosts)
         check_origin(self.config, request)
+        if self.via_name and self.via_name in request.headers.get("Via", ""):
+            raise LoopDetected(
+                "this request already passed through this llproxy: the upstreams loop back"
+            )
         if not needs_key:
             return {}
         if self.keys.enabled:

@@ -51,6 +51,7 @@ class Accounting:
             telemetry.record_answer(
                 label,
                 status,
+                record.dialect,
                 duration,
                 first_byte,
                 record.prompt_tokens,
@@ -67,11 +68,12 @@ class Accounting:
                         record.prompt_tokens,
                         record.completion_tokens,
                         round(duration * 1000, 3),
+                        record.dialect,
                     ),
                 )
             )
         else:
-            telemetry.count_request(label, status)
+            telemetry.count_request(label, status, record.dialect)
         if record.upstream_error is not None:
             key = (record.upstream or "-", record.upstream_error)
             telemetry.upstream_errors[key] = telemetry.upstream_errors.get(key, 0) + 1

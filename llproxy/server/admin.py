@@ -100,7 +100,7 @@ class AdminApi:
         self._authorize(request)
         by = request.query.get("by", "key")
         if by not in GROUPINGS:
-            raise InvalidRequest("'by' must be key, model or day", param="by")
+            raise InvalidRequest(f"'by' must be one of {', '.join(GROUPINGS)}", param="by")
         try:
             since = float(request.query["since"]) if "since" in request.query else None
         except ValueError:

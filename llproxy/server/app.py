@@ -41,19 +41,23 @@ def create_app(
     )
     state = ProxyState(config, services, worker_id)
     app[STATE] = state
-    routes: dict[Any, RouteSpec] = {}
+    routes: dict[Any, tuple[RouteSpec, ...]] = {}
     app[ROUTES] = routes
 
-    def add(method: str, path: str, handler: Handler, spec: RouteSpec) -> None:
+    def add(method: str, path: str, handler: Handler, specs: tuple[RouteSpec, ...]) -> None:
         for each in (method, "HEAD") if method == "GET" else (method,):
             route = app.router.add_route(each, path, handler, expect_handler=continue_later)
-            routes[route] = spec
+            routes[route] = specs
 
+    # Dialects may share a path (GET /v1/models): its specs, the header-bound ones first.
+    shared: dict[tuple[str, str], list[RouteSpec]] = {}
     for dialect in state.dialects:
         for route in dialect.routes:
-            spec = RouteSpec(dialect, route)
-            add(route.method, route.path, handlers.route_handler(spec), spec)
-    system = RouteSpec(state.dialects[0], _SYSTEM, accounted=False)
+            shared.setdefault((route.method, route.path), []).append(RouteSpec(dialect, route))
+    for (method, path), specs in shared.items():
+        ordered = tuple(sorted(specs, key=lambda spec: spec.route.header is None))
+        add(method, path, handlers.route_handler, ordered)
+    system = (RouteSpec(state.dialects[0], _SYSTEM, accounted=False),)
     add("GET", "/health", handlers.health, system)
     add("GET", "/metrics", handlers.metrics, system)
     if config.cors_origins:

@@ -6,34 +6,32 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..core.call import Call
-from ..core.errors import InvalidRequest, ModelNotFound
-from ..core.router import check_model_allowed
-from ..dialects import Incoming
+from ..core.call import Call, within_context
+from ..core.errors import InvalidRequest
+from ..core.keys import ApiKey
+from ..core.registry import Model
+from ..dialects import Answer, Incoming
 from ..gateway.hardening import preflight_headers
 from ..telemetry.metrics import CONTENT_TYPE
 from .body import read_body
-from .respond import answer_response, stream
-from .state import DELIVERY, RECORD, STATE, RouteSpec
+from .respond import answer_or_stream, answer_response, stream_early
+from .state import DELIVERY, RECORD, SPEC, STATE, ProxyState, RouteSpec
 
 access_log = logging.getLogger("llproxy.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def route_handler(spec: RouteSpec) -> Handler:
-    kinds = {"call": call_model, "models": list_models, "model": get_model}
-    answer = kinds[spec.route.kind]
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await answer(spec, request)
-
-    return handler
+async def route_handler(request: web.Request) -> web.StreamResponse:
+    """A dialect's route: the kind of answer its spec (chosen by the boundary) asks for."""
+    spec = request[SPEC]
+    return await _KINDS[spec.route.kind](spec, request)
 
 
 async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamResponse:
@@ -44,48 +42,89 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
     raw = await read_body(request, state.config)
     if access_log.isEnabledFor(logging.DEBUG):
         record.request_body = raw
-    incoming = Incoming(
-        request.match_info, request.query, request.headers, request.content_type, raw
-    )
-    translation = spec.dialect.translate(spec.route, incoming)
+    translation = spec.dialect.translate(spec.route, incoming(request, raw))
+    if isinstance(translation, Answer):
+        if translation.about is not None:
+            state.router.resolve(translation.about, record.key)
+        return answer_response(translation)
     name = translation.model or state.config.default_model
     if name is None:
         raise InvalidRequest("you must provide a model parameter", param="model")
     record.model = name
     model = state.router.resolve(name, record.key)
     state.accounting.resolved(record, model.name)
-    call = Call(translation.target, model.name, translation.payload, translation.stream)
-    reply = await state.router.send(call, model, record)
-    try:
-        if reply.status >= 400:
-            return answer_response(translation.upstream_error(reply))
-        if reply.stream is None:
+    payload = within_context(translation.payload, model.context_length)
+    call = Call(
+        translation.target, model.name, payload, translation.stream, request.headers.get("Via", "")
+    )
+    sending = state.router.send(call, model, record)
+    delivery = request[DELIVERY]
+    if translation.stream and translation.early:
+        return await stream_early(request, sending, translation, record, delivery)
+    reply = await sending
+    if (
+        reply.status < 400
+        and reply.stream is None
+        and (not translation.stream or translation.relays_as_is)
+    ):
+        try:
             answer = translation.answer(reply, record)
-            if record.request_body is not None:
-                record.response_body = answer.body
-            return answer_response(answer)
-        transform = translation.stream_transform(reply, record)
-        return await stream(request, reply, transform, request[DELIVERY])
-    finally:
-        reply.close()
+        finally:
+            reply.close()
+        if record.request_body is not None:
+            record.response_body = answer.body
+        return answer_response(answer)
+    return await answer_or_stream(request, reply, translation, record, delivery)
+
+
+async def answer_locally(spec: RouteSpec, request: web.Request) -> web.StreamResponse:
+    """What a dialect answers itself (versions, listings in its shape, token counts)."""
+    state = request.app[STATE]
+    raw = await read_body(request, state.config) if request.can_read_body else b""
+    answer = await spec.dialect.local(
+        spec.route, incoming(request, raw), Catalog(state, request[RECORD].key)
+    )
+    return answer_response(answer)
+
+
+def incoming(request: web.Request, body: bytes) -> Incoming:
+    return Incoming(request.match_info, request.query, request.headers, request.content_type, body)
+
+
+class Catalog:
+    """The models as a dialect answering locally sees them: for the client's key."""
+
+    def __init__(self, state: ProxyState, key: ApiKey | None) -> None:
+        self.state = state
+        self.key = key
+
+    def listing(self) -> list[Mapping[str, Any]]:
+        return self.state.router.listing(self.key)
+
+    def resolve(self, name: str) -> Model:
+        return self.state.router.resolve(name, self.key)
+
+    async def count_tokens(self, model: Model, text: str) -> int | None:
+        return await self.state.backend.count_tokens(model, text)
 
 
 async def list_models(spec: RouteSpec, request: web.Request) -> web.StreamResponse:
-    registry = request.app[STATE].registry
-    key = request[RECORD].key
-    entries = [
-        model.entry for name, model in registry.models.items() if key is None or key.allows(name)
-    ]
+    entries = request.app[STATE].router.listing(request[RECORD].key)
     return answer_response(spec.dialect.models(entries))
 
 
 async def get_model(spec: RouteSpec, request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
-    check_model_allowed(request[RECORD].key, name)
-    model = request.app[STATE].registry.get(name)
-    if model is None:
-        raise ModelNotFound(f"The model '{name}' does not exist", param="model")
-    return answer_response(spec.dialect.model(model.entry))
+    model = request.app[STATE].router.resolve(name, request[RECORD].key)
+    return answer_response(spec.dialect.model({**model.entry, "id": name}))
+
+
+_KINDS: dict[str, Callable[[RouteSpec, web.Request], Awaitable[web.StreamResponse]]] = {
+    "call": call_model,
+    "models": list_models,
+    "model": get_model,
+    "local": answer_locally,
+}
 
 
 async def health(request: web.Request) -> web.Response:

@@ -21,7 +21,7 @@ from ..core.record import RequestRecord
 from ..dialects import Dialect
 from .handlers import Handler
 from .respond import Delivery, answer_response, finish
-from .state import DELIVERY, RECORD, ROUTES, STATE, ProxyState, RouteSpec
+from .state import DELIVERY, RECORD, ROUTES, SPEC, STATE, ProxyState, RouteSpec, select
 
 log = logging.getLogger("llproxy.gateway")
 
@@ -36,10 +36,13 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     the return)."""
     started = time.perf_counter()
     state = request.app[STATE]
-    spec = request.app[ROUTES].get(request.match_info.route)
+    specs = request.app[ROUTES].get(request.match_info.route)
+    spec = select(specs, request.headers) if specs else None
     dialect = spec.dialect if spec is not None else state.dialects[0]
     record = RequestRecord(dialect=dialect.name)
     request[RECORD] = record
+    if spec is not None:
+        request[SPEC] = spec
     status = 500
     state.active_requests += 1
     try:
@@ -72,13 +75,14 @@ async def _answer(
 ) -> web.StreamResponse:
     """The handler's response after the gateway's checks, or the error it became."""
     headers = state.gateway.headers(request)
-    request[DELIVERY] = Delivery(headers, state.draining)
+    every = state.config.timeouts.stream_keepalive
+    request[DELIVERY] = Delivery(headers, state.draining, every)
     try:
         limit_headers = await state.gateway.admit(
             request, record, spec is not None and spec.route.needs_key
         )
         if limit_headers:
-            request[DELIVERY] = Delivery({**headers, **limit_headers}, state.draining)
+            request[DELIVERY] = Delivery({**headers, **limit_headers}, state.draining, every)
         return await handler(request)
     except ProxyError as error:
         return answer_response(dialect.error(error))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +15,10 @@ from ..core.record import RequestRecord
 from ..core.registry import Registry
 from ..core.router import Router
 from ..dialects import Dialect, Route
+from ..dialects.anthropic import AnthropicDialect
+from ..dialects.ollama import OllamaDialect
 from ..dialects.openai import OpenAIDialect
+from ..dialects.responses import ResponsesDialect
 from ..gateway import Gateway
 from ..gateway.accounting import Accounting
 from ..stores import Services
@@ -42,13 +45,16 @@ class ProxyState:
         # Where /metrics comes from: this process's own numbers, or (in a worker) the
         # supervisor's merge of every worker's.
         self.metrics: Callable[[], Awaitable[bytes]] = self._own_metrics
-        self.backend = OpenAIHttpBackend(config.timeouts, response_bounds(config))
-        self.router = Router(
-            lambda: self.registry, {"openai_http": self.backend}, config.default_model
-        )
+        self.backend = OpenAIHttpBackend(config.timeouts, response_bounds(config), config.instance)
+        self.router = Router(lambda: self.registry, {"openai_http": self.backend}, config.aliases)
         self.gateway = Gateway(config, services.keys, services.rate)
         self.accounting = Accounting(self.telemetry, services.usage, worker_id)
-        self.dialects: tuple[Dialect, ...] = (OpenAIDialect(config.forward_paths),)
+        self.dialects: tuple[Dialect, ...] = (
+            OpenAIDialect(config.forward_paths),
+            AnthropicDialect(),
+            ResponsesDialect(),
+            OllamaDialect(),
+        )
 
     def set_registry(self, registry: Registry) -> None:
         self.registry = registry
@@ -82,4 +88,15 @@ class RouteSpec:
         self.accounted = accounted
 
 
-ROUTES = web.AppKey("llproxy_routes", dict[Any, RouteSpec])
+# Each route's specs: one, or several dialects' for a shared path (told apart by header).
+ROUTES = web.AppKey("llproxy_routes", dict[Any, tuple[RouteSpec, ...]])
+SPEC = web.RequestKey("llproxy_spec", RouteSpec)
+
+
+def select(specs: tuple[RouteSpec, ...], headers: Mapping[str, str]) -> RouteSpec:
+    """The spec a request matches: the first whose header it carries, else the one that
+    needs none."""
+    for spec in specs:
+        if spec.route.header is None or spec.route.header in headers:
+            return spec
+    return specs[-1]

@@ -194,11 +194,25 @@ CREATE TABLE IF NOT EXISTS usage (
     status INTEGER NOT NULL,
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
-    duration_ms REAL NOT NULL
+    duration_ms REAL NOT NULL,
+    dialect TEXT NOT NULL DEFAULT 'openai'
 )
 """,
     "CREATE INDEX IF NOT EXISTS usage_time ON usage (time)",
 )
+_USAGE_COLUMNS = (
+    "time, client, model, upstream, status, prompt_tokens, completion_tokens, duration_ms, dialect"
+)
+
+
+def _open_usage(directory: Path, threads: bool = False) -> sqlite3.Connection:
+    """The database with its usage table as this version writes it: one made by an older
+    llproxy gets the `dialect` column (its records were all OpenAI's)."""
+    db = open_database(directory, *_USAGE_SCHEMA, threads=threads)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+    if "dialect" not in columns:
+        db.execute("ALTER TABLE usage ADD COLUMN dialect TEXT NOT NULL DEFAULT 'openai'")
+    return db
 
 
 # Records held while the database cannot be written; past this the oldest are dropped
@@ -283,11 +297,13 @@ class UsageWriter:
             self.telemetry.recreated += 1
             self._close_database()
         if self._db is None:
-            self._db = open_database(self.directory, *_USAGE_SCHEMA, threads=True)
+            self._db = _open_usage(self.directory, threads=True)
             self._file = file_identity(path)
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
+            self._db.executemany(
+                f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch
+            )
 
     def _close_database(self) -> None:
         if self._db is not None:
@@ -310,6 +326,7 @@ GROUPINGS = {
     "key": ("client", "client"),
     "model": ("model", "model"),
     "day": ("day", "date(time, 'unixepoch', 'localtime')"),
+    "dialect": ("dialect", "dialect"),
 }
 
 
@@ -319,7 +336,7 @@ def usage_sums(directory: Path, since: float | None, by: str) -> list[dict[str, 
     path = directory / DATABASE
     if not path.exists():
         return []
-    db = open_database(directory, *_USAGE_SCHEMA)
+    db = _open_usage(directory)
     try:
         rows = db.execute(
             f"SELECT {expression}, count(*), sum(prompt_tokens), sum(completion_tokens) "

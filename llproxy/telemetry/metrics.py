@@ -76,7 +76,8 @@ def _observe(table: dict[str, Histogram], model: str, seconds: float) -> None:
 class Telemetry:
     """One process's numbers since it started; picklable, mergeable."""
 
-    requests: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, status)
+    # (model, status, dialect): the client's dialect, so each front end shows its traffic.
+    requests: dict[tuple[str, str, str], int] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     generation_tokens: dict[str, int] = field(default_factory=dict)
@@ -84,21 +85,22 @@ class Telemetry:
     duration: dict[str, Histogram] = field(default_factory=dict)
     upstream_errors: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def count_request(self, model: str, status: int) -> None:
-        key = (model, str(status))
+    def count_request(self, model: str, status: int, dialect: str) -> None:
+        key = (model, str(status), dialect)
         self.requests[key] = self.requests.get(key, 0) + 1
 
     def record_answer(
         self,
         model: str,
         status: int,
+        dialect: str,
         seconds: float,
         first_token_seconds: float | None,
         prompt_tokens: int | None,
         completion_tokens: int | None,
     ) -> None:
         """Everything about one answer of a known model, in one call: it runs per request."""
-        self.count_request(model, status)
+        self.count_request(model, status, dialect)
         _observe(self.duration, model, seconds)
         if first_token_seconds is not None:
             _observe(self.time_to_first_token, model, first_token_seconds)
@@ -139,7 +141,7 @@ class Telemetry:
                 },
             )
 
-        for (model, status), count in self.requests.items():
+        for (model, status, _), count in self.requests.items():
             row(model)["requests"] += count
             if int(status) >= 400:
                 row(model)["errors"] += count
@@ -169,11 +171,11 @@ def _families(
 ) -> Iterator[Metric]:
     counter = CounterMetricFamily(
         "llproxy_requests",
-        "Requests answered, by model and HTTP status",
-        labels=["model", "status"],
+        "Requests answered, by model, HTTP status and the client's dialect",
+        labels=["model", "status", "dialect"],
     )
-    for (model, status), count in sorted(requests.requests.items()):
-        counter.add_metric([model, status], count)
+    for labels, count in sorted(requests.requests.items()):
+        counter.add_metric(list(labels), count)
     yield counter
     gauge = GaugeMetricFamily(
         "llproxy_requests_in_flight", "Requests being answered now", labels=["model"]

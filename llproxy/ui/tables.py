@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..core.keys import ApiKey, key_rows
 from ..core.registry import Registry
+from ..stores.sqlite import GROUPINGS
 
 
 def print_json(rows: list[dict[str, Any]]) -> None:
@@ -64,7 +65,7 @@ def show_usage(rows: list[dict[str, Any]], by: str, as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
-    group = {"key": "client", "model": "model", "day": "day"}[by]
+    group = GROUPINGS[by][0]
     table = Table(title=f"usage by {by}")
     table.add_column(group)
     for column in ("requests", "prompt tokens", "completion tokens"):

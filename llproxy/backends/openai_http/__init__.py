@@ -5,13 +5,17 @@ pools of our own HTTP/1.1 client."""
 from __future__ import annotations
 
 import time
+from typing import Any
+
+import orjson
 
 from ...config import Timeouts
-from ...core.call import Call, Reply
+from ...core.call import Call, Reply, via_name
 from ...core.deadlines import Deadline, Watchdog
 from ...core.errors import ProxyError, ReplicaUnavailable, UpstreamTimeout, UpstreamUnreachable
 from ...core.record import RequestRecord
-from ...core.registry import Replica
+from ...core.registry import Model, Replica, Upstream
+from ...core.sse import json_document
 from .transport import (
     ConnectFailed,
     ResponseBounds,
@@ -23,6 +27,8 @@ from .transport import (
 )
 
 MAX_ERROR_BODY = 64 * 1024
+TOKENIZE_TIMEOUT = 2.0
+TOKENIZER_RETRY = 300.0
 # keep-alive just under the 5 s idle timeout of uvicorn-based servers (vLLM, SGLang,
 # tabbyAPI), so a pooled connection is never reused while the server is closing it.
 UPSTREAM_KEEPALIVE = 4.0
@@ -35,10 +41,16 @@ class OpenAIHttpBackend:
     """Sends a Call to one replica; returns once the first byte is in, so nothing has been
     written to the client when a replica cannot be reached or times out before it."""
 
-    def __init__(self, timeouts: Timeouts, bounds: ResponseBounds | None = None) -> None:
+    def __init__(
+        self, timeouts: Timeouts, bounds: ResponseBounds | None = None, instance: str = ""
+    ) -> None:
         self.pool = UpstreamPool(timeouts.connect, UPSTREAM_KEEPALIVE, bounds)
         self.watchdog = Watchdog()
         self.timeouts = timeouts
+        # Requests carry this llproxy's name, after the proxies they passed before.
+        self.via = f"1.1 {via_name(instance)}" if instance else ""
+        # Servers that cannot count tokens, and until when that is assumed of them.
+        self._no_tokenizer: dict[Upstream, float] = {}
 
     async def close(self) -> None:
         self.watchdog.close()
@@ -47,11 +59,12 @@ class OpenAIHttpBackend:
     async def send(self, call: Call, replica: Replica, record: RequestRecord) -> Reply:
         upstream = replica.upstream
         body = call.payload.encode(replica.upstream_id)
+        via = f"{call.via}, {self.via}" if call.via and self.via else call.via or self.via
         try:
             with self.watchdog.deadline(self.timeouts.first_byte) as deadline:
                 try:
                     response = await self.pool.post(
-                        upstream, request_path(call.route), body, call.payload.content_type
+                        upstream, request_path(call.route), body, call.payload.content_type, via
                     )
                 except ConnectFailed as exc:
                     raise ReplicaUnavailable(f"{upstream.address} ({exc})") from None
@@ -90,6 +103,36 @@ class OpenAIHttpBackend:
         record.first_byte_at = time.perf_counter()
         stream = HttpStream(response, self.watchdog, self.timeouts.idle, record)
         return Reply(response.status, "text/event-stream", first, stream, relayed)
+
+    async def count_tokens(self, model: Model, text: str) -> int | None:
+        """The count of `text` in tokens by the model's own server (llama.cpp and vLLM have
+        a /tokenize route at their root); None when it has none or does not answer in
+        time. A server without one is not asked again for TOKENIZER_RETRY seconds."""
+        replica = model.replicas[0]
+        upstream = replica.upstream
+        if self._no_tokenizer.get(upstream, 0.0) > time.monotonic():
+            return None
+        # llama.cpp reads `content`, vLLM `model` and `prompt`.
+        body = orjson.dumps({"model": replica.upstream_id, "prompt": text, "content": text})
+        counted: Any = None
+        try:
+            with self.watchdog.deadline(TOKENIZE_TIMEOUT):
+                response = await self.pool.post(upstream, "tokenize", body, from_root=True)
+                try:
+                    raw = await response.read(MAX_ERROR_BODY * 16)
+                finally:
+                    _finish(response)
+            if response.status == 200:
+                counted = json_document(raw)
+        except (TimeoutError, ConnectFailed, UpstreamBroken):
+            pass
+        if isinstance(counted, dict):
+            if isinstance(counted.get("count"), int):
+                return int(counted["count"])
+            if isinstance(counted.get("tokens"), list):
+                return len(counted["tokens"])
+        self._no_tokenizer[upstream] = time.monotonic() + TOKENIZER_RETRY
+        return None
 
 
 def _finish(response: UpstreamResponse) -> None:

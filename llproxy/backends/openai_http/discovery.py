@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 
 from ...config import Config, Endpoint
+from ...core.call import INSTANCE_HEADER
 from ...core.encoding import BodyEncodingError, decode_body
 from ...core.registry import FoundModel, Registry, Upstream, final_names
 
@@ -114,8 +115,16 @@ class _Refused(Exception):
     """A server answered a listing request with something other than a model list."""
 
 
+class _Itself(_Refused):
+    """The server is this very llproxy (it may listen on a port it scans)."""
+
+
 async def _get_json(
-    session: aiohttp.ClientSession, url: str, upstream: Upstream, timeout: float
+    session: aiohttp.ClientSession,
+    url: str,
+    upstream: Upstream,
+    timeout: float,
+    itself: str = "",
 ) -> Any:
     """GET a bounded JSON document; _Refused says why there is none (a probe never raises
     anything else)."""
@@ -126,6 +135,8 @@ async def _get_json(
             timeout=aiohttp.ClientTimeout(total=timeout),
             allow_redirects=False,
         ) as resp:
+            if itself and resp.headers.get(INSTANCE_HEADER) == itself:
+                raise _Itself("this llproxy")
             body = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
                 body += chunk
@@ -188,6 +199,7 @@ async def _probe(
     target: _Target,
     timeout: float,
     addresses: dict[str, list[_Address]],
+    itself: str = "",
 ) -> list[FoundModel] | ServerProblem | None:
     """The models one server offers; a ServerProblem when it would not list them and that
     is worth telling (a configured URL, or a server that refused the credentials); None
@@ -203,8 +215,10 @@ async def _probe(
             return None
         try:
             found = _entries(
-                await _get_json(session, f"{upstream.base_url}/models", upstream, timeout)
+                await _get_json(session, f"{upstream.base_url}/models", upstream, timeout, itself)
             )
+        except _Itself:
+            return None
         except _Refused as exc:
             reason = str(exc)
             if endpoint.url is not None or reason.startswith(("HTTP 401", "HTTP 403")):
@@ -223,8 +237,9 @@ async def _probe(
         if isinstance(loaded, dict) and _usable_id(loaded.get("id")):
             entries = [e for e in entries if e["id"] == loaded["id"]] or [loaded]
 
+    server = await _llama_props(session, upstream, timeout) if _llama(entries) else {}
     models = [
-        FoundModel(name, upstream, entry["id"], entry)
+        FoundModel(name, upstream, entry["id"], entry, *_abilities(entry, server))
         for entry in entries
         for name in final_names(entry["id"], upstream.tags)
         if endpoint.filter is None or endpoint.filter in name
@@ -236,6 +251,49 @@ async def _probe(
         extra={"upstream": upstream.address, "models": [m.name for m in models]},
     )
     return models
+
+
+def _llama(entries: list[dict[str, Any]]) -> bool:
+    """llama.cpp's listing carries each model's `meta`; its /props says more."""
+    return any(isinstance(entry.get("meta"), dict) for entry in entries)
+
+
+async def _llama_props(
+    session: aiohttp.ClientSession, upstream: Upstream, timeout: float
+) -> dict[str, Any]:
+    """llama.cpp's /props (at the server's root): context per slot, template abilities."""
+    root = upstream.base_url.removesuffix("/v1")
+    try:
+        props = await _get_json(session, f"{root}/props", upstream, timeout)
+    except _Refused:
+        return {}
+    return props if isinstance(props, dict) else {}
+
+
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _abilities(entry: dict[str, Any], props: dict[str, Any]) -> tuple[int | None, tuple[str, ...]]:
+    """A model's context length and capabilities, from what its server reports: vLLM's
+    `max_model_len`, a `context_length`, llama.cpp's n_ctx (per slot) or its training
+    context; llama.cpp's template abilities and modalities."""
+    settings = props.get("default_generation_settings")
+    meta = entry.get("meta")
+    context = (
+        _positive(entry.get("max_model_len"))
+        or _positive(entry.get("context_length"))
+        or (_positive(settings.get("n_ctx")) if isinstance(settings, dict) else None)
+        or (_positive(meta.get("n_ctx_train")) if isinstance(meta, dict) else None)
+    )
+    capabilities = []
+    caps = props.get("chat_template_caps")
+    if isinstance(caps, dict) and caps.get("supports_tools") is True:
+        capabilities.append("tools")
+    modalities = props.get("modalities")
+    if isinstance(modalities, dict) and modalities.get("vision") is True:
+        capabilities.append("vision")
+    return context, tuple(capabilities)
 
 
 async def scan(
@@ -256,7 +314,7 @@ async def scan(
     async def bounded(target: _Target) -> list[FoundModel] | ServerProblem | None:
         nonlocal done
         async with limit:
-            result = await _probe(session, target, config.timeouts.scan, addresses)
+            result = await _probe(session, target, config.timeouts.scan, addresses, config.instance)
         done += 1
         if progress is not None:
             progress(done, len(targets))

@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 import httptools
 
 from ...config import Config
+from ...core.call import JSON
 from ...core.encoding import BodyEncodingError, BodyTooLarge, BoundedDecoder
 from ...core.registry import Upstream
 
@@ -29,7 +30,6 @@ MAX_HEAD_BYTES = 64 * 1024
 _HEAD_TOO_LARGE = f"response head larger than {MAX_HEAD_BYTES} bytes"
 # Body bytes buffered for a slow reader before the upstream socket stops being read.
 HIGH_WATER = 256 * 1024
-JSON = b"application/json"
 # Characters left as they are in a request path; everything else is percent-encoded.
 _PATH_SAFE = "/-._~!$&'()*+,;=:@"
 
@@ -85,7 +85,7 @@ class _Route:
     host: str
     port: int
     tls: bool
-    path_prefix: str
+    path_prefix: str  # the base URL's path, usually /v1
     head_fields: bytes  # Host, Authorization and the fixed fields, CRLF-terminated
 
     @classmethod
@@ -399,6 +399,12 @@ class _Connection(asyncio.Protocol):
         self.drop()
 
 
+def _root(prefix: str) -> str:
+    """The server's root below an OpenAI base path (`/v1` → ``, `/x/v1` → `/x`), where
+    servers such as llama.cpp and vLLM answer their own routes (/tokenize)."""
+    return prefix.removesuffix("/v1")
+
+
 class UpstreamPool:
     """Idle keep-alive connections per upstream address, reused most recent first."""
 
@@ -414,7 +420,13 @@ class UpstreamPool:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def post(
-        self, upstream: Upstream, path: str, payload: bytes, content_type: bytes = JSON
+        self,
+        upstream: Upstream,
+        path: str,
+        payload: bytes,
+        content_type: bytes = JSON,
+        via: str = "",
+        from_root: bool = False,
     ) -> UpstreamResponse:
         """Send the request and wait for the response's status and headers.
 
@@ -427,11 +439,13 @@ class UpstreamPool:
             route = self._routes[upstream] = _Route.of(upstream)
         head = (
             (
-                f"POST {route.path_prefix}/{path} HTTP/1.1\r\nContent-Length: {len(payload)}\r\n"
+                f"POST {_root(route.path_prefix) if from_root else route.path_prefix}/{path} "
+                f"HTTP/1.1\r\nContent-Length: {len(payload)}\r\n"
             ).encode("latin-1")
             + b"Content-Type: "
             + content_type
             + b"\r\n"
+            + (b"Via: " + via.encode("latin-1", "replace") + b"\r\n" if via else b"")
             + route.head_fields
             + b"\r\n"
         )

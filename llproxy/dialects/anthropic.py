@@ -1,0 +1,586 @@
+"""The Anthropic Messages dialect (Claude Code, the `anthropic` SDK) over OpenAI
+chat-completions models.
+
+A request becomes a chat body (system prompt, content blocks, tool results before the
+user's text of the same turn, tools and tool choice); the answer becomes a message whose
+blocks come in the order thinking, text, tool_use. A stream is translated event by event
+by a small state machine with one open block at a time: thinking and text stream as they
+come; tool calls, whose fragments may come in any order, are sent whole once the model
+has finished them.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..core.call import JsonPayload, Reply, estimate_tokens, json_object
+from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
+from ..core.record import RequestRecord
+from ..core.sse import EventSplitter, event_document, json_document, split_events
+from . import Answer, Catalog, Incoming, Route
+
+_PREFIXES = ("/v1", "/anthropic/v1")
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+_STOP_REASONS |= {"function_call": "tool_use", "content_filter": "refusal"}
+# Claude Code's first system block ends in a hash that changes every run (`cch=…`): kept
+# as it is, it defeats the upstream's prefix cache.
+_BILLING_HASH = re.compile(r"(x-anthropic-billing-header:[^\n]*?cch=)[0-9a-fA-F]+")
+
+
+def error_body(status: int, message: str) -> bytes:
+    kind = _ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
+def _event(name: str, data: Mapping[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
+
+
+class AnthropicDialect:
+    name = "anthropic"
+
+    def __init__(self) -> None:
+        self.routes = tuple(
+            route
+            for prefix in _PREFIXES
+            for route in (
+                Route("POST", f"{prefix}/messages", "call", "chat/completions"),
+                Route("POST", f"{prefix}/messages/count_tokens", "local"),
+                Route("GET", f"{prefix}/models", "models", header="anthropic-version"),
+                Route("GET", f"{prefix}/models/{{name}}", "model", header="anthropic-version"),
+            )
+        )
+
+    def translate(self, route: Route, incoming: Incoming) -> AnthropicTranslation:
+        body = json_object(incoming.body)
+        max_tokens = body.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InvalidRequest(
+                "max_tokens: Field required, a positive integer", param="max_tokens"
+            )
+        chat = to_chat(body)
+        chat["max_tokens"] = max_tokens
+        stream = body.get("stream") is True
+        if stream:
+            chat["stream"] = True
+            chat["stream_options"] = {"include_usage": True}
+        stops = body.get("stop_sequences")
+        return AnthropicTranslation(
+            JsonPayload(chat),
+            chat["model"],
+            stream,
+            tuple(s for s in stops if isinstance(s, str)) if isinstance(stops, list) else (),
+            estimate_tokens(incoming.body),
+        )
+
+    def error(self, error: ProxyError) -> Answer:
+        return Answer(
+            error.status, error_body(error.status, error.message), headers=error.headers()
+        )
+
+    def models(self, entries: Sequence[Mapping[str, Any]]) -> Answer:
+        data = [_model_entry(entry) for entry in entries]
+        listing = {
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+        return Answer(200, orjson.dumps(listing))
+
+    def model(self, entry: Mapping[str, Any]) -> Answer:
+        return Answer(200, orjson.dumps(_model_entry(entry)))
+
+    async def local(self, route: Route, incoming: Incoming, catalog: Catalog) -> Answer:
+        """count_tokens: the model's server counts where it can (llama.cpp, vLLM), else an
+        estimate of four characters a token; fast, and never a 404 (Claude Code asks it
+        dozens of times a second and breaks on a 404)."""
+        body = json_object(incoming.body)
+        chat = to_chat({**body, "max_tokens": 1})
+        text = orjson.dumps([chat.get("messages"), chat.get("tools")]).decode()
+        counted = None
+        try:
+            model = catalog.resolve(chat["model"])
+        except ModelNotFound:
+            model = None
+        if model is not None:
+            counted = await catalog.count_tokens(model, text)
+        return Answer(200, orjson.dumps({"input_tokens": counted or estimate_tokens(text)}))
+
+
+def _model_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    created = entry.get("created")
+    stamp = created if isinstance(created, int | float) and created > 0 else 0
+    return {
+        "type": "model",
+        "id": entry["id"],
+        "display_name": entry["id"],
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
+    }
+
+
+# --- request -----------------------------------------------------------------------------
+
+
+def to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Messages body as a chat-completions body. Unknown fields are ignored;
+    a field of a wrong shape is a 400 naming it."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: Field required, a non-empty string", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages: Field required, a list", param="messages")
+    chat: dict[str, Any] = {"model": model}
+    out: list[dict[str, Any]] = []
+    system = _text_of(body.get("system"), "system")
+    if system:
+        out.append({"role": "system", "content": _BILLING_HASH.sub(r"\g<1>00000", system)})
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"messages.{i}: must be an object", param=f"messages.{i}")
+        out.extend(_message(i, message))
+    chat["messages"] = out
+    tools = [_tool(t) for t in body.get("tools") or () if isinstance(t, dict)]
+    if tools := [t for t in tools if t is not None]:
+        chat["tools"] = tools
+    _tool_choice(body.get("tool_choice"), chat)
+    stops = body.get("stop_sequences")
+    if isinstance(stops, list) and stops:
+        chat["stop"] = [s for s in stops if isinstance(s, str)]
+    for name in ("temperature", "top_p", "top_k"):
+        if isinstance(body.get(name), int | float) and not isinstance(body.get(name), bool):
+            chat[name] = body[name]
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        chat["user"] = metadata["user_id"]
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        budget = budget if isinstance(budget, int) else 0
+        chat["reasoning_effort"] = (
+            "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+        )
+    return chat
+
+
+def _text_of(content: Any, where: str) -> str:
+    """The text of a string or of a list of text blocks."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "\n".join(
+            block["text"]
+            for block in content
+            if isinstance(block, dict) and isinstance(block.get("text"), str)
+        )
+    raise InvalidRequest(f"{where}: must be a string or a list of blocks", param=where)
+
+
+def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise InvalidRequest(
+            f"{where}.content: must be a string or a list", param=f"{where}.content"
+        )
+    return [block for block in content if isinstance(block, dict)]
+
+
+def _image(block: dict[str, Any]) -> dict[str, Any] | None:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        return None
+    if source.get("type") == "base64":
+        url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+    elif source.get("type") == "url" and isinstance(source.get("url"), str):
+        url = source["url"]
+    else:
+        return None
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _parts_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Parts as chat content: a plain string when they are all text (what most local
+    chat templates take), else the parts."""
+    if all(part["type"] == "text" for part in parts):
+        return "\n".join(part["text"] for part in parts)
+    return parts
+
+
+def _message(i: int, message: dict[str, Any]) -> list[dict[str, Any]]:
+    where = f"messages.{i}"
+    role = message.get("role")
+    if role == "system":  # Claude Code puts some inside messages
+        return [{"role": "system", "content": _text_of(message.get("content"), where)}]
+    blocks = _blocks(message.get("content"), where)
+    if role == "user":
+        results, parts = [], []
+        for block in blocks:
+            kind = block.get("type")
+            if kind == "text" and isinstance(block.get("text"), str):
+                parts.append({"type": "text", "text": block["text"]})
+            elif kind == "image" and (image := _image(block)) is not None:
+                parts.append(image)
+            elif kind == "tool_result":
+                results.append(_tool_result(block))
+        # The tool messages answer the assistant's calls, so they come right after them,
+        # before the user's own text of the same turn.
+        return results + ([{"role": "user", "content": _parts_content(parts)}] if parts else [])
+    if role == "assistant":
+        texts, calls, thoughts = [], [], []
+        for block in blocks:
+            kind = block.get("type")
+            if kind == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif kind == "tool_use":
+                calls.append(
+                    {
+                        "id": str(block.get("id") or f"toolu_{secrets.token_hex(8)}"),
+                        "type": "function",
+                        "function": {
+                            "name": str(block.get("name") or ""),
+                            "arguments": orjson.dumps(block.get("input") or {}).decode(),
+                        },
+                    }
+                )
+            elif kind == "thinking" and isinstance(block.get("thinking"), str):
+                thoughts.append(block["thinking"])
+        if not texts and not calls:
+            return []  # an empty assistant turn: templates choke on it
+        out: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) or None}
+        if calls:
+            out["tool_calls"] = calls
+        if thoughts:
+            out["reasoning_content"] = "\n".join(thoughts)
+        return [out]
+    raise InvalidRequest(f"{where}.role: must be user or assistant", param=f"{where}.role")
+
+
+def _tool_result(block: dict[str, Any]) -> dict[str, Any]:
+    content = block.get("content")
+    if isinstance(content, list):
+        parts = [
+            {"type": "text", "text": b["text"]} if b.get("type") == "text" else _image(b)
+            for b in content
+            if isinstance(b, dict)
+        ]
+        text: Any = _parts_content([p for p in parts if p is not None])
+    else:
+        text = content if isinstance(content, str) else orjson.dumps(content).decode()
+    if block.get("is_error") is True and isinstance(text, str):
+        text = f"Error: {text}"
+    return {"role": "tool", "tool_call_id": str(block.get("tool_use_id") or ""), "content": text}
+
+
+def _tool(tool: dict[str, Any]) -> dict[str, Any] | None:
+    """A client tool as a function; server tools (web search, …) have no schema to give."""
+    schema = tool.get("input_schema")
+    if not isinstance(schema, dict) or not isinstance(tool.get("name"), str):
+        return None
+    function: dict[str, Any] = {"name": tool["name"], "parameters": schema}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice: Any, chat: dict[str, Any]) -> None:
+    if not isinstance(choice, dict):
+        return
+    kind = choice.get("type")
+    if kind == "auto":
+        chat["tool_choice"] = "auto"
+    elif kind == "any":
+        chat["tool_choice"] = "required"
+    elif kind == "none":
+        chat["tool_choice"] = "none"
+    elif kind == "tool" and isinstance(choice.get("name"), str):
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    if choice.get("disable_parallel_tool_use") is True:
+        chat["parallel_tool_calls"] = False
+
+
+# --- answer ------------------------------------------------------------------------------
+
+
+def _stop(finish_reason: Any, matched: Any, stops: tuple[str, ...]) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence for an OpenAI finish. vLLM reports the
+    stop string that matched (`stop_reason`); the others say only `stop`."""
+    if finish_reason == "stop" and isinstance(matched, str) and matched in stops:
+        return "stop_sequence", matched
+    return _STOP_REASONS.get(finish_reason, "end_turn"), None
+
+
+def _reasoning(part: Mapping[str, Any]) -> str:
+    value = part.get("reasoning_content") or part.get("reasoning")
+    return value if isinstance(value, str) else ""
+
+
+def _tool_input(arguments: Any) -> dict[str, Any]:
+    parsed = json_document(arguments.encode()) if isinstance(arguments, str) else arguments
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _message_id() -> str:
+    return "msg_" + secrets.token_hex(12)
+
+
+class AnthropicTranslation:
+    target = "chat/completions"
+    early = True  # pings keep a client waiting on a long prefill
+    relays_as_is = False
+
+    def __init__(
+        self,
+        payload: JsonPayload,
+        model: str,
+        stream: bool,
+        stops: tuple[str, ...],
+        input_estimate: int,
+    ) -> None:
+        self.payload = payload
+        self.model = model
+        self.stream = stream
+        self.stops = stops
+        self.input_estimate = input_estimate
+
+    def answer(self, reply: Reply, record: RequestRecord) -> Answer:
+        document = json_document(reply.body)
+        if not isinstance(document, dict):
+            document = {}
+        record.take_usage(document)
+        choices = document.get("choices") or [{}]
+        choice = _dict(choices[0])
+        message = _dict(choice.get("message"))
+        content: list[dict[str, Any]] = []
+        if thought := _reasoning(message):
+            content.append({"type": "thinking", "thinking": thought, "signature": ""})
+        if isinstance(message.get("content"), str) and message["content"]:
+            content.append({"type": "text", "text": message["content"]})
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": call.get("id") or f"toolu_{secrets.token_hex(8)}",
+                    "name": function.get("name") or "",
+                    "input": _tool_input(function.get("arguments")),
+                }
+            )
+        stop_reason, stop_sequence = _stop(
+            choice.get("finish_reason"), choice.get("stop_reason"), self.stops
+        )
+        if stop_reason == "tool_use" and not any(b["type"] == "tool_use" for b in content):
+            stop_reason = "end_turn"
+        body = {
+            "id": _message_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": record.model,
+            "content": content or [{"type": "text", "text": ""}],
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": _usage(record.prompt_tokens or 0, record.completion_tokens or 0),
+        }
+        return Answer(200, orjson.dumps(body))
+
+    def upstream_error(self, reply: Reply) -> Answer:
+        failed = UpstreamFailed(reply.status, reply.body)
+        return Answer(reply.status, error_body(reply.status, failed.message))
+
+    def stream_transform(self, record: RequestRecord, reply: Reply | None) -> AnthropicStream:
+        return AnthropicStream(record, self.stops, self.input_estimate)
+
+
+def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+
+
+# --- stream ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    """One tool call gathered from its fragments, sent whole at the end."""
+
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class AnthropicStream:
+    """OpenAI chunks → Anthropic events. States: not started; a block open (thinking or
+    text) or none; ended (message_stop sent) or failed (an error event sent): nothing
+    follows those."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, record: RequestRecord, stops: tuple[str, ...], input_estimate: int):
+        self.record = record
+        self.stops = stops
+        self.input_estimate = input_estimate
+        self.events = EventSplitter()
+        self.started = False
+        self.done = False
+        self.index = -1  # of the last block started
+        self.open: str | None = None  # "thinking" or "text"
+        self.calls: dict[int, _ToolCall] = {}
+        self.finish_reason: Any = None
+        self.matched: Any = None
+
+    def start(self) -> bytes:
+        if self.started:
+            return b""
+        self.started = True
+        message: dict[str, Any] = {
+            "id": _message_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": self.record.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": _usage(self.input_estimate, 0),
+        }
+        return _event("message_start", {"message": message})
+
+    def keepalive(self) -> bytes:
+        return _event("ping", {})
+
+    def feed(self, chunk: bytes) -> bytes:
+        complete = self.events.feed(chunk)
+        if not complete or self.done:
+            return b""
+        out = [self.start()]
+        for event in split_events(complete):
+            document = event_document(event)
+            if not isinstance(document, dict):
+                continue  # [DONE], a comment
+            if isinstance(document.get("error"), dict):
+                out.append(self.fail(UpstreamFailed(502, orjson.dumps(document))))
+                break
+            self.record.take_usage(document)
+            for choice in document.get("choices") or ():
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    out.append(self._choice(choice))
+        return b"".join(out)
+
+    def _choice(self, choice: dict[str, Any]) -> bytes:
+        out = []
+        delta = _dict(choice.get("delta"))
+        if thought := _reasoning(delta):
+            out.append(self._into("thinking", {"type": "thinking_delta", "thinking": thought}))
+        if isinstance(delta.get("content"), str) and delta["content"]:
+            out.append(self._into("text", {"type": "text_delta", "text": delta["content"]}))
+        for fragment in delta.get("tool_calls") or ():
+            if isinstance(fragment, dict):
+                call = self.calls.setdefault(fragment.get("index") or 0, _ToolCall())
+                function = fragment.get("function") or {}
+                call.id = call.id or fragment.get("id") or ""
+                call.name = call.name or function.get("name") or ""
+                if isinstance(function.get("arguments"), str):
+                    call.arguments.append(function["arguments"])
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+            self.matched = choice.get("stop_reason")
+        return b"".join(out)
+
+    def _into(self, kind: str, delta: dict[str, Any]) -> bytes:
+        """The delta into an open block of its kind, opening one (and closing another)."""
+        out = b""
+        if self.open != kind:
+            out = self._close()
+            self.index += 1
+            self.open = kind
+            block = {"type": kind, kind: ""} | ({"signature": ""} if kind == "thinking" else {})
+            out += _event("content_block_start", {"index": self.index, "content_block": block})
+        return out + _event("content_block_delta", {"index": self.index, "delta": delta})
+
+    def _close(self) -> bytes:
+        if self.open is None:
+            return b""
+        out = b""
+        if self.open == "thinking":  # clients expect a signature before the stop
+            out = _event(
+                "content_block_delta",
+                {"index": self.index, "delta": {"type": "signature_delta", "signature": ""}},
+            )
+        self.open = None
+        return out + _event("content_block_stop", {"index": self.index})
+
+    def finish(self) -> bytes:
+        if self.done:
+            return b""
+        out = [self.start(), self.feed(self.events.rest() + b"\n\n")]
+        if self.index < 0 and not self.calls:  # never an empty content: one empty text
+            out.append(self._into("text", {"type": "text_delta", "text": ""}))
+        out.append(self._close())
+        for _, call in sorted(self.calls.items()):
+            self.index += 1
+            block = {
+                "type": "tool_use",
+                "id": call.id or f"toolu_{secrets.token_hex(8)}",
+                "name": call.name,
+                "input": {},
+            }
+            arguments = orjson.dumps(_tool_input("".join(call.arguments))).decode()
+            delta = {"type": "input_json_delta", "partial_json": arguments}
+            out += [
+                _event("content_block_start", {"index": self.index, "content_block": block}),
+                _event("content_block_delta", {"index": self.index, "delta": delta}),
+                _event("content_block_stop", {"index": self.index}),
+            ]
+        stop_reason, stop_sequence = _stop(self.finish_reason, self.matched, self.stops)
+        if stop_reason == "tool_use" and not self.calls:
+            stop_reason = "end_turn"
+        usage: dict[str, int] = {"output_tokens": self.record.completion_tokens or 0}
+        if self.record.prompt_tokens is not None:
+            usage["input_tokens"] = self.record.prompt_tokens
+        ending = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
+        out += [
+            _event("message_delta", {"delta": ending, "usage": usage}),
+            _event("message_stop", {}),
+        ]
+        self.done = True
+        return b"".join(out)
+
+    def fail(self, error: ProxyError) -> bytes:
+        if self.done:
+            return b""
+        self.done = True
+        return self.start() + _event(
+            "error",
+            {
+                "error": {
+                    "type": _ERROR_TYPES.get(error.status, "api_error"),
+                    "message": error.message,
+                }
+            },
+        )
