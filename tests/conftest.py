@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import socket
@@ -23,8 +24,10 @@ from aiohttp.test_utils import TestServer
 from llproxy.config import parse_config
 from llproxy.server.app import serve_alone
 from llproxy.server.state import DISCOVERY, STATE, ProxyState
+from llproxy.stores.sqlite import usage_sums
 
 from .fake_upstream import FakeUpstream
+from .scenario_upstream import ScenarioUpstream
 
 
 @dataclass
@@ -138,7 +141,10 @@ async def start_proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Prox
     async def start(endpoints: list[dict[str, Any]], **top: Any) -> RunningProxy:
         # Never the developer's real state directory.
         top.setdefault("state_dir", str(tmp_path / "state"))
+        # `instance` is no config key: `serve` names each running llproxy.
+        instance = top.pop("instance", "")
         config = parse_config({"endpoints": endpoints, **top}, environ={"TEST_KEY": "sk-up-7"})
+        config = dataclasses.replace(config, instance=instance)
         app = serve_alone(config)
         server = await aiohttp_server(app)
         started.append(RunningProxy(app, server))
@@ -222,3 +228,26 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+async def scenario() -> AsyncIterator[ScenarioUpstream]:
+    """The scripted upstream of the dialect tests (tests/scenario_upstream.py), started."""
+    upstream = ScenarioUpstream()
+    await upstream.start()
+    yield upstream
+    await upstream.close()
+
+
+def scenario_endpoint(upstream: ScenarioUpstream, **extra: Any) -> dict[str, Any]:
+    return {"url": f"{upstream.url}/v1", **extra}
+
+
+async def recorded(state: Path, by: str, want: int) -> list[dict[str, Any]]:
+    """Usage rows once `want` requests were written (writes are batched each second)."""
+    deadline = time.monotonic() + 15
+    while True:
+        rows = usage_sums(state, None, by)
+        if sum(r["requests"] for r in rows) >= want or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.2)

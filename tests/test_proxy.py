@@ -420,7 +420,7 @@ async def test_client_disconnect_cancels_upstream(
     deadline = time.monotonic() + 5
     while not proxy.state.telemetry.requests and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    assert proxy.state.telemetry.requests == {("fake-model", "499"): 1}
+    assert proxy.state.telemetry.requests == {("fake-model", "499", "openai"): 1}
 
 
 async def test_large_bodies_accepted_up_to_the_limit(
@@ -523,7 +523,7 @@ async def test_single_process_metrics_include_discovery(proxy: RunningProxy) -> 
     await proxy.client().chat.completions.create(model="fake-model", messages=CHAT)
     async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/metrics") as resp:
         text = await resp.text()
-    assert 'llproxy_requests_total{model="fake-model",status="200"} 1.0' in text
+    assert 'llproxy_requests_total{dialect="openai",model="fake-model",status="200"} 1.0' in text
     assert "llproxy_models 1.0" in text and "llproxy_servers 1.0" in text
     assert "llproxy_scan_duration_seconds_count 1.0" in text
 
@@ -557,7 +557,7 @@ async def test_requests_leave_nothing_for_the_cycle_collector(proxy: RunningProx
         gc.garbage.clear()
         gc.enable()
     assert ours == []
-    assert proxy.state.telemetry.requests[("fake-model", "200")] == 18
+    assert proxy.state.telemetry.requests[("fake-model", "200", "openai")] == 18
 
 
 async def test_answers_carry_the_name_the_client_asked_for(

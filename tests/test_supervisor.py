@@ -310,7 +310,9 @@ async def test_metrics_aggregate_over_workers(
         for _ in range(6):
             async with session.get(f"{daemon.url}/metrics", headers={"Connection": "close"}) as r:
                 scrapes.append(await r.text())
-    wanted = f'llproxy_requests_total{{model="fake-model",status="200"}} {float(sent)}'
+    wanted = (
+        f'llproxy_requests_total{{dialect="openai",model="fake-model",status="200"}} {float(sent)}'
+    )
     for text in scrapes:  # whichever worker answers the scrape, it reports all workers
         assert wanted in text
         assert f'llproxy_prompt_tokens_total{{model="fake-model"}} {float(7 * sent)}' in text

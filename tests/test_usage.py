@@ -22,9 +22,9 @@ import pytest
 from llproxy.core.record import RequestRecord
 from llproxy.core.sse import EventRelay, json_document, usage_of_json_answer
 from llproxy.core.usage import UsageRecord
-from llproxy.stores.sqlite import DATABASE, UsageWriter, usage_sums
+from llproxy.stores.sqlite import DATABASE, UsageWriter
 
-from .conftest import ProxyFactory, RunningProxy, UpstreamFactory, write_config
+from .conftest import ProxyFactory, RunningProxy, UpstreamFactory, recorded, write_config
 from .process import LlproxyProcess, create_key, run_cli
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -65,16 +65,6 @@ def test_usage_on_a_content_chunk_is_read_but_the_chunk_kept() -> None:
     events = EventRelay(exchange, None, hide_usage=True)
     assert events.feed(both) + events.finish() == both
     assert exchange.prompt_tokens == 2
-
-
-async def recorded(state: Path, by: str, want: int) -> list[dict[str, Any]]:
-    """Usage rows once `want` requests were written (writes are batched each second)."""
-    deadline = time.monotonic() + 15
-    while True:
-        rows = usage_sums(state, None, by)
-        if sum(r["requests"] for r in rows) >= want or time.monotonic() > deadline:
-            return rows
-        await asyncio.sleep(0.2)
 
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}
