@@ -7,6 +7,7 @@ before any socket is opened.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -249,7 +250,7 @@ def _optional(obj: Mapping[str, Any], key: str, read: Callable[[Any], T], defaul
 
 # --- sections ---------------------------------------------------------------------------
 
-_TIMEOUT_KEYS = {"connect", "first_byte", "idle", "scan", "client_body", "keepalive", "stream_keepalive"}
+_TIMEOUT_KEYS = {f.name for f in dataclasses.fields(Timeouts)}
 
 
 def _timeouts(path: str, value: Any) -> Timeouts:

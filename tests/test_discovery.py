@@ -234,7 +234,13 @@ async def test_rescans_log_only_what_changed_by_name(
     from llproxy.backends.openai_http.discovery import DiscoveryLoop
 
     upstream = await start_upstream(model_ids=["a", "b"])
-    config = parse_config({"endpoints": [upstream.endpoint()], "default_model": "c"})
+    config = parse_config(
+        {
+            "endpoints": [upstream.endpoint()],
+            "default_model": "c",
+            "aliases": {"gpt-4o": "a", "claude-*": "c"},
+        }
+    )
     loop = DiscoveryLoop(config, lambda result: None)
     await loop.start()
     caplog.set_level(logging.INFO, logger="llproxy.discovery")
@@ -251,6 +257,8 @@ async def test_rescans_log_only_what_changed_by_name(
     assert re.fullmatch(r"scan: 1 servers, 2 models in \d+ ms", lines[0])
     assert lines[1:] == [
         "default_model 'c' is not among the 2 models found",
+        "the target 'c' of alias 'claude-*' is not among the 2 models found",
         "scan: new c; gone b (now 1 servers, 2 models)",
         "default_model 'c' is available now",
+        "the target 'c' of alias 'claude-*' is available now",
     ]

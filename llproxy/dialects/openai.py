@@ -64,7 +64,7 @@ class OpenAIDialect:
 
     def translate(self, route: Route, incoming: Incoming) -> OpenAITranslation:
         payload: Payload
-        if incoming.content_type == "multipart/form-data":
+        if incoming.media_type == "multipart/form-data":
             form = FormBody(incoming.body, incoming.headers.get("Content-Type", ""))
             model = form.field("model")
             if model is not None and not model:

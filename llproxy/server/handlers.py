@@ -88,7 +88,7 @@ async def answer_locally(spec: RouteSpec, request: web.Request) -> web.StreamRes
 
 
 def incoming(request: web.Request, body: bytes) -> Incoming:
-    return Incoming(request.match_info, request.query, request.headers, request.content_type, body)
+    return Incoming(request.headers, body)
 
 
 class Catalog:

@@ -136,11 +136,9 @@ class UpstreamResponse:
         self._seam = b""  # a stream's last bytes, where an event end may begin
         self.complete = False
         self.error: Exception | None = None
-
-    @property
-    def content_type(self) -> str:
-        """The media type, lower case and without parameters, as aiohttp reports it."""
-        return self.headers.get("content-type", "").partition(";")[0].strip().lower()
+        # The media type, lower case and without parameters, as aiohttp reports it (known
+        # once the head is in).
+        self.content_type = ""
 
     def at_eof(self) -> bool:
         return self.complete and not self._chunks
@@ -189,6 +187,7 @@ class UpstreamResponse:
             self._waiter.set_result(None)
 
     def _start_body(self) -> None:
+        self.content_type = self.headers.get("content-type", "").partition(";")[0].strip().lower()
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             self._decoder = BoundedDecoder(encoding, self._bounds.compression_ratio)
