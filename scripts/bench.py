@@ -34,6 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 LIMIT_NEVER_REACHED = "1000000000 per 15 minutes"
 PYTHON = sys.executable
 CHAT_PATH = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "Say hello."}]
+# The same streamed answer asked for in the other dialects, through the same llproxy and
+# upstream as the OpenAI stream: what translating a stream costs.
+DIALECT_STREAMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "anthropic": ("/v1/messages", {"max_tokens": 256, "messages": HELLO}),
+    "responses": ("/v1/responses", {"input": "Say hello."}),
+    "ollama": ("/api/chat", {"messages": HELLO}),
+}
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -156,10 +164,8 @@ def wrk(url: str, lua: Path, connections: int, seconds: float) -> WrkResult:
     return WrkResult(rps, p50, p99, total, errors)
 
 
-def lua_script(path: Path, model: str, stream: bool) -> Path:
-    body = json.dumps(
-        {"model": model, "stream": stream, "messages": [{"role": "user", "content": "Say hello."}]}
-    )
+def lua_script(path: Path, model: str, stream: bool, fields: dict[str, Any] | None = None) -> Path:
+    body = json.dumps({"model": model, "stream": stream, **(fields or {"messages": HELLO})})
     path.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(body)}\n"
@@ -440,6 +446,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             args.duration,
                         )
                         bench.record(f"{name}|{'stream' if stream else 'json'}|{conns}", result)
+            top_port, top_model = targets[f"llproxy-{cores}w"]
+            for dialect, (path, fields) in DIALECT_STREAMS.items():
+                lua = lua_script(workdir / f"{dialect}.lua", top_model, True, fields)
+                result = wrk(f"http://127.0.0.1:{top_port}{path}", lua, 32, args.duration)
+                bench.record(f"llproxy-{cores}w|{dialect}-stream|32", result)
             for name, (port, _) in targets.items():
                 bench.record(
                     f"{name}|json|1",
@@ -566,6 +577,13 @@ def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list
         verdicts.append(
             f"{top} with a rate limit on, {key}: {limited:.2f}x of limits off (target ≥ 0.90x)"
         )
+    openai_stream = [r.rps for r in results[f"{top}|stream|32"]]
+    for dialect in DIALECT_STREAMS:
+        translated = [r.rps for r in results[f"{top}|{dialect}-stream|32"]]
+        verdicts.append(
+            f"{top} {dialect} stream c32: {statistics.median(translated):,.0f} req/s, "
+            f"{median_ratio(translated, openai_stream):.2f}x the OpenAI stream (target ≥ 0.75x)"
+        )
     ttfb_rows = []
     for n in timed:
         samples = results[f"{n}|ttfb"]
@@ -633,7 +651,9 @@ load, same moment) and then the median. Load: `wrk -t1 -cN -d{args["duration"]:g
 with a POST of a small chat request, against `scripts/fast_upstream.py` (direct), nginx
 as a plain reverse proxy (`proxy_buffering off`, upstream keep-alive), and llproxy with
 1 worker and one per core (no rate limit, no verbose log), and one per core with a rate
-limit too high to refuse (`+limit`: what limiting costs). Streaming: 20 SSE chunks.
+limit too high to refuse (`+limit`: what limiting costs). Streaming: 20 SSE chunks; the
+same stream is also asked for as Anthropic Messages, OpenAI Responses and Ollama chat
+(c32, through llproxy with one worker per core) and compared with the OpenAI stream.
 Stream timing: the upstream's delay mode (first chunk after 100 ms, then one every 10 ms),
 {args["stream_samples"]} sequential requests per target. Everything on 127.0.0.1 of one
 machine: wrk, the upstream, nginx and llproxy share its cores.

@@ -34,6 +34,8 @@ def json_document(raw: bytes) -> Any:
 
 def event_data(event: bytes) -> bytes:
     """The joined `data:` lines of one event."""
+    if event.startswith(b"data:") and event.count(b"\n") == 2:  # one line: the usual event
+        return event[5:].strip()
     return b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
 
 
@@ -160,6 +162,14 @@ class EventSplitter:
         self.tail = data[-3:]
         return data[:cut]
 
+    def split(self, chunk: bytes) -> list[bytes]:
+        """The events `feed` completes, each whole."""
+        if not self.pending and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:
+            # One whole event per read, as servers write them: no search needed.
+            return [chunk]
+        complete = self.feed(chunk)
+        return split_events(complete) if complete else []
+
     def rest(self) -> bytes:
         """Whatever is left at the stream's end (an unterminated last event)."""
         rest, self.pending = b"".join(self.pending), []
@@ -252,3 +262,34 @@ def completion_as_chunk(raw: bytes) -> bytes:
     ]
     chunk = {**document, "object": "chat.completion.chunk", "choices": choices}
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+class ChoiceReader:
+    """The first choice of every chunk of a model's chat stream, as the bytes arrive, for
+    dialects that translate it: usage goes to the record, an error event ends the read."""
+
+    def __init__(self, record: RequestRecord) -> None:
+        self.record = record
+        self.events = EventSplitter()
+
+    def feed(self, chunk: bytes) -> tuple[list[dict[str, Any]], bytes | None]:
+        """The choices of the events completed by `chunk`, and the error event's JSON when
+        the model's server sent one (nothing after it counts)."""
+        choices: list[dict[str, Any]] = []
+        for event in self.events.split(chunk):
+            document = event_document(event)
+            if not isinstance(document, dict):
+                continue  # [DONE], a comment
+            if isinstance(document.get("error"), dict):
+                return choices, orjson.dumps(document)
+            if "usage" in document:
+                self.record.take_usage(document)
+            for choice in document.get("choices") or ():
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    choices.append(choice)
+        return choices, None
+
+    def rest(self) -> tuple[list[dict[str, Any]], bytes | None]:
+        """The choices of an unterminated last event, at the stream's end."""
+        rest = self.events.rest()
+        return self.feed(rest + b"\n\n") if rest.strip() else ([], None)

@@ -23,7 +23,7 @@ import orjson
 from ..core.call import JsonPayload, Reply, estimate_tokens, json_object
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
-from ..core.sse import EventSplitter, event_document, json_document, split_events
+from ..core.sse import ChoiceReader, json_document
 from . import Answer, Catalog, Incoming, Route
 
 _PREFIXES = ("/v1", "/anthropic/v1")
@@ -446,7 +446,7 @@ class AnthropicStream:
         self.record = record
         self.stops = stops
         self.input_estimate = input_estimate
-        self.events = EventSplitter()
+        self.choices = ChoiceReader(record)
         self.started = False
         self.done = False
         self.index = -1  # of the last block started
@@ -475,21 +475,16 @@ class AnthropicStream:
         return _event("ping", {})
 
     def feed(self, chunk: bytes) -> bytes:
-        complete = self.events.feed(chunk)
-        if not complete or self.done:
+        if self.done:
             return b""
-        out = [self.start()]
-        for event in split_events(complete):
-            document = event_document(event)
-            if not isinstance(document, dict):
-                continue  # [DONE], a comment
-            if isinstance(document.get("error"), dict):
-                out.append(self.fail(UpstreamFailed(502, orjson.dumps(document))))
-                break
-            self.record.take_usage(document)
-            for choice in document.get("choices") or ():
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    out.append(self._choice(choice))
+        return self._read(*self.choices.feed(chunk))
+
+    def _read(self, choices: list[dict[str, Any]], failure: bytes | None) -> bytes:
+        if not choices and failure is None:
+            return b""
+        out = [self.start(), *(self._choice(choice) for choice in choices)]
+        if failure is not None:
+            out.append(self.fail(UpstreamFailed(502, failure)))
         return b"".join(out)
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
@@ -538,7 +533,9 @@ class AnthropicStream:
     def finish(self) -> bytes:
         if self.done:
             return b""
-        out = [self.start(), self.feed(self.events.rest() + b"\n\n")]
+        out = [self.start(), self._read(*self.choices.rest())]
+        if self.done:  # the last event was an error
+            return b"".join(out)
         if self.index < 0 and not self.calls:  # never an empty content: one empty text
             out.append(self._into("text", {"type": "text_delta", "text": ""}))
         out.append(self._close())

@@ -11,6 +11,7 @@ managing models (pull, push, create, copy, delete, blobs) is not llproxy's: 501.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import secrets
 import time
@@ -24,7 +25,7 @@ from ..core.call import JsonPayload, Reply, json_object
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.registry import Model
-from ..core.sse import EventSplitter, event_document, json_document, split_events
+from ..core.sse import ChoiceReader, json_document
 from . import Answer, Catalog, Incoming, Route
 
 VERSION = "0.12.3"  # clients compare it: Copilot needs at least 0.6.4
@@ -60,7 +61,13 @@ def _dict(value: Any) -> dict[str, Any]:
 def _now() -> str:
     """RFC 3339 with nanoseconds, as Ollama writes `created_at`."""
     now = time.time_ns()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}Z"
+    return f"{_second(now // 10**9)}.{now % 10**9:09d}Z"
+
+
+@functools.lru_cache(maxsize=2)
+def _second(seconds: int) -> str:
+    # Every line of a stream carries the time: formatted once a second, not per line.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def _error(status: int, message: str) -> Answer:
@@ -456,7 +463,7 @@ class OllamaStream:
     def __init__(self, translation: OllamaTranslation, record: RequestRecord) -> None:
         self.translation = translation
         self.record = record
-        self.events = EventSplitter()
+        self.choices = ChoiceReader(record)
         self.calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: Any = None
         self.done = False
@@ -479,21 +486,16 @@ class OllamaStream:
         return b""
 
     def feed(self, chunk: bytes) -> bytes:
-        complete = self.events.feed(chunk)
-        if not complete or self.done:
+        if self.done:
             return b""
-        out = []
-        for event in split_events(complete):
-            document = event_document(event)
-            if not isinstance(document, dict):
-                continue
-            if isinstance(document.get("error"), dict):
-                out.append(self.fail(UpstreamFailed(502, orjson.dumps(document))))
-                break
-            self.record.take_usage(document)
-            for choice in document.get("choices") or ():
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    out.append(self._choice(choice))
+        return self._read(*self.choices.feed(chunk))
+
+    def _read(self, choices: list[dict[str, Any]], failure: bytes | None) -> bytes:
+        if not choices and failure is None:
+            return b""
+        out = [*(self._choice(choice) for choice in choices)]
+        if failure is not None:
+            out.append(self.fail(UpstreamFailed(502, failure)))
         return b"".join(out)
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
@@ -520,7 +522,9 @@ class OllamaStream:
     def finish(self) -> bytes:
         if self.done:
             return b""
-        out = self.feed(self.events.rest() + b"\n\n")
+        out = self._read(*self.choices.rest())
+        if self.done:  # the last event was an error
+            return out
         if self.calls and self.translation.kind == "chat":
             calls = [{"function": call} for _, call in sorted(self.calls.items())]
             message = {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls)}

@@ -21,7 +21,7 @@ import orjson
 from ..core.call import JsonPayload, Reply, json_object
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
-from ..core.sse import EventSplitter, event_document, json_document, split_events
+from ..core.sse import ChoiceReader, json_document
 from . import Answer, Catalog, Incoming, Route
 from .openai import OpenAIDialect, error_of
 
@@ -391,7 +391,7 @@ class ResponsesStream:
     def __init__(self, translation: ResponsesTranslation, record: RequestRecord) -> None:
         self.translation = translation
         self.record = record
-        self.events = EventSplitter()
+        self.choices = ChoiceReader(record)
         self.sequence = 0
         self.started = False
         self.done = False
@@ -418,21 +418,16 @@ class ResponsesStream:
         return b": keepalive\n\n"
 
     def feed(self, chunk: bytes) -> bytes:
-        complete = self.events.feed(chunk)
-        if not complete or self.done:
+        if self.done:
             return b""
-        out = [self.start()]
-        for event in split_events(complete):
-            document = event_document(event)
-            if not isinstance(document, dict):
-                continue
-            if isinstance(document.get("error"), dict):
-                out.append(self.fail(UpstreamFailed(502, orjson.dumps(document))))
-                break
-            self.record.take_usage(document)
-            for choice in document.get("choices") or ():
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    out.append(self._choice(choice))
+        return self._read(*self.choices.feed(chunk))
+
+    def _read(self, choices: list[dict[str, Any]], failure: bytes | None) -> bytes:
+        if not choices and failure is None:
+            return b""
+        out = [self.start(), *(self._choice(choice) for choice in choices)]
+        if failure is not None:
+            out.append(self.fail(UpstreamFailed(502, failure)))
         return b"".join(out)
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
@@ -508,7 +503,10 @@ class ResponsesStream:
     def finish(self) -> bytes:
         if self.done:
             return b""
-        out = [self.start(), self.feed(self.events.rest() + b"\n\n"), self._close()]
+        out = [self.start(), self._read(*self.choices.rest())]
+        if self.done:  # the last event was an error
+            return b"".join(out)
+        out.append(self._close())
         for _, call in sorted(self.calls.items()):
             index = len(self.output)
             item_id, call_id = _id("fc"), call.id or _id("call")
