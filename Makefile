@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test chaos lint bench clean
+.PHONY: venv run test chaos claude-code lint bench clean
 
 # pip's and setuptools' chatter goes to .venv/install.log; it is shown only if the install fails.
 $(STAMP): pyproject.toml
@@ -29,6 +29,24 @@ chaos: $(STAMP)
 	scripts/system-deps
 	$(BIN)/python -m pytest -m chaos tests/chaos -s
 
+# The real Claude Code CLI through llproxy to a fake upstream (tests/test_claude_code.py).
+# npm installs the pinned CLI into .cache/ on first use (a native binary, about 400 MB);
+# it runs on Node 20 though the package asks for 22. Then the test takes a few seconds.
+CLAUDE_CODE_VERSION := 2.1.332
+CLAUDE_CODE_DIR := .cache/claude-code
+CLAUDE_CODE_STAMP := $(CLAUDE_CODE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
+
+$(CLAUDE_CODE_STAMP):
+	rm -rf $(CLAUDE_CODE_DIR)
+	npm install --prefix $(CLAUDE_CODE_DIR) --save-exact --engine-strict=false \
+	  --no-audit --no-fund @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+	HOME=$(CLAUDE_CODE_DIR) $(CLAUDE_CODE_DIR)/node_modules/.bin/claude --version \
+	  | grep -qx '$(CLAUDE_CODE_VERSION) (Claude Code)'
+	touch $@
+
+claude-code: $(STAMP) $(CLAUDE_CODE_STAMP)
+	$(BIN)/python -m pytest -m claude_code tests/test_claude_code.py -rA
+
 lint: $(STAMP)
 	$(BIN)/ruff check llproxy tests scripts
 	$(BIN)/ruff format --check llproxy tests scripts
@@ -39,4 +57,4 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .cache

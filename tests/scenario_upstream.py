@@ -306,6 +306,11 @@ class ScenarioUpstream:
             await resp.write_eof()
         return resp
 
+    def steps(self, body: dict[str, Any]) -> list[Step]:
+        """The chat answer to one request body: the scenario's script. A subclass may
+        answer each request after its content (a tool call, then text after the result)."""
+        return script(self.scenario)
+
     def _matched_stop(self, body: dict[str, Any]) -> str:
         stop = body.get("stop")
         return str((stop[0] if isinstance(stop, list) and stop else stop) or self.stop_string)
@@ -314,7 +319,7 @@ class ScenarioUpstream:
         body = await self._record(request)
         if (early := await self._prelude(request, body)) is not None:
             return early
-        steps = script(self.scenario)
+        steps = self.steps(body)
         vllm_stop = {}  # vLLM reports the matched stop string in choices[].stop_reason
         if self.scenario == "stop_sequence":
             vllm_stop = {"stop_reason": self._matched_stop(body)}
