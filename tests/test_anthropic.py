@@ -415,8 +415,8 @@ async def test_claude_code_requests(claude: Claude) -> None:
             },
         ],
         "messages": [
-            {"role": "system", "content": "Reminder: be careful."},
             {"role": "user", "content": [{"type": "text", "text": "ls", "cache_control": {}}]},
+            {"role": "system", "content": "Reminder: be careful."},
         ],
         "tools": [{"name": "Bash", "description": "Run a command", "input_schema": schema}],
         "thinking": {"type": "adaptive"},
@@ -440,11 +440,15 @@ async def test_claude_code_requests(claude: Claude) -> None:
         raw = await resp.read()
     validate_anthropic_stream(raw)
     sent = claude.sent()
-    assert sent["messages"][0]["content"] == (
-        "x-anthropic-billing-header: cc_version=2.1; cch=00000;\nYou are Claude Code."
-    )
-    assert sent["messages"][1] == {"role": "system", "content": "Reminder: be careful."}
-    assert sent["messages"][2] == {"role": "user", "content": "ls"}
+    # One leading system message: local chat templates refuse one anywhere else.
+    assert sent["messages"] == [
+        {
+            "role": "system",
+            "content": "x-anthropic-billing-header: cc_version=2.1; cch=00000;\n"
+            "You are Claude Code.\n\nReminder: be careful.",
+        },
+        {"role": "user", "content": "ls"},
+    ]
     assert sent["tools"][0]["function"]["parameters"] == schema
     # The scenario's server has an 8,192-token context: 64,000 is lowered to what is left.
     assert 7000 < sent["max_tokens"] < 8192

@@ -158,6 +158,12 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(message, dict):
             raise InvalidRequest(f"messages.{i}: must be an object", param=f"messages.{i}")
         out.extend(_message(i, message))
+    # Claude Code puts system text inside `messages`, after the user's turn; many local
+    # chat templates refuse a system message anywhere but first: all of it leads.
+    systems = [m["content"] for m in out if m["role"] == "system"]
+    if len(systems) > 1 or (systems and out[0]["role"] != "system"):
+        leading = {"role": "system", "content": "\n\n".join(systems)}
+        out = [leading, *(m for m in out if m["role"] != "system")]
     chat["messages"] = out
     tools = [_tool(t) for t in body.get("tools") or () if isinstance(t, dict)]
     if tools := [t for t in tools if t is not None]:
@@ -229,7 +235,7 @@ def _parts_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
 def _message(i: int, message: dict[str, Any]) -> list[dict[str, Any]]:
     where = f"messages.{i}"
     role = message.get("role")
-    if role == "system":  # Claude Code puts some inside messages
+    if role == "system":  # Claude Code puts some inside messages (merged by to_chat)
         return [{"role": "system", "content": _text_of(message.get("content"), where)}]
     blocks = _blocks(message.get("content"), where)
     if role == "user":
