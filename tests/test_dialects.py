@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,11 @@ import orjson
 import pytest
 
 from .conftest import ProxyFactory, RunningProxy, free_port_block, recorded, scenario_endpoint
+from .dialect_validators import (
+    validate_anthropic_stream,
+    validate_ollama_stream,
+    validate_responses_stream,
+)
 from .process import create_key
 from .scenario_upstream import ScenarioUpstream
 
@@ -37,6 +43,18 @@ DIALECTS: dict[str, dict[str, Any]] = {
         "path": "/api/chat",
         "body": {"model": "fake-model", "messages": HELLO, "stream": False},
     },
+}
+
+
+def _openai_stream(raw: bytes) -> None:
+    assert raw.endswith(b"data: [DONE]\n\n") and b'"error"' not in raw
+
+
+STREAM_VALIDATORS: dict[str, Callable[[bytes], Any]] = {
+    "openai": _openai_stream,
+    "anthropic": validate_anthropic_stream,
+    "responses": validate_responses_stream,
+    "ollama": lambda raw: validate_ollama_stream(raw, "chat"),
 }
 
 
@@ -65,7 +83,10 @@ async def send(
         aiohttp.ClientSession() as session,
         session.post(f"{proxy.url}{spec['path']}", json=body, headers=headers) as resp,
     ):
-        return resp.status, dict(resp.headers), await resp.read()
+        raw = await resp.read()
+    if stream and resp.status == 200:
+        STREAM_VALIDATORS[dialect](raw)
+    return resp.status, dict(resp.headers), raw
 
 
 @pytest.mark.parametrize("dialect", sorted(DIALECTS))
