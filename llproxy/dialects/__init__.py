@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..core.call import Payload, Reply
-from ..core.errors import ProxyError
+from ..core.errors import ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.registry import Model
+from ..core.sse import ChoiceReader
 
 JSON_TYPE = "application/json"
 
@@ -83,6 +84,45 @@ class StreamTransform(Protocol):
         """What tells the client the stream is alive while the model is silent; b"" for a
         dialect that has none (its stream then opens only with the model's first chunk)."""
         ...
+
+
+class ChoiceStream:
+    """What every stream translated from a model's chat chunks shares: the chunks read
+    into their first choices, each turned into the client's events by `_choice`, and an
+    error event from the model's server ending the stream with `fail`; nothing follows
+    that. A subclass sets `choices` and `done` and gives `start`, `_choice` and `_error`."""
+
+    choices: ChoiceReader
+    done: bool
+
+    def start(self) -> bytes:
+        raise NotImplementedError
+
+    def _choice(self, choice: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def _error(self, error: ProxyError) -> bytes:
+        """The dialect's error event."""
+        raise NotImplementedError
+
+    def fail(self, error: ProxyError) -> bytes:
+        if self.done:
+            return b""
+        self.done = True
+        return self.start() + self._error(error)
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.done:
+            return b""
+        return self._read(*self.choices.feed(chunk))
+
+    def _read(self, choices: list[dict[str, Any]], failure: bytes | None) -> bytes:
+        if not choices and failure is None:
+            return b""
+        out = [self.start(), *(self._choice(choice) for choice in choices)]
+        if failure is not None:
+            out.append(self.fail(UpstreamFailed(502, failure)))
+        return b"".join(out)
 
 
 class Translation(Protocol):

@@ -24,7 +24,7 @@ from ..core.call import JsonPayload, Reply, estimate_tokens, json_object
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, json_document
-from . import Answer, Catalog, Incoming, Route
+from . import Answer, Catalog, ChoiceStream, Incoming, Route
 
 _PREFIXES = ("/v1", "/anthropic/v1")
 _ERROR_TYPES = {
@@ -441,7 +441,7 @@ class _ToolCall:
     arguments: list[str] = field(default_factory=list)
 
 
-class AnthropicStream:
+class AnthropicStream(ChoiceStream):
     """OpenAI chunks → Anthropic events. States: not started; a block open (thinking or
     text) or none; ended (message_stop sent) or failed (an error event sent): nothing
     follows those."""
@@ -479,19 +479,6 @@ class AnthropicStream:
 
     def keepalive(self) -> bytes:
         return _event("ping", {})
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.done:
-            return b""
-        return self._read(*self.choices.feed(chunk))
-
-    def _read(self, choices: list[dict[str, Any]], failure: bytes | None) -> bytes:
-        if not choices and failure is None:
-            return b""
-        out = [self.start(), *(self._choice(choice) for choice in choices)]
-        if failure is not None:
-            out.append(self.fail(UpstreamFailed(502, failure)))
-        return b"".join(out)
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
         out = []
@@ -574,16 +561,6 @@ class AnthropicStream:
         self.done = True
         return b"".join(out)
 
-    def fail(self, error: ProxyError) -> bytes:
-        if self.done:
-            return b""
-        self.done = True
-        return self.start() + _event(
-            "error",
-            {
-                "error": {
-                    "type": _ERROR_TYPES.get(error.status, "api_error"),
-                    "message": error.message,
-                }
-            },
-        )
+    def _error(self, error: ProxyError) -> bytes:
+        kind = _ERROR_TYPES.get(error.status, "api_error")
+        return _event("error", {"error": {"type": kind, "message": error.message}})

@@ -26,7 +26,7 @@ from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFai
 from ..core.record import RequestRecord
 from ..core.registry import Model
 from ..core.sse import ChoiceReader, json_document
-from . import Answer, Catalog, Incoming, Route
+from . import Answer, Catalog, ChoiceStream, Incoming, Route
 
 VERSION = "0.12.3"  # clients compare it: Copilot needs at least 0.6.4
 NDJSON = "application/x-ndjson"
@@ -454,7 +454,7 @@ class OllamaTranslation:
         return OllamaStream(self, record)
 
 
-class OllamaStream:
+class OllamaStream(ChoiceStream):
     """OpenAI chunks → NDJSON lines: text and thinking as they come, tool calls whole once
     the model finished them, then the final object with the counts; or an error line."""
 
@@ -484,19 +484,6 @@ class OllamaStream:
 
     def keepalive(self) -> bytes:
         return b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.done:
-            return b""
-        return self._read(*self.choices.feed(chunk))
-
-    def _read(self, choices: list[dict[str, Any]], failure: bytes | None) -> bytes:
-        if not choices and failure is None:
-            return b""
-        out = [*(self._choice(choice) for choice in choices)]
-        if failure is not None:
-            out.append(self.fail(UpstreamFailed(502, failure)))
-        return b"".join(out)
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
         delta = _dict(choice.get("delta"))
@@ -538,8 +525,5 @@ class OllamaStream:
         self.done = True
         return out
 
-    def fail(self, error: ProxyError) -> bytes:
-        if self.done:
-            return b""
-        self.done = True
+    def _error(self, error: ProxyError) -> bytes:
         return orjson.dumps({"error": error.message}) + b"\n"

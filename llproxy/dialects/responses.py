@@ -22,7 +22,7 @@ from ..core.call import JsonPayload, Reply, json_object
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, json_document
-from . import Answer, Catalog, Incoming, Route
+from . import Answer, Catalog, ChoiceStream, Incoming, Route
 from .openai import OpenAIDialect, error_of
 
 # Input fields that need state or tools llproxy does not have: a 400 that names them.
@@ -382,7 +382,7 @@ class _Open:
     text: list[str] = field(default_factory=list)
 
 
-class ResponsesStream:
+class ResponsesStream(ChoiceStream):
     """OpenAI chunks → Responses events, each numbered. States: not started; an item open
     (reasoning or message) or none; ended (a terminal event sent): nothing follows."""
 
@@ -416,19 +416,6 @@ class ResponsesStream:
 
     def keepalive(self) -> bytes:
         return b": keepalive\n\n"
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.done:
-            return b""
-        return self._read(*self.choices.feed(chunk))
-
-    def _read(self, choices: list[dict[str, Any]], failure: bytes | None) -> bytes:
-        if not choices and failure is None:
-            return b""
-        out = [self.start(), *(self._choice(choice) for choice in choices)]
-        if failure is not None:
-            out.append(self.fail(UpstreamFailed(502, failure)))
-        return b"".join(out)
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
         out = []
@@ -535,12 +522,7 @@ class ResponsesStream:
         self.done = True
         return b"".join(out)
 
-    def fail(self, error: ProxyError) -> bytes:
-        if self.done:
-            return b""
-        self.done = True
+    def _error(self, error: ProxyError) -> bytes:
         # A top-level `error` object: the SDKs raise it as an APIError.
         failure = {"code": error.code, "message": error.message, "param": error.param}
-        return self.start() + self._event(
-            "error", {**failure, "error": {"type": error.type, **failure}}
-        )
+        return self._event("error", {**failure, "error": {"type": error.type, **failure}})
