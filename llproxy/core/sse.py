@@ -12,6 +12,7 @@ import functools
 import re
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -293,3 +294,45 @@ class ChoiceReader:
         """The choices of an unterminated last event, at the stream's end."""
         rest = self.events.rest()
         return self.feed(rest + b"\n\n") if rest.strip() else ([], None)
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """One tool call of a streamed answer, gathered from its fragments."""
+
+    id: str = ""
+    name: str = ""
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.parts)
+
+
+class ToolCalls:
+    """The tool calls of a streamed answer, whose fragments may come in any order: the
+    arguments before the id and name, interleaved with another call's, or all at the end.
+    Translators send each whole once the model has finished."""
+
+    def __init__(self) -> None:
+        self.by_index: dict[int, ToolCall] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.by_index)
+
+    def add(self, delta: dict[str, Any]) -> None:
+        """The fragments a chunk's delta carries."""
+        for fragment in delta.get("tool_calls") or ():
+            if not isinstance(fragment, dict):
+                continue
+            index = fragment.get("index")
+            call = self.by_index.setdefault(index if isinstance(index, int) else 0, ToolCall())
+            function = fragment.get("function")
+            function = function if isinstance(function, dict) else {}
+            call.id = call.id or str(fragment.get("id") or "")
+            call.name = call.name or str(function.get("name") or "")
+            if isinstance(function.get("arguments"), str):
+                call.parts.append(function["arguments"])
+
+    def in_order(self) -> list[ToolCall]:
+        return [call for _, call in sorted(self.by_index.items())]

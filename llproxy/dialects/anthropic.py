@@ -15,7 +15,6 @@ import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -23,7 +22,7 @@ import orjson
 from ..core.call import JsonPayload, Reply, estimate_tokens, json_object
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
-from ..core.sse import ChoiceReader, json_document
+from ..core.sse import ChoiceReader, ToolCalls, json_document
 from . import Answer, Catalog, ChoiceStream, Incoming, Route
 
 _PREFIXES = ("/v1", "/anthropic/v1")
@@ -432,15 +431,6 @@ def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
 # --- stream ------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _ToolCall:
-    """One tool call gathered from its fragments, sent whole at the end."""
-
-    id: str = ""
-    name: str = ""
-    arguments: list[str] = field(default_factory=list)
-
-
 class AnthropicStream(ChoiceStream):
     """OpenAI chunks → Anthropic events. States: not started; a block open (thinking or
     text) or none; ended (message_stop sent) or failed (an error event sent): nothing
@@ -457,7 +447,7 @@ class AnthropicStream(ChoiceStream):
         self.done = False
         self.index = -1  # of the last block started
         self.open: str | None = None  # "thinking" or "text"
-        self.calls: dict[int, _ToolCall] = {}
+        self.calls = ToolCalls()
         self.finish_reason: Any = None
         self.matched: Any = None
 
@@ -487,14 +477,7 @@ class AnthropicStream(ChoiceStream):
             out.append(self._into("thinking", {"type": "thinking_delta", "thinking": thought}))
         if isinstance(delta.get("content"), str) and delta["content"]:
             out.append(self._into("text", {"type": "text_delta", "text": delta["content"]}))
-        for fragment in delta.get("tool_calls") or ():
-            if isinstance(fragment, dict):
-                call = self.calls.setdefault(fragment.get("index") or 0, _ToolCall())
-                function = fragment.get("function") or {}
-                call.id = call.id or fragment.get("id") or ""
-                call.name = call.name or function.get("name") or ""
-                if isinstance(function.get("arguments"), str):
-                    call.arguments.append(function["arguments"])
+        self.calls.add(delta)
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
             self.matched = choice.get("stop_reason")
@@ -532,7 +515,7 @@ class AnthropicStream(ChoiceStream):
         if self.index < 0 and not self.calls:  # never an empty content: one empty text
             out.append(self._into("text", {"type": "text_delta", "text": ""}))
         out.append(self._close())
-        for _, call in sorted(self.calls.items()):
+        for call in self.calls.in_order():
             self.index += 1
             block = {
                 "type": "tool_use",
@@ -540,7 +523,7 @@ class AnthropicStream(ChoiceStream):
                 "name": call.name,
                 "input": {},
             }
-            arguments = orjson.dumps(_tool_input("".join(call.arguments))).decode()
+            arguments = orjson.dumps(_tool_input(call.arguments)).decode()
             delta = {"type": "input_json_delta", "partial_json": arguments}
             out += [
                 _event("content_block_start", {"index": self.index, "content_block": block}),

@@ -25,7 +25,7 @@ from ..core.call import JsonPayload, Reply, json_object
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.registry import Model
-from ..core.sse import ChoiceReader, json_document
+from ..core.sse import ChoiceReader, ToolCalls, json_document
 from . import Answer, Catalog, ChoiceStream, Incoming, Route
 
 VERSION = "0.12.3"  # clients compare it: Copilot needs at least 0.6.4
@@ -464,7 +464,7 @@ class OllamaStream(ChoiceStream):
         self.translation = translation
         self.record = record
         self.choices = ChoiceReader(record)
-        self.calls: dict[int, dict[str, Any]] = {}
+        self.calls = ToolCalls()
         self.finish_reason: Any = None
         self.done = False
 
@@ -490,15 +490,7 @@ class OllamaStream(ChoiceStream):
         text = delta.get("content") if "delta" in choice else choice.get("text")
         thinking = delta.get("reasoning_content") or delta.get("reasoning")
         thinking = thinking if isinstance(thinking, str) and self.translation.think else ""
-        for fragment in delta.get("tool_calls") or ():
-            if isinstance(fragment, dict):
-                call = self.calls.setdefault(
-                    fragment.get("index") or 0, {"name": "", "arguments": ""}
-                )
-                function = _dict(fragment.get("function"))
-                call["name"] = call["name"] or function.get("name") or ""
-                if isinstance(function.get("arguments"), str):
-                    call["arguments"] += function["arguments"]
+        self.calls.add(delta)
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
         if (isinstance(text, str) and text) or thinking:
@@ -513,7 +505,10 @@ class OllamaStream(ChoiceStream):
         if self.done:  # the last event was an error
             return out
         if self.calls and self.translation.kind == "chat":
-            calls = [{"function": call} for _, call in sorted(self.calls.items())]
+            calls = [
+                {"function": {"name": call.name, "arguments": call.arguments}}
+                for call in self.calls.in_order()
+            ]
             message = {"role": "assistant", "content": "", "tool_calls": _tool_calls(calls)}
             out += self._line(message=message, done=False)
         reason = "length" if self.finish_reason == "length" else "stop"

@@ -21,7 +21,7 @@ import orjson
 from ..core.call import JsonPayload, Reply, json_object
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
-from ..core.sse import ChoiceReader, json_document
+from ..core.sse import ChoiceReader, ToolCalls, json_document
 from . import Answer, Catalog, ChoiceStream, Incoming, Route
 from .openai import OpenAIDialect, error_of
 
@@ -366,13 +366,6 @@ class ResponsesTranslation:
 
 
 @dataclass(slots=True)
-class _Call:
-    id: str = ""
-    name: str = ""
-    arguments: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
 class _Open:
     """The output item being streamed: a reasoning or a message item."""
 
@@ -397,7 +390,7 @@ class ResponsesStream(ChoiceStream):
         self.done = False
         self.output: list[dict[str, Any]] = []  # items done
         self.open: _Open | None = None
-        self.calls: dict[int, _Call] = {}
+        self.calls = ToolCalls()
         self.finish_reason: Any = None
 
     def _event(self, name: str, data: dict[str, Any]) -> bytes:
@@ -425,14 +418,7 @@ class ResponsesStream(ChoiceStream):
             out.append(self._into("reasoning", "response.reasoning_text.delta", thought))
         if isinstance(delta.get("content"), str) and delta["content"]:
             out.append(self._into("message", "response.output_text.delta", delta["content"]))
-        for fragment in delta.get("tool_calls") or ():
-            if isinstance(fragment, dict):
-                call = self.calls.setdefault(fragment.get("index") or 0, _Call())
-                function = _dict(fragment.get("function"))
-                call.id = call.id or fragment.get("id") or ""
-                call.name = call.name or function.get("name") or ""
-                if isinstance(function.get("arguments"), str):
-                    call.arguments.append(function["arguments"])
+        self.calls.add(delta)
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
         return b"".join(out)
@@ -494,10 +480,10 @@ class ResponsesStream(ChoiceStream):
         if self.done:  # the last event was an error
             return b"".join(out)
         out.append(self._close())
-        for _, call in sorted(self.calls.items()):
+        for call in self.calls.in_order():
             index = len(self.output)
             item_id, call_id = _id("fc"), call.id or _id("call")
-            arguments = "".join(call.arguments) or "{}"
+            arguments = call.arguments or "{}"
             added = _call_item(item_id, call_id, call.name, "", "in_progress")
             item = _call_item(item_id, call_id, call.name, arguments, "completed")
             place = {"item_id": item_id, "output_index": index}
