@@ -90,7 +90,8 @@ class ChoiceStream:
     """What every stream translated from a model's chat chunks shares: the chunks read
     into their first choices, each turned into the client's events by `_choice`, and an
     error event from the model's server ending the stream with `fail`; nothing follows
-    that. A subclass sets `choices` and `done` and gives `start`, `_choice` and `_error`."""
+    that. A subclass sets `choices` and `done` and gives `start`, `_choice`, `_error`
+    and `_end`."""
 
     choices: ChoiceReader
     done: bool
@@ -104,6 +105,20 @@ class ChoiceStream:
     def _error(self, error: ProxyError) -> bytes:
         """The dialect's error event."""
         raise NotImplementedError
+
+    def _end(self) -> bytes:
+        """What closes a stream the model finished: open blocks, the gathered tool calls,
+        the stop and the usage."""
+        raise NotImplementedError
+
+    def finish(self) -> bytes:
+        if self.done:
+            return b""
+        last = self.start() + self._read(*self.choices.rest())
+        if self.done:  # the last event was an error
+            return last
+        self.done = True
+        return last + self._end()
 
     def fail(self, error: ProxyError) -> bytes:
         if self.done:

@@ -506,12 +506,8 @@ class AnthropicStream(ChoiceStream):
         self.open = None
         return out + _event("content_block_stop", {"index": self.index})
 
-    def finish(self) -> bytes:
-        if self.done:
-            return b""
-        out = [self.start(), self._read(*self.choices.rest())]
-        if self.done:  # the last event was an error
-            return b"".join(out)
+    def _end(self) -> bytes:
+        out = []
         if self.index < 0 and not self.calls:  # never an empty content: one empty text
             out.append(self._into("text", {"type": "text_delta", "text": ""}))
         out.append(self._close())
@@ -541,7 +537,6 @@ class AnthropicStream(ChoiceStream):
             _event("message_delta", {"delta": ending, "usage": usage}),
             _event("message_stop", {}),
         ]
-        self.done = True
         return b"".join(out)
 
     def _error(self, error: ProxyError) -> bytes:

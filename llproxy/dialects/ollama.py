@@ -498,12 +498,8 @@ class OllamaStream(ChoiceStream):
             return self._text(text if isinstance(text, str) else "", thinking)
         return b""
 
-    def finish(self) -> bytes:
-        if self.done:
-            return b""
-        out = self._read(*self.choices.rest())
-        if self.done:  # the last event was an error
-            return out
+    def _end(self) -> bytes:
+        out = b""
         if self.calls and self.translation.kind == "chat":
             calls = [
                 {"function": {"name": call.name, "arguments": call.arguments}}
@@ -517,7 +513,6 @@ class OllamaStream(ChoiceStream):
             out += self._line(message={"role": "assistant", "content": ""}, **last)
         else:
             out += self._line(response="", **last)
-        self.done = True
         return out
 
     def _error(self, error: ProxyError) -> bytes:

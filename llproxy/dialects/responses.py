@@ -473,13 +473,8 @@ class ResponsesStream(ChoiceStream):
         self.open = None
         return out
 
-    def finish(self) -> bytes:
-        if self.done:
-            return b""
-        out = [self.start(), self._read(*self.choices.rest())]
-        if self.done:  # the last event was an error
-            return b"".join(out)
-        out.append(self._close())
+    def _end(self) -> bytes:
+        out = [self._close()]
         for call in self.calls.in_order():
             index = len(self.output)
             item_id, call_id = _id("fc"), call.id or _id("call")
@@ -505,7 +500,6 @@ class ResponsesStream(ChoiceStream):
         # Also when the answer was cut short (status "incomplete"): the SDKs' stream helpers
         # take the final response only from response.completed.
         out.append(self._event("response.completed", {"response": response}))
-        self.done = True
         return b"".join(out)
 
     def _error(self, error: ProxyError) -> bytes:
