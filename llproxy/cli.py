@@ -238,7 +238,7 @@ def scan_command(config_path: str | None, as_json: bool) -> None:
 
 @main.group()
 def keys() -> None:
-    """Client API keys. Once any key exists, every /v1 request needs one."""
+    """API keys: clients' (once any exists, every model request needs one) and operators'."""
 
 
 @keys.command("create")
@@ -262,6 +262,13 @@ def keys() -> None:
     type=LOCAL_DATE,
     help="Local date (and time) after which the key stops working.",
 )
+@click.option(
+    "--operator",
+    is_flag=True,
+    help="A key for a person who answers as an operator model (the operator page, "
+    "`llproxy operator`); it calls no model. --models then limits the operator models "
+    "whose requests they see.",
+)
 def keys_create(
     config_path: str | None,
     state_dir: str | None,
@@ -269,6 +276,7 @@ def keys_create(
     models: str,
     rate_limit: str | None,
     expires: Any,
+    operator: bool,
 ) -> None:
     """Create a key and print its secret alone on stdout (it is shown only this once)."""
     from .config import rate_limit_value
@@ -286,7 +294,7 @@ def keys_create(
     config = load_or_exit(config_path, frozenset(), state_dir=state_dir)
     try:
         secret = create_key(
-            config, name, globs, expires.timestamp() if expires else None, rate_limit
+            config, name, globs, expires.timestamp() if expires else None, rate_limit, operator
         )
     except KeyFieldError as exc:
         message = str(exc).partition(": ")[2]

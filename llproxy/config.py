@@ -59,7 +59,8 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One configured source of models: a port range on a host, or one known server URL."""
+    """One configured source of models: a port range on a host, one known server URL, or
+    a human operator who answers as a model."""
 
     index: int
     hostname: str | None = None
@@ -71,9 +72,17 @@ class Endpoint:
     models: tuple[str, ...] | None = None
     tags: tuple[str, ...] = ()
     enable: bool = True
+    # A human operator: the model's base name, and how long a request may wait.
+    operator: str | None = None
+    queue_timeout: float = 300.0  # seconds unclaimed
+    idle_timeout: float = 120.0  # seconds of silence from the operator who claimed it
+    fallback: str | None = None  # the model that answers when a timeout runs out
 
     def base_urls(self) -> list[str]:
-        """The OpenAI base URLs (ending in /v1) this endpoint stands for."""
+        """The OpenAI base URLs (ending in /v1) this endpoint stands for (none for an
+        operator, who is not scanned)."""
+        if self.operator is not None:
+            return []
         if self.url is not None:
             return [self.url]
         assert self.hostname is not None and self.port_start is not None
@@ -264,7 +273,9 @@ def _timeouts(path: str, value: Any) -> Timeouts:
     return Timeouts(**chosen)
 
 
-_ENDPOINT_KEYS = {
+_OPERATOR_KEYS = {"operator", "tags", "enable", "queue_timeout", "idle_timeout", "fallback"}
+_OPERATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ENDPOINT_KEYS = _OPERATOR_KEYS | {
     "hostname",
     "port_start",
     "port_end",
@@ -275,6 +286,28 @@ _ENDPOINT_KEYS = {
     "tags",
     "enable",
 }
+
+
+def _operator(path: str, obj: dict[str, Any], common: dict[str, Any]) -> Endpoint:
+    for key in sorted(set(obj) - _OPERATOR_KEYS):
+        raise ConfigError(f"{path}.{key}: not for an operator endpoint")
+    name = _nonempty_str(f"{path}.operator", obj["operator"])
+    if not _OPERATOR_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{path}.operator: 1 to 64 letters, digits, '.', '_' or '-', got {name[:80]!r}"
+        )
+    defaults = Endpoint(index=0)
+
+    def seconds(key: str, default: float) -> float:
+        return _optional(obj, key, lambda v: _positive_number(f"{path}.{key}", v), default)
+
+    return Endpoint(
+        operator=name,
+        queue_timeout=seconds("queue_timeout", defaults.queue_timeout),
+        idle_timeout=seconds("idle_timeout", defaults.idle_timeout),
+        fallback=_optional(obj, "fallback", lambda v: _nonempty_str(f"{path}.fallback", v), None),
+        **common,
+    )
 
 
 def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
@@ -298,6 +331,10 @@ def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
     common: dict[str, Any] = dict(
         index=index, tags=tags, enable=enable, filter=filter_, apikey=apikey
     )
+    if "operator" in obj:
+        return _operator(path, obj, common)
+    for key in sorted(set(obj) & (_OPERATOR_KEYS - {"tags", "enable"})):
+        raise ConfigError(f"{path}.{key}: only for an operator endpoint (with operator)")
 
     if "url" in obj:
         clash = sorted({"hostname", "port_start", "port_end"} & set(obj))

@@ -58,9 +58,9 @@ class RunningProxy:
     def state(self) -> ProxyState:
         return self.app[STATE]
 
-    def client(self, **kwargs: Any) -> openai.AsyncOpenAI:
+    def client(self, api_key: str = "client-secret", **kwargs: Any) -> openai.AsyncOpenAI:
         client = openai.AsyncOpenAI(
-            base_url=f"{self.url}/v1", api_key="client-secret", max_retries=0, **kwargs
+            base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs
         )
         self.clients.append(client)
         return client

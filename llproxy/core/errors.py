@@ -157,3 +157,29 @@ class InternalError(ProxyError):
 
     def __init__(self) -> None:
         super().__init__("internal error in llproxy")
+
+
+class OperatorFailed(ProxyError):
+    """A request a human operator did not answer. The client must not send it again by
+    itself: that would queue the same prompt for a person twice."""
+
+    def headers(self) -> dict[str, str]:
+        return {"x-should-retry": "false"}
+
+
+class OperatorRejected(OperatorFailed):
+    status = 400
+    type = "invalid_request_error"
+    code = "rejected_by_operator"
+
+
+class OperatorTimeout(OperatorFailed):
+    status = 504
+    type = "timeout_error"
+    code = "operator_timeout"
+
+
+class OperatorKeyRefused(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "operator_key"

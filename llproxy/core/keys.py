@@ -73,6 +73,7 @@ class ApiKey:
     created: float = 0.0
     revoked: float | None = None
     rate_limit: str | None = None  # overrides the config's rate_limit for this key
+    operator: bool = False  # opens the operator interfaces, and nothing else
 
     @property
     def fingerprint(self) -> str:
@@ -105,8 +106,9 @@ class KeyRing:
 
     @property
     def enabled(self) -> bool:
-        """Once any key exists (even a revoked one), every API request needs a key."""
-        return bool(self.keys)
+        """Once any client key exists (even a revoked one), every API request needs a
+        key. Operator keys do not count: they never call models."""
+        return any(not key.operator for key in self.keys.values())
 
     def replace(self, stored: Iterable[ApiKey]) -> None:
         self.keys = {**self._static, **{k.key_hash: k for k in stored}}
@@ -141,6 +143,7 @@ def key_rows(keys: Iterable[ApiKey]) -> list[dict[str, Any]]:
             "expires": k.expires,
             "revoked": k.revoked,
             "rate_limit": k.rate_limit,
+            "role": "operator" if k.operator else "client",
             "status": key_status(k, now),
         }
         for k in keys

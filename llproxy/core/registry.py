@@ -81,6 +81,7 @@ class FoundModel:
     entry: Mapping[str, Any]
     context_length: int | None = None
     capabilities: tuple[str, ...] = ()
+    backend: str = "openai_http"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,9 @@ class Registry:
         models = {}
         for name in sorted(grouped):
             items = grouped[name]
-            replicas = tuple(dict.fromkeys(Replica(i.upstream, i.upstream_id) for i in items))
+            replicas = tuple(
+                dict.fromkeys(Replica(i.upstream, i.upstream_id, i.backend) for i in items)
+            )
             lengths = [i.context_length for i in items if i.context_length]
             models[name] = Model(
                 name,

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from ..config import Config, parse_networks
 from ..core.call import INSTANCE_HEADER, via_name
-from ..core.errors import InvalidApiKey, LoopDetected
+from ..core.errors import InvalidApiKey, LoopDetected, OperatorKeyRefused
 from ..core.keys import ApiKey, KeyRing
 from ..core.record import RequestRecord
 from ..stores import RateCounter
@@ -73,4 +73,14 @@ class Gateway:
                 else "An API key is required: send 'Authorization: Bearer <key>' or "
                 "'x-api-key: <key>'"
             )
+        if key.operator:
+            raise OperatorKeyRefused(
+                "this is an operator key: it opens the operator interfaces, not the models"
+            )
         return key
+
+    def operator(self, secret: str) -> ApiKey | None:
+        """The operator key a secret belongs to; None for anything else (a client key, a
+        revoked, expired or unknown one), told apart nowhere."""
+        key = self.keys.authenticate(secret) if secret else None
+        return key if key is not None and key.operator else None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
+from ..core.desk import Ticket
 from ..core.ratelimit import Verdict
 from ..core.registry import Registry
 from ..core.usage import UsageRecord
@@ -100,6 +101,64 @@ class RateLimitRequest:
     client: str
 
 
+# --- the operators' desk, which the supervisor holds ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeskSubmit:
+    ticket: Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class DeskWithdraw:
+    ticket_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeskAttach:
+    conn: str
+    name: str
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeskDetach:
+    conn: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeskCommand:
+    conn: str
+    command: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeskToClient:
+    """What the desk says to a ticket's client (in the worker that holds it)."""
+
+    ticket_id: str
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeskToOperator:
+    """What the desk says to an operator's socket (in the worker that holds it)."""
+
+    conn: str
+    event: dict[str, Any]
+
+
+DeskMessage = (
+    DeskSubmit
+    | DeskWithdraw
+    | DeskAttach
+    | DeskDetach
+    | DeskCommand
+    | DeskToClient
+    | DeskToOperator
+)
+
+
 # --- replies, to whoever asked --------------------------------------------------------
 
 
@@ -126,6 +185,7 @@ Message = (
     | RateLimitRequest
     | MetricsReply
     | RateLimitReply
+    | DeskMessage
 )
 Reply = StatsReply | MetricsReply | RateLimitReply
 

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterable
 
 from ..config import Config
+from ..core.desk import HeldDesk
 from ..stores.memory import DequeWindows
 from ..stores.sqlite import UsageWriter, state_dir
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
@@ -19,6 +20,7 @@ from .channel import (
     StatsReply,
     StatsRequest,
 )
+from .desk import DeskHost
 
 log = logging.getLogger("llproxy.supervisor")
 
@@ -33,6 +35,9 @@ class MasterServices:
         # Numbers of workers that exited, and the latest numbers of each live one.
         self.retired = Telemetry()
         self.last_seen: dict[int, Telemetry] = {}
+        # The operators' desk of the whole host, and its ends in the workers.
+        self.desk = HeldDesk()
+        self.desks = DeskHost(self.desk)
 
     async def stats(self, workers: Iterable[tuple[int, Calls]]) -> list[StatsReply]:
         """Every serving worker's numbers (those that answer within STATS_TIMEOUT)."""

@@ -32,6 +32,11 @@ from ..stores import HostShare
 from .channel import (
     Calls,
     Channel,
+    DeskAttach,
+    DeskCommand,
+    DeskDetach,
+    DeskSubmit,
+    DeskWithdraw,
     MetricsRequest,
     RateLimitRequest,
     Ready,
@@ -120,6 +125,7 @@ class Supervisor:
         # The host's rate table, mapped by every worker; made before any worker exists.
         self.host = HostShare.create(self._context)
         self.services = MasterServices(config)
+        self.services.desk.exists = self._model_exists
         self.discovery = DiscoveryLoop(config, self.publish)
 
     # --- workers -----------------------------------------------------------------------
@@ -173,6 +179,8 @@ class Supervisor:
                 self.services.last_seen[worker_id] = telemetry
             case StatsReply():
                 sender.calls.resolve(message)
+            case DeskSubmit() | DeskWithdraw() | DeskAttach() | DeskDetach() | DeskCommand():
+                self.services.desks.handle(sender.worker_id, sender.channel.send, message)
 
     def _calls(self) -> list[tuple[int, Calls]]:
         return [(handle.worker_id, handle.calls) for handle in self._serving()]
@@ -193,6 +201,7 @@ class Supervisor:
         if not self.workers:
             self._all_exited.set()
         self.services.worker_exited(handle.worker_id)
+        self.services.desks.worker_gone(handle.worker_id)
         code = handle.process.exitcode
         how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
         served = handle.ready is not None and handle.ready.done() and not handle.ready.cancelled()
@@ -249,6 +258,13 @@ class Supervisor:
     def _broadcast(self, message: RegistryUpdate | WorkerCount) -> None:
         for handle in list(self.workers.values()):
             handle.channel.send(message)
+
+    def _model_exists(self, name: str) -> bool:
+        """Whether an operator may hand off to this name (a model or an alias of one)."""
+        if name in self.registry.models:
+            return True
+        target = dict(self.config.aliases).get(name)
+        return target is not None and target in self.registry.models
 
     def publish(self, result: ScanResult) -> None:
         self.registry = result.registry
@@ -437,6 +453,7 @@ class Supervisor:
             await self._watch(handle)
         await self.discovery.start()
         self.services.usage.start()
+        self.services.desk.start()
         try:
             await self.discovery.scan_now()
         except Exception:
@@ -466,6 +483,7 @@ class Supervisor:
                 self.console.start(self.enqueue)
         await self._done
         await self.discovery.stop()
+        await self.services.desk.close()
         # After every worker exited: their last usage batches are in, write them all.
         await self.services.usage.close()
         dispatcher.cancel()

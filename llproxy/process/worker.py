@@ -21,12 +21,15 @@ from ..core.errors import ServiceUnavailable
 from ..core.ratelimit import Verdict
 from ..server.app import create_app
 from ..server.http import AppRunner
+from ..server.operator import close_operator_sockets
 from ..server.state import STATE, ProxyState
 from ..stores import build_services
 from ..ui.logs import setup_logging
 from .channel import (
     Calls,
     Channel,
+    DeskToClient,
+    DeskToOperator,
     MetricsReply,
     MetricsRequest,
     RateLimitReply,
@@ -39,6 +42,7 @@ from .channel import (
     WorkerCount,
     WorkerSpec,
 )
+from .desk import ChannelDesk
 
 log = logging.getLogger("llproxy.worker")
 
@@ -77,11 +81,13 @@ async def serve(spec: WorkerSpec) -> None:
             raise ServiceUnavailable("the rate limiter is unavailable")
         return reply.verdict
 
+    desk = ChannelDesk(channel.send)
     services = build_services(
         spec.config,
         host=spec.host,
         forward_usage=lambda records: channel.send(UsageBatch(records)),
         overflow=overflow,
+        desk=desk,
     )
     app = create_app(spec.config, services, worker_id=spec.worker_id, discover=False)
     state = app[STATE]
@@ -100,6 +106,8 @@ async def serve(spec: WorkerSpec) -> None:
                 channel.send(dataclasses.replace(stats(), token=token))
             case MetricsReply() | RateLimitReply():
                 calls.resolve(message)
+            case DeskToClient() | DeskToOperator():
+                desk.deliver(message)
 
     async def metrics_from_supervisor() -> bytes:
         try:
@@ -155,6 +163,7 @@ async def drain(
     what is left."""
     await site.stop()
     state.draining = True
+    await close_operator_sockets(state)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + graceful
     quiet_since: float | None = None

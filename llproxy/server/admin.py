@@ -79,8 +79,11 @@ class AdminApi:
             rate_limit = rate_limit_value("rate_limit", body.get("rate_limit"))
         except ConfigError as exc:
             raise InvalidRequest(str(exc), param="rate_limit") from None
+        operator = body.get("operator", False)
+        if not isinstance(operator, bool):
+            raise InvalidRequest("'operator' must be true or false", param="operator")
         try:
-            secret = create_key(self.config, name, models, expires, rate_limit)
+            secret = create_key(self.config, name, models, expires, rate_limit, operator)
         except KeyFieldError as exc:
             raise InvalidRequest(str(exc), param=exc.field) from None
         except ValueError as exc:

@@ -17,7 +17,7 @@ from ..backends.openai_http.discovery import DiscoveryLoop
 from ..config import Config
 from ..dialects import Route
 from ..stores import Services, build_services
-from . import handlers
+from . import handlers, operator
 from .admin import AdminApi
 from .body import continue_later
 from .handlers import Handler
@@ -59,6 +59,10 @@ def create_app(
         add(method, path, handlers.route_handler, ordered)
     system = (RouteSpec(state.dialects[0], _SYSTEM, accounted=False),)
     add("GET", "/health", handlers.health, system)
+    add("GET", operator.SOCKET_PATH, operator.operator_socket, system)
+    add("GET", "/operator", operator.operator_root, system)
+    add("GET", "/operator/", operator.operator_page, system)
+    add("GET", "/operator/{file}", operator.operator_page, system)
     add("GET", "/metrics", handlers.metrics, system)
     if config.cors_origins:
         add("OPTIONS", "/{path:.*}", handlers.preflight, system)

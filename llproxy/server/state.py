@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -10,7 +11,12 @@ from aiohttp import web
 from ..backends.openai_http import OpenAIHttpBackend
 from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..backends.openai_http.transport import response_bounds
+from ..backends.operator import BACKEND as OPERATOR_BACKEND
+from ..backends.operator import OperatorBackend
 from ..config import Config
+from ..core.call import Call, Reply
+from ..core.desk import Desk
+from ..core.errors import ProxyError
 from ..core.record import RequestRecord
 from ..core.registry import Registry
 from ..core.router import Router
@@ -46,7 +52,19 @@ class ProxyState:
         # supervisor's merge of every worker's.
         self.metrics: Callable[[], Awaitable[bytes]] = self._own_metrics
         self.backend = OpenAIHttpBackend(config.timeouts, response_bounds(config), config.instance)
-        self.router = Router(lambda: self.registry, {"openai_http": self.backend}, config.aliases)
+        self.operators = OperatorBackend(
+            config.endpoints, services.desk, config.timeouts.stream_keepalive, worker_id
+        )
+        self.router = Router(
+            lambda: self.registry,
+            {"openai_http": self.backend, OPERATOR_BACKEND: self.operators},
+            config.aliases,
+        )
+        self.operators.handoff = self._hand_off
+        if isinstance(services.desk, Desk):  # held here: it asks this registry
+            services.desk.exists = self._exists
+        # The operator sockets open in this process, closed when it retires.
+        self.operator_sockets: set[web.WebSocketResponse] = set()
         self.gateway = Gateway(config, services.keys, services.rate)
         self.accounting = Accounting(self.telemetry, services.usage, worker_id)
         self.dialects: tuple[Dialect, ...] = (
@@ -55,6 +73,19 @@ class ProxyState:
             ResponsesDialect(),
             OllamaDialect(),
         )
+
+    async def _hand_off(self, call: Call, record: RequestRecord) -> Reply:
+        """An operator's request answered by a model after all (the client's key still
+        decides what it may reach)."""
+        model = self.router.resolve(call.model, record.key)
+        return await self.router.send(dataclasses.replace(call, model=model.name), model, record)
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self.router.resolve(name, None)
+        except ProxyError:
+            return False
+        return True
 
     def set_registry(self, registry: Registry) -> None:
         self.registry = registry

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from ..config import Config
+from ..core.desk import DeskPort, HeldDesk
 from ..core.keys import KeyRing
 from ..core.ratelimit import Verdict
 from ..core.usage import UsageRecord
@@ -158,13 +159,16 @@ class Services:
     key_sync: KeySync
     usage: UsageSink
     rate: RateCounter  # asked only for a client that a limit applies to
+    desk: DeskPort  # the operators' queue: held here, or reached over a channel
 
     def start(self) -> None:
         self.key_sync.refresh_stored()
         self.key_sync.start()
         self.usage.start()
+        self.desk.start()
 
     async def close(self) -> None:
+        await self.desk.close()
         await self.key_sync.close()
         await self.usage.close()
         await self.rate.close()
@@ -178,10 +182,11 @@ def build_services(
     host: HostShare | None = None,
     forward_usage: Callable[[list[UsageRecord]], Any] | None = None,
     overflow: Overflow | None = None,
+    desk: DeskPort | None = None,
 ) -> Services:
     """The stores of one serving process. A worker passes what its master shares: the
-    host's rate table, where its usage records go, who counts what the table cannot;
-    a process serving alone passes nothing and holds all of them itself."""
+    host's rate table, where its usage records go, who counts what the table cannot, the
+    operators' desk; a process serving alone passes nothing and holds all of them."""
     directory = state_dir(config.state_dir)
     keys = KeyRing(config.api_keys)
     revocations = Revocations(config.redis_url) if config.redis_url else None
@@ -194,7 +199,9 @@ def build_services(
     else:
         share = host or HostShare.private()
         rate = HostCounter(WindowTable(share.memory, share.lock), overflow or DequeWindows().hit)
-    return Services(keys, KeySync(keys, StoredKeys(directory), revocations), usage, rate)
+    return Services(
+        keys, KeySync(keys, StoredKeys(directory), revocations), usage, rate, desk or HeldDesk()
+    )
 
 
 def create_key(
@@ -203,11 +210,12 @@ def create_key(
     models: Sequence[str] = (),
     expires: float | None = None,
     rate_limit: str | None = None,
+    operator: bool = False,
 ) -> str:
     """Store a new key; its secret, shown once. KeyFieldError for a bad field, ValueError
     when the name is taken."""
     with KeyStore(state_dir(config.state_dir)) as store:
-        return store.create(name, models, expires, rate_limit)
+        return store.create(name, models, expires, rate_limit, operator)
 
 
 async def revoke_key(config: Config, name: str) -> bool:

@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     expires REAL,
     created REAL NOT NULL,
     revoked REAL,
-    rate_limit TEXT
+    rate_limit TEXT,
+    operator INTEGER NOT NULL DEFAULT 0
 )
 """
 
@@ -89,6 +90,9 @@ class KeyStore:
     def __init__(self, directory: Path) -> None:
         self.path = directory / DATABASE
         self._db = open_database(directory, _KEYS_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}
+        if "operator" not in columns:  # made by an older llproxy: all its keys are clients'
+            self._db.execute("ALTER TABLE api_keys ADD COLUMN operator INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
@@ -105,6 +109,7 @@ class KeyStore:
         models: Iterable[str] = (),
         expires: float | None = None,
         rate_limit: str | None = None,
+        operator: bool = False,
     ) -> str:
         """Store a new key and return its secret, which is never stored or shown again.
         KeyFieldError for a bad field, ValueError when the name is taken."""
@@ -114,9 +119,18 @@ class KeyStore:
         models_json = orjson.dumps(list(models)).decode()
         try:
             self._db.execute(
-                "INSERT INTO api_keys (name, key_hash, models, expires, created, rate_limit) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (name, key_hash(secret), models_json, expires, time.time(), rate_limit),
+                "INSERT INTO api_keys "
+                "(name, key_hash, models, expires, created, rate_limit, operator) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    key_hash(secret),
+                    models_json,
+                    expires,
+                    time.time(),
+                    rate_limit,
+                    int(operator),
+                ),
             )
         except sqlite3.IntegrityError:
             raise ValueError(f"a key named {name!r} exists already") from None
@@ -132,12 +146,21 @@ class KeyStore:
 
     def all(self) -> list[ApiKey]:
         rows = self._db.execute(
-            "SELECT name, key_hash, models, expires, created, revoked, rate_limit "
+            "SELECT name, key_hash, models, expires, created, revoked, rate_limit, operator "
             "FROM api_keys ORDER BY name"
         ).fetchall()
         return [
-            ApiKey(name, hashed, tuple(orjson.loads(models)), expires, created, revoked, limit)
-            for name, hashed, models, expires, created, revoked, limit in rows
+            ApiKey(
+                name,
+                hashed,
+                tuple(orjson.loads(models)),
+                expires,
+                created,
+                revoked,
+                limit,
+                bool(operator),
+            )
+            for name, hashed, models, expires, created, revoked, limit, operator in rows
         ]
 
     def version(self) -> int:

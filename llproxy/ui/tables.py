@@ -46,11 +46,13 @@ def show_keys(keys: list[ApiKey], as_json: bool) -> None:
         print_json(rows)
         return
     table = Table(title=f"{len(rows)} API keys")
-    for column in ("name", "fingerprint", "models", "rate limit", "status", "created", "expires"):
+    columns = ("name", "role", "fingerprint", "models", "rate limit", "status", "created")
+    for column in (*columns, "expires"):
         table.add_column(column)
     for row in rows:
         table.add_row(
             row["name"],
+            row["role"],
             row["fingerprint"],
             ", ".join(row["models"]) or "*",
             row["rate_limit"] or "default",

@@ -24,6 +24,7 @@ from ...config import Config, Endpoint
 from ...core.call import INSTANCE_HEADER
 from ...core.encoding import BodyEncodingError, decode_body
 from ...core.registry import FoundModel, Registry, Upstream, final_names
+from ..operator import operator_models
 
 log = logging.getLogger("llproxy.discovery")
 
@@ -322,6 +323,7 @@ async def scan(
 
     results = await asyncio.gather(*(bounded(t) for t in targets))
     found = [model for models in results if isinstance(models, list) for model in models]
+    found += operator_models(config.endpoints)
     servers = sum(1 for models in results if isinstance(models, list))
     registry = Registry.build(found, servers)
     old_names = set(previous.models) if previous is not None else set()

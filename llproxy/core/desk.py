@@ -1,0 +1,407 @@
+"""The operator desk: requests waiting for a person to answer them as a model, and the
+people answering them. One authority holds it (a process serving alone, or a host's
+master); it is driven by plain messages and tells its links what happens, so it can sit
+behind a channel, or later a shared store, unchanged.
+
+A request (ticket) is queued, claimed by one operator (a lease renewed by every action),
+answered with text deltas and tool calls, then finished; or it ends rejected, handed off
+to a model, timed out, or cancelled because its client left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jsonschema
+import orjson
+
+PROTOCOL = 1
+QUEUED, CLAIMED, ANSWERING = "queued", "claimed", "answering"
+FINISH_REASONS = ("stop", "length", "tool_calls")
+# A deadline warning goes out this long before a deadline (or at a quarter of a short one).
+WARN_SECONDS = 30.0
+
+Event = dict[str, Any]
+Send = Callable[[Event], None]
+
+
+@dataclass
+class Ticket:
+    """One request for an operator: what the client asked, and the answer so far."""
+
+    id: str
+    model: str  # the registry model (human:support)
+    asked: str  # the name the client used
+    client: str
+    dialect: str
+    stream: bool
+    messages: list[Any]
+    tools: list[Any]
+    tool_choice: Any
+    max_tokens: int | None
+    queue_timeout: float
+    idle_timeout: float
+    fallback: str | None
+    worker: int = 0  # the serving process that holds the client's request
+    created: float = field(default_factory=time.time)
+    state: str = QUEUED
+    operator: str | None = None  # who holds the claim
+    conn: str | None = None  # the connection that holds it
+    text: str = ""  # what reached the client, in order
+    tool_calls: list[Event] = field(default_factory=list)
+    deadline: float = 0.0  # monotonic
+    warned: bool = False
+
+    def public(self, now: float) -> Event:
+        """The ticket as operators see it."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "asked": self.asked,
+            "client": self.client,
+            "dialect": self.dialect,
+            "stream": self.stream,
+            "worker": self.worker,
+            "created": self.created,
+            "state": self.state,
+            "operator": self.operator,
+            "deadline_in": round(max(0.0, self.deadline - now), 1),
+            "messages": self.messages,
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
+            "max_tokens": self.max_tokens,
+            "text": self.text,
+            "tool_calls": self.tool_calls,
+        }
+
+    def tool_named(self, name: str) -> Mapping[str, Any] | None:
+        for tool in self.tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if isinstance(function, dict) and function.get("name") == name:
+                return function
+        return None
+
+
+def new_ticket_id() -> str:
+    return "req_" + secrets.token_hex(8)
+
+
+@dataclass
+class Operator:
+    conn: str
+    name: str
+    models: tuple[str, ...]  # globs; empty: every operator model
+    send: Send
+
+    def sees(self, model: str) -> bool:
+        return not self.models or any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
+
+
+class Refused(Exception):
+    """A command the desk will not carry out; the message says why."""
+
+
+class DeskPort(Protocol):
+    """How a serving process reaches the desk: the same calls whether the desk is in this
+    process (the Desk itself) or behind a channel. What the desk says comes back through
+    the `send` given."""
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def submit(self, ticket: Ticket, send: Send) -> None: ...
+
+    def withdraw(self, ticket_id: str) -> None: ...
+
+    def attach(self, conn: str, name: str, models: tuple[str, ...], send: Send) -> None: ...
+
+    def detach(self, conn: str) -> None: ...
+
+    def command(self, conn: str, command: Event) -> None: ...
+
+
+class Desk:
+    """The authority. Every method runs to completion in its event loop; `tick` is called
+    about twice a second for the deadlines."""
+
+    def __init__(
+        self,
+        exists: Callable[[str], bool] = lambda name: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.exists = exists  # whether a model name can take a handoff
+        self.clock = clock
+        self.tickets: dict[str, Ticket] = {}
+        self.clients: dict[str, Send] = {}
+        self.operators: dict[str, Operator] = {}
+        self._commands: dict[str, Callable[[Operator, Ticket, Event], Event | None]] = {
+            "claim": self._claim,
+            "release": self._release_command,
+            "delta": self._delta,
+            "tool_call": self._tool_call,
+            "finish": self._finish,
+            "reject": self._reject,
+            "handoff": self._handoff,
+        }
+
+    # --- the client's side ---------------------------------------------------------------
+
+    def submit(self, ticket: Ticket, send: Send) -> None:
+        ticket.deadline = self.clock() + ticket.queue_timeout
+        self.tickets[ticket.id] = ticket
+        self.clients[ticket.id] = send
+        self._tell(ticket, {"type": "added", "request": ticket.public(self.clock())})
+
+    def withdraw(self, ticket_id: str) -> None:
+        """The client left: the request is gone, and its operator is told at once."""
+        ticket = self._remove(ticket_id)
+        if ticket is not None:
+            self._tell(ticket, {"type": "cancelled", "request": ticket.id, "reason": "client left"})
+
+    # --- the operators' side -------------------------------------------------------------
+
+    def attach(self, conn: str, name: str, models: tuple[str, ...], send: Send) -> None:
+        operator = Operator(conn, name, models, send)
+        self.operators[conn] = operator
+        now = self.clock()
+        visible = [t for t in self.tickets.values() if operator.sees(t.model)]
+        send(
+            {
+                "type": "snapshot",
+                "protocol": PROTOCOL,
+                "operator": name,
+                "requests": [t.public(now) for t in visible],
+                "claims": [t.id for t in visible if t.operator == name],
+            }
+        )
+
+    def detach(self, conn: str) -> None:
+        """An operator left: their claims go back to the queue; what they sent stays sent."""
+        operator = self.operators.pop(conn, None)
+        if operator is None:
+            return
+        for ticket in list(self.tickets.values()):
+            if ticket.conn == conn:
+                self._release(ticket, "operator left")
+
+    def command(self, conn: str, command: Event) -> None:
+        operator = self.operators.get(conn)
+        if operator is None:
+            return
+        name = command.get("type")
+        reply: Event = {"id": command.get("id"), "command": name}
+        if isinstance(command.get("request"), str):
+            reply["request"] = command["request"]
+        try:
+            if name not in self._commands:
+                known = ", ".join(self._commands)
+                raise Refused(f"unknown command {name!r}; known: {known}")
+            ticket = self._ticket(operator, command.get("request"))
+            extra = self._commands[name](operator, ticket, command)
+        except Refused as refused:
+            operator.send({"type": "refused", **reply, "reason": str(refused)})
+            return
+        operator.send({"type": "ack", **reply, **(extra or {})})
+
+    # --- time ------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = self.clock()
+        for ticket in list(self.tickets.values()):
+            left = ticket.deadline - now
+            if left <= 0:
+                self._time_out(ticket)
+                continue
+            timeout = ticket.queue_timeout if ticket.state == QUEUED else ticket.idle_timeout
+            if not ticket.warned and left <= min(WARN_SECONDS, timeout / 4):
+                ticket.warned = True
+                self._tell(
+                    ticket,
+                    {"type": "deadline", "request": ticket.id, "in": round(left, 1)},
+                    only_holder=ticket.conn is not None,
+                )
+
+    # --- commands --------------------------------------------------------------------------
+
+    def _claim(self, operator: Operator, ticket: Ticket, command: Event) -> Event:
+        if ticket.conn == operator.conn:
+            return {"text": ticket.text}
+        if ticket.conn is not None:
+            raise Refused(f"claimed by {ticket.operator}")
+        ticket.state = ANSWERING if ticket.text or ticket.tool_calls else CLAIMED
+        ticket.operator, ticket.conn = operator.name, operator.conn
+        self._renew(ticket)
+        self._tell(ticket, {"type": "claimed", "request": ticket.id, "by": operator.name})
+        self.clients[ticket.id]({"type": "claimed", "by": operator.name})
+        # The answer so far: another operator may have begun it.
+        return {"text": ticket.text, "tool_calls": ticket.tool_calls}
+
+    def _release(self, ticket: Ticket, reason: str) -> None:
+        by = ticket.operator
+        ticket.state, ticket.operator, ticket.conn = QUEUED, None, None
+        ticket.deadline, ticket.warned = self.clock() + ticket.queue_timeout, False
+        self._tell(ticket, {"type": "released", "request": ticket.id, "by": by, "reason": reason})
+
+    def _held(self, operator: Operator, ticket: Ticket) -> None:
+        if ticket.conn != operator.conn:
+            raise Refused(
+                f"claimed by {ticket.operator}" if ticket.conn else "claim the request first"
+            )
+
+    def _release_command(self, operator: Operator, ticket: Ticket, command: Event) -> None:
+        self._held(operator, ticket)
+        self._release(ticket, "released")
+
+    def _delta(self, operator: Operator, ticket: Ticket, command: Event) -> Event:
+        self._held(operator, ticket)
+        text, offset = command.get("text"), command.get("offset", len(ticket.text))
+        if not isinstance(text, str):
+            raise Refused("text: a string is needed")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise Refused("offset: a count of characters is needed")
+        if offset > len(ticket.text):
+            raise Refused(
+                f"offset {offset} is past the {len(ticket.text)} characters sent: resend from there"
+            )
+        # Append-only: what overlaps the text already sent (a resent delta) is dropped.
+        new = text[len(ticket.text) - offset :]
+        if new:
+            ticket.text += new
+            ticket.state = ANSWERING
+            self.clients[ticket.id]({"type": "delta", "text": new})
+        self._renew(ticket)
+        return {"length": len(ticket.text)}
+
+    def _tool_call(self, operator: Operator, ticket: Ticket, command: Event) -> Event:
+        self._held(operator, ticket)
+        name, arguments = command.get("name"), command.get("arguments", {})
+        tool = ticket.tool_named(name) if isinstance(name, str) else None
+        if tool is None:
+            offered = [t.get("function", {}).get("name") for t in ticket.tools]
+            raise Refused(f"no tool {name!r} in this request; it offers {offered}")
+        if not isinstance(arguments, dict):
+            raise Refused("arguments: an object is needed")
+        schema = tool.get("parameters")
+        if isinstance(schema, dict):
+            check_arguments(schema, arguments)
+        call = {
+            "id": "call_" + secrets.token_hex(8),
+            "name": name,
+            "arguments": orjson.dumps(arguments).decode(),
+        }
+        ticket.tool_calls.append(call)
+        ticket.state = ANSWERING
+        self.clients[ticket.id]({"type": "tool_call", **call})
+        self._renew(ticket)
+        return {"call_id": call["id"]}
+
+    def _finish(self, operator: Operator, ticket: Ticket, command: Event) -> Event:
+        self._held(operator, ticket)
+        reason = command.get("reason") or ("tool_calls" if ticket.tool_calls else "stop")
+        if reason not in FINISH_REASONS:
+            raise Refused(f"reason: one of {', '.join(FINISH_REASONS)}")
+        self._end(ticket, {"type": "finish", "reason": reason}, "done", operator.name)
+        return {"reason": reason}
+
+    def _reject(self, operator: Operator, ticket: Ticket, command: Event) -> None:
+        if ticket.conn is not None:
+            self._held(operator, ticket)
+        message = command.get("message")
+        message = message if isinstance(message, str) and message else "rejected by the operator"
+        self._end(ticket, {"type": "reject", "message": message}, "rejected", operator.name)
+
+    def _handoff(self, operator: Operator, ticket: Ticket, command: Event) -> None:
+        if ticket.conn is not None:
+            self._held(operator, ticket)
+        model, mode = command.get("model"), command.get("mode", "replace")
+        if not isinstance(model, str) or not self.exists(model):
+            raise Refused(f"model: no model {model!r} to hand off to")
+        if mode not in ("replace", "continue"):
+            raise Refused("mode: replace or continue")
+        if mode == "replace" and (ticket.text or ticket.tool_calls):
+            raise Refused("text has reached the client already: hand off with mode continue")
+        if mode == "continue" and ticket.tool_calls:
+            raise Refused("a model cannot continue after tool calls: finish instead")
+        event = {"type": "handoff", "model": model, "mode": mode, "text": ticket.text}
+        self._end(ticket, event, "handed off", operator.name)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _ticket(self, operator: Operator, ticket_id: Any) -> Ticket:
+        ticket = self.tickets.get(ticket_id) if isinstance(ticket_id, str) else None
+        if ticket is None or not operator.sees(ticket.model):
+            raise Refused(f"no request {ticket_id!r} (it ended, or never was)")
+        return ticket
+
+    def _renew(self, ticket: Ticket) -> None:
+        ticket.deadline, ticket.warned = self.clock() + ticket.idle_timeout, False
+
+    def _end(self, ticket: Ticket, to_client: Event, outcome: str, by: str | None) -> None:
+        send = self.clients.get(ticket.id)
+        self._remove(ticket.id)
+        if send is not None:
+            send(to_client)
+        self._tell(ticket, {"type": "removed", "request": ticket.id, "outcome": outcome, "by": by})
+
+    def _time_out(self, ticket: Ticket) -> None:
+        waited = "queue_timeout" if ticket.state == QUEUED else "idle_timeout"
+        event = {"waited": waited, "fallback": ticket.fallback}
+        send = self.clients.get(ticket.id)
+        self._remove(ticket.id)
+        if send is not None:
+            send({"type": "timeout", **event, "text": ticket.text})
+        self._tell(ticket, {"type": "timed_out", "request": ticket.id, **event})
+
+    def _remove(self, ticket_id: str) -> Ticket | None:
+        self.clients.pop(ticket_id, None)
+        return self.tickets.pop(ticket_id, None)
+
+    def _tell(self, ticket: Ticket, event: Event, only_holder: bool = False) -> None:
+        for operator in list(self.operators.values()):
+            if operator.sees(ticket.model) and (not only_holder or operator.conn == ticket.conn):
+                operator.send(event)
+
+
+def check_arguments(schema: dict[str, Any], arguments: dict[str, Any]) -> None:
+    """Refused when the arguments do not fit the tool's JSON Schema (any draft)."""
+    try:
+        validator = jsonschema.validators.validator_for(schema)
+        validator.check_schema(schema)
+        error = jsonschema.exceptions.best_match(validator(schema).iter_errors(arguments))
+    except jsonschema.exceptions.SchemaError as exc:
+        raise Refused(f"the tool's schema is invalid: {exc.message}") from None
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path) or "arguments"
+        raise Refused(f"arguments do not fit the tool's schema: {where}: {error.message}")
+
+
+TICK_SECONDS = 0.5
+
+
+class HeldDesk(Desk):
+    """The desk in the process that holds it, with its clock task: a process serving
+    alone, or a host's master."""
+
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="llproxy-desk")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self.tick()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,90 @@
+"""A test operator on llproxy's operator WebSocket: real aiohttp WebSocket client, every
+event the server sends kept in order, commands sent and their answer awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import aiohttp
+import orjson
+
+Event = dict[str, Any]
+
+
+class TestOperator:
+    __test__ = False  # not a test class
+
+    def __init__(self, session: aiohttp.ClientSession, socket: aiohttp.ClientWebSocketResponse):
+        self.session = session
+        self.socket = socket
+        self.events: list[Event] = []
+        self._seen = 0
+        self._changed = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, base_url: str, token: str, in_header: bool = True) -> TestOperator:
+        session = aiohttp.ClientSession()
+        headers = {"Authorization": f"Bearer {token}"} if in_header else {}
+        try:
+            socket = await session.ws_connect(f"{base_url}/operator/ws", headers=headers)
+        except BaseException:
+            await session.close()
+            raise
+        if not in_header:
+            await socket.send_str(orjson.dumps({"type": "auth", "token": token}).decode())
+        operator = cls(session, socket)
+        await operator.expect("hello")
+        await operator.expect("snapshot")
+        return operator
+
+    async def _read(self) -> None:
+        async for message in self.socket:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                self.events.append(orjson.loads(message.data))
+                self._changed.set()
+        self._changed.set()
+
+    async def expect(self, kind: str, timeout: float = 10, **fields: Any) -> Event:
+        """The next event (after those already expected) of this type and these fields."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for i in range(self._seen, len(self.events)):
+                    event = self.events[i]
+                    if event.get("type") == kind and all(
+                        event.get(k) == v for k, v in fields.items()
+                    ):
+                        self._seen = i + 1
+                        return event
+                if self.socket.closed and self._reader.done():
+                    raise AssertionError(f"socket closed before a {kind} event: {self.events}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def command(self, kind: str, request: str | None = None, **fields: Any) -> Event:
+        """Send a command; its ack or refusal."""
+        command_id = next(self._ids)
+        message = {"type": kind, "id": command_id, **fields}
+        if request is not None:
+            message["request"] = request
+        await self.socket.send_str(orjson.dumps(message).decode())
+        async with asyncio.timeout(10):
+            while True:
+                for event in self.events:
+                    if event.get("id") == command_id and event.get("type") in ("ack", "refused"):
+                        return event
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def ok(self, kind: str, request: str | None = None, **fields: Any) -> Event:
+        answer = await self.command(kind, request, **fields)
+        assert answer["type"] == "ack", answer
+        return answer
+
+    async def close(self) -> None:
+        await self.socket.close()
+        self._reader.cancel()
+        await self.session.close()

@@ -1,0 +1,326 @@
+"""A person answers as a model: clients of the openai and anthropic SDKs on one side, a
+test operator on the operator WebSocket on the other, a real llproxy between them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from llproxy.stores.sqlite import KeyStore
+
+from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory, recorded
+from .operator_client import TestOperator
+from .process import create_key
+
+HELLO = [{"role": "user", "content": "hello"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@dataclass
+class Desk:
+    proxy: RunningProxy
+    upstream: RunningUpstream
+    state: Path
+    keys: dict[str, str]
+
+    async def operator(self, name: str = "alice", in_header: bool = True) -> TestOperator:
+        return await TestOperator.connect(self.proxy.url, self.keys[name], in_header)
+
+    def client(self) -> openai.AsyncOpenAI:
+        return self.proxy.client(api_key=self.keys["client"])
+
+
+@pytest.fixture
+async def desk(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path
+) -> AsyncIterator[Desk]:
+    upstream = await start_upstream()
+    state = tmp_path / "state"
+    keys = {"alice": create_key(state, "alice", "--operator")}  # as a user makes one
+    with KeyStore(state) as store:  # the same, without a process each
+        keys["bob"] = store.create("bob", ["human*"], operator=True)
+        keys["carol"] = store.create("carol", ["robot*"], operator=True)
+        keys["client"] = store.create("client")
+    operator: dict[str, Any] = {"operator": "human", "tags": ["support"], "fallback": "fake-model"}
+    quick = {"operator": "human", "tags": ["quick"], "queue_timeout": 0.6, "idle_timeout": 0.6}
+    proxy = await start_proxy(
+        [
+            upstream.endpoint(),
+            operator,
+            {**quick, "fallback": "fake-model"},
+            {**quick, "tags": ["alone"]},
+        ],
+        state_dir=str(state),
+    )
+    yield Desk(proxy, upstream, state, keys)
+
+
+async def test_operator_models_are_listed_and_guarded(desk: Desk) -> None:
+    models = {m.id: m for m in (await desk.client().models.list()).data}
+    assert models["human:support"].owned_by == "llproxy-operator"
+    assert {"human:quick", "human:alone", "fake-model"} <= set(models)
+    # An operator key calls no model; a client key opens no operator socket.
+    operator_client = desk.proxy.client(api_key=desk.keys["alice"])
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        await operator_client.models.list()
+    assert refused.value.code == "operator_key"
+    for headers in (
+        {"Authorization": f"Bearer {desk.keys['client']}"},
+        {"Authorization": "Bearer llp-not-a-key"},
+    ):
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+                await session.ws_connect(f"{desk.proxy.url}/operator/ws", headers=headers)
+        assert caught.value.status == 401
+    # Without a header the first message must carry an operator key; else the socket
+    # closes with 4401 and nothing else is said.
+    for first in ({"type": "auth", "token": desk.keys["client"]}, {"type": "claim"}, "x"):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{desk.proxy.url}/operator/ws") as socket,
+        ):
+            await socket.send_json(first)
+            message = await socket.receive(timeout=10)
+            assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 4401
+    browser_like = await desk.operator("alice", in_header=False)
+    await browser_like.close()
+
+
+async def test_a_stream_arrives_while_the_operator_types(desk: Desk) -> None:
+    alice = await desk.operator()
+    stream = await desk.client().chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    opening = await anext(chunks)  # at once, before any operator came
+    assert opening.choices[0].delta.role == "assistant"
+    added = (await alice.expect("added"))["request"]
+    assert added["messages"] == HELLO and added["model"] == "human:support"
+    assert added["stream"] is True and added["dialect"] == "openai" and added["client"] == "client"
+    request = added["id"]
+    assert (await alice.ok("claim", request))["text"] == ""
+    await alice.ok("delta", request, text="Hel", offset=0)
+    assert (await anext(chunks)).choices[0].delta.content == "Hel"  # before the rest is typed
+    # A delta sent again with what came before it: only what is new reaches the client.
+    assert (await alice.ok("delta", request, text="Hello", offset=0))["length"] == 5
+    assert (await anext(chunks)).choices[0].delta.content == "lo"
+    gap = await alice.command("delta", request, text="!", offset=9)
+    assert gap["type"] == "refused" and "past the 5 characters" in gap["reason"]
+    await alice.ok("delta", request, text=", world", offset=5)
+    await alice.ok("finish", request)
+    rest = [chunk async for chunk in chunks]
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == ", world"
+    assert rest[-1].choices[0].finish_reason == "stop"
+    assert (await alice.expect("removed", request=request))["outcome"] == "done"
+    rows = await recorded(desk.state, "model", 1)
+    assert rows == [
+        {"model": "human:support", "requests": 1, "prompt_tokens": None, "completion_tokens": None}
+    ]
+    await alice.close()
+
+
+async def test_an_anthropic_client_and_tool_calls_checked_against_the_schema(desk: Desk) -> None:
+    alice = await desk.operator()
+    claude = anthropic.AsyncAnthropic(
+        base_url=desk.proxy.url, api_key=desk.keys["client"], max_retries=0
+    )
+    tool = {"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}  # type: ignore[index]
+
+    async def ask() -> anthropic.types.Message:
+        async with claude.messages.stream(
+            model="human:support", max_tokens=100, messages=HELLO, tools=[tool]
+        ) as events:
+            return await events.get_final_message()
+
+    asking = asyncio.ensure_future(ask())
+    request = (await alice.expect("added"))["request"]
+    assert request["dialect"] == "anthropic"
+    assert request["tools"][0]["function"]["name"] == "get_weather"
+    await alice.ok("claim", request["id"])
+    await alice.ok("delta", request["id"], text="Let me look.")
+    for bad, why in (
+        ({"days": 2}, "'city' is a required property"),
+        ({"city": 7}, "city: 7 is not of type 'string'"),
+        ({"city": "Oslo", "when": "now"}, "Additional properties are not allowed"),
+    ):
+        refused = await alice.command("tool_call", request["id"], name="get_weather", arguments=bad)
+        assert refused["type"] == "refused" and why in refused["reason"], refused
+    unknown = await alice.command("tool_call", request["id"], name="rm", arguments={})
+    assert "no tool 'rm'" in unknown["reason"]
+    await alice.ok("tool_call", request["id"], name="get_weather", arguments={"city": "Oslo"})
+    assert (await alice.ok("finish", request["id"]))["reason"] == "tool_calls"
+    message = await asyncio.wait_for(asking, 10)
+    await claude.close()
+    assert [b.type for b in message.content] == ["text", "tool_use"]
+    assert message.content[1].input == {"city": "Oslo"}  # type: ignore[union-attr]
+    assert message.stop_reason == "tool_use"
+    await alice.close()
+
+
+async def test_a_reject_reaches_the_client_in_its_dialect(desk: Desk) -> None:
+    alice = await desk.operator()
+    asking = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]["id"]
+    await alice.ok("reject", request, message="not something I answer")
+    with pytest.raises(openai.BadRequestError) as caught:
+        await asyncio.wait_for(asking, 10)
+    assert caught.value.code == "rejected_by_operator"
+    assert "not something I answer" in caught.value.message
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    await alice.close()
+
+
+async def test_two_operators_race_for_one_claim(desk: Desk) -> None:
+    alice, bob, carol = (
+        await desk.operator("alice"),
+        await desk.operator("bob"),
+        await desk.operator("carol"),
+    )
+    asking = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]["id"]
+    await bob.expect("added")
+    answers = await asyncio.gather(alice.command("claim", request), bob.command("claim", request))
+    won = [a for a in answers if a["type"] == "ack"]
+    lost = [a for a in answers if a["type"] == "refused"]
+    assert len(won) == 1 and len(lost) == 1
+    winner = alice if answers[0]["type"] == "ack" else bob
+    assert lost[0]["reason"] == f"claimed by {'alice' if winner is alice else 'bob'}"
+    # carol's key covers robot* models only: she saw nothing and may claim nothing.
+    assert [e for e in carol.events if e["type"] == "added"] == []
+    assert (await carol.command("claim", request))["type"] == "refused"
+    await winner.ok("delta", request, text="Mine.")
+    await winner.ok("finish", request)
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.content == "Mine."
+    for operator in (alice, bob, carol):
+        await operator.close()
+
+
+async def test_an_operator_leaves_and_another_finishes(desk: Desk) -> None:
+    alice, bob = await desk.operator("alice"), await desk.operator("bob")
+    stream = await desk.client().chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    await anext(chunks)
+    request = (await alice.expect("added"))["request"]["id"]
+    await alice.ok("claim", request)
+    await alice.ok("delta", request, text="Half an ")
+    assert (await anext(chunks)).choices[0].delta.content == "Half an "
+    await alice.close()
+    released = await bob.expect("released", request=request)
+    assert released["by"] == "alice" and released["reason"] == "operator left"
+    claimed = await bob.ok("claim", request)
+    assert claimed["text"] == "Half an "  # bob goes on from there
+    await bob.ok("delta", request, text="answer.", offset=8)
+    await bob.ok("finish", request)
+    rest = [chunk async for chunk in chunks]
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == "answer."
+    await bob.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_queue_timeout_hands_the_request_to_the_fallback(desk: Desk, stream: bool) -> None:
+    alice = await desk.operator()
+    client = desk.client()
+    if stream:
+        reply = await client.chat.completions.create(
+            model="human:quick", messages=HELLO, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in reply if c.choices])
+    else:
+        whole = await client.chat.completions.create(model="human:quick", messages=HELLO)
+        text = whole.choices[0].message.content or ""
+        assert whole.model == "human:quick"
+    assert text.strip() == "w0 w1 w2 w3 w4"  # the fake upstream's answer
+    assert desk.upstream.fake.generation_requests[-1].body["messages"] == HELLO
+    timed_out = await alice.expect("timed_out")
+    assert timed_out["waited"] == "queue_timeout" and timed_out["fallback"] == "fake-model"
+    # Without a fallback: a timeout the SDK must not retry.
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(model="human:alone", messages=HELLO)
+    assert caught.value.status_code == 504 and caught.value.code == "operator_timeout"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    await alice.close()
+
+
+async def test_handoff_replaces_or_continues(desk: Desk) -> None:
+    alice = await desk.operator()
+    client = desk.client()
+    asking = asyncio.ensure_future(
+        client.chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]["id"]
+    await alice.ok("claim", request)
+    bad = await alice.command("handoff", request, model="no-such-model")
+    assert bad["type"] == "refused" and "no model" in bad["reason"]
+    await alice.ok("handoff", request, model="fake-model", mode="replace")
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.content == "w0 w1 w2 w3 w4"
+    assert answer.model == "human:support"
+
+    stream = await client.chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    await anext(chunks)
+    request = (await alice.expect("added"))["request"]["id"]
+    await alice.ok("claim", request)
+    await alice.ok("delta", request, text="Well, ")
+    late = await alice.command("handoff", request, model="fake-model", mode="replace")
+    assert late["type"] == "refused" and "mode continue" in late["reason"]
+    await alice.ok("handoff", request, model="fake-model", mode="continue")
+    rest = [chunk async for chunk in chunks]
+    text = "".join(c.choices[0].delta.content or "" for c in rest if c.choices)
+    assert text == "Well, w0 w1 w2 w3 w4 "
+    assert all(c.model == "human:support" for c in rest)
+    sent = desk.upstream.fake.generation_requests[-1].body["messages"]
+    assert sent == [*HELLO, {"role": "assistant", "content": "Well, "}]
+    await alice.close()
+
+
+async def test_a_client_leaving_is_told_to_the_operator(desk: Desk) -> None:
+    alice = await desk.operator()
+    body = {"model": "human:support", "messages": HELLO, "stream": True}
+    headers = {"Authorization": f"Bearer {desk.keys['client']}"}
+    for answered in (False, True):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{desk.proxy.url}/v1/chat/completions", json=body, headers=headers
+            ) as resp,
+        ):
+            await resp.content.readline()  # the opening chunk
+            request = (await alice.expect("added"))["request"]["id"]
+            if answered:
+                await alice.ok("claim", request)
+                await alice.ok("delta", request, text="Hi")
+        cancelled = await alice.expect("cancelled", request=request)
+        assert cancelled["reason"] == "client left"
+        late = await alice.command("delta", request, text="?")
+        assert late["type"] == "refused"
+    await alice.close()
