@@ -4,6 +4,8 @@ test operator on the operator WebSocket on the other, a real llproxy between the
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ import anthropic
 import openai
 import pytest
 
-from llproxy.stores.sqlite import KeyStore
+from llproxy.stores.sqlite import DATABASE, KeyStore
 
 from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory, recorded
 from .operator_client import TestOperator
@@ -136,6 +138,10 @@ async def test_a_stream_arrives_while_the_operator_types(desk: Desk) -> None:
     assert rows == [
         {"model": "human:support", "requests": 1, "prompt_tokens": None, "completion_tokens": None}
     ]
+    with sqlite3.connect(desk.state / DATABASE) as db:
+        assert db.execute("SELECT upstream, status FROM usage").fetchall() == [
+            ("operator:alice", 200)
+        ]
     await alice.close()
 
 
@@ -324,3 +330,54 @@ async def test_a_client_leaving_is_told_to_the_operator(desk: Desk) -> None:
         late = await alice.command("delta", request, text="?")
         assert late["type"] == "refused"
     await alice.close()
+
+
+async def test_client_and_operator_on_different_workers(
+    start_upstream: UpstreamFactory, start_llproxy: Any, tmp_path: Path
+) -> None:
+    """The desk is the master's: a request held by one worker is answered by an operator
+    whose socket another worker holds, delta by delta."""
+    upstream = await start_upstream()
+    state = tmp_path / "state"
+    with KeyStore(state) as store:
+        key = store.create("alice", operator=True)
+    config = tmp_path / "llproxy.json"
+    endpoints = [upstream.endpoint(), {"operator": "human", "tags": ["support"]}]
+    config.write_text(json.dumps({"endpoints": endpoints}))
+    process = await start_llproxy(
+        "--config", str(config), "--workers", "2", "--state-dir", str(state)
+    )
+    # Sockets land on whichever worker accepts them: open some until both workers hold one.
+    operators: dict[int, TestOperator] = {}
+    spare: list[TestOperator] = []
+    for _ in range(40):
+        operator = await TestOperator.connect(process.url, key)
+        worker = operator.events[0]["worker"]
+        if worker in operators:
+            spare.append(operator)
+        else:
+            operators[worker] = operator
+        if len(operators) == 2:
+            break
+    assert len(operators) == 2, "every socket landed on one worker"
+    client = openai.AsyncOpenAI(base_url=f"{process.url}/v1", api_key="none", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    await anext(chunks)
+    first = next(iter(operators.values()))
+    request = (await first.expect("added"))["request"]
+    other = next(op for worker, op in operators.items() if worker != request["worker"])
+    await other.ok("claim", request["id"])
+    await other.ok("delta", request["id"], text="From another ")
+    assert (await anext(chunks)).choices[0].delta.content == "From another "
+    await other.ok("delta", request["id"], text="worker.")
+    await other.ok("finish", request["id"])
+    rest = [chunk async for chunk in chunks]
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == "worker."
+    await client.close()
+    rows = await recorded(state, "model", 1)
+    assert rows[0]["model"] == "human:support"
+    for operator in [*operators.values(), *spare]:
+        await operator.close()
