@@ -264,7 +264,9 @@ async def test_a_queue_timeout_hands_the_request_to_the_fallback(desk: Desk, str
         assert whole.model == "human:quick"
     assert text.strip() == "w0 w1 w2 w3 w4"  # the fake upstream's answer
     assert desk.upstream.fake.generation_requests[-1].body["messages"] == HELLO
-    timed_out = await alice.expect("timed_out")
+    warned = await alice.expect("deadline")  # a tick (0.5 s) before a short timeout
+    assert 0 < warned["in"] <= 0.5
+    timed_out = await alice.expect("timed_out", request=warned["request"])
     assert timed_out["waited"] == "queue_timeout" and timed_out["fallback"] == "fake-model"
     # Without a fallback: a timeout the SDK must not retry.
     with pytest.raises(openai.APIStatusError) as caught:

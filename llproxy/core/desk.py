@@ -27,6 +27,7 @@ QUEUED, CLAIMED, ANSWERING = "queued", "claimed", "answering"
 FINISH_REASONS = ("stop", "length", "tool_calls")
 # A deadline warning goes out this long before a deadline (or at a quarter of a short one).
 WARN_SECONDS = 30.0
+TICK_SECONDS = 0.5  # how often the holder's clock looks at the deadlines
 
 Event = dict[str, Any]
 Send = Callable[[Event], None]
@@ -221,7 +222,8 @@ class Desk:
                 self._time_out(ticket)
                 continue
             timeout = ticket.queue_timeout if ticket.state == QUEUED else ticket.idle_timeout
-            if not ticket.warned and left <= min(WARN_SECONDS, timeout / 4):
+            # At least one tick before: a shorter window could fall between two ticks.
+            if not ticket.warned and left <= min(WARN_SECONDS, max(timeout / 4, TICK_SECONDS)):
                 ticket.warned = True
                 self._tell(
                     ticket,
@@ -381,9 +383,6 @@ def check_arguments(schema: dict[str, Any], arguments: dict[str, Any]) -> None:
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "arguments"
         raise Refused(f"arguments do not fit the tool's schema: {where}: {error.message}")
-
-
-TICK_SECONDS = 0.5
 
 
 class HeldDesk(Desk):
