@@ -36,12 +36,12 @@ KEPT = "kept: it is sent once the connection is back"
 
 HELP = (
     ("N, claim N", "claim request number N and answer it"),
-    ("a line", "while answering: sent to the client at once (after a newline, but the first)"),
+    ("a line", "while answering: sent to the client at once (each after a newline but the first)"),
     ("//text", "while answering: a line that begins with / (the first / is dropped)"),
     ("/finish [stop|length]", "end the answer (tool_calls after a tool call, else stop)"),
     ("/tool NAME {json}", "a tool call; the arguments are checked against the tool's schema"),
     ("/reject [message]", "refuse the request: the client gets an error with your message"),
-    ("/handoff MODEL [MODE]", "a model answers instead: replace, or continue your text"),
+    ("/handoff MODEL [MODE]", "a model answers: MODE replace (before any text) or continue"),
     ("/release", "put the request back in the queue for someone else"),
     ("/queue", "show the queue; a request you hold stays yours (its number goes back)"),
     ("/help", "this list (help, queue, quit work without the / too)"),
