@@ -236,6 +236,51 @@ def scan_command(config_path: str | None, as_json: bool) -> None:
     sys.exit(run_scan(config, as_json))
 
 
+DEFAULT_URL = "http://127.0.0.1:42069"
+
+
+@main.command("operator")
+@env_option(
+    "--url",
+    env="URL",
+    metavar="URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="The llproxy whose requests you answer.",
+)
+@env_option(
+    "--token",
+    env="OPERATOR_TOKEN",
+    metavar="KEY",
+    help="Your operator key (llproxy keys create --operator). Without it you are asked for "
+    "it on a terminal; prefer that or the variable: a command line is visible to others.",
+)
+def operator_command(url: str, token: str | None) -> None:
+    """Answer requests as an operator model, from this terminal.
+
+    Shows the queue; type a request's number to claim it. Its conversation appears, then
+    every line you type goes to the client at once (lines joined by newlines). Commands
+    while answering: /finish, /tool NAME {json}, /reject [message], /handoff MODEL
+    [replace|continue], /release, /queue, /help, /quit. Exits 0 on /quit or end of input,
+    1 when the key is refused or the server stays out of reach, 2 on a usage error.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise click.BadParameter("an http:// or https:// address is needed", param_hint="--url")
+    if not token:
+        if not sys.stdin.isatty():
+            raise click.UsageError(
+                "no operator key: pass --token or set LLPROXY_OPERATOR_TOKEN "
+                "(stdin is no terminal to ask for it on)"
+            )
+        token = click.prompt("operator key", hide_input=True)
+    from .ui.operator import run_operator
+
+    sys.exit(run_operator(url, token.strip()))
+
+
 @main.group()
 def keys() -> None:
     """API keys: clients' (once any exists, every model request needs one) and operators'."""

@@ -1,6 +1,7 @@
-"""A real `llproxy serve` process for tests: on pipes or on a pseudo-terminal.
+"""Real `llproxy` processes for tests (`serve`, or any other command): on pipes or on a
+pseudo-terminal.
 
-Its output is collected as it comes, so a test can wait for a log line while the daemon
+Its output is collected as it comes, so a test can wait for a line while the process
 keeps running, then send it real signals or console input.
 """
 
@@ -28,18 +29,18 @@ from .conftest import free_port_block
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-class LlproxyProcess:
+class LlproxyCommand:
+    """Any `python -m llproxy …` command, on pipes or a pseudo-terminal."""
+
     def __init__(
         self,
         args: Sequence[str],
         env: dict[str, str] | None = None,
         terminal: bool = False,
-        port: int | None = None,
         cwd: str | os.PathLike[str] | None = None,
     ) -> None:
         self.cwd = cwd
-        self.port = port or free_port_block(1)
-        self.args = ["serve", "--bindport", str(self.port), *args]
+        self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         # Never the developer's real state directory.
         self._state = tempfile.mkdtemp(prefix="llproxy-test-state-")
@@ -54,10 +55,6 @@ class LlproxyProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._master_fd: int | None = None
         self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -145,22 +142,6 @@ class LlproxyProcess:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
 
-    async def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"llproxy exited {self.proc.returncode}:\n{self.output}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{self.url}/health") as resp:
-                        # One worker may answer before the others serve: the master's
-                        # banner says when all of them do.
-                        if resp.status == 200 and "serving on" in self.output:
-                            return
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"llproxy not ready:\n{self.output}")
-
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
@@ -177,13 +158,6 @@ class LlproxyProcess:
                 await asyncio.wait_for(self._reader, 5)
         return self.proc.returncode
 
-    async def health(self, session: aiohttp.ClientSession) -> dict[str, Any]:
-        # A fresh connection each time, so the kernel may hand it to any worker.
-        async with session.get(f"{self.url}/health", headers={"Connection": "close"}) as resp:
-            assert resp.status == 200
-            body: dict[str, Any] = await resp.json()
-            return body
-
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -197,6 +171,48 @@ class LlproxyProcess:
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
         shutil.rmtree(self._state, ignore_errors=True)
+
+
+class LlproxyProcess(LlproxyCommand):
+    """A real `llproxy serve` on a port of its own."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        terminal: bool = False,
+        port: int | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.port = port or free_port_block(1)
+        super().__init__(["serve", "--bindport", str(self.port), *args], env, terminal, cwd)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"llproxy exited {self.proc.returncode}:\n{self.output}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{self.url}/health") as resp:
+                        # One worker may answer before the others serve: the master's
+                        # banner says when all of them do.
+                        if resp.status == 200 and "serving on" in self.output:
+                            return
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"llproxy not ready:\n{self.output}")
+
+    async def health(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        # A fresh connection each time, so the kernel may hand it to any worker.
+        async with session.get(f"{self.url}/health", headers={"Connection": "close"}) as resp:
+            assert resp.status == 200
+            body: dict[str, Any] = await resp.json()
+            return body
 
 
 def run_cli(*args: str, state: Path) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,221 @@
+"""`llproxy operator` on a pseudo-terminal: a person's keystrokes on one side, the openai
+SDK on the other, a real llproxy between them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+import llproxy
+from llproxy.server.operator import close_operator_sockets
+from llproxy.stores.sqlite import KeyStore
+
+from .conftest import ProxyFactory, RunningProxy, UpstreamFactory
+from .process import LlproxyCommand
+from .test_operator import WEATHER
+
+WAIT = 20.0
+# The llproxy these tests import, whatever the current directory or the installed one.
+SOURCE = str(Path(llproxy.__file__).resolve().parent.parent)
+PICTURE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+ASK = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "text", "text": "Which city is this?"}, PICTURE]},
+]
+EARLIER_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Bergen"}'},
+}
+ASK_WEATHER = [
+    {"role": "user", "content": "Weather in Bergen?"},
+    {"role": "assistant", "content": None, "tool_calls": [EARLIER_CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "rain, 9 degrees"},
+    {"role": "user", "content": "And in Oslo?"},
+]
+Chunks = AsyncIterator[Any]
+
+
+@dataclass
+class Desk:
+    proxy: RunningProxy
+    keys: dict[str, str]
+
+    def client(self) -> openai.AsyncOpenAI:
+        return self.proxy.client(api_key=self.keys["client"])
+
+
+@pytest.fixture
+async def desk(start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path) -> Desk:
+    upstream = await start_upstream()
+    state = tmp_path / "state"
+    with KeyStore(state) as store:
+        keys = {"alice": store.create("alice", operator=True), "client": store.create("client")}
+    operator = {"operator": "human", "tags": ["support"]}
+    proxy = await start_proxy([upstream.endpoint(), operator], state_dir=str(state))
+    return Desk(proxy, keys)
+
+
+Terminal = Callable[[str, str], LlproxyCommand]
+
+
+@pytest.fixture
+async def terminal() -> AsyncIterator[Terminal]:
+    """Start `llproxy operator` on a pseudo-terminal; every one is killed at the end."""
+    started: list[LlproxyCommand] = []
+
+    def start(url: str, token: str) -> LlproxyCommand:
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [SOURCE, os.environ.get("PYTHONPATH")]))}
+        process = LlproxyCommand(
+            ["operator", "--url", url, "--token", token], env=env, terminal=True
+        )
+        started.append(process)
+        process.start()
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+async def next_chunk(chunks: Chunks) -> Any:
+    return await asyncio.wait_for(anext(chunks), WAIT)
+
+
+async def claim_next(operator: LlproxyCommand, command: str = "{}") -> None:
+    """Claim the next request to arrive, typing `command` with its number."""
+    arrived = await operator.wait_for(r"new request #(\d+) for human:support")
+    operator.write(command.format(arrived.group(1)) + "\n")
+    await operator.wait_for(r"answering #\d+", after=arrived.end())
+
+
+async def test_lines_reach_the_client_as_they_are_typed(desk: Desk, terminal: Terminal) -> None:
+    alice = terminal(desk.proxy.url, desk.keys["alice"])
+    await alice.wait_for(r"connected to \S+ as alice")
+    stream = await desk.client().chat.completions.create(
+        model="human:support", messages=ASK, stream=True
+    )
+    chunks = stream.__aiter__()
+    assert (await next_chunk(chunks)).choices[0].delta.role == "assistant"
+    mark = len(alice.output)
+    await claim_next(alice)
+    conversation = r"system\s+Answer briefly\.\s+user\s+Which city is this\?\s+\[image\]"
+    await alice.wait_for(conversation, after=mark)
+    alice.write("It is Oslo,\n")
+    # Each line reaches the client as soon as it is typed, long before the finish.
+    first = (await next_chunk(chunks)).choices[0].delta.content
+    assert first == "It is Oslo,"
+    # An empty line goes with the next line: a paragraph, and never a trailing newline.
+    alice.write("\nthe capital of Norway.\n\n")
+    second = (await next_chunk(chunks)).choices[0].delta.content
+    assert second == "\n\nthe capital of Norway."
+    mark = len(alice.output)
+    alice.write("/finish\n")
+    rest = [chunk async for chunk in chunks]
+    text = first + second + "".join(c.choices[0].delta.content or "" for c in rest)
+    assert text == "It is Oslo,\n\nthe capital of Norway."
+    assert rest[-1].choices[0].finish_reason == "stop"
+    await alice.wait_for(r"#\d+ finished \(stop\)", after=mark)
+    assert alice.proc is not None and alice.proc.poll() is None
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0
+
+
+async def test_a_key_that_is_no_operator_key_is_refused(desk: Desk, terminal: Terminal) -> None:
+    for token in ("llp-not-a-key-at-all", desk.keys["client"]):
+        process = terminal(desk.proxy.url, token)
+        assert await process.wait_exit(WAIT) == 1
+        await process.wait_for("not an operator key")
+        assert token not in process.output
+
+
+async def test_a_tool_call_is_checked_then_sent(desk: Desk, terminal: Terminal) -> None:
+    alice = terminal(desk.proxy.url, desk.keys["alice"])
+    await alice.wait_for(r"connected to \S+ as alice")
+    asking = asyncio.ensure_future(
+        desk.client().chat.completions.create(
+            model="human:support", messages=ASK_WEATHER, tools=[WEATHER]
+        )
+    )
+    mark = len(alice.output)
+    await claim_next(alice, "claim {}")
+    for shown in (
+        r"get_weather\(city: string, days\?: integer\)\s+The weather in a city",
+        r"assistant\s+→ get_weather \{\"city\":\"Bergen\"\}\s+\[call_1\]",
+        r"tool call_1\s+rain, 9 degrees",
+        r"user\s+And in Oslo\?",
+    ):
+        await alice.wait_for(shown, after=mark)
+    mark = len(alice.output)
+    alice.write('/tool get_weather {"days": 1}\n')
+    await alice.wait_for(r"tool_call #\d+ refused: .*'city' is a required property", after=mark)
+    alice.write('/tool get_weather {"city": "Oslo"}\n')
+    await alice.wait_for(r"tool call sent: get_weather \[call_\w+\]", after=mark)
+    alice.write("/finish\n")
+    answer = await asyncio.wait_for(asking, WAIT)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or ()]
+    assert [(name, json.loads(arguments)) for name, arguments in calls] == [
+        ("get_weather", {"city": "Oslo"})
+    ]
+    await alice.wait_for(r"#\d+ finished \(tool_calls\)", after=mark)
+    alice.write("\x04")  # Ctrl-D: the end of input
+    assert await alice.wait_exit(WAIT) == 0
+
+
+async def test_the_answer_goes_on_after_a_reconnect(desk: Desk, terminal: Terminal) -> None:
+    alice = terminal(desk.proxy.url, desk.keys["alice"])
+    await alice.wait_for(r"connected to \S+ as alice")
+    stream = await desk.client().chat.completions.create(
+        model="human:support", messages=ASK, stream=True
+    )
+    chunks = stream.__aiter__()
+    await next_chunk(chunks)
+    await claim_next(alice)
+    alice.write("Before\n")
+    assert (await next_chunk(chunks)).choices[0].delta.content == "Before"
+    mark = len(alice.output)
+    await close_operator_sockets(desk.proxy.state)  # as a retiring worker does
+    await alice.wait_for(r"connection lost", after=mark)
+    # Typed while the connection is down, or just back: either way it is sent once the
+    # request is claimed again.
+    alice.write("after.\n")
+    await alice.wait_for(r"#\d+ is yours again", after=mark)
+    assert (await next_chunk(chunks)).choices[0].delta.content == "\nafter."
+    alice.write("/finish\n")
+    rest = [chunk async for chunk in chunks]
+    assert rest[-1].choices[0].finish_reason == "stop"
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--url", "http://127.0.0.1:9", "--token", ""], "no operator key"),
+        (["--url", "ftp://example", "--token", "k"], "Invalid value for --url"),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], says: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLPROXY_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "llproxy", "operator", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env={**env, "PYTHONPATH": SOURCE},
+    )
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr
