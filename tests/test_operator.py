@@ -383,3 +383,29 @@ async def test_client_and_operator_on_different_workers(
     assert rows[0]["model"] == "human:support"
     for operator in [*operators.values(), *spare]:
         await operator.close()
+
+
+async def test_an_operator_takes_their_claim_over_to_a_new_connection(desk: Desk) -> None:
+    """After a reconnect the old socket may linger until the server notices it is dead:
+    the same operator claims again at once, and the old one holds nothing."""
+    old = await desk.operator("alice")
+    asking = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await old.expect("added"))["request"]["id"]
+    await old.ok("claim", request)
+    await old.ok("delta", request, text="Before ")
+    new = await desk.operator("alice")
+    assert new.events[1]["claims"] == [request]  # the snapshot says whose it is
+    taken = await new.ok("claim", request)
+    assert taken["text"] == "Before " and taken["deadline_in"] > 0
+    stale = await old.command("delta", request, text="stale")
+    assert stale["type"] == "refused"
+    bob = await desk.operator("bob")
+    assert (await bob.command("claim", request))["reason"] == "claimed by alice"
+    await new.ok("delta", request, text="after.", offset=7)
+    await new.ok("finish", request)
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.content == "Before after."
+    for operator in (old, new, bob):
+        await operator.close()

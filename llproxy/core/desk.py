@@ -234,23 +234,27 @@ class Desk:
     # --- commands --------------------------------------------------------------------------
 
     def _claim(self, operator: Operator, ticket: Ticket, command: Event) -> Event:
-        if ticket.conn == operator.conn:
-            return {"text": ticket.text}
-        if ticket.conn is not None:
+        # The same operator may take a claim over from another connection of theirs: one
+        # that reconnects must not wait until the server notices the old socket is dead.
+        if ticket.conn is not None and ticket.operator != operator.name:
             raise Refused(f"claimed by {ticket.operator}")
-        ticket.state = ANSWERING if ticket.text or ticket.tool_calls else CLAIMED
-        ticket.operator, ticket.conn = operator.name, operator.conn
-        self._renew(ticket)
-        self._tell(ticket, {"type": "claimed", "request": ticket.id, "by": operator.name})
-        self.clients[ticket.id]({"type": "claimed", "by": operator.name})
-        # The answer so far: another operator may have begun it.
-        return {"text": ticket.text, "tool_calls": ticket.tool_calls}
+        if ticket.conn != operator.conn:
+            ticket.state = ANSWERING if ticket.text or ticket.tool_calls else CLAIMED
+            ticket.operator, ticket.conn = operator.name, operator.conn
+            self._renew(ticket)
+            claimed = {"request": ticket.id, "by": operator.name, **self._deadline(ticket)}
+            self._tell(ticket, {"type": "claimed", **claimed})
+            self.clients[ticket.id]({"type": "claimed", "by": operator.name})
+        # The answer so far: another operator, or this one before a reconnect, may have
+        # begun it.
+        return {"text": ticket.text, "tool_calls": ticket.tool_calls, **self._deadline(ticket)}
 
     def _release(self, ticket: Ticket, reason: str) -> None:
         by = ticket.operator
         ticket.state, ticket.operator, ticket.conn = QUEUED, None, None
         ticket.deadline, ticket.warned = self.clock() + ticket.queue_timeout, False
-        self._tell(ticket, {"type": "released", "request": ticket.id, "by": by, "reason": reason})
+        released = {"request": ticket.id, "by": by, "reason": reason, **self._deadline(ticket)}
+        self._tell(ticket, {"type": "released", **released})
 
     def _held(self, operator: Operator, ticket: Ticket) -> None:
         if ticket.conn != operator.conn:
@@ -342,6 +346,9 @@ class Desk:
         if ticket is None or not operator.sees(ticket.model):
             raise Refused(f"no request {ticket_id!r} (it ended, or never was)")
         return ticket
+
+    def _deadline(self, ticket: Ticket) -> Event:
+        return {"deadline_in": round(max(0.0, ticket.deadline - self.clock()), 1)}
 
     def _renew(self, ticket: Ticket) -> None:
         ticket.deadline, ticket.warned = self.clock() + ticket.idle_timeout, False
