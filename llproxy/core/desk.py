@@ -209,6 +209,8 @@ class Desk:
         except Refused as refused:
             operator.send({"type": "refused", **reply, "reason": str(refused)})
             return
+        if ticket.id in self.tickets:  # its deadline, which the command may have renewed
+            reply["deadline_in"] = self._left(ticket)
         operator.send({"type": "ack", **reply, **(extra or {})})
 
     # --- time ------------------------------------------------------------------------------
@@ -233,13 +235,14 @@ class Desk:
 
     def _claim(self, operator: Operator, ticket: Ticket, command: Event) -> Event:
         if ticket.conn == operator.conn:
-            return {"text": ticket.text}
+            return {"text": ticket.text, "tool_calls": ticket.tool_calls}
         if ticket.conn is not None:
             raise Refused(f"claimed by {ticket.operator}")
         ticket.state = ANSWERING if ticket.text or ticket.tool_calls else CLAIMED
         ticket.operator, ticket.conn = operator.name, operator.conn
         self._renew(ticket)
-        self._tell(ticket, {"type": "claimed", "request": ticket.id, "by": operator.name})
+        claimed = {"type": "claimed", "request": ticket.id, "by": operator.name}
+        self._tell(ticket, {**claimed, "deadline_in": self._left(ticket)})
         self.clients[ticket.id]({"type": "claimed", "by": operator.name})
         # The answer so far: another operator may have begun it.
         return {"text": ticket.text, "tool_calls": ticket.tool_calls}
@@ -248,7 +251,8 @@ class Desk:
         by = ticket.operator
         ticket.state, ticket.operator, ticket.conn = QUEUED, None, None
         ticket.deadline, ticket.warned = self.clock() + ticket.queue_timeout, False
-        self._tell(ticket, {"type": "released", "request": ticket.id, "by": by, "reason": reason})
+        released = {"type": "released", "request": ticket.id, "by": by, "reason": reason}
+        self._tell(ticket, {**released, "deadline_in": self._left(ticket)})
 
     def _held(self, operator: Operator, ticket: Ticket) -> None:
         if ticket.conn != operator.conn:
@@ -340,6 +344,10 @@ class Desk:
         if ticket is None or not operator.sees(ticket.model):
             raise Refused(f"no request {ticket_id!r} (it ended, or never was)")
         return ticket
+
+    def _left(self, ticket: Ticket) -> float:
+        """Seconds to the ticket's deadline, as operators are told it."""
+        return round(max(0.0, ticket.deadline - self.clock()), 1)
 
     def _renew(self, ticket: Ticket) -> None:
         ticket.deadline, ticket.warned = self.clock() + ticket.idle_timeout, False
