@@ -234,14 +234,21 @@ async def test_an_operator_leaves_and_another_finishes(desk: Desk) -> None:
     chunks = stream.__aiter__()
     await anext(chunks)
     request = (await alice.expect("added"))["request"]["id"]
-    await alice.ok("claim", request)
+    # Every change of a deadline tells it: the idle one of a claim (renewed by each
+    # action), the queue's again once released.
+    claim = await alice.ok("claim", request)
+    assert 0 < claim["deadline_in"] <= 120
+    assert 0 < (await bob.expect("claimed", request=request))["deadline_in"] <= 120
     await alice.ok("delta", request, text="Half an ")
     assert (await anext(chunks)).choices[0].delta.content == "Half an "
     await alice.close()
     released = await bob.expect("released", request=request)
     assert released["by"] == "alice" and released["reason"] == "operator left"
+    assert 120 < released["deadline_in"] <= 300
     claimed = await bob.ok("claim", request)
     assert claimed["text"] == "Half an "  # bob goes on from there
+    again = await bob.ok("claim", request)  # a claim held already: the same answer
+    assert again["text"] == "Half an " and again["tool_calls"] == []
     await bob.ok("delta", request, text="answer.", offset=8)
     await bob.ok("finish", request)
     rest = [chunk async for chunk in chunks]

@@ -210,6 +210,8 @@ class Desk:
         except Refused as refused:
             operator.send({"type": "refused", **reply, "reason": str(refused)})
             return
+        if ticket.id in self.tickets:  # its deadline, which the command may have renewed
+            reply["deadline_in"] = self._left(ticket)
         operator.send({"type": "ack", **reply, **(extra or {})})
 
     # --- time ------------------------------------------------------------------------------
@@ -242,18 +244,27 @@ class Desk:
             ticket.state = ANSWERING if ticket.text or ticket.tool_calls else CLAIMED
             ticket.operator, ticket.conn = operator.name, operator.conn
             self._renew(ticket)
-            claimed = {"request": ticket.id, "by": operator.name, **self._deadline(ticket)}
+            claimed = {"request": ticket.id, "by": operator.name, "deadline_in": self._left(ticket)}
             self._tell(ticket, {"type": "claimed", **claimed})
             self.clients[ticket.id]({"type": "claimed", "by": operator.name})
         # The answer so far: another operator, or this one before a reconnect, may have
         # begun it.
-        return {"text": ticket.text, "tool_calls": ticket.tool_calls, **self._deadline(ticket)}
+        return {
+            "text": ticket.text,
+            "tool_calls": ticket.tool_calls,
+            "deadline_in": self._left(ticket),
+        }
 
     def _release(self, ticket: Ticket, reason: str) -> None:
         by = ticket.operator
         ticket.state, ticket.operator, ticket.conn = QUEUED, None, None
         ticket.deadline, ticket.warned = self.clock() + ticket.queue_timeout, False
-        released = {"request": ticket.id, "by": by, "reason": reason, **self._deadline(ticket)}
+        released = {
+            "request": ticket.id,
+            "by": by,
+            "reason": reason,
+            "deadline_in": self._left(ticket),
+        }
         self._tell(ticket, {"type": "released", **released})
 
     def _held(self, operator: Operator, ticket: Ticket) -> None:
@@ -347,8 +358,9 @@ class Desk:
             raise Refused(f"no request {ticket_id!r} (it ended, or never was)")
         return ticket
 
-    def _deadline(self, ticket: Ticket) -> Event:
-        return {"deadline_in": round(max(0.0, ticket.deadline - self.clock()), 1)}
+    def _left(self, ticket: Ticket) -> float:
+        """Seconds to the ticket's deadline, as operators are told it."""
+        return round(max(0.0, ticket.deadline - self.clock()), 1)
 
     def _renew(self, ticket: Ticket) -> None:
         ticket.deadline, ticket.warned = self.clock() + ticket.idle_timeout, False
