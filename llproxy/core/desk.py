@@ -249,11 +249,7 @@ class Desk:
             self.clients[ticket.id]({"type": "claimed", "by": operator.name})
         # The answer so far: another operator, or this one before a reconnect, may have
         # begun it.
-        return {
-            "text": ticket.text,
-            "tool_calls": ticket.tool_calls,
-            "deadline_in": self._left(ticket),
-        }
+        return {"text": ticket.text, "tool_calls": ticket.tool_calls}
 
     def _release(self, ticket: Ticket, reason: str) -> None:
         by = ticket.operator
