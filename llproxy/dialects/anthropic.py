@@ -477,7 +477,8 @@ class AnthropicStream(ChoiceStream):
             out.append(self._into("thinking", {"type": "thinking_delta", "thinking": thought}))
         if isinstance(delta.get("content"), str) and delta["content"]:
             out.append(self._into("text", {"type": "text_delta", "text": delta["content"]}))
-        self.calls.add(delta)
+        if "tool_calls" in delta:
+            self.calls.add(delta)
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
             self.matched = choice.get("stop_reason")

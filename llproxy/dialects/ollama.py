@@ -490,7 +490,8 @@ class OllamaStream(ChoiceStream):
         text = delta.get("content") if "delta" in choice else choice.get("text")
         thinking = delta.get("reasoning_content") or delta.get("reasoning")
         thinking = thinking if isinstance(thinking, str) and self.translation.think else ""
-        self.calls.add(delta)
+        if "tool_calls" in delta:
+            self.calls.add(delta)
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
         if (isinstance(text, str) and text) or thinking:

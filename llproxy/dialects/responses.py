@@ -418,7 +418,8 @@ class ResponsesStream(ChoiceStream):
             out.append(self._into("reasoning", "response.reasoning_text.delta", thought))
         if isinstance(delta.get("content"), str) and delta["content"]:
             out.append(self._into("message", "response.output_text.delta", delta["content"]))
-        self.calls.add(delta)
+        if "tool_calls" in delta:
+            self.calls.add(delta)
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
         return b"".join(out)
