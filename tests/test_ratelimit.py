@@ -180,12 +180,13 @@ async def test_revocation_is_shared_through_redis(
     assert (await post(second.url, **auth))[0] == 200
     done = run_cli("keys", "revoke", "shared", "--config", str(config), state=here)
     assert done.returncode == 0, done.stderr
-    # The other instance never saw its own database change, yet refuses within seconds.
+    # The other instance never saw its own database change, yet refuses within seconds;
+    # each reads keys every 2 s on its own clock, so either may be the first to refuse.
     deadline = asyncio.get_running_loop().time() + 10
-    while (await post(second.url, **auth))[0] != 401:
-        assert asyncio.get_running_loop().time() < deadline, "revocation did not spread"
-        await asyncio.sleep(0.2)
-    assert (await post(first.url, **auth))[0] == 401
+    for instance in (second, first):
+        while (await post(instance.url, **auth))[0] != 401:
+            assert asyncio.get_running_loop().time() < deadline, "revocation did not spread"
+            await asyncio.sleep(0.2)
 
 
 async def test_a_burst_with_a_healthy_redis_is_never_refused(
