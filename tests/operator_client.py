@@ -5,12 +5,38 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 
+from llproxy.stores.sqlite import KeyStore
+
+from .conftest import ProxyFactory, RunningProxy, RunningUpstream
+
 Event = dict[str, Any]
+
+# A tool with a schema to check arguments against (and to build the page's form from).
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "a city's name"},
+                "days": {"type": "integer", "description": "how many days ahead"},
+                "units": {"type": "string", "enum": ["metric", "imperial"]},
+            },
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 class TestOperator:
@@ -88,3 +114,38 @@ class TestOperator:
         await self.socket.close()
         self._reader.cancel()
         await self.session.close()
+
+
+@dataclass
+class Desk:
+    """A proxy with operator models, the keys of its operators and of one client."""
+
+    proxy: RunningProxy
+    keys: dict[str, str]
+    state: Path
+    upstream: RunningUpstream | None = None
+
+    def client(self) -> openai.AsyncOpenAI:
+        return self.proxy.client(api_key=self.keys["client"])
+
+    async def operator(self, name: str = "alice", in_header: bool = True) -> TestOperator:
+        return await TestOperator.connect(self.proxy.url, self.keys[name], in_header)
+
+
+async def open_desk(
+    start_proxy: ProxyFactory,
+    state: Path,
+    endpoints: list[dict[str, Any]],
+    upstream: RunningUpstream | None = None,
+    operators: dict[str, tuple[str, ...]] | None = None,
+) -> Desk:
+    """Operator keys (name → model globs; alice sees all by default) and a client key in
+    `state`, then the proxy over `endpoints`."""
+    with KeyStore(state) as store:
+        keys = {
+            name: store.create(name, list(globs), operator=True)
+            for name, globs in (operators if operators is not None else {"alice": ()}).items()
+        }
+        keys["client"] = store.create("client")
+    proxy = await start_proxy(endpoints, state_dir=str(state))
+    return Desk(proxy, keys, state, upstream)

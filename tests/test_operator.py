@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,63 +16,30 @@ import pytest
 
 from llproxy.stores.sqlite import DATABASE, KeyStore
 
-from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory, recorded
-from .operator_client import TestOperator
+from .conftest import ProxyFactory, UpstreamFactory, recorded
+from .operator_client import WEATHER, Desk, TestOperator, open_desk
 from .process import create_key
 
 HELLO = [{"role": "user", "content": "hello"}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-
-
-@dataclass
-class Desk:
-    proxy: RunningProxy
-    upstream: RunningUpstream
-    state: Path
-    keys: dict[str, str]
-
-    async def operator(self, name: str = "alice", in_header: bool = True) -> TestOperator:
-        return await TestOperator.connect(self.proxy.url, self.keys[name], in_header)
-
-    def client(self) -> openai.AsyncOpenAI:
-        return self.proxy.client(api_key=self.keys["client"])
 
 
 @pytest.fixture
-async def desk(
-    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path
-) -> AsyncIterator[Desk]:
+async def desk(start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path) -> Desk:
     upstream = await start_upstream()
     state = tmp_path / "state"
-    keys = {"alice": create_key(state, "alice", "--operator")}  # as a user makes one
-    with KeyStore(state) as store:  # the same, without a process each
-        keys["bob"] = store.create("bob", ["human*"], operator=True)
-        keys["carol"] = store.create("carol", ["robot*"], operator=True)
-        keys["client"] = store.create("client")
+    alice = create_key(state, "alice", "--operator")  # as a user makes one
     operator: dict[str, Any] = {"operator": "human", "tags": ["support"], "fallback": "fake-model"}
     quick = {"operator": "human", "tags": ["quick"], "queue_timeout": 0.6, "idle_timeout": 0.6}
-    proxy = await start_proxy(
-        [
-            upstream.endpoint(),
-            operator,
-            {**quick, "fallback": "fake-model"},
-            {**quick, "tags": ["alone"]},
-        ],
-        state_dir=str(state),
-    )
-    yield Desk(proxy, upstream, state, keys)
+    endpoints = [
+        upstream.endpoint(),
+        operator,
+        {**quick, "fallback": "fake-model"},
+        {**quick, "tags": ["alone"]},
+    ]
+    operators = {"bob": ("human*",), "carol": ("robot*",)}
+    desk = await open_desk(start_proxy, state, endpoints, upstream, operators)
+    desk.keys["alice"] = alice
+    return desk
 
 
 async def test_operator_models_are_listed_and_guarded(desk: Desk) -> None:

@@ -13,7 +13,6 @@ import shutil
 import struct
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -30,31 +29,13 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from llproxy.server.operator import close_operator_sockets
-from llproxy.stores.sqlite import KeyStore
 
-from .conftest import ProxyFactory, RunningProxy
+from .conftest import ProxyFactory
+from .operator_client import WEATHER, Desk, open_desk
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 WAIT = 20  # seconds: the longest any wait for the page may take
 T = TypeVar("T")
-
-WEATHER: Any = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "description": "a city's name"},
-                "days": {"type": "integer", "description": "how many days ahead"},
-                "units": {"type": "string", "enum": ["metric", "imperial"]},
-            },
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
 
 
 def png_square(size: int = 40, rgb: tuple[int, int, int] = (70, 130, 180)) -> str:
@@ -99,22 +80,10 @@ CONVERSATION: list[Any] = [
 ]
 
 
-@dataclass
-class Desk:
-    proxy: RunningProxy
-    keys: dict[str, str]
-
-    def client(self) -> openai.AsyncOpenAI:
-        return self.proxy.client(api_key=self.keys["client"])
-
-
 @pytest.fixture
 async def desk(start_proxy: ProxyFactory, tmp_path: Path) -> Desk:
-    state = tmp_path / "state"
-    with KeyStore(state) as store:
-        keys = {"alice": store.create("alice", operator=True), "client": store.create("client")}
     endpoint = {"operator": "human", "tags": ["support"]}
-    return Desk(await start_proxy([endpoint], state_dir=str(state)), keys)
+    return await open_desk(start_proxy, tmp_path / "state", [endpoint])
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,17 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 
 import llproxy
 from llproxy.server.operator import close_operator_sockets
-from llproxy.stores.sqlite import KeyStore
 
-from .conftest import ProxyFactory, RunningProxy, UpstreamFactory
+from .conftest import ProxyFactory, UpstreamFactory
+from .operator_client import WEATHER, Desk, open_desk
 from .process import LlproxyCommand
-from .test_operator import WEATHER
 
 WAIT = 20.0
 # The llproxy these tests import, whatever the current directory or the installed one.
@@ -46,24 +43,13 @@ ASK_WEATHER = [
 Chunks = AsyncIterator[Any]
 
 
-@dataclass
-class Desk:
-    proxy: RunningProxy
-    keys: dict[str, str]
-
-    def client(self) -> openai.AsyncOpenAI:
-        return self.proxy.client(api_key=self.keys["client"])
-
-
 @pytest.fixture
 async def desk(start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path) -> Desk:
     upstream = await start_upstream()
-    state = tmp_path / "state"
-    with KeyStore(state) as store:
-        keys = {"alice": store.create("alice", operator=True), "client": store.create("client")}
     operator = {"operator": "human", "tags": ["support"]}
-    proxy = await start_proxy([upstream.endpoint(), operator], state_dir=str(state))
-    return Desk(proxy, keys)
+    return await open_desk(
+        start_proxy, tmp_path / "state", [upstream.endpoint(), operator], upstream
+    )
 
 
 Terminal = Callable[[str, str], LlproxyCommand]
@@ -150,7 +136,8 @@ async def test_a_tool_call_is_checked_then_sent(desk: Desk, terminal: Terminal) 
     mark = len(alice.output)
     await claim_next(alice, "claim {}")
     for shown in (
-        r"get_weather\(city: string, days\?: integer\)\s+The weather in a city",
+        r"get_weather\(city: string, days\?: integer, units\?: \"metric\"\|\"imperial\"\)"
+        r"\s+The weather in a city",
         r"assistant\s+→ get_weather \{\"city\":\"Bergen\"\}\s+\[call_1\]",
         r"tool call_1\s+rain, 9 degrees",
         r"user\s+And in Oslo\?",
