@@ -233,7 +233,9 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 async def scenario() -> AsyncIterator[ScenarioUpstream]:
     """The scripted upstream of the dialect tests (tests/scenario_upstream.py), started."""
-    upstream = ScenarioUpstream()
+    # Chunks apart, as a model writes them: text that comes in one read is translated as
+    # one event, and the tests look at the stream delta by delta.
+    upstream = ScenarioUpstream(chunk_delay=0.01)
     await upstream.start()
     yield upstream
     await upstream.close()

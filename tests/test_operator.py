@@ -280,6 +280,16 @@ async def test_handoff_replaces_or_continues(desk: Desk) -> None:
     assert all(c.model == "human:support" for c in rest)
     sent = desk.upstream.fake.generation_requests[-1].body["messages"]
     assert sent == [*HELLO, {"role": "assistant", "content": "Well, "}]
+    # A client without a stream never saw the operator's part: its answer starts with it.
+    asking = asyncio.ensure_future(
+        client.chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]["id"]
+    await alice.ok("claim", request)
+    await alice.ok("delta", request, text="Well, ")
+    await alice.ok("handoff", request, model="fake-model", mode="continue")
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.content == "Well, w0 w1 w2 w3 w4"
     await alice.close()
 
 

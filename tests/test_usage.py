@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from llproxy.core.record import RequestRecord
-from llproxy.core.sse import EventRelay, json_document, usage_of_json_answer
+from llproxy.core.sse import ChoiceReader, EventRelay, json_document, usage_of_json_answer
 from llproxy.core.usage import UsageRecord
 from llproxy.stores.sqlite import DATABASE, UsageWriter
 
@@ -378,3 +378,34 @@ async def test_records_past_the_bound_are_dropped_and_counted(tmp_path: Path) ->
     with sqlite3.connect(blocked / DATABASE) as db:
         times = [t for (t,) in db.execute("SELECT time FROM usage ORDER BY time")]
     assert times == [3.0, 4.0, 5.0, 6.0, 7.0]  # the newest five
+
+
+def test_text_that_comes_in_one_read_is_one_choice() -> None:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return event({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    reader = ChoiceReader(RequestRecord())
+    read = b"".join(
+        [
+            chunk({"role": "assistant", "content": ""}),
+            chunk({"reasoning_content": "Let me "}),
+            chunk({"reasoning_content": "think."}),
+            chunk({"content": "It "}),
+            chunk({"content": "is "}),
+            chunk({"content": "4."}),
+            chunk({"content": ""}, "stop"),
+        ]
+    )
+    choices, failure = reader.feed(read)
+    assert failure is None
+    assert [c["delta"] for c in choices] == [
+        {"role": "assistant", "content": ""},
+        {"reasoning_content": "Let me think."},
+        {"content": "It is 4."},
+        {"content": ""},
+    ]
+    assert choices[-1]["finish_reason"] == "stop"
+    # Read by read, nothing is joined: each piece goes on as it came.
+    reader = ChoiceReader(RequestRecord())
+    pieces = [reader.feed(chunk({"content": word}))[0] for word in ("a", "b")]
+    assert [[c["delta"] for c in p] for p in pieces] == [[{"content": "a"}], [{"content": "b"}]]

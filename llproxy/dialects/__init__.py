@@ -66,8 +66,8 @@ class StreamTransform(Protocol):
     media_type: str
 
     def start(self) -> bytes:
-        """What opens the stream, sent with its headers (once; also before the first
-        chunk when the model is slow to start)."""
+        """What opens the stream, once: the server sends it with the headers when the
+        model is slow to start; else the transform puts it before its first output."""
         ...
 
     def feed(self, chunk: bytes) -> bytes: ...
@@ -84,6 +84,17 @@ class StreamTransform(Protocol):
         """What tells the client the stream is alive while the model is silent; b"" for a
         dialect that has none (its stream then opens only with the model's first chunk)."""
         ...
+
+
+def added_text(choice: dict[str, Any]) -> str | None:
+    """The text a choice adds when that is all it does, as most chunks of an answer do:
+    translators give those their event from a template (measured: about half the time
+    of the general path)."""
+    delta = choice.get("delta")
+    if type(delta) is not dict or len(delta) != 1 or choice.get("finish_reason"):
+        return None
+    text = delta.get("content")
+    return text if isinstance(text, str) and text else None
 
 
 class ChoiceStream:
@@ -134,7 +145,9 @@ class ChoiceStream:
     def _read(self, choices: list[dict[str, Any]], failure: bytes | None) -> bytes:
         if not choices and failure is None:
             return b""
-        out = [self.start(), *(self._choice(choice) for choice in choices)]
+        out = [self.start()]
+        for choice in choices:
+            out.append(self._choice(choice))
         if failure is not None:
             out.append(self.fail(UpstreamFailed(502, failure)))
         return b"".join(out)

@@ -23,7 +23,7 @@ from ..core.call import JsonPayload, Reply, estimate_tokens, json_object
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls, json_document
-from . import Answer, Catalog, ChoiceStream, Incoming, Route
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text
 
 _PREFIXES = ("/v1", "/anthropic/v1")
 _ERROR_TYPES = {
@@ -47,6 +47,12 @@ _BILLING_HASH = re.compile(r"(x-anthropic-billing-header:[^\n]*?cch=)[0-9a-fA-F]
 def error_body(status: int, message: str) -> bytes:
     kind = _ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
     return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
+_TEXT_DELTA = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+    b'"delta":{"type":"text_delta","text":%b}}\n\n'
+)
 
 
 def _event(name: str, data: Mapping[str, Any]) -> bytes:
@@ -471,8 +477,10 @@ class AnthropicStream(ChoiceStream):
         return _event("ping", {})
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
-        out = []
+        if self.open == "text" and (text := added_text(choice)) is not None:
+            return _TEXT_DELTA % (self.index, orjson.dumps(text))
         delta = _dict(choice.get("delta"))
+        out = []
         if thought := _reasoning(delta):
             out.append(self._into("thinking", {"type": "thinking_delta", "thinking": thought}))
         if isinstance(delta.get("content"), str) and delta["content"]:

@@ -26,7 +26,7 @@ from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFai
 from ..core.record import RequestRecord
 from ..core.registry import Model
 from ..core.sse import ChoiceReader, ToolCalls, json_document
-from . import Answer, Catalog, ChoiceStream, Incoming, Route
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text
 
 VERSION = "0.12.3"  # clients compare it: Copilot needs at least 0.6.4
 NDJSON = "application/x-ndjson"
@@ -393,6 +393,11 @@ def _tool_calls(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+_CHAT_LINE = (
+    b'{"model":%b,"created_at":"%b","message":{"role":"assistant","content":%b},"done":false}\n'
+)
+
+
 class OllamaTranslation:
     early = False  # NDJSON has no keepalive: a stream opens with the model's first chunk
     relays_as_is = False
@@ -465,6 +470,7 @@ class OllamaStream(ChoiceStream):
         self.record = record
         self.choices = ChoiceReader(record)
         self.calls = ToolCalls()
+        self.model = orjson.dumps(record.model)
         self.finish_reason: Any = None
         self.done = False
 
@@ -486,6 +492,9 @@ class OllamaStream(ChoiceStream):
         return b""
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
+        if self.translation.kind == "chat" and (text := added_text(choice)) is not None:
+            self.translation.clock.tick()
+            return _CHAT_LINE % (self.model, _now().encode(), orjson.dumps(text))
         delta = _dict(choice.get("delta"))
         text = delta.get("content") if "delta" in choice else choice.get("text")
         thinking = delta.get("reasoning_content") or delta.get("reasoning")

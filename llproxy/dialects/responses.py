@@ -22,7 +22,7 @@ from ..core.call import JsonPayload, Reply, json_object
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls, json_document
-from . import Answer, Catalog, ChoiceStream, Incoming, Route
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text
 from .openai import OpenAIDialect, error_of
 
 # Input fields that need state or tools llproxy does not have: a 400 that names them.
@@ -293,6 +293,13 @@ def _call_item(
     }
 
 
+_TEXT_DELTA = (
+    b"event: response.output_text.delta\ndata: "
+    b'{"type":"response.output_text.delta","sequence_number":%d,"item_id":"%b",'
+    b'"output_index":%d,"content_index":0,"delta":%b,"logprobs":[]}\n\n'
+)
+
+
 class ResponsesTranslation:
     target = "chat/completions"
     early = True  # a comment keeps a client waiting on a long prefill
@@ -411,6 +418,16 @@ class ResponsesStream(ChoiceStream):
         return b": keepalive\n\n"
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
+        opened = self.open
+        if opened is not None and opened.kind == "message" and (text := added_text(choice)):
+            opened.text.append(text)
+            self.sequence += 1
+            return _TEXT_DELTA % (
+                self.sequence - 1,
+                opened.id.encode(),
+                opened.index,
+                orjson.dumps(text),
+            )
         out = []
         delta = _dict(choice.get("delta"))
         thought = delta.get("reasoning_content") or delta.get("reasoning")

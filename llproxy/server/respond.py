@@ -69,30 +69,39 @@ async def stream_early(
     record: RequestRecord,
     delivery: Delivery,
 ) -> web.StreamResponse:
-    """A stream whose client is kept waiting at most `delivery.keepalive` seconds: when the model is
-    still silent then (a long prefill, a queue), the stream opens and keepalives follow
-    until the first chunk. Past that point a failure is an error event, not a status."""
-    reply_task = asyncio.ensure_future(sending)
+    """A stream whose client is kept waiting at most `delivery.keepalive` seconds: when
+    the model is still silent then (a long prefill, a queue), the stream opens and
+    keepalives follow until the first chunk. Past that point a failure is an error
+    event, not a status."""
+    opened: list[tuple[ClientStream, asyncio.Future[None]]] = []
+
+    def open_now() -> None:
+        client = ClientStream(request, translation.stream_transform(record, None), delivery)
+        opened.append((client, asyncio.ensure_future(client.open(200, {}, announce=True))))
+
+    # A timer, not a task beside every request: most models answer before it fires.
+    timer = asyncio.get_running_loop().call_later(delivery.keepalive, open_now)
     try:
-        # Waits without cancelling it at the timeout (unlike wait_for, no shield needed).
-        await asyncio.wait((reply_task,), timeout=delivery.keepalive)
-    except BaseException:
-        reply_task.cancel()
-        raise
-    if reply_task.done():
-        reply = reply_task.result()  # its errors, before anything was sent, are statuses
-        return await answer_or_stream(request, reply, translation, record, delivery)
-    transform = translation.stream_transform(record, None)
-    client = ClientStream(request, transform, delivery)
-    await client.open(200, {})
-    try:
-        reply = await reply_task
+        reply = await sending
     except ProxyError as error:
-        await client.end(transform.fail(error))
+        if not opened:
+            raise  # nothing sent yet: the error is a status
+        client, opening = opened[0]
+        await opening
+        await client.end(client.transform.fail(error))
         return client.response
+    except BaseException:
+        for _, opening in opened:
+            opening.cancel()
+        raise
     finally:
-        reply_task.cancel()
+        timer.cancel()
+    if not opened:
+        return await answer_or_stream(request, reply, translation, record, delivery)
+    client, opening = opened[0]
     try:
+        await opening
+        transform = client.transform
         if reply.status >= 400:
             answer = translation.upstream_error(reply)
             await client.end(transform.fail(UpstreamFailed(answer.status, reply.body)))
@@ -146,7 +155,10 @@ class ClientStream:
         self._timer: asyncio.TimerHandle | None = None
         self._ping: asyncio.Future[None] | None = None
 
-    async def open(self, status: int, relayed: Mapping[str, str]) -> None:
+    async def open(self, status: int, relayed: Mapping[str, str], announce: bool = False) -> None:
+        """Headers set; with `announce`, they go now with the transform's opening (a model
+        still silent); else both leave with the first chunk's translation, in one send
+        (a translated stream's own opening alone cost a send and a wake-up, measured)."""
         response = self.response
         response.set_status(status)
         response.headers.update(
@@ -160,9 +172,8 @@ class ClientStream:
         if self.delivery.close:
             response.force_close()
         await response.prepare(self.request)
-        opening = self.transform.start()
-        if opening:
-            await self.write(opening)
+        if announce:
+            await self.write(self.transform.start())
         if self.transform.keepalive():
             self._timer = asyncio.get_running_loop().call_later(self.delivery.keepalive, self._due)
 

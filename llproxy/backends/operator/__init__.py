@@ -27,7 +27,7 @@ from ...core.errors import (
 )
 from ...core.record import RequestRecord
 from ...core.registry import FoundModel, Replica, Upstream, final_names
-from ...core.sse import ModelRename, completion_as_chunk, model_rename
+from ...core.sse import ModelRename, completion_as_chunk, json_document, model_rename
 
 BACKEND = "operator"
 OWNED_BY = "llproxy-operator"
@@ -210,6 +210,8 @@ class OperatorAnswer:
                 assert self.handed is not None
                 reply, self.handed = self.handed, None
                 reply.body = self._renamed(reply.body)
+                if reply.status < 400 and self.text:
+                    reply.body = _after(reply.body, "".join(self.text))
                 return reply
 
     # --- the ends that are not the operator's own -------------------------------------------
@@ -289,3 +291,15 @@ def _tool_call(event: Event, index: int) -> dict[str, Any]:
         "type": "function",
         "function": {"name": event["name"], "arguments": event["arguments"]},
     }
+
+
+def _after(completion: bytes, start: str) -> bytes:
+    """A model's whole answer that continued the operator's text, with that text before
+    it: a client without a stream never saw it."""
+    document = json_document(completion)
+    choices = document.get("choices") if isinstance(document, dict) else None
+    message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+    if not isinstance(message, dict):
+        return completion
+    message["content"] = start + (message.get("content") or "")
+    return orjson.dumps(document)
