@@ -9,6 +9,7 @@ account for. The relays keep a stream moving chunk by chunk.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections import deque
 from collections.abc import Iterable
@@ -273,17 +274,44 @@ def completion_as_chunk(raw: bytes) -> bytes:
 
 class ChoiceReader:
     """The first choice of every chunk of a model's chat stream, as the bytes arrive, for
-    dialects that translate it: usage goes to the record, an error event ends the read."""
+    dialects that translate it: usage goes to the record, an error event ends the read.
+
+    Text that comes in one read is joined into one choice: the client gets the same text
+    at the same moment, in one event instead of many (a read of 20 chunks translated in
+    ~1/4 of the time, measured)."""
 
     def __init__(self, record: RequestRecord) -> None:
         self.record = record
         self.events = EventSplitter()
+        self.template: TextTemplate | None = None
+        # Templates made, and events read by one: a model's server that writes something
+        # else into every chunk (a timestamp) defeats them, and then none is made.
+        self.templates = 0
+        self.templated = 0
 
     def feed(self, chunk: bytes) -> tuple[list[dict[str, Any]], bytes | None]:
         """The choices of the events completed by `chunk`, and the error event's JSON when
         the model's server sent one (nothing after it counts)."""
         choices: list[dict[str, Any]] = []
-        for event in self.events.split(chunk):
+        run: _TextRun | None = None  # choices[-1], while the events only add text to it
+        events = self.events.split(chunk)
+        at, count = 0, len(events)
+        while at < count:
+            template = self.template
+            if template is not None and (alike := template.run(events, at)):
+                texts = template.texts(events[at : at + alike])
+                if texts is not None:
+                    if run is None or run.member != template.member:
+                        _close(run)
+                        run = _TextRun(template.choice(texts[0]), template.member, [])
+                        choices.append(run.choice)
+                    run.pieces += texts
+                    at += alike
+                    self.templated += alike
+                    continue
+                self.template = None  # its events are read whole from here on
+            event = events[at]
+            at += 1
             if event.startswith(b"data: {") and event.count(b"\n") == 2:
                 # One `data:` line of JSON, as servers write each chunk: decoded at once.
                 document = json_document(event[6:])
@@ -292,19 +320,138 @@ class ChoiceReader:
             if not isinstance(document, dict):
                 continue  # [DONE], a comment
             if isinstance(document.get("error"), dict):
+                _close(run)
                 return choices, orjson.dumps(document)
             if "usage" in document:
                 self.record.take_usage(document)
             for choice in document.get("choices") or ():
-                first = isinstance(choice, dict) and choice.get("index", 0) == 0
-                if first and not (choices and _joined(choices[-1], choice)):
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue
+                added = _only_text(choice)
+                if added is None:
+                    _close(run)
+                    run = None
                     choices.append(choice)
+                    continue
+                member, text = added
+                if self.templates < 2 or self.templated >= 4 * self.templates:
+                    self.templates += 1
+                    self.template = TextTemplate.of(event, document, choice, member, text)
+                else:
+                    self.template = None
+                if run is None or run.member != member:
+                    _close(run)
+                    run = _TextRun(choice, member, [])
+                    choices.append(choice)
+                run.pieces.append(text)
+        _close(run)
         return choices, None
 
     def rest(self) -> tuple[list[dict[str, Any]], bytes | None]:
         """The choices of an unterminated last event, at the stream's end."""
         rest = self.events.rest()
         return self.feed(rest + b"\n\n") if rest.strip() else ([], None)
+
+
+# Delta members that only add text.
+_TEXT_MEMBERS = ("content", "reasoning_content", "reasoning")
+
+
+def _only_text(choice: dict[str, Any]) -> tuple[str, str] | None:
+    """(member, text) of a choice whose delta only adds text (some servers name the role
+    in every delta: Ollama); None for any other."""
+    delta = choice.get("delta")
+    if type(delta) is not dict or choice.get("finish_reason") or choice.get("logprobs"):
+        return None
+    if len(delta) == 1:
+        ((member, text),) = delta.items()
+    elif len(delta) == 2 and delta.get("role") == "assistant":
+        ((member, text),) = ((name, value) for name, value in delta.items() if name != "role")
+    else:
+        return None
+    return (member, text) if member in _TEXT_MEMBERS and type(text) is str else None
+
+
+@dataclass(slots=True)
+class _TextRun:
+    """A choice that only adds text, and the texts of the events joined to it."""
+
+    choice: dict[str, Any]
+    member: str
+    pieces: list[str]
+
+
+def _close(run: _TextRun | None) -> None:
+    if run is not None and len(run.pieces) > 1:
+        # A new delta: the event's own dict stays as it came.
+        run.choice["delta"] = {**run.choice["delta"], run.member: "".join(run.pieces)}
+
+
+class TextTemplate:
+    """The bytes of a chunk that only adds text, around its text. A model's server writes
+    every such chunk alike but for the text, so the events of a read with the same bytes
+    around their own text are read by cutting the texts out and decoding them together,
+    instead of decoding each event and comparing its choice with the one before (a
+    20-chunk read from llama.cpp: 53 → 22 µs, measured).
+
+    The texts are decoded as one JSON array of strings: a text that is not exactly one
+    JSON string (a bare quote, a line end, an escape left open) breaks the array or its
+    count, and then every event is decoded whole.
+    """
+
+    __slots__ = ("choice_of", "head", "member", "tail")
+
+    def __init__(self, head: bytes, tail: bytes, member: str, choice: dict[str, Any]) -> None:
+        self.head = head
+        self.tail = tail
+        self.member = member
+        self.choice_of = choice  # the choice whose bytes these are
+
+    @classmethod
+    def of(
+        cls, event: bytes, document: dict[str, Any], choice: dict[str, Any], member: str, text: str
+    ) -> TextTemplate | None:
+        """The template of a one-line event whose one choice only adds `text`; None when
+        its bytes do not show the text where orjson would write it."""
+        if len(document["choices"]) != 1 or not event.startswith(b"data: {"):
+            return None
+        key = b'"' + member.encode() + b'":'
+        at = event.find(key)
+        if at < 0 or event.find(key, at + 1) >= 0 or event.count(b"\n") != 2:
+            return None  # the member elsewhere too: its place is not certain
+        start = at + len(key) + (event[at + len(key) : at + len(key) + 1] == b" ")
+        encoded = orjson.dumps(text)
+        if event[start : start + len(encoded)] != encoded:
+            return None  # escaped otherwise than orjson escapes (e.g. \u003c)
+        own = {**choice, "delta": dict(choice["delta"])}  # the reader may join into it
+        return cls(event[: start + 1], event[start + len(encoded) - 1 :], member, own)
+
+    def run(self, events: list[bytes], at: int) -> int:
+        """How many events from `at` on are shaped like the template's."""
+        head, tail = self.head, self.tail
+        end = at
+        for event in itertools.islice(events, at, None):
+            # An event shorter than both may overlap them by its quote: then its text is
+            # empty, and so is what is cut out.
+            if not event.startswith(head) or not event.endswith(tail):
+                break
+            end += 1
+        return end - at
+
+    def texts(self, events: list[bytes]) -> list[str] | None:
+        """The texts of events shaped like the template's; None when one is not a JSON
+        string."""
+        start, end = len(self.head), -len(self.tail)
+        array = b'["' + b'","'.join([event[start:end] for event in events]) + b'"]'
+        texts = json_document(array)
+        if not isinstance(texts, list) or len(texts) != len(events):
+            return None
+        return texts
+
+    def choice(self, text: str) -> dict[str, Any]:
+        """The template's choice with `text` in place of its own."""
+        choice = self.choice_of
+        return {**choice, "delta": {**choice["delta"], self.member: text}}
 
 
 @dataclass(slots=True)
@@ -347,32 +494,3 @@ class ToolCalls:
 
     def in_order(self) -> list[ToolCall]:
         return [call for _, call in sorted(self.by_index.items())]
-
-
-# Delta members that only add text.
-_TEXT_MEMBERS = ("content", "reasoning_content", "reasoning")
-
-
-def _joined(before: dict[str, Any], choice: dict[str, Any]) -> bool:
-    """Join a choice that only adds text to the one before it of the same kind, when both
-    came in one read: the client gets the same text at the same moment, in one event
-    instead of many (a read of 20 chunks translated in ~1/4 of the time, measured)."""
-    added, earlier = choice.get("delta"), before.get("delta")
-    if (
-        not isinstance(added, dict)
-        or not isinstance(earlier, dict)
-        or len(added) != 1
-        or len(earlier) != 1
-        or choice.get("finish_reason")
-        or before.get("finish_reason")
-        or choice.get("logprobs")
-        or before.get("logprobs")
-    ):
-        return False
-    (member, text), (was, joined) = next(iter(added.items())), next(iter(earlier.items()))
-    if member != was or member not in _TEXT_MEMBERS:
-        return False
-    if not isinstance(text, str) or not isinstance(joined, str):
-        return False
-    before["delta"] = {member: joined + text}  # a new dict: the event's own stays as it was
-    return True
