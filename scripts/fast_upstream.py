@@ -57,14 +57,16 @@ def _chunk(data: bytes) -> bytes:
 
 
 def _event(index: int) -> bytes:
+    # The shape llama.cpp's server writes (recorded from llama-server): the chunks of an
+    # answer differ only in their text and, from one second to the next, `created`.
     payload = orjson.dumps(
         {
+            "choices": [{"finish_reason": None, "index": 0, "delta": {"content": f"tok{index} "}}],
+            "created": int(time.time()),
             "id": "chatcmpl-bench",
-            "object": "chat.completion.chunk",
-            "created": 1,
             "model": MODEL,
-            "choices": [{"index": 0, "delta": {"content": f"tok{index} "}, "finish_reason": None}],
-            "t": time.time(),
+            "system_fingerprint": "b0-unknown",
+            "object": "chat.completion.chunk",
         }
     )
     return _chunk(b"data: " + payload + b"\n\n")
