@@ -651,7 +651,9 @@ load, same moment) and then the median. Load: `wrk -t1 -cN -d{args["duration"]:g
 with a POST of a small chat request, against `scripts/fast_upstream.py` (direct), nginx
 as a plain reverse proxy (`proxy_buffering off`, upstream keep-alive), and llproxy with
 1 worker and one per core (no rate limit, no verbose log), and one per core with a rate
-limit too high to refuse (`+limit`: what limiting costs). Streaming: 20 SSE chunks; the
+limit too high to refuse (`+limit`: what limiting costs). Streaming: 20 SSE chunks in
+the shape llama.cpp's server writes them (since 2026-12-02; before, each carried a
+timestamp of its own, which the translated streams' reader cannot cut by template); the
 same stream is also asked for as Anthropic Messages, OpenAI Responses and Ollama chat
 (c32, through llproxy with one worker per core) and compared with the OpenAI stream.
 Stream timing: the upstream's delay mode (first chunk after 100 ms, then one every 10 ms),
