@@ -446,7 +446,8 @@ class TextTemplate:
         texts = json_document(array)
         if not isinstance(texts, list) or len(texts) != len(events):
             return None
-        return texts
+        # Only invalid events could put something else there, two of them at once.
+        return texts if all(type(text) is str for text in texts) else None
 
     def choice(self, text: str) -> dict[str, Any]:
         """The template's choice with `text` in place of its own."""
