@@ -59,6 +59,9 @@ def _event(name: str, data: Mapping[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
 
 
+_PING = _event("ping", {})
+
+
 class AnthropicDialect:
     name = "anthropic"
 
@@ -474,7 +477,7 @@ class AnthropicStream(ChoiceStream):
         return _event("message_start", {"message": message})
 
     def keepalive(self) -> bytes:
-        return _event("ping", {})
+        return _PING
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
         if self.open == "text" and (text := added_text(choice)) is not None:
