@@ -400,7 +400,7 @@ class TextTemplate:
     every such chunk alike but for the text, so the events of a read with the same bytes
     around their own text are read by cutting the texts out and decoding them together,
     instead of decoding each event and comparing its choice with the one before (a
-    20-chunk read from llama.cpp: 53 → 22 µs, measured).
+    20-chunk read from llama.cpp: 53 → 20 µs, measured).
 
     The texts are decoded as one JSON array of strings: a text that is not exactly one
     JSON string (a bare quote, a line end, an escape left open) breaks the array or its
