@@ -335,7 +335,7 @@ class ChoiceReader:
             for choice in document.get("choices") or ():
                 if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                     continue
-                added = _only_text(choice)
+                added = only_text(choice)
                 if added is None:
                     _close(run)
                     run = None
@@ -365,7 +365,7 @@ class ChoiceReader:
 _TEXT_MEMBERS = ("content", "reasoning_content", "reasoning")
 
 
-def _only_text(choice: dict[str, Any]) -> tuple[str, str] | None:
+def only_text(choice: dict[str, Any]) -> tuple[str, str] | None:
     """(member, text) of a choice whose delta only adds text (some servers name the role
     in every delta: Ollama); None for any other."""
     delta = choice.get("delta")

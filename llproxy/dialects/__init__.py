@@ -16,7 +16,7 @@ from ..core.call import Payload, Reply
 from ..core.errors import ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.registry import Model
-from ..core.sse import ChoiceReader
+from ..core.sse import ChoiceReader, only_text
 
 JSON_TYPE = "application/json"
 
@@ -87,14 +87,11 @@ class StreamTransform(Protocol):
 
 
 def added_text(choice: dict[str, Any]) -> str | None:
-    """The text a choice adds when that is all it does, as most chunks of an answer do:
-    translators give those their event from a template (measured: about half the time
-    of the general path)."""
-    delta = choice.get("delta")
-    if type(delta) is not dict or len(delta) != 1 or choice.get("finish_reason"):
-        return None
-    text = delta.get("content")
-    return text if isinstance(text, str) and text else None
+    """The text a choice adds to an answer's content when that is all it does, as most
+    chunks of an answer do: translators give those their event from a template
+    (measured: about half the time of the general path)."""
+    added = only_text(choice)
+    return added[1] if added is not None and added[0] == "content" and added[1] else None
 
 
 class ChoiceStream:
