@@ -78,6 +78,21 @@ async def next_chunk(chunks: Chunks) -> Any:
     return await asyncio.wait_for(anext(chunks), WAIT)
 
 
+async def connected_operator(desk: Desk, terminal: Terminal) -> LlproxyCommand:
+    """alice's terminal, once it says it is connected."""
+    alice = terminal(desk.proxy.url, desk.keys["alice"])
+    await alice.wait_for(r"connected to \S+ as alice")
+    return alice
+
+
+async def streamed_question(desk: Desk) -> Chunks:
+    """The chunks of a streamed question to the operator model."""
+    stream = await desk.client().chat.completions.create(
+        model="human:support", messages=ASK, stream=True
+    )
+    return stream.__aiter__()
+
+
 async def claim_next(operator: LlproxyCommand, command: str = "{}") -> None:
     """Claim the next request to arrive, typing `command` with its number."""
     arrived = await operator.wait_for(r"new request #(\d+) for human:support")
@@ -86,12 +101,8 @@ async def claim_next(operator: LlproxyCommand, command: str = "{}") -> None:
 
 
 async def test_lines_reach_the_client_as_they_are_typed(desk: Desk, terminal: Terminal) -> None:
-    alice = terminal(desk.proxy.url, desk.keys["alice"])
-    await alice.wait_for(r"connected to \S+ as alice")
-    stream = await desk.client().chat.completions.create(
-        model="human:support", messages=ASK, stream=True
-    )
-    chunks = stream.__aiter__()
+    alice = await connected_operator(desk, terminal)
+    chunks = await streamed_question(desk)
     assert (await next_chunk(chunks)).choices[0].delta.role == "assistant"
     mark = len(alice.output)
     await claim_next(alice)
@@ -126,8 +137,7 @@ async def test_a_key_that_is_no_operator_key_is_refused(desk: Desk, terminal: Te
 
 
 async def test_a_tool_call_is_checked_then_sent(desk: Desk, terminal: Terminal) -> None:
-    alice = terminal(desk.proxy.url, desk.keys["alice"])
-    await alice.wait_for(r"connected to \S+ as alice")
+    alice = await connected_operator(desk, terminal)
     asking = asyncio.ensure_future(
         desk.client().chat.completions.create(
             model="human:support", messages=ASK_WEATHER, tools=[WEATHER]
@@ -162,12 +172,8 @@ async def test_a_tool_call_is_checked_then_sent(desk: Desk, terminal: Terminal) 
 
 
 async def test_the_answer_goes_on_after_a_reconnect(desk: Desk, terminal: Terminal) -> None:
-    alice = terminal(desk.proxy.url, desk.keys["alice"])
-    await alice.wait_for(r"connected to \S+ as alice")
-    stream = await desk.client().chat.completions.create(
-        model="human:support", messages=ASK, stream=True
-    )
-    chunks = stream.__aiter__()
+    alice = await connected_operator(desk, terminal)
+    chunks = await streamed_question(desk)
     await next_chunk(chunks)
     await claim_next(alice)
     alice.write("Before\n")
