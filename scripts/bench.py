@@ -434,6 +434,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, (_, model) in targets.items()
             for stream in (False, True)
         }
+        top_port, top_model = targets[f"llproxy-{cores}w"]
         for rep in range(args.reps):
             print(f"repetition {rep + 1}/{args.reps}", flush=True)
             for stream in (False, True):
@@ -448,7 +449,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         bench.record(f"{name}|{'stream' if stream else 'json'}|{conns}", result)
                     # Limits off once more, after limits on: a comparison with the mean
                     # of the runs on either side cannot favour the one measured first.
-                    top_port, _ = targets[f"llproxy-{cores}w"]
                     result = wrk(
                         f"http://127.0.0.1:{top_port}{CHAT_PATH}",
                         scripts[(f"llproxy-{cores}w", stream)],
@@ -457,7 +457,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     kind = "stream" if stream else "json"
                     bench.record(f"llproxy-{cores}w|{kind}|{conns}|again", result)
-            top_port, top_model = targets[f"llproxy-{cores}w"]
             # The dialects between two runs of the OpenAI stream, measured right before
             # and after them: minutes apart from the grid's, its figure drifted with the
             # machine (ratios from 0.61 to 1.06 in two runs of the same code).
