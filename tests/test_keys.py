@@ -280,11 +280,13 @@ def test_cli_refuses_unsafe_key_fields(tmp_path: Path, args: tuple[str, ...], sa
 
 
 def test_keys_table_puts_each_value_under_its_column(tmp_path: Path) -> None:
+    # Piped with no COLUMNS, and wider than 80 columns: nothing may be cut to fit.
+    models = "llama-3.1-70b-instruct*,qwen2.5-coder-32b*"
     create_key(
         tmp_path,
-        "alice",
+        "alice-in-the-research-lab",
         "--models",
-        "llama*",
+        models,
         "--rate-limit",
         "5 per minute",
         "--expires",
@@ -295,14 +297,16 @@ def test_keys_table_puts_each_value_under_its_column(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "LLPROXY_STATE_DIR": str(tmp_path), "COLUMNS": "200"},
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        | {"LLPROXY_STATE_DIR": str(tmp_path)},
     )
     lines = done.stdout.splitlines()
     header = next(line for line in lines if "fingerprint" in line)
     row = next(line for line in lines if "alice" in line)
     columns = [cell.strip() for cell in header.split("┃")[1:-1]]
     cells = dict(zip(columns, (cell.strip() for cell in row.split("│")[1:-1]), strict=True))
-    assert cells["models"] == "llama*"
+    assert cells["name"] == "alice-in-the-research-lab"
+    assert cells["models"] == models.replace(",", ", ")
     assert cells["rate limit"] == "5 per minute"
     assert cells["status"] == "active"
     assert cells["expires"].startswith("2099-01-01")

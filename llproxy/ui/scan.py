@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from ..backends.openai_http.discovery import ScanResult, make_scan_session, missing_models, scan
 from ..config import Config
-from .tables import models_table, print_json
+from .tables import models_table, print_json, print_table
 
 
 def scan_rows(result: ScanResult) -> list[dict[str, Any]]:
@@ -56,7 +56,7 @@ def run_scan(config: Config, as_json: bool) -> int:
     if as_json:
         print_json(rows)
     elif rows:
-        Console().print(models_table(result.registry))
+        print_table(models_table(result.registry))
     summary = (
         f"scanned {result.probed} addresses in {result.duration_ms:.0f} ms: "
         f"{result.registry.servers} servers, {len(result.registry.models)} models"

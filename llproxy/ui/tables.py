@@ -20,6 +20,15 @@ def print_json(rows: list[dict[str, Any]]) -> None:
     sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
+def print_table(table: Table) -> None:
+    """A table on stdout. On a terminal it fits the window; piped or redirected, it keeps
+    its natural width, since a file has no width to fit and cut columns lose data."""
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=out.measure(table, options=out.options.update(width=100_000)).maximum)
+    out.print(table)
+
+
 def models_table(registry: Registry) -> Table:
     """Every model with each of its replicas: name, upstream id, host:port, tags."""
     table = Table(title=f"{len(registry.models)} models on {registry.servers} servers")
@@ -60,7 +69,7 @@ def show_keys(keys: list[ApiKey], as_json: bool) -> None:
             _when(row["created"]),
             _when(row["expires"]),
         )
-    Console().print(table)
+    print_table(table)
 
 
 def show_usage(rows: list[dict[str, Any]], by: str, as_json: bool) -> None:
@@ -79,6 +88,6 @@ def show_usage(rows: list[dict[str, Any]], by: str, as_json: bool) -> None:
             "-" if row["prompt_tokens"] is None else str(row["prompt_tokens"]),
             "-" if row["completion_tokens"] is None else str(row["completion_tokens"]),
         )
-    Console().print(table)
+    print_table(table)
     if not rows:
         Console(stderr=True).print("no usage recorded", highlight=False)
