@@ -91,6 +91,11 @@ class WorkerHandle:
     def pid(self) -> int:
         return self.process.pid or 0
 
+    @property
+    def started_serving(self) -> bool:
+        ready = self.ready
+        return ready is not None and ready.done() and not ready.cancelled() and not ready.exception()
+
 
 def bind_socket(config: Config) -> socket.socket:
     family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
@@ -183,7 +188,8 @@ class Supervisor:
                 self.services.desks.handle(sender.worker_id, sender.channel.send, message)
 
     def _calls(self) -> list[tuple[int, Calls]]:
-        return [(handle.worker_id, handle.calls) for handle in self._serving()]
+        # A worker still starting cannot answer yet; asking it would only time out.
+        return [(h.worker_id, h.calls) for h in self._serving() if h.started_serving]
 
     async def _answer(self, handle: WorkerHandle, reply: Awaitable[Any]) -> None:
         handle.channel.send(await reply)
@@ -204,7 +210,7 @@ class Supervisor:
         self.services.desks.worker_gone(handle.worker_id)
         code = handle.process.exitcode
         how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
-        served = handle.ready is not None and handle.ready.done() and not handle.ready.cancelled()
+        served = handle.started_serving
         if handle.ready is not None and not handle.ready.done():
             handle.ready.set_exception(RuntimeError(f"worker {handle.worker_id} died: {how}"))
             handle.ready.exception()  # retrieved here; boot waiters look at it themselves
