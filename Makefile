@@ -3,26 +3,36 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
-.PHONY: venv run test chaos claude-code lint bench clean
+.PHONY: venv run test test-slow chaos claude-code lint bench clean
 
-# pip's and setuptools' chatter goes to .venv/install.log; it is shown only if the install fails.
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	@echo "installing llproxy and its tools into $(VENV) (log: $(VENV)/install.log)"
-	@( $(BIN)/python -m pip install --upgrade pip \
-	  && $(BIN)/python -m pip install -e '.[dev]' ) > $(VENV)/install.log 2>&1 \
-	  || { cat $(VENV)/install.log; exit 1; }
-	touch $(STAMP)
+# `make run` installs only what serving needs; the test, lint and bench targets add the dev
+# tools once, in a second step. pip prints its progress; a failed step stops make.
+$(SERVE_STAMP): pyproject.toml
+	@test -x $(BIN)/python || { echo "[1/2] creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "[2/2] installing llproxy and what serving needs into $(VENV)"
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar on -e .
+	touch $@
+
+$(STAMP): $(SERVE_STAMP)
+	@echo "installing the test, lint and bench tools into $(VENV)"
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar on -e '.[dev]'
+	touch $@
 
 venv: $(STAMP)
 
-run: $(STAMP)
+run: $(SERVE_STAMP)
 	$(BIN)/llproxy serve --verbose
 
 test: $(STAMP)
 	scripts/system-deps
 	$(BIN)/python -m pytest
+
+# The browser, pseudo-terminal and process-lifecycle suites (about a minute when idle).
+test-slow: $(STAMP)
+	scripts/system-deps
+	$(BIN)/python -m pytest -m slow
 
 # The slow attack runs, each bounded in count and time, printing its figures (about 5 min).
 chaos: $(STAMP)
@@ -52,7 +62,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check llproxy tests scripts
 	$(BIN)/mypy
 
-# Installs wrk and nginx-light with apt-get when missing (as root). About 10 minutes.
+# Installs wrk and nginx-light with apt-get when missing (as root). About 22 minutes on 2 cores (README, Benchmark).
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 

@@ -29,6 +29,18 @@ from llproxy.stores.sqlite import usage_sums
 from .fake_upstream import FakeUpstream
 from .scenario_upstream import ScenarioUpstream
 
+# Suites that start a browser, pseudo-terminals or whole process trees again and again, and
+# slow down most on a loaded machine: `make test-slow` runs them (CI runs both targets), so
+# that `make test` stays quick.
+SLOW_SUITES = frozenset({"test_supervisor.py", "test_operator_page.py", "test_operator_terminal.py"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_SUITES:
+            item.add_marker(pytest.mark.slow)
+
 
 @dataclass
 class RunningUpstream:
