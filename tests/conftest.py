@@ -32,7 +32,9 @@ from .scenario_upstream import ScenarioUpstream
 # Suites that start a browser, pseudo-terminals or whole process trees again and again, and
 # slow down most on a loaded machine: `make test-slow` runs them (CI runs both targets), so
 # that `make test` stays quick.
-SLOW_SUITES = frozenset({"test_supervisor.py", "test_operator_page.py", "test_operator_terminal.py"})
+SLOW_SUITES = frozenset(
+    {"test_supervisor.py", "test_operator_page.py", "test_operator_terminal.py"}
+)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -94,7 +94,9 @@ class WorkerHandle:
     @property
     def started_serving(self) -> bool:
         ready = self.ready
-        return ready is not None and ready.done() and not ready.cancelled() and not ready.exception()
+        if ready is None or not ready.done() or ready.cancelled():
+            return False
+        return ready.exception() is None
 
 
 def bind_socket(config: Config) -> socket.socket:
