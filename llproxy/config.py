@@ -77,6 +77,8 @@ class Endpoint:
     queue_timeout: float = 300.0  # seconds unclaimed
     idle_timeout: float = 120.0  # seconds of silence from the operator who claimed it
     fallback: str | None = None  # the model that answers when a timeout runs out
+    # One answer's text and tool calls: the master's desk holds each whole until it ends.
+    max_answer_bytes: int = 4 * 1024 * 1024
 
     def base_urls(self) -> list[str]:
         """The OpenAI base URLs (ending in /v1) this endpoint stands for (none for an
@@ -273,7 +275,15 @@ def _timeouts(path: str, value: Any) -> Timeouts:
     return Timeouts(**chosen)
 
 
-_OPERATOR_KEYS = {"operator", "tags", "enable", "queue_timeout", "idle_timeout", "fallback"}
+_OPERATOR_KEYS = {
+    "operator",
+    "tags",
+    "enable",
+    "queue_timeout",
+    "idle_timeout",
+    "fallback",
+    "max_answer_bytes",
+}
 _OPERATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ENDPOINT_KEYS = _OPERATOR_KEYS | {
     "hostname",
@@ -306,6 +316,12 @@ def _operator(path: str, obj: dict[str, Any], common: dict[str, Any]) -> Endpoin
         queue_timeout=seconds("queue_timeout", defaults.queue_timeout),
         idle_timeout=seconds("idle_timeout", defaults.idle_timeout),
         fallback=_optional(obj, "fallback", lambda v: _nonempty_str(f"{path}.fallback", v), None),
+        max_answer_bytes=_optional(
+            obj,
+            "max_answer_bytes",
+            lambda v: _positive_int(f"{path}.max_answer_bytes", v),
+            defaults.max_answer_bytes,
+        ),
         **common,
     )
 

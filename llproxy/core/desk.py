@@ -13,14 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import jsonschema
 import orjson
+
+from .toolschema import SchemaRefusal, check
+
+log = logging.getLogger("llproxy.desk")
 
 PROTOCOL = 1
 QUEUED, CLAIMED, ANSWERING = "queued", "claimed", "answering"
@@ -50,15 +54,37 @@ class Ticket:
     queue_timeout: float
     idle_timeout: float
     fallback: str | None
+    # What the answer may carry (its text and tool calls, in UTF-8): the desk holds every
+    # answer whole until it ends.
+    max_answer_bytes: int
     worker: int = 0  # the serving process that holds the client's request
     created: float = field(default_factory=time.time)
     state: str = QUEUED
     operator: str | None = None  # who holds the claim
     conn: str | None = None  # the connection that holds it
-    text: str = ""  # what reached the client, in order
+    # What reached the client, in order: pieces joined only when the whole is asked for,
+    # so appending stays linear in the answer's size.
+    parts: list[str] = field(default_factory=list)
+    length: int = 0  # characters in parts
+    answer_bytes: int = 0  # UTF-8 bytes of the text and the tool calls
     tool_calls: list[Event] = field(default_factory=list)
     deadline: float = 0.0  # monotonic
     warned: bool = False
+
+    @property
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+    def add_answer_bytes(self, size: int) -> None:
+        """Count `size` more bytes of the answer; Refused past the bound."""
+        if self.answer_bytes + size > self.max_answer_bytes:
+            raise Refused(
+                f"the answer would exceed {self.max_answer_bytes} bytes "
+                f"({self.answer_bytes} sent): finish it here"
+            )
+        self.answer_bytes += size
 
     def public(self, now: float) -> Event:
         """The ticket as operators see it."""
@@ -210,6 +236,13 @@ class Desk:
         except Refused as refused:
             operator.send({"type": "refused", **reply, "reason": str(refused)})
             return
+        except Exception as exc:
+            # The desk serves every operator and client of the host: one command it
+            # trips over is refused, and the desk goes on.
+            log.exception("desk command %r failed", name)
+            reason = f"the desk could not carry this out ({type(exc).__name__})"
+            operator.send({"type": "refused", **reply, "reason": reason})
+            return
         if ticket.id in self.tickets:  # its deadline, which the command may have renewed
             reply["deadline_in"] = self._left(ticket)
         operator.send({"type": "ack", **reply, **(extra or {})})
@@ -241,7 +274,7 @@ class Desk:
         if ticket.conn is not None and ticket.operator != operator.name:
             raise Refused(f"claimed by {ticket.operator}")
         if ticket.conn != operator.conn:
-            ticket.state = ANSWERING if ticket.text or ticket.tool_calls else CLAIMED
+            ticket.state = ANSWERING if ticket.length or ticket.tool_calls else CLAIMED
             ticket.operator, ticket.conn = operator.name, operator.conn
             self._renew(ticket)
             claimed = {"request": ticket.id, "by": operator.name, "deadline_in": self._left(ticket)}
@@ -275,23 +308,25 @@ class Desk:
 
     def _delta(self, operator: Operator, ticket: Ticket, command: Event) -> Event:
         self._held(operator, ticket)
-        text, offset = command.get("text"), command.get("offset", len(ticket.text))
+        text, offset = command.get("text"), command.get("offset", ticket.length)
         if not isinstance(text, str):
             raise Refused("text: a string is needed")
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise Refused("offset: a count of characters is needed")
-        if offset > len(ticket.text):
+        if offset > ticket.length:
             raise Refused(
-                f"offset {offset} is past the {len(ticket.text)} characters sent: resend from there"
+                f"offset {offset} is past the {ticket.length} characters sent: resend from there"
             )
         # Append-only: what overlaps the text already sent (a resent delta) is dropped.
-        new = text[len(ticket.text) - offset :]
+        new = text[ticket.length - offset :]
         if new:
-            ticket.text += new
+            ticket.add_answer_bytes(len(new.encode(errors="surrogatepass")))
+            ticket.parts.append(new)
+            ticket.length += len(new)
             ticket.state = ANSWERING
             self.clients[ticket.id]({"type": "delta", "text": new})
         self._renew(ticket)
-        return {"length": len(ticket.text)}
+        return {"length": ticket.length}
 
     def _tool_call(self, operator: Operator, ticket: Ticket, command: Event) -> Event:
         self._held(operator, ticket)
@@ -305,11 +340,10 @@ class Desk:
         schema = tool.get("parameters")
         if isinstance(schema, dict):
             check_arguments(schema, arguments)
-        call = {
-            "id": "call_" + secrets.token_hex(8),
-            "name": name,
-            "arguments": orjson.dumps(arguments).decode(),
-        }
+        encoded = orjson.dumps(arguments)
+        assert isinstance(name, str)  # tool_named found it
+        ticket.add_answer_bytes(len(encoded) + len(name.encode(errors="surrogatepass")))
+        call = {"id": "call_" + secrets.token_hex(8), "name": name, "arguments": encoded.decode()}
         ticket.tool_calls.append(call)
         ticket.state = ANSWERING
         self.clients[ticket.id]({"type": "tool_call", **call})
@@ -339,7 +373,7 @@ class Desk:
             raise Refused(f"model: no model {model!r} to hand off to")
         if mode not in ("replace", "continue"):
             raise Refused("mode: replace or continue")
-        if mode == "replace" and (ticket.text or ticket.tool_calls):
+        if mode == "replace" and (ticket.length or ticket.tool_calls):
             raise Refused("text has reached the client already: hand off with mode continue")
         if mode == "continue" and ticket.tool_calls:
             raise Refused("a model cannot continue after tool calls: finish instead")
@@ -388,16 +422,12 @@ class Desk:
 
 
 def check_arguments(schema: dict[str, Any], arguments: dict[str, Any]) -> None:
-    """Refused when the arguments do not fit the tool's JSON Schema (any draft)."""
+    """Refused when the arguments do not fit the tool's JSON Schema (any draft), or the
+    schema cannot be checked safely (core/toolschema.py)."""
     try:
-        validator = jsonschema.validators.validator_for(schema)
-        validator.check_schema(schema)
-        error = jsonschema.exceptions.best_match(validator(schema).iter_errors(arguments))
-    except jsonschema.exceptions.SchemaError as exc:
-        raise Refused(f"the tool's schema is invalid: {exc.message}") from None
-    if error is not None:
-        where = "/".join(str(part) for part in error.absolute_path) or "arguments"
-        raise Refused(f"arguments do not fit the tool's schema: {where}: {error.message}")
+        check(schema, arguments)
+    except SchemaRefusal as refusal:
+        raise Refused(str(refusal)) from None
 
 
 class HeldDesk(Desk):
@@ -412,7 +442,10 @@ class HeldDesk(Desk):
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # the clock must keep running for every other ticket
+                log.exception("the desk's clock tick failed")
 
     async def close(self) -> None:
         if self._task is not None:

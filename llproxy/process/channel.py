@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import pickle
 import socket
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from ..core.registry import Registry
 from ..core.usage import UsageRecord
 from ..stores import HostShare
 from ..telemetry.metrics import Telemetry
+
+log = logging.getLogger("llproxy.channel")
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,13 @@ class Channel:
         try:
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big")
-                self._on_message(pickle.loads(await reader.readexactly(size)))
+                payload = await reader.readexactly(size)
+                try:
+                    self._on_message(pickle.loads(payload))
+                except Exception:
+                    # One message this end trips over must not end the channel: it
+                    # carries everything else the other process says, for its lifetime.
+                    log.exception("a message on the channel failed; going on")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the other end closed: its process exited or is exiting
         finally:

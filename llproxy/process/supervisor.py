@@ -53,6 +53,12 @@ from .worker import worker_main
 log = logging.getLogger("llproxy.supervisor")
 
 EX_BOOT_FAILURE = 3
+EX_SOFTWARE = 70  # sysexits: the master itself failed
+# A service loop of the master that fails is started again after RESTART_DELAY; one that
+# fails RESTART_LIMIT times within RESTART_WINDOW seconds stops the daemon instead.
+RESTART_DELAY = 1.0
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
 # How often worker numbers are fetched, so a crashed worker's counts are mostly kept.
 TELEMETRY_POLL = 5.0
 EX_BIND_FAILURE = 4
@@ -127,6 +133,7 @@ class Supervisor:
         self._stopping: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._critical: set[asyncio.Task[Any]] = set()
         self._done: asyncio.Future[None] | None = None
         self.console: Any = None
         # The host's rate table, mapped by every worker; made before any worker exists.
@@ -198,7 +205,7 @@ class Supervisor:
 
     def _on_exit(self, handle: WorkerHandle) -> None:
         asyncio.get_running_loop().remove_reader(handle.process.sentinel)
-        self._own(self._reap(handle))
+        self._own(self._reap(handle), critical=True).set_name(f"reap-worker-{handle.worker_id}")
 
     async def _reap(self, handle: WorkerHandle) -> None:
         # The sentinel closes an instant before the child can be reaped.
@@ -287,16 +294,55 @@ class Supervisor:
             await asyncio.sleep(TELEMETRY_POLL)
             await self.collect_stats()
 
-    def _own(self, coro: Any) -> asyncio.Task[Any]:
+    def _own(self, coro: Any, critical: bool = False) -> asyncio.Task[Any]:
+        """Run a task the supervisor keeps; one whose failure leaves the master unable to
+        do its job (reaping a worker, shutting down) is `critical`: it stops the daemon."""
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
+        if critical:
+            self._critical.add(task)
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("supervisor task failed: %s", task.exception())
+        critical = task in self._critical
+        self._critical.discard(task)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        log.error("supervisor task %s failed", task.get_name(), exc_info=error)
+        if critical:
+            self._fail(f"supervisor task {task.get_name()} failed: {error!r}")
+
+    def _fail(self, why: str) -> None:
+        """The master cannot go on as it should: stop loudly, with a non-zero exit."""
+        log.critical("%s; stopping llproxy", why)
+        self.exit_code = self.exit_code or EX_SOFTWARE
+        if self._stopping is None:
+            self.enqueue("TERM")
+        elif self._stopping.done() and self._done is not None and not self._done.done():
+            self._done.set_result(None)  # the shutdown itself failed: end here
+
+    def _keep(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a service loop for the master's lifetime, started again when it fails."""
+
+        async def run() -> None:
+            failures: list[float] = []
+            while True:
+                try:
+                    await loop()
+                    return
+                except Exception:
+                    now = time.monotonic()
+                    failures = [t for t in failures if now - t < RESTART_WINDOW] + [now]
+                    log.exception("%s failed (%d in %g s)", name, len(failures), RESTART_WINDOW)
+                    if len(failures) >= RESTART_LIMIT:
+                        self._fail(f"{name} keeps failing")
+                        return
+                await asyncio.sleep(RESTART_DELAY)
+
+        task = self._own(run())
+        task.set_name(name)
 
     # --- the one dispatcher ------------------------------------------------------------
 
@@ -318,7 +364,8 @@ class Supervisor:
 
     async def handle_term(self) -> None:
         if self._stopping is None:
-            self._stopping = self._own(self._shutdown())
+            self._stopping = self._own(self._shutdown(), critical=True)
+            self._stopping.set_name("shutdown")
 
     async def handle_int(self) -> None:
         if self._stopping is not None:
@@ -466,9 +513,9 @@ class Supervisor:
             await self.discovery.scan_now()
         except Exception:
             log.exception("first scan failed")
-        self._own(self._poll_telemetry())
-        if self.notifier.watchdog_interval:
-            self._own(self._watchdog(self.notifier.watchdog_interval))
+        self._keep("telemetry poll", self._poll_telemetry)
+        if (interval := self.notifier.watchdog_interval) is not None:
+            self._keep("watchdog", lambda: self._watchdog(interval))
         try:
             async with asyncio.timeout(BOOT_TIMEOUT):
                 await asyncio.gather(*(h.ready for h in first if h.ready is not None))

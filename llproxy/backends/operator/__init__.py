@@ -93,6 +93,7 @@ class OperatorBackend:
             queue_timeout=endpoint.queue_timeout,
             idle_timeout=endpoint.idle_timeout,
             fallback=endpoint.fallback,
+            max_answer_bytes=endpoint.max_answer_bytes,
             worker=self.worker_id,
         )
         answer = OperatorAnswer(self, ticket, call, replica, record)
