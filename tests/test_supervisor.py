@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -426,6 +427,34 @@ async def test_sd_notify_messages_in_order(
         daemon.signal(signal.SIGTERM)
         assert await next_non_watchdog() == "STOPPING=1"
         assert await daemon.wait_exit() == 0
+
+
+async def test_sd_notify_to_a_receiver_that_never_reads(
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
+) -> None:
+    """A full notify queue drops watchdog pings instead of blocking the master: it still
+    says it serves and stops on SIGTERM."""
+    upstream = await start_upstream()
+    config = write_config(tmp_path / "c.json", [upstream])
+    notify_path = str(tmp_path / "notify.sock")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler,
+    ):
+        receiver.bind(notify_path)  # and never read
+        filler.setblocking(False)
+        queued = 0
+        with contextlib.suppress(BlockingIOError):
+            while queued < 10_000:
+                filler.sendto(b"FILLER=1", notify_path)
+                queued += 1
+        assert queued < 10_000, "the receiver's queue never filled"
+        env = {"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"}
+        daemon = await start_llproxy("--config", str(config), "--workers", "1", env=env)
+        await daemon.wait_for("serving on")
+        await daemon.wait_for("is not reading; 1 messages dropped")
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait_exit(timeout=30) == 0
 
 
 async def test_very_verbose_logs_bodies_with_secrets_redacted(
