@@ -58,3 +58,29 @@ async def test_usage_batches_arrive_as_usage_records() -> None:
     assert got[0].records[0].completion_tokens == 3
     await left.close()
     await right.close()
+
+
+async def test_a_message_its_handler_fails_on_does_not_end_the_channel() -> None:
+    """The master reads each worker's channel in one task: a message that makes its
+    handler raise is logged and skipped, and the channel goes on serving."""
+    left_sock, right_sock = socket.socketpair()
+    got: list[Any] = []
+
+    def handle(message: Any) -> None:
+        if message.token == 1:
+            raise RecursionError("a handler tripped over this message")
+        got.append(message)
+
+    left = Channel(left_sock, lambda message: None)
+    right = Channel(right_sock, handle)
+    await left.attach()
+    await right.attach()
+    for token in (1, 2, 3):
+        assert left.send(MetricsReply(token, b""))
+    async with asyncio.timeout(10):
+        while len(got) < 2:
+            await asyncio.sleep(0.01)
+    assert [m.token for m in got] == [2, 3]
+    assert right.send(MetricsReply(4, b""))  # its end is still open
+    await left.close()
+    await right.close()
