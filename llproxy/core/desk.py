@@ -333,7 +333,11 @@ class Desk:
         name, arguments = command.get("name"), command.get("arguments", {})
         tool = ticket.tool_named(name) if isinstance(name, str) else None
         if tool is None:
-            offered = [t.get("function", {}).get("name") for t in ticket.tools]
+            offered = [
+                t["function"].get("name")
+                for t in ticket.tools
+                if isinstance(t, dict) and isinstance(t.get("function"), dict)
+            ]
             raise Refused(f"no tool {name!r} in this request; it offers {offered}")
         if not isinstance(arguments, dict):
             raise Refused("arguments: an object is needed")
