@@ -156,6 +156,14 @@ def test_the_optional_parts_in_the_readme_are_valid() -> None:
         ),
         ({"endpoints": [{"url": "http://x:99999/v1"}]}, "endpoints[0].url: invalid port"),
         (
+            {"endpoints": [{"operator": "human", "max_answer_bytes": 0}]},
+            "endpoints[0].max_answer_bytes: must be > 0",
+        ),
+        (
+            {"endpoints": [{"url": "http://x/v1", "max_answer_bytes": 10}]},
+            "endpoints[0].max_answer_bytes: only for an operator endpoint",
+        ),
+        (
             {"endpoints": [{"url": "http://x/v1", "hostname": "x"}]},
             "endpoints[0].hostname: cannot be combined with url",
         ),
