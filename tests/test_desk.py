@@ -3,11 +3,13 @@ appending to it stays linear, and a command the desk trips over is a refusal."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
-from llproxy.core.desk import Desk, Event, Ticket, new_ticket_id
+from llproxy.core.desk import TICK_SECONDS, Desk, Event, HeldDesk, Ticket, new_ticket_id
 
 WEATHER = {
     "type": "function",
@@ -125,3 +127,31 @@ def test_a_command_the_desk_trips_over_is_refused_and_the_desk_goes_on() -> None
     desk.command("conn-1", {"type": "delta", "id": 4, "request": request, "text": "fine"})
     desk.command("conn-1", {"type": "finish", "id": 5, "request": request})
     assert client.last() == {"type": "finish", "reason": "stop"}
+
+
+async def test_the_desk_clock_survives_a_tick_that_fails() -> None:
+    """The master's desk runs one clock task for every ticket's deadline: a tick that
+    raises is logged, and the next one still times requests out."""
+    failing = {"on": False}
+
+    def clock() -> float:
+        if failing["on"]:
+            raise OSError("the clock could not be read")
+        return time.monotonic()
+
+    desk = HeldDesk(clock=clock)
+    desk.start()
+    try:
+        failing["on"] = True
+        await asyncio.sleep(TICK_SECONDS * 2)  # at least one tick fails
+        failing["on"] = False
+        client = Seen()
+        request = ticket(1000)
+        request.queue_timeout = 0.1
+        desk.submit(request, client)
+        async with asyncio.timeout(10):
+            while not client.events:
+                await asyncio.sleep(0.05)
+        assert client.last()["type"] == "timeout"
+    finally:
+        await desk.close()

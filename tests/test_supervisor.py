@@ -17,7 +17,15 @@ import aiohttp
 import openai
 import pytest
 
-from llproxy.process.supervisor import EX_BIND_FAILURE, EX_BOOT_FAILURE
+from llproxy.config import parse_config
+from llproxy.process.supervisor import (
+    EX_BIND_FAILURE,
+    EX_BOOT_FAILURE,
+    EX_SOFTWARE,
+    RESTART_LIMIT,
+    ServeOptions,
+    Supervisor,
+)
 
 from .conftest import UpstreamFactory, chat_request, write_config
 from .process import LlproxyProcess
@@ -485,3 +493,37 @@ async def test_very_verbose_logs_bodies_with_secrets_redacted(
     await daemon.wait_exit()
     for secret in ("sk-body-secret", "sk-client-secret", "sk-other-secret"):
         assert secret not in daemon.output
+
+
+async def test_a_failing_master_task_is_restarted_or_stops_the_daemon(tmp_path: Path) -> None:
+    """A service loop of the master that fails starts again; one that keeps failing, or a
+    critical task that fails, stops the daemon with a non-zero exit instead of leaving a
+    dead task behind."""
+    config = parse_config({"endpoints": [], "state_dir": str(tmp_path)})
+    with socket.socket() as sock:
+        supervisor = Supervisor(ServeOptions(lambda: config), config, sock)
+        supervisor.restart_delay = 0.01
+        runs = {"flaky": 0, "broken": 0}
+
+        async def flaky() -> None:
+            runs["flaky"] += 1
+            if runs["flaky"] < 3:
+                raise RuntimeError("flaky")
+
+        async def broken() -> None:
+            runs["broken"] += 1
+            raise RuntimeError("broken")
+
+        supervisor._keep("flaky", flaky)
+        async with asyncio.timeout(10):
+            while supervisor._tasks:
+                await asyncio.sleep(0.01)
+        assert runs["flaky"] == 3 and supervisor.exit_code == 0 and supervisor.events.empty()
+        supervisor._keep("broken", broken)
+        assert await asyncio.wait_for(supervisor.events.get(), 10) == "TERM"
+        assert runs["broken"] == RESTART_LIMIT and supervisor.exit_code == EX_SOFTWARE
+
+        supervisor.exit_code = 0
+        supervisor._own(broken(), critical=True)
+        assert await asyncio.wait_for(supervisor.events.get(), 10) == "TERM"
+        assert supervisor.exit_code == EX_SOFTWARE

@@ -134,6 +134,7 @@ class Supervisor:
         self._reloading: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._critical: set[asyncio.Task[Any]] = set()
+        self.restart_delay = RESTART_DELAY
         self._done: asyncio.Future[None] | None = None
         self.console: Any = None
         # The host's rate table, mapped by every worker; made before any worker exists.
@@ -339,7 +340,7 @@ class Supervisor:
                     if len(failures) >= RESTART_LIMIT:
                         self._fail(f"{name} keeps failing")
                         return
-                await asyncio.sleep(RESTART_DELAY)
+                await asyncio.sleep(self.restart_delay)
 
         task = self._own(run())
         task.set_name(name)
