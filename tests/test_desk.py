@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from llproxy.core.desk import TICK_SECONDS, Desk, Event, HeldDesk, Ticket, new_ticket_id
+from llproxy.core.desk import (
+    TICK_SECONDS,
+    Desk,
+    Event,
+    HeldDesk,
+    Ticket,
+    new_ticket_id,
+    tool_problems,
+)
 
 WEATHER = {
     "type": "function",
@@ -155,3 +163,32 @@ async def test_the_desk_clock_survives_a_tick_that_fails() -> None:
         assert client.last()["type"] == "timeout"
     finally:
         await desk.close()
+
+
+def test_tools_whose_schema_cannot_check_a_call_are_named_when_the_request_arrives() -> None:
+    def tool(name: str, parameters: Any) -> dict[str, Any]:
+        return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+    tools = [
+        WEATHER,
+        tool("backreference", {"properties": {"a": {"pattern": r"(a)\1"}}}),
+        tool(
+            "unevaluated",
+            {"patternProperties": {"^x": {}}, "unevaluatedProperties": False},
+        ),
+        tool("huge", {"enum": list(range(20_000))}),
+        tool("remote", {"$ref": "http://127.0.0.1:9/schema.json"}),  # seen at a call
+        "not a tool",
+    ]
+    problems = tool_problems(tools)
+    assert set(problems) == {"backreference", "unevaluated", "huge"}
+    assert "is not a 'regex'" in problems["backreference"]
+    assert "too large" in problems["huge"]
+    desk = Desk()
+    request, _, operator = claimed(desk, 1000, tools)
+    desk.tickets[request].tool_problems = problems
+    call = {"type": "tool_call", "id": 2, "request": request, "arguments": {}}
+    desk.command("conn-1", {**call, "name": "backreference"})
+    assert operator.last()["reason"] == problems["backreference"]
+    desk.command("conn-1", {**call, "name": "remote"})
+    assert "does not resolve inside the schema" in operator.last()["reason"]

@@ -91,7 +91,10 @@ async def test_hostile_tool_schemas_are_refused_and_the_master_goes_on(
         asking = asyncio.ensure_future(
             client.chat.completions.create(model="human:support", messages=HELLO, tools=tools)
         )
-        request = (await operator.expect("added"))["request"]["id"]
+        added = (await operator.expect("added"))["request"]
+        # What the worker found when the request arrived, for operators to see.
+        assert list(added["tool_problems"]) == ["deep"]
+        request = added["id"]
         await operator.ok("claim", request)
         for name, (_, arguments, why) in cases.items():
             refused = await operator.command("tool_call", request, name=name, arguments=arguments)

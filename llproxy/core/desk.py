@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from .toolschema import SchemaRefusal, check
+from .toolschema import SchemaRefusal, check, check_schema
 
 log = logging.getLogger("llproxy.desk")
 
@@ -58,6 +58,8 @@ class Ticket:
     # answer whole until it ends.
     max_answer_bytes: int
     worker: int = 0  # the serving process that holds the client's request
+    # Tools whose schema cannot check a call (found when the request arrived): why.
+    tool_problems: dict[str, str] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     state: str = QUEUED
     operator: str | None = None  # who holds the claim
@@ -102,6 +104,7 @@ class Ticket:
             "deadline_in": round(max(0.0, self.deadline - now), 1),
             "messages": self.messages,
             "tools": self.tools,
+            "tool_problems": self.tool_problems,
             "tool_choice": self.tool_choice,
             "max_tokens": self.max_tokens,
             "text": self.text,
@@ -341,6 +344,8 @@ class Desk:
             raise Refused(f"no tool {name!r} in this request; it offers {offered}")
         if not isinstance(arguments, dict):
             raise Refused("arguments: an object is needed")
+        if name in ticket.tool_problems:
+            raise Refused(ticket.tool_problems[name])
         schema = tool.get("parameters")
         if isinstance(schema, dict):
             check_arguments(schema, arguments)
@@ -423,6 +428,23 @@ class Desk:
         for operator in list(self.operators.values()):
             if operator.sees(ticket.model) and (not only_holder or operator.conn == ticket.conn):
                 operator.send(event)
+
+
+def tool_problems(tools: list[Any]) -> dict[str, str]:
+    """Why each tool whose schema cannot be used cannot be called: worked out where the
+    client's request arrives, so the desk refuses such calls at once and operators see it."""
+    problems: dict[str, str] = {}
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            continue
+        schema = function.get("parameters")
+        if isinstance(schema, dict):
+            try:
+                check_schema(schema)
+            except SchemaRefusal as refusal:
+                problems[function["name"]] = str(refusal)
+    return problems
 
 
 def check_arguments(schema: dict[str, Any], arguments: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ wrong is a `SchemaRefusal` whose message the operator can read."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -28,7 +29,12 @@ Keyword = Callable[[Any, Any, Any, dict[str, Any]], Iterable[ValidationError] | 
 
 
 class SchemaRefusal(Exception):
-    """The schema cannot be used, or the arguments do not fit it; the message says which."""
+    """The schema cannot be used, or (`arguments` true) the arguments do not fit it; the
+    message says which."""
+
+    def __init__(self, reason: str, arguments: bool = False) -> None:
+        super().__init__(reason)
+        self.arguments = arguments
 
 
 class _TooMuchWork(Exception):
@@ -48,22 +54,48 @@ class _Budget:
 _budget: contextvars.ContextVar[_Budget] = contextvars.ContextVar("toolschema_budget")
 
 
+def check_schema(schema: Any) -> None:
+    """Return when the schema looks usable: its shape within bounds, valid under its
+    draft's metaschema, its patterns ones RE2 runs. A reference is only followed when
+    arguments are checked, so `check` may still find a fault in one."""
+    _check_shape(schema)
+    with _bounded_work():
+        _valid_schema(schema)
+
+
 def check(schema: dict[str, Any], arguments: Any) -> None:
     """Return when `arguments` fit `schema`; raise SchemaRefusal otherwise."""
     _check_shape(schema)
-    token = _budget.set(_Budget(MAX_STEPS))
-    try:
-        base = jsonschema.validators.validator_for(schema)
-        meta = _bounded(jsonschema.validators.validator_for(base.META_SCHEMA, default=base))
-        problem = jsonschema.exceptions.best_match(
-            meta(base.META_SCHEMA, format_checker=_REGEX_FORMAT).iter_errors(schema)
-        )
-        if problem is not None:
-            raise SchemaRefusal(f"the tool's schema is invalid: {problem.message}")
+    with _bounded_work():
+        base = _valid_schema(schema)
         # An empty registry: its only resources are the schema itself and the published
         # metaschemas jsonschema carries; any other reference is unresolvable.
         validator = _bounded(base)(schema, registry=referencing.Registry())
         error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path) or "arguments"
+        reason = f"arguments do not fit the tool's schema: {where}: {error.message}"
+        raise SchemaRefusal(reason, arguments=True)
+
+
+def _valid_schema(schema: Any) -> type[Any]:
+    """The validator class of the schema's draft, once the schema is valid under it."""
+    base: type[Any] = jsonschema.validators.validator_for(schema)
+    meta = _bounded(jsonschema.validators.validator_for(base.META_SCHEMA, default=base))
+    problem = jsonschema.exceptions.best_match(
+        meta(base.META_SCHEMA, format_checker=_REGEX_FORMAT).iter_errors(schema)
+    )
+    if problem is not None:
+        raise SchemaRefusal(f"the tool's schema is invalid: {problem.message}")
+    return base
+
+
+@contextlib.contextmanager
+def _bounded_work() -> Iterator[None]:
+    """Run jsonschema within MAX_STEPS; whatever it raises becomes a SchemaRefusal."""
+    token = _budget.set(_Budget(MAX_STEPS))
+    try:
+        yield
     except SchemaRefusal:
         raise
     except _TooMuchWork:
@@ -74,9 +106,6 @@ def check(schema: dict[str, Any], arguments: Any) -> None:
         raise SchemaRefusal(f"the tool's schema cannot be checked: {_reason(exc)}") from None
     finally:
         _budget.reset(token)
-    if error is not None:
-        where = "/".join(str(part) for part in error.absolute_path) or "arguments"
-        raise SchemaRefusal(f"arguments do not fit the tool's schema: {where}: {error.message}")
 
 
 def _reason(exc: Exception) -> str:

@@ -17,7 +17,7 @@ import orjson
 
 from ...config import Endpoint
 from ...core.call import Call, JsonPayload, Reply
-from ...core.desk import DeskPort, Event, Ticket, new_ticket_id
+from ...core.desk import DeskPort, Event, Ticket, new_ticket_id, tool_problems
 from ...core.errors import (
     InvalidRequest,
     OperatorRejected,
@@ -96,6 +96,8 @@ class OperatorBackend:
             max_answer_bytes=endpoint.max_answer_bytes,
             worker=self.worker_id,
         )
+        # Here in the worker, not in the master that holds the desk for every worker.
+        ticket.tool_problems = tool_problems(ticket.tools)
         answer = OperatorAnswer(self, ticket, call, replica, record)
         record.upstream = "operator:-"
         self.desk.submit(ticket, answer.inbox.put_nowait)
