@@ -216,10 +216,37 @@ def _additional_properties(
         yield ValidationError(f"Additional properties are not allowed ({listed} {verb} unexpected)")
 
 
-_REGEX_KEYWORDS: dict[str, Keyword] = {
+def _unique_items(
+    validator: Any, unique: Any, instance: Any, schema: dict[str, Any]
+) -> Iterator[Any]:
+    # jsonschema compares items pairwise when they do not sort (objects): quadratic time.
+    if unique and validator.is_type(instance, "array"):
+        keys = [_json_key(item) for item in instance]
+        if len(set(keys)) < len(keys):
+            yield ValidationError(f"{instance!r} has non-unique elements")
+
+
+def _json_key(value: Any) -> Any:
+    """A hashable key equal for values JSON Schema calls equal (1 and 1.0, not true and 1)."""
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    if isinstance(value, int | float):
+        return ("number", int(value) if isinstance(value, float) and value.is_integer() else value)
+    if isinstance(value, str):
+        return ("string", value)
+    if isinstance(value, list):
+        return ("array", tuple(_json_key(item) for item in value))
+    if isinstance(value, dict):
+        return ("object", frozenset((name, _json_key(item)) for name, item in value.items()))
+    return ("other", repr(value))
+
+
+# Keywords whose jsonschema implementation can take more than linear time, done here.
+_REPLACED_KEYWORDS: dict[str, Keyword] = {
     "pattern": _pattern,
     "patternProperties": _pattern_properties,
     "additionalProperties": _additional_properties,
+    "uniqueItems": _unique_items,
 }
 
 
@@ -239,9 +266,9 @@ def _bounded(base: type[Any]) -> type[Any]:
     bounded = _bounded_classes.get(base)
     if bounded is None:
         keywords = {**base.VALIDATORS}
-        for name in _REGEX_KEYWORDS:
+        for name in _REPLACED_KEYWORDS:
             if name in keywords:
-                keywords[name] = _REGEX_KEYWORDS[name]
+                keywords[name] = _REPLACED_KEYWORDS[name]
         counted = {name: _counted(keyword) for name, keyword in keywords.items()}
         bounded = jsonschema.validators.extend(base, counted)  # type: ignore[no-untyped-call]
         _bounded_classes[base] = bounded
