@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from llproxy.core.desk import (
     TICK_SECONDS,
@@ -18,6 +19,7 @@ from llproxy.core.desk import (
     new_ticket_id,
     tool_problems,
 )
+from llproxy.ui.operator_view import QueuedRequest, conversation
 
 WEATHER = {
     "type": "function",
@@ -192,3 +194,13 @@ def test_tools_whose_schema_cannot_check_a_call_are_named_when_the_request_arriv
     assert operator.last()["reason"] == problems["backreference"]
     desk.command("conn-1", {**call, "name": "remote"})
     assert "does not resolve inside the schema" in operator.last()["reason"]
+
+
+def test_the_terminal_shows_which_tools_cannot_be_called() -> None:
+    data = {"id": "req_1", "model": "human:support", "messages": [], "tools": [WEATHER]}
+    data["tool_problems"] = {"get_weather": "the tool's schema is nested too deep"}
+    console = Console(record=True, width=200)
+    console.print(conversation(QueuedRequest(1, data, None)))
+    assert "get_weather cannot be called: the tool's schema is nested too deep" in (
+        console.export_text()
+    )

@@ -118,6 +118,8 @@ def conversation(request: QueuedRequest) -> RenderableType:
     if tools:
         parts.append(Text("tools offered:", style="bold"))
         parts.extend(tool_signature(tool) for tool in tools)
+    for name, why in _dict(request.data.get("tool_problems")).items():
+        parts.append(Text(f"  {printable(name)} cannot be called: {printable(why)}", style="red"))
     choice = request.data.get("tool_choice")
     if choice not in (None, "auto"):
         parts.append(Text(f"tool_choice: {printable(orjson.dumps(choice).decode())}"))
