@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llproxy.core.toolschema import SchemaRefusal, check
+from llproxy.core.toolschema import SchemaRefusal, check, schema_problems
 
 
 def refusal(schema: dict[str, Any], arguments: Any) -> str:
@@ -65,3 +65,28 @@ def test_patterns_run_on_re2() -> None:
     assert "does not match" in refusal(schema, {"word": "a" * 5000 + "!"})
     assert "x-count: 'three' is not of type 'integer'" in refusal(schema, {"x-count": "three"})
     assert "('other' was unexpected)" in refusal(schema, {"other": 1})
+
+
+def test_the_schemas_of_one_request_share_a_budget_when_it_arrives() -> None:
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(500)}}
+    bad = {"type": "object", "properties": {"a": {"pattern": r"(?=lookahead)"}}}
+    schemas = {"bad": bad, **{f"wide{i}": wide for i in range(1000)}, "bad too": bad}
+    # The first bad one is named; the steps run out long before the last, which is left
+    # for the check of a call (it is not blamed for the budget the others spent).
+    assert list(schema_problems(schemas)) == ["bad"]
+    assert list(schema_problems({"bad": bad, "bad too": bad})) == ["bad", "bad too"]
+
+
+@pytest.mark.timeout(30)
+def test_a_subschema_with_its_own_draft_still_runs_patterns_on_re2() -> None:
+    """jsonschema picks a new validator class for a subschema naming its `$schema`: that
+    one must be bounded too, or its pattern runs on Python's backtracking re."""
+    pattern = {"type": "string", "pattern": r"^([a-zA-Z0-9]+\s?)*$"}
+    schema = {
+        "type": "object",
+        "properties": {
+            "text": {"$schema": "http://json-schema.org/draft-07/schema#", **pattern},
+        },
+    }
+    sentence = "Please book the small meeting room for the team on Thursday morning, thanks"
+    assert "does not match" in refusal(schema, {"text": sentence})

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from .toolschema import SchemaRefusal, check, check_schema
+from .toolschema import SchemaRefusal, check, schema_problems
 
 log = logging.getLogger("llproxy.desk")
 
@@ -433,18 +433,15 @@ class Desk:
 def tool_problems(tools: list[Any]) -> dict[str, str]:
     """Why each tool whose schema cannot be used cannot be called: worked out where the
     client's request arrives, so the desk refuses such calls at once and operators see it."""
-    problems: dict[str, str] = {}
-    for tool in tools:
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            continue
-        schema = function.get("parameters")
-        if isinstance(schema, dict):
-            try:
-                check_schema(schema)
-            except SchemaRefusal as refusal:
-                problems[function["name"]] = str(refusal)
-    return problems
+    schemas = {
+        function["name"]: function["parameters"]
+        for tool in tools
+        if isinstance(tool, dict)
+        and isinstance(function := tool.get("function"), dict)
+        and isinstance(function.get("name"), str)
+        and isinstance(function.get("parameters"), dict)
+    }
+    return schema_problems(schemas)
 
 
 def check_arguments(schema: dict[str, Any], arguments: dict[str, Any]) -> None:

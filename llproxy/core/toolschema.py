@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import attrs
 import jsonschema
 import re2  # type: ignore[import-untyped]
 import referencing
@@ -23,6 +24,10 @@ MAX_NODES = 10_000  # values of any kind in one schema
 # Keyword evaluations in one check, the metaschema's included: a schema whose references
 # fan out (a refers to b twice, b to c twice, ...) is refused instead of running for hours.
 MAX_STEPS = 100_000
+# What the schemas of one request may cost together when it arrives (a tenth of a second
+# or so): a client sends them, the serving process pays. Those left unchecked then are
+# checked when an operator calls them.
+ARRIVAL_STEPS = 20_000
 _RE2_MEMORY = 8 << 20
 
 Keyword = Callable[[Any, Any, Any, dict[str, Any]], Iterable[ValidationError] | None]
@@ -54,19 +59,29 @@ class _Budget:
 _budget: contextvars.ContextVar[_Budget] = contextvars.ContextVar("toolschema_budget")
 
 
-def check_schema(schema: Any) -> None:
-    """Return when the schema looks usable: its shape within bounds, valid under its
-    draft's metaschema, its patterns ones RE2 runs. A reference is only followed when
-    arguments are checked, so `check` may still find a fault in one."""
-    _check_shape(schema)
-    with _bounded_work():
-        _valid_schema(schema)
+def schema_problems(schemas: Mapping[str, Any], steps: int = ARRIVAL_STEPS) -> dict[str, str]:
+    """Why each named schema cannot be used: its shape past the bounds, invalid under its
+    draft's metaschema, a pattern RE2 cannot run. The checks share `steps`; once they are
+    spent the rest go unchecked here. References are followed only when arguments are
+    checked, so `check` may still find a fault in one."""
+    problems: dict[str, str] = {}
+    budget = _Budget(steps)
+    for name, schema in schemas.items():
+        try:
+            _check_shape(schema)
+            with _bounded_work(budget):
+                _valid_schema(schema)
+        except SchemaRefusal as refusal:
+            if budget.left < 0:
+                break  # out of steps: this one is not to blame
+            problems[name] = str(refusal)
+    return problems
 
 
 def check(schema: dict[str, Any], arguments: Any) -> None:
     """Return when `arguments` fit `schema`; raise SchemaRefusal otherwise."""
     _check_shape(schema)
-    with _bounded_work():
+    with _bounded_work(_Budget(MAX_STEPS)):
         base = _valid_schema(schema)
         # An empty registry: its only resources are the schema itself and the published
         # metaschemas jsonschema carries; any other reference is unresolvable.
@@ -91,9 +106,9 @@ def _valid_schema(schema: Any) -> type[Any]:
 
 
 @contextlib.contextmanager
-def _bounded_work() -> Iterator[None]:
-    """Run jsonschema within MAX_STEPS; whatever it raises becomes a SchemaRefusal."""
-    token = _budget.set(_Budget(MAX_STEPS))
+def _bounded_work(budget: _Budget) -> Iterator[None]:
+    """Run jsonschema within the budget; whatever it raises becomes a SchemaRefusal."""
+    token = _budget.set(budget)
     try:
         yield
     except SchemaRefusal:
@@ -259,10 +274,13 @@ def _counted(keyword: Keyword) -> Keyword:
 
 
 _bounded_classes: dict[type[Any], type[Any]] = {}
+_init_fields: dict[type[Any], tuple[tuple[str, str], ...]] = {}  # what evolve carries over
 
 
 def _bounded(base: type[Any]) -> type[Any]:
     """The draft's validator with patterns on RE2 and every keyword paid from the budget."""
+    if base in _bounded_classes.values():
+        return base
     bounded = _bounded_classes.get(base)
     if bounded is None:
         keywords = {**base.VALIDATORS}
@@ -271,5 +289,24 @@ def _bounded(base: type[Any]) -> type[Any]:
                 keywords[name] = _REPLACED_KEYWORDS[name]
         counted = {name: _counted(keyword) for name, keyword in keywords.items()}
         bounded = jsonschema.validators.extend(base, counted)  # type: ignore[no-untyped-call]
+        bounded.evolve = _evolve
+        _init_fields[bounded] = tuple(
+            (a.name, a.alias) for a in attrs.fields(bounded) if a.init and a.alias
+        )
         _bounded_classes[base] = bounded
     return bounded
+
+
+def _evolve(self: Any, **changes: Any) -> Any:
+    """jsonschema's `evolve` (a validator for a subschema), except that a subschema with a
+    `$schema` of its own gets the bounded class of that draft: the plain one would run its
+    patterns on Python's re, off the budget."""
+    cls = type(self)
+    schema = changes.setdefault("schema", self.schema)
+    new = cls
+    if isinstance(schema, dict) and "$schema" in schema:
+        new = _bounded(jsonschema.validators.validator_for(schema, default=cls))
+    for name, alias in _init_fields[cls]:
+        if alias not in changes:
+            changes[alias] = getattr(self, name)
+    return new(**changes)
