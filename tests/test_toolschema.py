@@ -90,3 +90,10 @@ def test_a_subschema_with_its_own_draft_still_runs_patterns_on_re2() -> None:
     }
     sentence = "Please book the small meeting room for the team on Thursday morning, thanks"
     assert "does not match" in refusal(schema, {"text": sentence})
+
+
+def test_a_refusal_quotes_a_large_value_shortened() -> None:
+    schema = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 10}}}
+    reason = refusal(schema, {"text": "x" * 100_000})
+    assert reason.startswith("arguments do not fit the tool's schema: text: 'xxx")
+    assert len(reason) < 600 and " … " in reason and reason.endswith("is too long")

@@ -29,6 +29,7 @@ MAX_STEPS = 100_000
 # checked when an operator calls them.
 ARRIVAL_STEPS = 20_000
 _RE2_MEMORY = 8 << 20
+MAX_MESSAGE = 500  # characters of jsonschema's message in a refusal
 
 Keyword = Callable[[Any, Any, Any, dict[str, Any]], Iterable[ValidationError] | None]
 
@@ -89,7 +90,7 @@ def check(schema: dict[str, Any], arguments: Any) -> None:
         error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "arguments"
-        reason = f"arguments do not fit the tool's schema: {where}: {error.message}"
+        reason = f"arguments do not fit the tool's schema: {where}: {_short(error.message)}"
         raise SchemaRefusal(reason, arguments=True)
 
 
@@ -101,7 +102,7 @@ def _valid_schema(schema: Any) -> type[Any]:
         meta(base.META_SCHEMA, format_checker=_REGEX_FORMAT).iter_errors(schema)
     )
     if problem is not None:
-        raise SchemaRefusal(f"the tool's schema is invalid: {problem.message}")
+        raise SchemaRefusal(f"the tool's schema is invalid: {_short(problem.message)}")
     return base
 
 
@@ -121,6 +122,14 @@ def _bounded_work(budget: _Budget) -> Iterator[None]:
         raise SchemaRefusal(f"the tool's schema cannot be checked: {_reason(exc)}") from None
     finally:
         _budget.reset(token)
+
+
+def _short(message: str) -> str:
+    """jsonschema's messages quote the value: a whole large one is no use to a person."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    half = MAX_MESSAGE // 2  # the value comes first, what is wrong with it last
+    return f"{message[:half]} … {message[-half:]}"
 
 
 def _reason(exc: Exception) -> str:
