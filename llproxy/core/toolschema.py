@@ -35,12 +35,7 @@ Keyword = Callable[[Any, Any, Any, dict[str, Any]], Iterable[ValidationError] | 
 
 
 class SchemaRefusal(Exception):
-    """The schema cannot be used, or (`arguments` true) the arguments do not fit it; the
-    message says which."""
-
-    def __init__(self, reason: str, arguments: bool = False) -> None:
-        super().__init__(reason)
-        self.arguments = arguments
+    """The schema cannot be used, or the arguments do not fit it; the message says which."""
 
 
 class _TooMuchWork(Exception):
@@ -91,7 +86,7 @@ def check(schema: dict[str, Any], arguments: Any) -> None:
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "arguments"
         reason = f"arguments do not fit the tool's schema: {where}: {_short(error.message)}"
-        raise SchemaRefusal(reason, arguments=True)
+        raise SchemaRefusal(reason)
 
 
 def _valid_schema(schema: Any) -> type[Any]:
