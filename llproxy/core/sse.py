@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .shape import chunk_problem
+
 if TYPE_CHECKING:
     from .record import RequestRecord
 
@@ -198,21 +200,55 @@ def _last_end(data: bytes) -> int:
     return last
 
 
-class PassThrough:
-    """Relays a stream unchanged and keeps its last reads, where a usage chunk would be."""
+def _is_json(data: bytes) -> bool:
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
-    def __init__(self) -> None:
+
+def json_events(complete: bytes) -> tuple[bytes, int]:
+    """The whole events of `complete` a client can read: those whose data is JSON,
+    `[DONE]`, or none (a comment); and how many others were dropped (a cut or garbled
+    chunk would break the client's parser)."""
+    if (
+        complete.startswith(b"data: {")
+        and complete.count(b"\n\n") == 1
+        and _is_json(complete[6:].rstrip())
+    ):
+        return complete, 0  # one whole event per read, as servers write them
+    kept, dropped = [], 0
+    for event in split_events(complete):
+        data = event_data(event)
+        if not data or data == b"[DONE]" or _is_json(data):
+            kept.append(event)
+        else:
+            dropped += 1
+    return (complete if not dropped else b"".join(kept)), dropped
+
+
+class PassThrough:
+    """Relays a stream's events unchanged but for chunks that are not JSON (dropped and
+    counted), and keeps its last reads, where a usage chunk would be. A partial event
+    waits for its end, which the client could not use before anyway."""
+
+    def __init__(self, record: RequestRecord) -> None:
+        self.record = record
+        self.events = EventSplitter()
         self.recent: deque[bytes] = deque(maxlen=USAGE_TAIL_READS)
 
     def feed(self, chunk: bytes) -> bytes:
-        self.recent.append(chunk)
-        return chunk
+        complete = self.events.feed(chunk)
+        if not complete:
+            return b""
+        complete, dropped = json_events(complete)
+        self.record.dropped_chunks += dropped
+        self.recent.append(complete)
+        return complete
 
     def finish(self) -> bytes:
-        return b""
-
-    def usage_document(self) -> Any:
-        return last_usage_event(self.recent)
+        return _last_event(self.events, self.record)
 
 
 class EventRelay:
@@ -234,6 +270,8 @@ class EventRelay:
         complete = self.events.feed(chunk)
         if not complete:
             return b""
+        complete, dropped = json_events(complete)
+        self.record.dropped_chunks += dropped
         if self.hide_usage and b'"usage"' in complete:
             complete = self._without_usage_chunk(complete)
         else:
@@ -251,12 +289,18 @@ class EventRelay:
         return b"".join(kept)
 
     def finish(self) -> bytes:
-        rest = self.events.rest()
+        rest = _last_event(self.events, self.record)
         return self.rename.apply(rest) if self.rename is not None else rest
 
-    def usage_document(self) -> Any:
-        """The usage chunk, when the client sees it (else `feed` took its numbers)."""
-        return last_usage_event(self.recent)
+
+def _last_event(events: EventSplitter, record: RequestRecord) -> bytes:
+    """An unterminated last event, ended, when a client can read it."""
+    rest = events.rest()
+    if not rest.strip():
+        return b""
+    complete, dropped = json_events(rest.rstrip(b"\r\n") + b"\n\n")
+    record.dropped_chunks += dropped
+    return complete
 
 
 def completion_as_chunk(raw: bytes) -> bytes:
@@ -294,6 +338,7 @@ class ChoiceReader:
         # else into every chunk (a timestamp) defeats them, and then none is made.
         self.templates = 0
         self.templated = 0
+        self.malformed: str | None = None  # what was wrong with the chunk that ended it
 
     def feed(self, chunk: bytes) -> tuple[list[dict[str, Any]], bytes | None]:
         """The choices of the events completed by `chunk`, and the error event's JSON when
@@ -326,10 +371,17 @@ class ChoiceReader:
             else:
                 document = event_document(event)
             if not isinstance(document, dict):
+                if event_data(event) not in (b"", b"[DONE]"):
+                    self.record.dropped_chunks += 1  # cut or garbled: nothing to read
                 continue  # a comment, a ping
             if isinstance(document.get("error"), dict):
                 _close(run)
                 return choices, orjson.dumps(document)
+            if (problem := chunk_problem(document)) is not None:
+                _close(run)
+                self.malformed = problem
+                message = f"the upstream sent a malformed chunk: {problem}"
+                return choices, orjson.dumps({"error": {"message": message}})
             if "usage" in document:
                 self.record.take_usage(document)
             for choice in document.get("choices") or ():

@@ -9,6 +9,7 @@ for when the client did not.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,14 @@ from ..core.call import FormPayload, JsonPayload, Payload, Reply, json_object
 from ..core.errors import InvalidRequest, ProxyError
 from ..core.multipart import FormBody
 from ..core.record import RequestRecord
-from ..core.sse import EventRelay, PassThrough, json_document, model_rename, usage_of_json_answer
+from ..core.sse import (
+    EventRelay,
+    PassThrough,
+    json_document,
+    last_usage_event,
+    model_rename,
+    usage_of_json_answer,
+)
 from . import JSON_TYPE, Answer, Catalog, Incoming, Route
 
 # The routes below /v1/ forwarded to a model (the config's `forward_paths` adds to them).
@@ -112,7 +120,6 @@ def _with_usage_chunk(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
 class OpenAITranslation:
     early = False  # no keepalive: a stream opens with the model's first chunk
-    relays_as_is = True
 
     def __init__(
         self,
@@ -127,6 +134,9 @@ class OpenAITranslation:
         self.model = model
         self.stream = stream
         self.hide_usage = hide_usage
+        # A whole answer to a stream request is made a stream where llproxy reads the
+        # answers (chat, completions); other routes' answers go back as they are.
+        self.relays_as_is = target not in _USAGE_ROUTES
 
     def answer(self, reply: Reply, record: RequestRecord) -> Answer:
         body = reply.body
@@ -134,7 +144,10 @@ class OpenAITranslation:
             rename = model_rename(reply.model_id, record.model or "")
             if rename is not None:
                 body = rename.apply(body)
-            record.read_usage = lambda: usage_of_json_answer(body)
+            document = reply.document
+            record.read_usage = (
+                (lambda: document) if document is not None else lambda: usage_of_json_answer(body)
+            )
         return Answer(reply.status, body, reply.media_type, reply.headers)
 
     def upstream_error(self, reply: Reply) -> Answer:
@@ -155,9 +168,10 @@ class OpenAITranslation:
         if self.hide_usage or rename is not None:
             relay = EventRelay(record, rename, self.hide_usage)
         else:
-            relay = PassThrough()
+            relay = PassThrough(record)
         if not self.hide_usage:
-            record.read_usage = relay.usage_document
+            # The relay's last reads, not the relay: it holds the record (no cycle).
+            record.read_usage = functools.partial(last_usage_event, relay.recent)
         return OpenAIStream(relay)
 
 
