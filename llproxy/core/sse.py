@@ -200,58 +200,96 @@ def _last_end(data: bytes) -> int:
     return last
 
 
-def _is_json(data: bytes) -> bool:
+_NOT_JSON = object()
+CUT = "the stream was cut inside an event"
+
+
+def _decoded(data: bytes) -> Any:
     try:
-        orjson.loads(data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return False
-    return True
+        return _NOT_JSON
 
 
-def json_events(complete: bytes) -> tuple[bytes, int]:
-    """The whole events of `complete` a client can read: those whose data is JSON,
-    `[DONE]`, or none (a comment); and how many others were dropped (a cut or garbled
-    chunk would break the client's parser)."""
-    if (
-        complete.startswith(b"data: {")
-        and complete.count(b"\n\n") == 1
-        and _is_json(complete[6:].rstrip())
-    ):
-        return complete, 0  # one whole event per read, as servers write them
-    kept, dropped = [], 0
+def json_events(complete: bytes, shaped: bool) -> tuple[bytes, int, str | None]:
+    """The whole events of `complete` a client can read, how many were dropped, and what
+    was wrong with the chunk that must end the stream, if one must.
+
+    A chunk that is not JSON (cut, garbled, NaN) is dropped: it would break the client's
+    parser. With `shaped` (chat and completions streams), a JSON chunk whose members
+    llproxy reads have the wrong types ends the stream; the events before it pass.
+    """
+    if complete.startswith(b"data: {") and complete.count(b"\n\n") == 1:
+        # One whole event per read, as servers write them: decoded once.
+        document = _decoded(complete[6:].rstrip(b"\r\n"))
+        if document is not _NOT_JSON:
+            problem = chunk_problem(document) if shaped and isinstance(document, dict) else None
+            return (b"" if problem else complete), 0, problem
+    kept: list[bytes] = []
+    dropped = 0
     for event in split_events(complete):
         data = event_data(event)
-        if not data or data == b"[DONE]" or _is_json(data):
-            kept.append(event)
-        else:
-            dropped += 1
-    return (complete if not dropped else b"".join(kept)), dropped
+        if data and data != b"[DONE]":
+            document = _decoded(data)
+            if document is _NOT_JSON:
+                dropped += 1
+                continue
+            if shaped and isinstance(document, dict) and (problem := chunk_problem(document)):
+                return b"".join(kept), dropped, problem
+        kept.append(event)
+    return (complete if not dropped else b"".join(kept)), dropped, None
 
 
-class PassThrough:
-    """Relays a stream's events unchanged but for chunks that are not JSON (dropped and
-    counted), and keeps its last reads, where a usage chunk would be. A partial event
-    waits for its end, which the client could not use before anyway."""
+class _CheckedRelay:
+    """What both relays share: whole events, checked (`json_events`); `problem` says
+    what ended the stream."""
 
-    def __init__(self, record: RequestRecord) -> None:
+    def __init__(self, record: RequestRecord, shaped: bool) -> None:
         self.record = record
+        self.shaped = shaped
+        self.problem: str | None = None
         self.events = EventSplitter()
         self.recent: deque[bytes] = deque(maxlen=USAGE_TAIL_READS)
+
+    def _checked(self, complete: bytes) -> bytes:
+        complete, dropped, problem = json_events(complete, self.shaped)
+        if dropped:
+            self.record.dropped_chunks += dropped
+        if problem is not None:
+            self.problem = problem
+        return complete
+
+    def _rest(self) -> bytes:
+        """An unterminated last event, ended, when a client can read it; a cut one
+        ends the stream with an error."""
+        rest = self.events.rest()
+        if not rest.strip():
+            return b""
+        dropped = self.record.dropped_chunks
+        complete = self._checked(rest.rstrip(b"\r\n") + b"\n\n")
+        if self.record.dropped_chunks > dropped and self.problem is None:
+            self.problem = CUT
+        return complete
+
+
+class PassThrough(_CheckedRelay):
+    """Relays a stream's events unchanged but for the chunks `json_events` drops, and
+    keeps its last reads, where a usage chunk would be. A partial event waits for its
+    end, which the client could not use before anyway."""
 
     def feed(self, chunk: bytes) -> bytes:
         complete = self.events.feed(chunk)
         if not complete:
             return b""
-        complete, dropped = json_events(complete)
-        self.record.dropped_chunks += dropped
+        complete = self._checked(complete)
         self.recent.append(complete)
         return complete
 
     def finish(self) -> bytes:
-        return _last_event(self.events, self.record)
+        return self._rest()
 
 
-class EventRelay:
+class EventRelay(_CheckedRelay):
     """Relays events whole: renamed to the client's model name, and minus the usage-only
     chunk (whose numbers go to the record) when the client did not ask for it.
 
@@ -259,19 +297,22 @@ class EventRelay:
     the client could not use before anyway. The transport bounds an event's size.
     """
 
-    def __init__(self, record: RequestRecord, rename: ModelRename | None, hide_usage: bool) -> None:
-        self.record = record
+    def __init__(
+        self,
+        record: RequestRecord,
+        rename: ModelRename | None,
+        hide_usage: bool,
+        shaped: bool = True,
+    ) -> None:
+        super().__init__(record, shaped)
         self.rename = rename
         self.hide_usage = hide_usage
-        self.events = EventSplitter()
-        self.recent: deque[bytes] = deque(maxlen=USAGE_TAIL_READS)
 
     def feed(self, chunk: bytes) -> bytes:
         complete = self.events.feed(chunk)
         if not complete:
             return b""
-        complete, dropped = json_events(complete)
-        self.record.dropped_chunks += dropped
+        complete = self._checked(complete)
         if self.hide_usage and b'"usage"' in complete:
             complete = self._without_usage_chunk(complete)
         else:
@@ -289,18 +330,8 @@ class EventRelay:
         return b"".join(kept)
 
     def finish(self) -> bytes:
-        rest = _last_event(self.events, self.record)
+        rest = self._rest()
         return self.rename.apply(rest) if self.rename is not None else rest
-
-
-def _last_event(events: EventSplitter, record: RequestRecord) -> bytes:
-    """An unterminated last event, ended, when a client can read it."""
-    rest = events.rest()
-    if not rest.strip():
-        return b""
-    complete, dropped = json_events(rest.rstrip(b"\r\n") + b"\n\n")
-    record.dropped_chunks += dropped
-    return complete
 
 
 def completion_as_chunk(raw: bytes) -> bytes:
@@ -408,9 +439,17 @@ class ChoiceReader:
         return choices, None
 
     def rest(self) -> tuple[list[dict[str, Any]], bytes | None]:
-        """The choices of an unterminated last event, at the stream's end."""
+        """The choices of an unterminated last event, at the stream's end; a cut one (not
+        JSON) ends the stream with an error: the answer is not whole."""
         rest = self.events.rest()
-        return self.feed(rest + b"\n\n") if rest.strip() else ([], None)
+        if not rest.strip():
+            return [], None
+        dropped = self.record.dropped_chunks
+        choices, failure = self.feed(rest + b"\n\n")
+        if failure is None and self.record.dropped_chunks > dropped:
+            self.malformed = CUT
+            failure = orjson.dumps({"error": {"message": f"the upstream's answer: {CUT}"}})
+        return choices, failure
 
 
 # Delta members that only add text.

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from ..core.call import FormPayload, JsonPayload, Payload, Reply, json_object
-from ..core.errors import InvalidRequest, ProxyError
+from ..core.errors import InvalidRequest, ProxyError, UpstreamMalformed
 from ..core.multipart import FormBody
 from ..core.record import RequestRecord
 from ..core.sse import (
@@ -165,10 +165,11 @@ class OpenAITranslation:
         assert reply is not None  # an OpenAI stream never opens before the model answers
         rename = model_rename(reply.model_id, record.model or "")
         relay: EventRelay | PassThrough
+        shaped = self.target in _USAGE_ROUTES  # chunks llproxy reads: their shape checked
         if self.hide_usage or rename is not None:
-            relay = EventRelay(record, rename, self.hide_usage)
+            relay = EventRelay(record, rename, self.hide_usage, shaped)
         else:
-            relay = PassThrough(record)
+            relay = PassThrough(record, shaped)
         if not self.hide_usage:
             # The relay's last reads, not the relay: it holds the record (no cycle).
             record.read_usage = functools.partial(last_usage_event, relay.recent)
@@ -176,16 +177,41 @@ class OpenAITranslation:
 
 
 class OpenAIStream:
+    """The relay, ended by an error event when a chunk is malformed (or the stream cut
+    inside one); nothing follows that."""
+
     media_type = "text/event-stream"
 
     def __init__(self, relay: EventRelay | PassThrough) -> None:
-        self.feed = relay.feed
-        self.finish = relay.finish
+        self.relay = relay
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.done:
+            return b""
+        out = self.relay.feed(chunk)
+        return out if self.relay.problem is None else out + self._malformed()
+
+    def finish(self) -> bytes:
+        if self.done:
+            return b""
+        out = self.relay.finish()
+        if self.relay.problem is not None:
+            return out + self._malformed()
+        self.done = True
+        return out
+
+    def _malformed(self) -> bytes:
+        problem = self.relay.problem
+        return self.fail(UpstreamMalformed(f"the upstream sent a malformed chunk: {problem}"))
 
     def start(self) -> bytes:
         return b""
 
     def fail(self, error: ProxyError) -> bytes:
+        if self.done:
+            return b""
+        self.done = True
         return b"data: " + error_of(error) + b"\n\n"
 
     def keepalive(self) -> bytes:
