@@ -211,6 +211,12 @@ def _decoded(data: bytes) -> Any:
         return _NOT_JSON
 
 
+def _chunk_problem(document: Any) -> str | None:
+    if not isinstance(document, dict):
+        return "a chunk is not a JSON object"
+    return chunk_problem(document)
+
+
 def json_events(complete: bytes, shaped: bool) -> tuple[bytes, int, str | None]:
     """The whole events of `complete` a client can read, how many were dropped, and what
     was wrong with the chunk that must end the stream, if one must.
@@ -223,7 +229,7 @@ def json_events(complete: bytes, shaped: bool) -> tuple[bytes, int, str | None]:
         # One whole event per read, as servers write them: decoded once.
         document = _decoded(complete[6:].rstrip(b"\r\n"))
         if document is not _NOT_JSON:
-            problem = chunk_problem(document) if shaped and isinstance(document, dict) else None
+            problem = _chunk_problem(document) if shaped else None
             return (b"" if problem else complete), 0, problem
     kept: list[bytes] = []
     dropped = 0
@@ -234,7 +240,7 @@ def json_events(complete: bytes, shaped: bool) -> tuple[bytes, int, str | None]:
             if document is _NOT_JSON:
                 dropped += 1
                 continue
-            if shaped and isinstance(document, dict) and (problem := chunk_problem(document)):
+            if shaped and (problem := _chunk_problem(document)):
                 return b"".join(kept), dropped, problem
         kept.append(event)
     return (complete if not dropped else b"".join(kept)), dropped, None
@@ -402,6 +408,11 @@ class ChoiceReader:
             else:
                 document = event_document(event)
             if not isinstance(document, dict):
+                if document is not None:  # JSON, but not a chunk
+                    _close(run)
+                    self.malformed = "a chunk is not a JSON object"
+                    message = f"the upstream sent a malformed chunk: {self.malformed}"
+                    return choices, orjson.dumps({"error": {"message": message}})
                 if event_data(event) not in (b"", b"[DONE]"):
                     self.record.dropped_chunks += 1  # cut or garbled: nothing to read
                 continue  # a comment, a ping

@@ -1,0 +1,103 @@
+"""Broken upstream answers through every client dialect: a fast subset of the upstream-fault
+matrix (`make chaos` runs all of it against a real daemon), and the official SDKs meeting
+a malformed answer and an upstream that answers in the other form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import anthropic
+import ollama
+import pytest
+
+from .conftest import ProxyFactory, RunningProxy
+from .fake_upstream import FAULTS, FaultyUpstream
+from .upstream_faults import DIALECTS, TEXT, ask, judge
+
+# Every fault once streamed and once not, the dialects taken in turn.
+CASES = [
+    (fault, DIALECTS[(2 * n + stream) % len(DIALECTS)], bool(stream))
+    for n, fault in enumerate(FAULTS)
+    for stream in (0, 1)
+]
+
+
+@pytest.fixture
+async def faulty(aiohttp_server: Any, start_proxy: ProxyFactory) -> RunningProxy:
+    server = await aiohttp_server(FaultyUpstream(hang_for=5).app())
+    endpoint = {"hostname": "127.0.0.1", "port_start": server.port}
+    return await start_proxy([endpoint], timeouts={"first_byte": 1, "idle": 1})
+
+
+@pytest.mark.parametrize(("fault", "dialect", "stream"), CASES)
+async def test_a_broken_answer_is_an_error_in_the_clients_dialect(
+    faulty: RunningProxy, fault: str, dialect: str, stream: bool
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        outcome = await ask(session, faulty.url, dialect, fault, stream)
+        assert judge(dialect, fault, stream, outcome) is None
+        # The proxy serves on: a good answer right after.
+        after = await ask(session, faulty.url, dialect, "other_form", stream)
+        assert judge(dialect, "other_form", stream, after) is None
+
+
+async def test_the_anthropic_sdk_gets_a_502_for_wrong_typed_fields(faulty: RunningProxy) -> None:
+    sdk = anthropic.AsyncAnthropic(base_url=faulty.url, api_key="k", max_retries=0)
+    async with sdk:
+        for fault in ("tool_calls_string", "content_number", "usage_not_int", "cut"):
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                await sdk.messages.create(
+                    model=f"fault-{fault}",
+                    max_tokens=64,
+                    messages=[{"role": "user", "content": "hi"}],
+                )
+            assert failed.value.status_code == 502
+            assert "malformed" in failed.value.message or "JSON" in failed.value.message
+
+
+async def test_the_openai_sdk_gets_the_form_it_asked_for(faulty: RunningProxy) -> None:
+    sdk = faulty.client()
+    messages: Any = [{"role": "user", "content": "hi"}]
+    # The upstream streams to a request for a whole answer: collected into one.
+    whole = await sdk.chat.completions.create(model="fault-other_form", messages=messages)
+    assert whole.choices[0].message.content == TEXT
+    assert whole.usage is not None and whole.usage.prompt_tokens == 5
+    # The upstream answers JSON to a stream request: a stream of one chunk.
+    stream = await sdk.chat.completions.create(
+        model="fault-other_form", messages=messages, stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
+    # The usage chunk the client did not ask for stays hidden.
+    assert all(chunk.usage is None for chunk in chunks)
+
+
+async def test_the_ollama_client_gets_the_form_it_asked_for(faulty: RunningProxy) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    async with ollama.AsyncClient(host=faulty.url, timeout=30) as sdk:
+        whole = await sdk.chat(model="fault-other_form", messages=messages, stream=False)
+        assert whole.message.content == TEXT
+        parts = await sdk.generate(model="fault-other_form", prompt="hi", stream=True)
+        assert "".join([part.response async for part in parts]) == TEXT
+        with pytest.raises(ollama.ResponseError) as failed:
+            await sdk.chat(model="fault-message_not_object", messages=messages, stream=False)
+        assert failed.value.status_code == 502
+
+
+async def test_a_relayed_stream_drops_and_counts_chunks_that_are_not_json(
+    faulty: RunningProxy,
+) -> None:
+    sdk = faulty.client()
+    messages: Any = [{"role": "user", "content": "hi"}]
+    for model in ("fault-invalid_json", "fault-nan"):
+        # include_usage: the relay passes the stream as it is (no chunk hidden).
+        stream = await sdk.chat.completions.create(
+            model=model, messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
+    async with aiohttp.ClientSession() as session, session.get(f"{faulty.url}/metrics") as got:
+        metrics = await got.text()
+    dropped = [line for line in metrics.splitlines() if 'kind="dropped_chunk"' in line]
+    assert dropped and dropped[0].endswith(" 2.0"), dropped
