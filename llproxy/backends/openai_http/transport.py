@@ -147,7 +147,10 @@ class UpstreamResponse:
         """Whatever body bytes have arrived, waiting for some; b"" at the end."""
         while not self._chunks:
             if self.error is not None:
-                raise self.error
+                # A fresh exception each time: the stored one raised here would hold this
+                # frame (and through it the response, and the reader's frames with the
+                # body read so far) in a cycle that only the cyclic collector frees.
+                raise _fresh(self.error)
             if self.complete:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
@@ -163,15 +166,22 @@ class UpstreamResponse:
 
     async def read(self, limit: int | None = None) -> bytes:
         """The body to its end, or its first `limit` bytes or a little more."""
-        parts = []
+        parts: list[bytes] = []
         size = 0
-        while limit is None or size < limit:
-            data = await self.chunk()
-            if not data:
-                break
-            parts.append(data)
-            size += len(data)
+        try:
+            while limit is None or size < limit:
+                data = await self.chunk()
+                if not data:
+                    break
+                parts.append(data)
+                size += len(data)
+        except BaseException:
+            # An answer cut at its bound is up to max_response_bytes: let it go now, not
+            # whenever the traceback that holds this frame is collected.
+            parts.clear()
+            raise
         body = b"".join(parts)
+        parts.clear()
         return body if limit is None else body[:limit]
 
     def release(self) -> None:
@@ -238,6 +248,12 @@ class UpstreamResponse:
         if not self.complete and self.error is None:
             self.error = error
             self._wake()
+
+
+def _fresh(error: Exception) -> Exception:
+    """A copy of a stored error to raise, without its traceback."""
+    copy = type(error)(*error.args) if isinstance(error, UpstreamBroken) else error
+    return copy.with_traceback(None)
 
 
 def _as_upstream_error(cause: BaseException | None) -> UpstreamBroken | None:

@@ -1,0 +1,49 @@
+"""Broken upstreams against a real daemon: the whole upstream-fault matrix (every fault kind
+× every client dialect × streamed and not), and the worker's memory after answers cut at
+`max_response_bytes`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ..fake_upstream import HostileUpstream
+from .conftest import rss_mb, worker_pids
+from .test_attacks import CHAT, MiB, Start, config_file
+
+OVERSIZE_ANSWERS = 20
+
+
+async def test_memory_stays_flat_after_oversize_answers(
+    aiohttp_server: Any, start_llproxy: Start, tmp_path: Path, report: Any
+) -> None:
+    # A whole answer a little over the default max_response_bytes (64 MiB): each is cut.
+    hostile = HostileUpstream(mode="huge_body", size=65 * MiB)
+    server = await aiohttp_server(hostile.app())
+    daemon = await start_llproxy("--config", str(config_file(tmp_path, server.port)), "--workers", "1")
+    [worker] = worker_pids(daemon.pid)
+    before = rss_mb(worker)
+    after_each = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(OVERSIZE_ANSWERS):
+            async with session.post(
+                f"{daemon.url}/v1/chat/completions", json={**CHAT, "model": "hostile"}
+            ) as resp:
+                body = await resp.read()
+            assert resp.status == 502 and b"upstream_too_large" in body
+            after_each.append(rss_mb(worker))
+    await asyncio.sleep(2)
+    settled = rss_mb(worker)
+    report(
+        f"{OVERSIZE_ANSWERS} answers cut at 64 MiB",
+        worker_rss_mb=f"{before} → {max(after_each)} (peak after one) → {settled} (2 s idle)",
+        after_each=after_each,
+    )
+    assert worker_pids(daemon.pid) == [worker]
+    # One answer may be in memory while it is read (and the allocator may keep that much
+    # for the next); none more stays once it is refused: flat, not 64 MB more each time.
+    assert settled - before < 100, after_each
+    assert max(after_each) - after_each[1] < 32, after_each
