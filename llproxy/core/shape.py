@@ -18,7 +18,7 @@ COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
 READ_ROUTES = (CHAT, COMPLETIONS, EMBEDDINGS)
 
-_TEXTS = ("content", "reasoning_content", "reasoning", "refusal")
+_TEXTS = frozenset(("content", "reasoning_content", "reasoning", "refusal"))
 
 
 def _is_int(value: Any) -> bool:
@@ -77,10 +77,14 @@ def _tool_calls_problem(calls: Any, where: str, streamed: bool) -> str | None:
 def _message_problem(message: Any, where: str, streamed: bool) -> str | None:
     if not isinstance(message, dict):
         return f"{where} is not an object"
-    for name in _TEXTS:
-        if not _optional(message.get(name), str):
-            return f"{where}.{name} is not a string"
-    return _tool_calls_problem(message.get("tool_calls"), where, streamed)
+    # The members present, not every one read: a chunk's delta has one or two.
+    for name, value in message.items():
+        if name in _TEXTS:
+            if value is not None and type(value) is not str:
+                return f"{where}.{name} is not a string"
+        elif name == "tool_calls" and (problem := _tool_calls_problem(value, where, streamed)):
+            return problem
+    return None
 
 
 def _choice_problem(choice: Any, where: str, route: str, streamed: bool) -> str | None:
@@ -125,9 +129,19 @@ def chunk_problem(document: dict[str, Any]) -> str | None:
     """What is wrong with one decoded chunk of a chat or completions stream."""
     choices = document.get("choices")
     if choices is not None:
-        if not isinstance(choices, list):
+        if type(choices) is not list:
             return "choices is not a list"
         for i, choice in enumerate(choices):
+            if (
+                type(choice) is dict
+                and type(delta := choice.get("delta")) is dict
+                and len(delta) == 1
+                and type(delta.get("content")) is str
+                and choice.get("finish_reason") is None
+                and type(choice.get("index", 0)) is int
+            ):
+                continue  # most chunks of an answer only add text: checked at once
             if problem := _choice_problem(choice, f"choices[{i}]", CHAT, streamed=True):
                 return problem
-    return usage_problem(document.get("usage"))
+    usage = document.get("usage")
+    return None if usage is None else usage_problem(usage)

@@ -257,6 +257,23 @@ class _CheckedRelay:
         self.events = EventSplitter()
         self.recent: deque[bytes] = deque(maxlen=USAGE_TAIL_READS)
 
+    def _complete(self, chunk: bytes) -> bytes:
+        """The whole events a read completes, checked."""
+        if (
+            not self.events.pending
+            and chunk.startswith(b"data: {")
+            and chunk.find(b"\n\n") == len(chunk) - 2
+        ):
+            # One whole event per read, as servers write them: no split, one decode.
+            document = _decoded(chunk[6:-2])
+            if document is not _NOT_JSON:
+                if self.shaped and (problem := _chunk_problem(document)):
+                    self.problem = problem
+                    return b""
+                return chunk
+        complete = self.events.feed(chunk)
+        return self._checked(complete) if complete else b""
+
     def _checked(self, complete: bytes) -> bytes:
         complete, dropped, problem = json_events(complete, self.shaped)
         if dropped:
@@ -284,11 +301,9 @@ class PassThrough(_CheckedRelay):
     end, which the client could not use before anyway."""
 
     def feed(self, chunk: bytes) -> bytes:
-        complete = self.events.feed(chunk)
-        if not complete:
-            return b""
-        complete = self._checked(complete)
-        self.recent.append(complete)
+        complete = self._complete(chunk)
+        if complete:
+            self.recent.append(complete)
         return complete
 
     def finish(self) -> bytes:
@@ -315,10 +330,9 @@ class EventRelay(_CheckedRelay):
         self.hide_usage = hide_usage
 
     def feed(self, chunk: bytes) -> bytes:
-        complete = self.events.feed(chunk)
+        complete = self._complete(chunk)
         if not complete:
             return b""
-        complete = self._checked(complete)
         if self.hide_usage and b'"usage"' in complete:
             complete = self._without_usage_chunk(complete)
         else:
