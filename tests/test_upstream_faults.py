@@ -11,8 +11,9 @@ import anthropic
 import ollama
 import pytest
 
-from .conftest import ProxyFactory, RunningProxy
+from .conftest import ProxyFactory, RunningProxy, scenario_endpoint
 from .fake_upstream import FAULTS, FaultyUpstream
+from .scenario_upstream import EXPECTED_TOOLS, ScenarioUpstream
 from .upstream_faults import DIALECTS, TEXT, ask, judge
 
 # Every fault once streamed and once not, the dialects taken in turn.
@@ -101,3 +102,37 @@ async def test_a_relayed_stream_drops_and_counts_chunks_that_are_not_json(
         metrics = await got.text()
     dropped = [line for line in metrics.splitlines() if 'kind="dropped_chunk"' in line]
     assert dropped and dropped[0].endswith(" 2.0"), dropped
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("scenario_name", ["tools_interleaved", "reasoning", "text_then_tool"])
+async def test_tool_calls_and_thinking_survive_the_other_form(
+    scenario: ScenarioUpstream, start_proxy: ProxyFactory, scenario_name: str, stream: bool
+) -> None:
+    """An upstream answering in the other form: the stream collected into one answer (its
+    tool calls gathered from their fragments), or the whole answer made a stream (each
+    call its own index), reach an Anthropic client as if it had answered as asked."""
+    scenario.scenario, scenario.other_form = scenario_name, True
+    proxy = await start_proxy([scenario_endpoint(scenario)])
+    sdk = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="k", max_retries=0)
+    asked: Any = {
+        "model": "fake-model",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "weather?"}],
+    }
+    async with sdk:
+        if stream:
+            async with sdk.messages.stream(**asked) as events:
+                message = await events.get_final_message()
+        else:
+            message = await sdk.messages.create(**asked)
+    calls = {
+        i: (block.id, block.name, block.input)
+        for i, block in enumerate(b for b in message.content if b.type == "tool_use")
+    }
+    assert calls == EXPECTED_TOOLS.get(scenario_name, {})
+    texts = "".join(b.text for b in message.content if b.type == "text")
+    thinking = "".join(b.thinking for b in message.content if b.type == "thinking")
+    if scenario_name == "reasoning":
+        assert (thinking, texts) == ("Let me think.", "It is 4.")
+    assert message.stop_reason == ("end_turn" if scenario_name == "reasoning" else "tool_use")
