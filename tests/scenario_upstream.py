@@ -351,7 +351,7 @@ class ScenarioUpstream:
         finish = "length" if self.scenario == "length" else "stop"
         base = {"id": "cmpl-scenario", "object": "text_completion", "created": int(time.time())}
         base["model"] = self.model_id
-        if not body.get("stream"):
+        if bool(body.get("stream")) == self.other_form:
             choice = {"index": 0, "text": "".join(pieces), "logprobs": None}
             choice["finish_reason"] = finish
             return web.json_response({**base, "choices": [choice], "usage": self.usage})

@@ -136,3 +136,17 @@ async def test_tool_calls_and_thinking_survive_the_other_form(
     if scenario_name == "reasoning":
         assert (thinking, texts) == ("Let me think.", "It is 4.")
     assert message.stop_reason == ("end_turn" if scenario_name == "reasoning" else "tool_use")
+
+
+async def test_legacy_completions_in_the_other_form(
+    scenario: ScenarioUpstream, start_proxy: ProxyFactory
+) -> None:
+    scenario.other_form = True
+    proxy = await start_proxy([scenario_endpoint(scenario)])
+    sdk = proxy.client()
+    whole = await sdk.completions.create(model="fake-model", prompt="Say hi")
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == ("Hello, world!", "stop")
+    stream = await sdk.completions.create(model="fake-model", prompt="Say hi", stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hello, world!"
+    assert all(chunk.object == "text_completion" for chunk in chunks)
