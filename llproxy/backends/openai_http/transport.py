@@ -256,6 +256,16 @@ def _fresh(error: Exception) -> Exception:
     return copy.with_traceback(None)
 
 
+def _parser_failure(exc: Exception) -> UpstreamBroken:
+    """What the parser's error says about the upstream. A callback's own error (a bound
+    crossed, a bad gzip stream, an unknown encoding) is the cause, and says it better.
+    Read here, not in `data_received`: a local there holding it would close a cycle (its
+    traceback's frames lead back to that frame, with the read in it) that only the cyclic
+    collector frees."""
+    cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+    return _as_upstream_error(cause) or UpstreamBroken(f"malformed response: {exc}")
+
+
 def _as_upstream_error(cause: BaseException | None) -> UpstreamBroken | None:
     """What an error raised while reading an answer says about the upstream."""
     if isinstance(cause, UpstreamBroken):
@@ -335,10 +345,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            # A callback's own error (a bound crossed, a bad gzip stream, an unknown
-            # encoding) is the cause, and says it better than the parser does.
-            cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
-            self._fail(_as_upstream_error(cause) or UpstreamBroken(f"malformed response: {exc}"))
+            self._fail(_parser_failure(exc))
             return
         if self.head_ready is not None:  # the head is still incomplete
             self.head_bytes += len(data)
