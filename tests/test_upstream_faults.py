@@ -4,6 +4,8 @@ a malformed answer and an upstream that answers in the other form."""
 
 from __future__ import annotations
 
+import gc
+import types
 from typing import Any
 
 import aiohttp
@@ -12,10 +14,11 @@ import ollama
 import pytest
 
 from .conftest import ProxyFactory, RunningProxy, scenario_endpoint
-from .fake_upstream import FAULTS, FaultyUpstream
+from .fake_upstream import FAULTS, FaultyUpstream, HostileUpstream
 from .scenario_upstream import EXPECTED_TOOLS, ScenarioUpstream
 from .upstream_faults import DIALECTS, TEXT, ask, judge
 
+MiB = 1024 * 1024
 # Every fault once streamed and once not, the dialects taken in turn.
 CASES = [
     (fault, DIALECTS[(2 * n + stream) % len(DIALECTS)], bool(stream))
@@ -150,3 +153,37 @@ async def test_legacy_completions_in_the_other_form(
     chunks = [chunk async for chunk in stream]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hello, world!"
     assert all(chunk.object == "text_completion" for chunk in chunks)
+
+
+async def test_an_answer_cut_at_its_bound_is_let_go_without_the_cycle_collector(
+    aiohttp_server: Any, start_proxy: ProxyFactory
+) -> None:
+    """The body read so far is freed by reference counting alone when an answer is cut at
+    max_response_bytes: a traceback cycle held each one (64 MiB by default) until a
+    collection, and a worker grew by that much per answer (`make chaos` measures it)."""
+    hostile = HostileUpstream(mode="huge_body", size=4 * MiB)
+    server = await aiohttp_server(hostile.app())
+    endpoint = {"hostname": "127.0.0.1", "port_start": server.port}
+    proxy = await start_proxy([endpoint], max_response_bytes=MiB)
+    body = {"model": "hostile", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+
+        async def cut() -> None:
+            async with session.post(f"{proxy.url}/v1/chat/completions", json=body) as got:
+                assert got.status == 502 and b"upstream_too_large" in await got.read()
+
+        await cut()
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                await cut()
+            gc.collect()
+            held = [len(o) for o in gc.garbage if isinstance(o, bytes) and len(o) > 64 * 1024]
+            frames = [o.f_code.co_name for o in gc.garbage if isinstance(o, types.FrameType)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert (held, frames) == ([], [])
