@@ -58,6 +58,18 @@ async def test_the_anthropic_sdk_gets_a_502_for_wrong_typed_fields(faulty: Runni
                 )
             assert failed.value.status_code == 502
             assert "malformed" in failed.value.message or "JSON" in failed.value.message
+        # Streamed, a chunk of the wrong type ends the stream with an error event.
+        with pytest.raises(anthropic.APIStatusError, match="content is not a string"):
+            async with sdk.messages.stream(
+                model="fault-content_number",
+                max_tokens=64,
+                messages=[{"role": "user", "content": "hi"}],
+            ) as events:
+                await events.get_final_message()
+    async with aiohttp.ClientSession() as session, session.get(f"{faulty.url}/metrics") as got:
+        metrics = await got.text()
+    malformed = [line for line in metrics.splitlines() if 'kind="malformed"' in line]
+    assert malformed and malformed[0].endswith(" 5.0"), malformed
 
 
 async def test_the_openai_sdk_gets_the_form_it_asked_for(faulty: RunningProxy) -> None:

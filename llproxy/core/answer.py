@@ -19,7 +19,7 @@ import orjson
 from .call import JSON, Reply
 from .errors import UpstreamFailed, UpstreamMalformed, UpstreamUnreachable
 from .record import RequestRecord
-from .shape import COMPLETIONS, READ_ROUTES, answer_problem
+from .shape import CHAT, COMPLETIONS, READ_ROUTES, answer_problem
 from .sse import ChoiceReader, ToolCalls
 
 JSON_TYPE = JSON.decode()
@@ -34,7 +34,7 @@ async def as_asked(
     if reply.status >= 400 or route not in READ_ROUTES:
         return
     if reply.stream is not None:
-        if stream or route not in (COMPLETIONS, "chat/completions"):
+        if stream or route not in (CHAT, COMPLETIONS):
             return
         await collect(reply, route, record, limit)
     check(reply, route, record)
@@ -111,11 +111,10 @@ class Collector:
                 if choice.get(name) is not None:
                     self.ending[name] = choice[name]
         if failure is not None:
+            error = UpstreamFailed(502, failure)
             if self.reader.malformed is not None:
-                self.record.upstream_error = "malformed"
-                problem = self.reader.malformed
-                raise UpstreamMalformed(f"the upstream's stream is malformed: {problem}")
-            raise UpstreamFailed(502, failure)
+                raise UpstreamMalformed(error.message)
+            raise error
 
     def finish(self, route: str) -> dict[str, Any]:
         self._take(*self.reader.rest())

@@ -268,7 +268,7 @@ class _CheckedRelay:
             document = _decoded(chunk[6:-2])
             if document is not _NOT_JSON:
                 if self.shaped and (problem := _chunk_problem(document)):
-                    self.problem = problem
+                    self._malformed(problem)
                     return b""
                 return chunk
         complete = self.events.feed(chunk)
@@ -279,8 +279,12 @@ class _CheckedRelay:
         if dropped:
             self.record.dropped_chunks += dropped
         if problem is not None:
-            self.problem = problem
+            self._malformed(problem)
         return complete
+
+    def _malformed(self, problem: str) -> None:
+        self.problem = problem
+        self.record.upstream_error = "malformed"
 
     def _rest(self) -> bytes:
         """An unterminated last event, ended, when a client can read it; a cut one
@@ -291,7 +295,7 @@ class _CheckedRelay:
         dropped = self.record.dropped_chunks
         complete = self._checked(rest.rstrip(b"\r\n") + b"\n\n")
         if self.record.dropped_chunks > dropped and self.problem is None:
-            self.problem = CUT
+            self._malformed(CUT)
         return complete
 
 
@@ -424,9 +428,7 @@ class ChoiceReader:
             if not isinstance(document, dict):
                 if document is not None:  # JSON, but not a chunk
                     _close(run)
-                    self.malformed = "a chunk is not a JSON object"
-                    message = f"the upstream sent a malformed chunk: {self.malformed}"
-                    return choices, orjson.dumps({"error": {"message": message}})
+                    return choices, self._malformed("a chunk is not a JSON object")
                 if event_data(event) not in (b"", b"[DONE]"):
                     self.record.dropped_chunks += 1  # cut or garbled: nothing to read
                 continue  # a comment, a ping
@@ -435,9 +437,7 @@ class ChoiceReader:
                 return choices, orjson.dumps(document)
             if (problem := chunk_problem(document)) is not None:
                 _close(run)
-                self.malformed = problem
-                message = f"the upstream sent a malformed chunk: {problem}"
-                return choices, orjson.dumps({"error": {"message": message}})
+                return choices, self._malformed(problem)
             if "usage" in document:
                 self.record.take_usage(document)
             for choice in document.get("choices") or ():
@@ -472,9 +472,15 @@ class ChoiceReader:
         dropped = self.record.dropped_chunks
         choices, failure = self.feed(rest + b"\n\n")
         if failure is None and self.record.dropped_chunks > dropped:
-            self.malformed = CUT
-            failure = orjson.dumps({"error": {"message": f"the upstream's answer: {CUT}"}})
+            failure = self._malformed(CUT)
         return choices, failure
+
+    def _malformed(self, problem: str) -> bytes:
+        """The error that ends a stream with a malformed chunk."""
+        self.malformed = problem
+        self.record.upstream_error = "malformed"
+        message = f"the upstream sent a malformed chunk: {problem}"
+        return orjson.dumps({"error": {"message": message}})
 
 
 # Delta members that only add text.
