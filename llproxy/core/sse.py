@@ -225,12 +225,6 @@ def json_events(complete: bytes, shaped: bool) -> tuple[bytes, int, str | None]:
     parser. With `shaped` (chat and completions streams), a JSON chunk whose members
     llproxy reads have the wrong types ends the stream; the events before it pass.
     """
-    if complete.startswith(b"data: {") and complete.count(b"\n\n") == 1:
-        # One whole event per read, as servers write them: decoded once.
-        document = _decoded(complete[6:].rstrip(b"\r\n"))
-        if document is not _NOT_JSON:
-            problem = _chunk_problem(document) if shaped else None
-            return (b"" if problem else complete), 0, problem
     kept: list[bytes] = []
     dropped = 0
     for event in split_events(complete):
