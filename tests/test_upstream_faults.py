@@ -13,6 +13,8 @@ import anthropic
 import ollama
 import pytest
 
+from llproxy.core.shape import answer_problem, chunk_problem
+
 from .conftest import ProxyFactory, RunningProxy, scenario_endpoint
 from .fake_upstream import FAULTS, FaultyUpstream, HostileUpstream
 from .scenario_upstream import EXPECTED_TOOLS, ScenarioUpstream
@@ -199,3 +201,50 @@ async def test_an_answer_cut_at_its_bound_is_let_go_without_the_cycle_collector(
             gc.garbage.clear()
             gc.enable()
     assert (held, frames) == ([], [])
+
+
+GOOD_MESSAGE = {"role": "assistant", "content": "hi", "tool_calls": None}
+
+
+@pytest.mark.parametrize(
+    ("choice", "usage", "problem"),
+    [
+        ({"message": GOOD_MESSAGE, "finish_reason": "stop"}, {"prompt_tokens": 1}, None),
+        ({"message": {**GOOD_MESSAGE, "reasoning_content": ["x"]}}, None, "reasoning_content"),
+        ({"message": GOOD_MESSAGE, "finish_reason": 1}, None, "finish_reason"),
+        ({"message": GOOD_MESSAGE, "index": True}, None, "index"),
+        ({"message": {**GOOD_MESSAGE, "tool_calls": [5]}}, None, "tool_calls[0]"),
+        (
+            {"message": {**GOOD_MESSAGE, "tool_calls": [{"function": {"name": 5}}]}},
+            None,
+            "function.name",
+        ),
+        ({"message": GOOD_MESSAGE}, {"completion_tokens": -1}, "completion_tokens"),
+        ({"message": GOOD_MESSAGE}, {"prompt_tokens": True}, "prompt_tokens"),
+        ({"message": GOOD_MESSAGE}, {"prompt_tokens_details": {"cached_tokens": "2"}}, "cached"),
+        ({"text": "hi"}, None, "message"),  # a completions choice in a chat answer
+    ],
+)
+def test_the_members_llproxy_reads_are_checked(
+    choice: dict[str, Any], usage: Any, problem: str | None
+) -> None:
+    document = {"choices": [{"index": 0, **choice}], "usage": usage}
+    found = answer_problem(document, "chat/completions")
+    assert found is None if problem is None else problem in (found or "")
+    # The same members in a chunk's delta.
+    delta = {k: v for k, v in choice.items() if k != "message"}
+    if "message" in choice:
+        delta["delta"] = {k: v for k, v in choice["message"].items() if k != "role"}
+    chunk = {"choices": [{"index": 0, **delta}], "usage": usage}
+    if "text" not in choice:
+        found = chunk_problem(chunk)
+        assert found is None if problem is None else problem in (found or "")
+
+
+def test_a_streamed_tool_call_fragment_may_lack_its_function() -> None:
+    fragment = {"index": 0, "id": "call_1", "type": "function"}
+    assert chunk_problem({"choices": [{"delta": {"tool_calls": [fragment]}}]}) is None
+    assert (
+        answer_problem({"choices": [{"text": 5}]}, "completions")
+        == "choices[0].text is not a string"
+    )

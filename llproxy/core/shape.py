@@ -94,14 +94,16 @@ def _choice_problem(choice: Any, where: str, route: str, streamed: bool) -> str 
         return f"{where}.index is not an integer"
     if not _optional(choice.get("finish_reason"), str):
         return f"{where}.finish_reason is not a string"
-    if "text" in choice or (route == COMPLETIONS and not streamed):
-        if not _optional(choice.get("text"), str) or (not streamed and "text" not in choice):
-            return f"{where}.text is not a string"
-        return None
-    member = "delta" if streamed else "message"
-    if streamed and choice.get(member) is None:
-        return None  # a chunk that only finishes
-    return _message_problem(choice.get(member), f"{where}.{member}", streamed)
+    if streamed:
+        # One check for chat and completions chunks: a chunk says which it is.
+        if "text" in choice:
+            return None if _optional(choice["text"], str) else f"{where}.text is not a string"
+        if choice.get("delta") is None:
+            return None  # a chunk that only finishes
+        return _message_problem(choice["delta"], f"{where}.delta", streamed)
+    if route == COMPLETIONS:
+        return None if isinstance(choice.get("text"), str) else f"{where}.text is not a string"
+    return _message_problem(choice.get("message"), f"{where}.message", streamed)
 
 
 def answer_problem(document: Any, route: str) -> str | None:
