@@ -8,6 +8,7 @@ after N chunks. It records every request it received and notices when a client h
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import zlib
 from collections.abc import Iterator
@@ -331,3 +332,152 @@ class HostileUpstream:
             for _ in range(self.size // step):
                 yield b"x" * step
             yield b'"}'
+
+
+# Each fault an upstream's answer can have, by name; `FaultyUpstream` serves one model per
+# fault (`fault-<name>`), so one daemon reaches every fault without changing a knob.
+FAULTS = (
+    "cut",  # whole: the JSON cut at half (clean framing); stream: the last event cut
+    "invalid_json",  # whole: not JSON; stream: one garbled chunk among good ones
+    "nan",  # whole: NaN in the usage; stream: one chunk with a NaN among good ones
+    "wrong_shape",  # a JSON array where an object belongs
+    "tool_calls_string",  # tool_calls: "x"
+    "content_number",  # content: 5
+    "choices_not_list",  # choices: "x"
+    "message_not_object",  # message (delta): "x"
+    "usage_not_int",  # usage.prompt_tokens: "7"
+    "other_form",  # a stream to a request for a whole answer, JSON to a stream request
+    "hang",  # headers, then nothing
+    "reset",  # the connection dropped mid-body
+    "html_5xx",  # 502 with a proxy's HTML page
+)
+FAULT_TEXT = ("Hello", ", wor", "ld", "!")  # what a good answer says, chunk by chunk
+
+
+@dataclass
+class FaultyUpstream:
+    """An OpenAI chat-completions server whose answers are broken in one way each, written
+    from the protocol: a chat.completion object, or chat.completion.chunk events ended by
+    `data: [DONE]`, usage in a last `choices: []` chunk."""
+
+    hang_for: float = 60.0
+    requests: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        return app
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": f"fault-{fault}", "object": "model"} for fault in FAULTS]
+        return web.json_response({"object": "list", "data": data})
+
+    @staticmethod
+    def _whole(fault: str) -> bytes:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(FAULT_TEXT)}
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
+        usage: dict[str, Any] = {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+        document: Any = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1}
+        document |= {"model": f"fault-{fault}", "choices": [choice], "usage": usage}
+        if fault == "tool_calls_string":
+            message["tool_calls"] = "x"
+        elif fault == "content_number":
+            message["content"] = 5
+        elif fault == "choices_not_list":
+            document["choices"] = "x"
+        elif fault == "message_not_object":
+            choice["message"] = "x"
+        elif fault == "usage_not_int":
+            usage["prompt_tokens"] = "7"
+        elif fault == "wrong_shape":
+            document = [message]
+        raw = json.dumps(document).encode()
+        if fault == "nan":
+            raw = raw.replace(b'"prompt_tokens": 5', b'"prompt_tokens": NaN')
+        elif fault == "invalid_json":
+            raw = raw[:-1] + b",,}"
+        elif fault == "cut":
+            raw = raw[: len(raw) // 2]
+        return raw
+
+    @staticmethod
+    def _events(fault: str) -> list[bytes]:
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1}
+        base["model"] = f"fault-{fault}"
+
+        def chunk(delta: Any, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return {**base, "choices": [choice], **extra}
+
+        chunks: list[Any] = [chunk({"role": "assistant", "content": ""})]
+        chunks += [chunk({"content": text}) for text in FAULT_TEXT]
+        chunks.append(chunk({}, "stop"))
+        usage: dict[str, Any] = {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+        chunks.append({**base, "choices": [], "usage": usage})
+        bad: Any = None
+        if fault == "tool_calls_string":
+            bad = chunk({"tool_calls": "x"})
+        elif fault == "content_number":
+            bad = chunk({"content": 5})
+        elif fault == "choices_not_list":
+            bad = {**base, "choices": "x"}
+        elif fault == "message_not_object":
+            bad = chunk("x")
+        elif fault == "wrong_shape":
+            bad = ["Hello"]
+        elif fault == "usage_not_int":
+            usage["prompt_tokens"] = "7"
+        if bad is not None:
+            chunks.insert(2, bad)
+        events = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks]
+        if fault == "invalid_json":
+            events.insert(2, b'data: {"choices": [{"delta": {"content": "x"\n\n')
+        elif fault == "nan":
+            events.insert(2, b'data: {"choices": [], "usage": {"prompt_tokens": NaN}}\n\n')
+        events.append(b"data: [DONE]\n\n")
+        if fault == "cut":  # the stream ends inside its last chunk
+            events = [*events[:3], events[3][: len(events[3]) // 2]]
+        return events
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests += 1
+        fault = str(body.get("model", "")).removeprefix("fault-")
+        stream = body.get("stream") is True
+        if fault == "other_form":
+            stream = not stream
+        if fault == "html_5xx":
+            page = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+            return web.Response(status=502, text=page, content_type="text/html")
+        if not stream:
+            raw = self._whole(fault)
+            if fault == "reset":  # the whole length announced, half of it sent
+                response = web.StreamResponse(headers={"Content-Type": "application/json"})
+                response.content_length = len(raw)
+                await response.prepare(request)
+                await response.write(raw[: len(raw) // 2])
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            if fault == "hang":
+                return await self._hang(request, "application/json")
+            return web.Response(body=raw, content_type="application/json")
+        if fault == "hang":
+            return await self._hang(request, "text/event-stream")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n, event in enumerate(self._events(fault)):
+            if fault == "reset" and n == 3:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    async def _hang(self, request: web.Request, content_type: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+        await asyncio.sleep(self.hang_for)
+        return response

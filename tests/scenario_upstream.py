@@ -134,6 +134,8 @@ class ScenarioUpstream:
     error_status: status of the OpenAI-style error body in the http_error scenario.
     stop_string: matched stop reported by stop_sequence unless the request has `stop`.
     first_chunk_delay: silent prefill before any byte; chunk_delay: pause between chunks.
+    other_form: answer in the form not asked for (a stream to a request for a whole
+    answer, a whole answer to a stream request), as some servers do.
     """
 
     scenario: str = "text"
@@ -150,6 +152,7 @@ class ScenarioUpstream:
     stop_string: str = "###"
     first_chunk_delay: float = 0.0
     chunk_delay: float = 0.0
+    other_form: bool = False
     embedding_dims: int = 8
     requests: list[dict[str, Any]] = field(default_factory=list)  # method, path, body, headers
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -325,7 +328,7 @@ class ScenarioUpstream:
             vllm_stop = {"stop_reason": self._matched_stop(body)}
         base = {"id": "chatcmpl-scenario", "created": int(time.time()), "model": self.model_id}
         usage = {"usage": self.usage}
-        if not body.get("stream"):
+        if bool(body.get("stream")) == self.other_form:
             msg, finish = assemble(steps)
             choice = {"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}
             choices = [{**choice, **vllm_stop}]
@@ -348,7 +351,7 @@ class ScenarioUpstream:
         finish = "length" if self.scenario == "length" else "stop"
         base = {"id": "cmpl-scenario", "object": "text_completion", "created": int(time.time())}
         base["model"] = self.model_id
-        if not body.get("stream"):
+        if bool(body.get("stream")) == self.other_form:
             choice = {"index": 0, "text": "".join(pieces), "logprobs": None}
             choice["finish_reason"] = finish
             return web.json_response({**base, "choices": [choice], "usage": self.usage})

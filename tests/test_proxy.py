@@ -501,7 +501,8 @@ async def test_upstream_cookies_are_not_replayed_to_other_clients(
 
     async def chat(request: web.Request) -> web.Response:
         cookies_seen.append(request.headers.get("Cookie"))
-        response = web.json_response({"choices": []})
+        message = {"role": "assistant", "content": "ok"}
+        response = web.json_response({"choices": [{"index": 0, "message": message}]})
         response.set_cookie("session", "for-the-first-client-only")
         return response
 

@@ -138,6 +138,8 @@ class Reply:
     stream: Stream | None = None
     headers: dict[str, str] = field(default_factory=dict)  # relayed as they are
     model_id: str = ""  # the id the replica knows the model by (set by the router)
+    # A whole answer's JSON, once core.answer has checked its shape: what dialects read.
+    document: Any = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def on_close(self, closer: Callable[[], None]) -> None:

@@ -112,6 +112,15 @@ class UpstreamUnreachable(ProxyError):
     code = "upstream_unreachable"
 
 
+class UpstreamMalformed(ProxyError):
+    """The upstream answered 2xx with something that is not a well-formed answer (cut,
+    not JSON, NaN, or members of the wrong type)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_malformed"
+
+
 class UpstreamFailed(ProxyError):
     """The upstream answered an error after the client's stream had started: it becomes
     the stream's error event, with the upstream's status and message."""

@@ -22,7 +22,8 @@ class RequestRecord:
     first_byte_at: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    upstream_error: str | None = None  # refused | timeout | failed | too_large
+    upstream_error: str | None = None  # refused | timeout | failed | too_large | malformed
+    dropped_chunks: int = 0  # stream events that were not JSON, dropped
     # Reads the answer's usage at accounting time, from what the answer kept for it: after
     # the client has its bytes, so parsing a long completion does not delay them. It
     # holds no reference back to the record: no cycle to collect.

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .shape import chunk_problem
+
 if TYPE_CHECKING:
     from .record import RequestRecord
 
@@ -198,24 +200,115 @@ def _last_end(data: bytes) -> int:
     return last
 
 
-class PassThrough:
-    """Relays a stream unchanged and keeps its last reads, where a usage chunk would be."""
+_NOT_JSON = object()
+CUT = "the stream was cut inside an event"
 
-    def __init__(self) -> None:
+
+def _decoded(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return _NOT_JSON
+
+
+def _chunk_problem(document: Any) -> str | None:
+    if not isinstance(document, dict):
+        return "a chunk is not a JSON object"
+    return chunk_problem(document)
+
+
+def json_events(complete: bytes, shaped: bool) -> tuple[bytes, int, str | None]:
+    """The whole events of `complete` a client can read, how many were dropped, and what
+    was wrong with the chunk that must end the stream, if one must.
+
+    A chunk that is not JSON (cut, garbled, NaN) is dropped: it would break the client's
+    parser. With `shaped` (chat and completions streams), a JSON chunk whose members
+    llproxy reads have the wrong types ends the stream; the events before it pass.
+    """
+    kept: list[bytes] = []
+    dropped = 0
+    for event in split_events(complete):
+        data = event_data(event)
+        if data and data != b"[DONE]":
+            document = _decoded(data)
+            if document is _NOT_JSON:
+                dropped += 1
+                continue
+            if shaped and (problem := _chunk_problem(document)):
+                return b"".join(kept), dropped, problem
+        kept.append(event)
+    return (complete if not dropped else b"".join(kept)), dropped, None
+
+
+class _CheckedRelay:
+    """What both relays share: whole events, checked (`json_events`); `problem` says
+    what ended the stream."""
+
+    def __init__(self, record: RequestRecord, shaped: bool) -> None:
+        self.record = record
+        self.shaped = shaped
+        self.problem: str | None = None
+        self.events = EventSplitter()
         self.recent: deque[bytes] = deque(maxlen=USAGE_TAIL_READS)
 
+    def _complete(self, chunk: bytes) -> bytes:
+        """The whole events a read completes, checked."""
+        if (
+            not self.events.pending
+            and chunk.startswith(b"data: {")
+            and chunk.find(b"\n\n") == len(chunk) - 2
+        ):
+            # One whole event per read, as servers write them: no split, one decode.
+            document = _decoded(chunk[6:-2])
+            if document is not _NOT_JSON:
+                if self.shaped and (problem := _chunk_problem(document)):
+                    self._malformed(problem)
+                    return b""
+                return chunk
+        complete = self.events.feed(chunk)
+        return self._checked(complete) if complete else b""
+
+    def _checked(self, complete: bytes) -> bytes:
+        complete, dropped, problem = json_events(complete, self.shaped)
+        if dropped:
+            self.record.dropped_chunks += dropped
+        if problem is not None:
+            self._malformed(problem)
+        return complete
+
+    def _malformed(self, problem: str) -> None:
+        self.problem = problem
+        self.record.upstream_error = "malformed"
+
+    def _rest(self) -> bytes:
+        """An unterminated last event, ended, when a client can read it; a cut one
+        ends the stream with an error."""
+        rest = self.events.rest()
+        if not rest.strip():
+            return b""
+        dropped = self.record.dropped_chunks
+        complete = self._checked(rest.rstrip(b"\r\n") + b"\n\n")
+        if self.record.dropped_chunks > dropped and self.problem is None:
+            self._malformed(CUT)
+        return complete
+
+
+class PassThrough(_CheckedRelay):
+    """Relays a stream's events unchanged but for the chunks `json_events` drops, and
+    keeps its last reads, where a usage chunk would be. A partial event waits for its
+    end, which the client could not use before anyway."""
+
     def feed(self, chunk: bytes) -> bytes:
-        self.recent.append(chunk)
-        return chunk
+        complete = self._complete(chunk)
+        if complete:
+            self.recent.append(complete)
+        return complete
 
     def finish(self) -> bytes:
-        return b""
-
-    def usage_document(self) -> Any:
-        return last_usage_event(self.recent)
+        return self._rest()
 
 
-class EventRelay:
+class EventRelay(_CheckedRelay):
     """Relays events whole: renamed to the client's model name, and minus the usage-only
     chunk (whose numbers go to the record) when the client did not ask for it.
 
@@ -223,15 +316,19 @@ class EventRelay:
     the client could not use before anyway. The transport bounds an event's size.
     """
 
-    def __init__(self, record: RequestRecord, rename: ModelRename | None, hide_usage: bool) -> None:
-        self.record = record
+    def __init__(
+        self,
+        record: RequestRecord,
+        rename: ModelRename | None,
+        hide_usage: bool,
+        shaped: bool = True,
+    ) -> None:
+        super().__init__(record, shaped)
         self.rename = rename
         self.hide_usage = hide_usage
-        self.events = EventSplitter()
-        self.recent: deque[bytes] = deque(maxlen=USAGE_TAIL_READS)
 
     def feed(self, chunk: bytes) -> bytes:
-        complete = self.events.feed(chunk)
+        complete = self._complete(chunk)
         if not complete:
             return b""
         if self.hide_usage and b'"usage"' in complete:
@@ -251,12 +348,8 @@ class EventRelay:
         return b"".join(kept)
 
     def finish(self) -> bytes:
-        rest = self.events.rest()
+        rest = self._rest()
         return self.rename.apply(rest) if self.rename is not None else rest
-
-    def usage_document(self) -> Any:
-        """The usage chunk, when the client sees it (else `feed` took its numbers)."""
-        return last_usage_event(self.recent)
 
 
 def completion_as_chunk(raw: bytes) -> bytes:
@@ -294,6 +387,7 @@ class ChoiceReader:
         # else into every chunk (a timestamp) defeats them, and then none is made.
         self.templates = 0
         self.templated = 0
+        self.malformed: str | None = None  # what was wrong with the chunk that ended it
 
     def feed(self, chunk: bytes) -> tuple[list[dict[str, Any]], bytes | None]:
         """The choices of the events completed by `chunk`, and the error event's JSON when
@@ -326,10 +420,18 @@ class ChoiceReader:
             else:
                 document = event_document(event)
             if not isinstance(document, dict):
+                if document is not None:  # JSON, but not a chunk
+                    _close(run)
+                    return choices, self._malformed("a chunk is not a JSON object")
+                if event_data(event) not in (b"", b"[DONE]"):
+                    self.record.dropped_chunks += 1  # cut or garbled: nothing to read
                 continue  # a comment, a ping
             if isinstance(document.get("error"), dict):
                 _close(run)
                 return choices, orjson.dumps(document)
+            if (problem := chunk_problem(document)) is not None:
+                _close(run)
+                return choices, self._malformed(problem)
             if "usage" in document:
                 self.record.take_usage(document)
             for choice in document.get("choices") or ():
@@ -356,9 +458,23 @@ class ChoiceReader:
         return choices, None
 
     def rest(self) -> tuple[list[dict[str, Any]], bytes | None]:
-        """The choices of an unterminated last event, at the stream's end."""
+        """The choices of an unterminated last event, at the stream's end; a cut one (not
+        JSON) ends the stream with an error: the answer is not whole."""
         rest = self.events.rest()
-        return self.feed(rest + b"\n\n") if rest.strip() else ([], None)
+        if not rest.strip():
+            return [], None
+        dropped = self.record.dropped_chunks
+        choices, failure = self.feed(rest + b"\n\n")
+        if failure is None and self.record.dropped_chunks > dropped:
+            failure = self._malformed(CUT)
+        return choices, failure
+
+    def _malformed(self, problem: str) -> bytes:
+        """The error that ends a stream with a malformed chunk."""
+        self.malformed = problem
+        self.record.upstream_error = "malformed"
+        message = f"the upstream sent a malformed chunk: {problem}"
+        return orjson.dumps({"error": {"message": message}})
 
 
 # Delta members that only add text.

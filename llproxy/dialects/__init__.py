@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..core.call import Payload, Reply
-from ..core.errors import ProxyError, UpstreamFailed
+from ..core.errors import ProxyError, UpstreamFailed, UpstreamMalformed
 from ..core.record import RequestRecord
 from ..core.registry import Model
 from ..core.sse import ChoiceReader, only_text
@@ -146,7 +146,10 @@ class ChoiceStream:
         for choice in choices:
             out.append(self._choice(choice))
         if failure is not None:
-            out.append(self.fail(UpstreamFailed(502, failure)))
+            error: ProxyError = UpstreamFailed(502, failure)
+            if self.choices.malformed is not None:
+                error = UpstreamMalformed(error.message)
+            out.append(self.fail(error))
         return b"".join(out)
 
 

@@ -381,9 +381,7 @@ class AnthropicTranslation:
         self.input_estimate = input_estimate
 
     def answer(self, reply: Reply, record: RequestRecord) -> Answer:
-        document = json_document(reply.body)
-        if not isinstance(document, dict):
-            document = {}
+        document = _dict(reply.document)  # its shape checked by core.answer
         record.take_usage(document)
         choices = document.get("choices") or [{}]
         choice = _dict(choices[0])

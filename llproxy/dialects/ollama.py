@@ -414,7 +414,7 @@ class OllamaTranslation:
         self.clock = _Clock()
 
     def answer(self, reply: Reply, record: RequestRecord) -> Answer:
-        document = _dict(json_document(reply.body))
+        document = _dict(reply.document)  # its shape checked by core.answer
         record.take_usage(document)
         if self.kind == "embed":
             vectors = [_dict(d).get("embedding") for d in document.get("data") or ()]

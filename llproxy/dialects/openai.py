@@ -9,16 +9,24 @@ for when the client did not.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from ..core.call import FormPayload, JsonPayload, Payload, Reply, json_object
-from ..core.errors import InvalidRequest, ProxyError
+from ..core.errors import InvalidRequest, ProxyError, UpstreamMalformed
 from ..core.multipart import FormBody
 from ..core.record import RequestRecord
-from ..core.sse import EventRelay, PassThrough, json_document, model_rename, usage_of_json_answer
+from ..core.sse import (
+    EventRelay,
+    PassThrough,
+    json_document,
+    last_usage_event,
+    model_rename,
+    usage_of_json_answer,
+)
 from . import JSON_TYPE, Answer, Catalog, Incoming, Route
 
 # The routes below /v1/ forwarded to a model (the config's `forward_paths` adds to them).
@@ -112,7 +120,6 @@ def _with_usage_chunk(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
 class OpenAITranslation:
     early = False  # no keepalive: a stream opens with the model's first chunk
-    relays_as_is = True
 
     def __init__(
         self,
@@ -127,6 +134,9 @@ class OpenAITranslation:
         self.model = model
         self.stream = stream
         self.hide_usage = hide_usage
+        # A whole answer to a stream request is made a stream where llproxy reads the
+        # answers (chat, completions); other routes' answers go back as they are.
+        self.relays_as_is = target not in _USAGE_ROUTES
 
     def answer(self, reply: Reply, record: RequestRecord) -> Answer:
         body = reply.body
@@ -134,7 +144,10 @@ class OpenAITranslation:
             rename = model_rename(reply.model_id, record.model or "")
             if rename is not None:
                 body = rename.apply(body)
-            record.read_usage = lambda: usage_of_json_answer(body)
+            document = reply.document
+            record.read_usage = (
+                (lambda: document) if document is not None else lambda: usage_of_json_answer(body)
+            )
         return Answer(reply.status, body, reply.media_type, reply.headers)
 
     def upstream_error(self, reply: Reply) -> Answer:
@@ -152,26 +165,53 @@ class OpenAITranslation:
         assert reply is not None  # an OpenAI stream never opens before the model answers
         rename = model_rename(reply.model_id, record.model or "")
         relay: EventRelay | PassThrough
+        shaped = self.target in _USAGE_ROUTES  # chunks llproxy reads: their shape checked
         if self.hide_usage or rename is not None:
-            relay = EventRelay(record, rename, self.hide_usage)
+            relay = EventRelay(record, rename, self.hide_usage, shaped)
         else:
-            relay = PassThrough()
+            relay = PassThrough(record, shaped)
         if not self.hide_usage:
-            record.read_usage = relay.usage_document
+            # The relay's last reads, not the relay: it holds the record (no cycle).
+            record.read_usage = functools.partial(last_usage_event, relay.recent)
         return OpenAIStream(relay)
 
 
 class OpenAIStream:
+    """The relay, ended by an error event when a chunk is malformed (or the stream cut
+    inside one); nothing follows that."""
+
     media_type = "text/event-stream"
 
     def __init__(self, relay: EventRelay | PassThrough) -> None:
-        self.feed = relay.feed
-        self.finish = relay.finish
+        self.relay = relay
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.done:
+            return b""
+        out = self.relay.feed(chunk)
+        return out if self.relay.problem is None else out + self._malformed()
+
+    def finish(self) -> bytes:
+        if self.done:
+            return b""
+        out = self.relay.finish()
+        if self.relay.problem is not None:
+            return out + self._malformed()
+        self.done = True
+        return out
+
+    def _malformed(self) -> bytes:
+        problem = self.relay.problem
+        return self.fail(UpstreamMalformed(f"the upstream sent a malformed chunk: {problem}"))
 
     def start(self) -> bytes:
         return b""
 
     def fail(self, error: ProxyError) -> bytes:
+        if self.done:
+            return b""
+        self.done = True
         return b"data: " + error_of(error) + b"\n\n"
 
     def keepalive(self) -> bytes:

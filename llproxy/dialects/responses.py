@@ -21,7 +21,7 @@ import orjson
 from ..core.call import JsonPayload, Reply, json_object
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
-from ..core.sse import ChoiceReader, ToolCalls, json_document
+from ..core.sse import ChoiceReader, ToolCalls
 from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text
 from .openai import OpenAIDialect, error_of
 
@@ -36,6 +36,14 @@ _ECHOED = ("instructions", "tool_choice", "temperature", "top_p", "max_output_to
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _arguments(arguments: Any) -> str:
+    """A tool call's arguments as the JSON text Responses carries (some servers send an
+    object)."""
+    if isinstance(arguments, dict):
+        return orjson.dumps(arguments).decode()
+    return arguments if isinstance(arguments, str) and arguments else "{}"
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -337,7 +345,7 @@ class ResponsesTranslation:
         }
 
     def answer(self, reply: Reply, record: RequestRecord) -> Answer:
-        document = _dict(json_document(reply.body))
+        document = _dict(reply.document)  # its shape checked by core.answer
         record.take_usage(document)
         choice = _dict((document.get("choices") or [{}])[0])
         message = _dict(choice.get("message"))
@@ -354,7 +362,7 @@ class ResponsesTranslation:
                     _id("fc"),
                     str(call.get("id") or _id("call")),
                     str(function.get("name") or ""),
-                    str(function.get("arguments") or "{}"),
+                    _arguments(function.get("arguments")),
                     "completed",
                 )
             )

@@ -77,6 +77,10 @@ class Accounting:
         if record.upstream_error is not None:
             key = (record.upstream or "-", record.upstream_error)
             telemetry.upstream_errors[key] = telemetry.upstream_errors.get(key, 0) + 1
+        if record.dropped_chunks:
+            key = (record.upstream or "-", "dropped_chunk")
+            errors = telemetry.upstream_errors
+            errors[key] = errors.get(key, 0) + record.dropped_chunks
         if access_log.isEnabledFor(logging.INFO):
             self._log(request, record, status, duration, first_byte)
 

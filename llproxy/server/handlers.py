@@ -12,9 +12,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..core.call import Call, within_context
+from ..core.answer import as_asked
+from ..core.call import Call, Reply, within_context
 from ..core.errors import InvalidRequest
 from ..core.keys import ApiKey
+from ..core.record import RequestRecord
 from ..core.registry import Model
 from ..dialects import Answer, Incoming
 from ..gateway.hardening import preflight_headers
@@ -57,7 +59,13 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
     call = Call(
         translation.target, model.name, payload, translation.stream, request.headers.get("Via", "")
     )
-    sending = state.router.send(call, model, record)
+    sending = answered(
+        state.router.send(call, model, record),
+        call.route,
+        translation.stream,
+        record,
+        state.config.max_response_bytes,
+    )
     delivery = request[DELIVERY]
     if translation.stream and translation.early:
         return await stream_early(request, sending, translation, record, delivery)
@@ -75,6 +83,20 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
             record.response_body = answer.body
         return answer_response(answer)
     return await answer_or_stream(request, reply, translation, record, delivery)
+
+
+async def answered(
+    sending: Awaitable[Reply], route: str, stream: bool, record: RequestRecord, limit: int
+) -> Reply:
+    """The reply in the form the client asked for, its shape checked once for every
+    dialect (core/answer.py); a malformed one is closed and raised as a 502."""
+    reply = await sending
+    try:
+        await as_asked(reply, route, stream, record, limit)
+    except BaseException:
+        reply.close()
+        raise
+    return reply
 
 
 async def answer_locally(spec: RouteSpec, request: web.Request) -> web.StreamResponse:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ..core.answer import as_stream
 from ..core.call import Reply, Stream
 from ..core.errors import ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
-from ..core.sse import completion_as_chunk
 from ..dialects import Answer, StreamTransform, Translation
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -106,7 +106,11 @@ async def stream_early(
             answer = translation.upstream_error(reply)
             await client.end(transform.fail(UpstreamFailed(answer.status, reply.body)))
         elif reply.stream is None:  # a whole answer to a stream request: one chunk
-            await client.end(transform.feed(completion_as_chunk(reply.body)) + transform.finish())
+            try:
+                last = transform.feed(as_stream(reply, translation.target)) + transform.finish()
+            except ProxyError as error:
+                last = transform.fail(error)
+            await client.end(last)
         else:
             await client.relay(reply)
     finally:
@@ -125,11 +129,14 @@ async def answer_or_stream(
     try:
         if reply.status >= 400:
             return answer_response(translation.upstream_error(reply))
+        # A whole answer to a stream request is its one chunk; a malformed one is still
+        # a status here, nothing is sent yet.
+        whole = as_stream(reply, translation.target) if reply.stream is None else None
         transform = translation.stream_transform(record, reply)
         client = ClientStream(request, transform, delivery)
         await client.open(reply.status, reply.headers)
-        if reply.stream is None:
-            await client.end(transform.feed(completion_as_chunk(reply.body)) + transform.finish())
+        if whole is not None:
+            await client.end(transform.feed(whole) + transform.finish())
         else:
             await client.relay(reply)
         return client.response

@@ -147,7 +147,10 @@ class UpstreamResponse:
         """Whatever body bytes have arrived, waiting for some; b"" at the end."""
         while not self._chunks:
             if self.error is not None:
-                raise self.error
+                # A fresh exception each time: the stored one raised here would hold this
+                # frame (and through it the response, and the reader's frames with the
+                # body read so far) in a cycle that only the cyclic collector frees.
+                raise _fresh(self.error)
             if self.complete:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
@@ -163,15 +166,22 @@ class UpstreamResponse:
 
     async def read(self, limit: int | None = None) -> bytes:
         """The body to its end, or its first `limit` bytes or a little more."""
-        parts = []
+        parts: list[bytes] = []
         size = 0
-        while limit is None or size < limit:
-            data = await self.chunk()
-            if not data:
-                break
-            parts.append(data)
-            size += len(data)
+        try:
+            while limit is None or size < limit:
+                data = await self.chunk()
+                if not data:
+                    break
+                parts.append(data)
+                size += len(data)
+        except BaseException:
+            # An answer cut at its bound is up to max_response_bytes: let it go now, not
+            # whenever the traceback that holds this frame is collected.
+            parts.clear()
+            raise
         body = b"".join(parts)
+        parts.clear()
         return body if limit is None else body[:limit]
 
     def release(self) -> None:
@@ -238,6 +248,22 @@ class UpstreamResponse:
         if not self.complete and self.error is None:
             self.error = error
             self._wake()
+
+
+def _fresh(error: Exception) -> Exception:
+    """A copy of a stored error to raise, without its traceback."""
+    copy = type(error)(*error.args) if isinstance(error, UpstreamBroken) else error
+    return copy.with_traceback(None)
+
+
+def _parser_failure(exc: Exception) -> UpstreamBroken:
+    """What the parser's error says about the upstream. A callback's own error (a bound
+    crossed, a bad gzip stream, an unknown encoding) is the cause, and says it better.
+    Read here, not in `data_received`: a local there holding it would close a cycle (its
+    traceback's frames lead back to that frame, with the read in it) that only the cyclic
+    collector frees."""
+    cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+    return _as_upstream_error(cause) or UpstreamBroken(f"malformed response: {exc}")
 
 
 def _as_upstream_error(cause: BaseException | None) -> UpstreamBroken | None:
@@ -319,10 +345,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            # A callback's own error (a bound crossed, a bad gzip stream, an unknown
-            # encoding) is the cause, and says it better than the parser does.
-            cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
-            self._fail(_as_upstream_error(cause) or UpstreamBroken(f"malformed response: {exc}"))
+            self._fail(_parser_failure(exc))
             return
         if self.head_ready is not None:  # the head is still incomplete
             self.head_bytes += len(data)
