@@ -22,10 +22,29 @@ JSON = b"application/json"
 # Every answer of an llproxy names its running instance, and every request it sends names
 # it in Via: discovery skips itself, and a request that comes round again is refused.
 INSTANCE_HEADER = "X-Llproxy-Instance"
+# What an upstream's error says of when to try again: passed on to the client.
+RETRY_HEADERS = ("Retry-After", "retry-after-ms")
 
 
 def via_name(instance: str) -> str:
     return f"llproxy-{instance}"
+
+
+# orjson reads JSON nested up to 1,024 levels but writes at most 254: a client's body
+# between the two parses, and is refused where llproxy writes it on (encode_client).
+MAX_DEPTH = 254
+
+
+def encode_client(value: Any) -> bytes:
+    """What a client sent (or was made from it) as JSON; InvalidRequest when it nests too
+    deeply to be written. Catching the encoder's own refusal costs nothing on the way of
+    every request, where a depth check would walk every body."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(
+            f"request body nests deeper than {MAX_DEPTH} levels", code="nested_too_deeply"
+        ) from None
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -54,7 +73,7 @@ class JsonPayload:
 
     def encode(self, model_id: str) -> bytes:
         # Only `model` changes; the rest of the client's body goes as it was sent.
-        return orjson.dumps({**self.body, "model": model_id})
+        return encode_client({**self.body, "model": model_id})
 
 
 class FormPayload:
@@ -95,7 +114,7 @@ def within_context(payload: Payload, context_length: int | None) -> Payload:
     if not asked:
         return payload
     prompt = {k: body[k] for k in ("messages", "prompt", "tools") if k in body}
-    room = context_length - estimate_tokens(orjson.dumps(prompt))
+    room = context_length - estimate_tokens(encode_client(prompt))
     lowered = {name: room for name, value in asked.items() if value > room}
     if room < 1 or not lowered:
         return payload  # nothing fits or nothing to lower: the upstream's own answer

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from ..core.call import JsonPayload, Reply, json_object
+from ..core.call import JsonPayload, Reply, encode_client, json_object
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls, json_document
@@ -59,6 +59,9 @@ class ResponsesDialect:
         echo["text"] = body.get("text") or {"format": {"type": "text"}}
         echo["metadata"] = echo["metadata"] or {}
         echo["tool_choice"] = echo["tool_choice"] or "auto"
+        # The answer repeats these as the client sent them: what could not be written
+        # there is refused now (a few µs: they are small beside the input).
+        encode_client(echo)
         return ResponsesTranslation(JsonPayload(chat), chat["model"], stream, echo)
 
     def error(self, error: ProxyError) -> Answer:
@@ -100,7 +103,7 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     else:
         raise InvalidRequest("'input' must be a string or a list of items", param="input")
     chat: dict[str, Any] = {"model": model, "messages": messages}
-    tools = [_tool(i, tool) for i, tool in enumerate(body.get("tools") or ())]
+    tools = [_tool(i, tool) for i, tool in enumerate(_list(body, "tools"))]
     if tools:
         chat["tools"] = tools
     choice = body.get("tool_choice")
@@ -131,6 +134,17 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         }
         chat["response_format"] = {"type": "json_schema", "json_schema": schema}
     return chat
+
+
+def _list(body: dict[str, Any], name: str, where: str = "") -> list[Any]:
+    """An optional list field; a value of another type is a 400 naming it."""
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        param = f"{where}.{name}" if where else name
+        raise InvalidRequest(f"'{param}' must be a list", param=param)
+    return value
 
 
 def _content(where: str, content: Any) -> str | list[dict[str, Any]]:
@@ -213,9 +227,8 @@ def _item(i: int, item: dict[str, Any], messages: list[dict[str, Any]]) -> None:
             {"role": "tool", "tool_call_id": str(item.get("call_id") or ""), "content": result}
         )
     elif kind == "reasoning":
-        texts = [
-            _dict(part).get("text") for part in item.get("content") or item.get("summary") or ()
-        ]
+        parts = _list(item, "content", where) or _list(item, "summary", where)
+        texts = [_dict(part).get("text") for part in parts]
         thought = "".join(text for text in texts if isinstance(text, str))
         if thought:
             _last_assistant(messages)["reasoning_content"] = thought

@@ -77,6 +77,10 @@ class OperatorBackend:
             raise InvalidRequest(
                 f"{replica.upstream_id} is a person: they answer chat requests only"
             )
+        # What reaches the desk is written as JSON to the operator: a body nested too
+        # deeply to be written is refused here, not in the desk (a person is slow
+        # beside the one encode this costs).
+        call.payload.encode(replica.upstream_id)
         body = call.payload.body
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         ticket = Ticket(
