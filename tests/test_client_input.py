@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from .conftest import ProxyFactory, RunningProxy, RunningUpstream
+from .dialect_validators import validate_error
 from .wire import Wire
 
 USER = [{"role": "user", "content": "hi"}]
@@ -30,19 +31,7 @@ PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0
 def assert_dialect_error(dialect: str, status: int, raw: bytes, want: int = 400) -> str:
     """The body is the dialect's error shape with status `want`; its message."""
     assert status == want, (status, raw[:300])
-    document = orjson.loads(raw)
-    if dialect == "anthropic":
-        assert document["type"] == "error", raw[:300]
-        assert set(document["error"]) == {"type", "message"}, raw[:300]
-        message = document["error"]["message"]
-    elif dialect == "ollama":
-        assert set(document) == {"error"}, raw[:300]
-        message = document["error"]
-    else:
-        assert set(document["error"]) == {"message", "type", "param", "code"}, raw[:300]
-        message = document["error"]["message"]
-    assert isinstance(message, str) and message
-    return message
+    return validate_error(dialect, raw)
 
 
 async def send(
