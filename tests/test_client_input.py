@@ -408,3 +408,16 @@ async def test_llproxy_s_own_429_says_when_to_retry_in_every_dialect(
     assert_dialect_error(dialect, status, answer, 429)
     assert int(headers["Retry-After"]) >= 1
     assert "x-should-retry" not in headers
+
+
+async def test_a_body_nested_too_deeply_for_an_operator_never_reaches_the_desk(
+    start_proxy: ProxyFactory,
+) -> None:
+    """The desk writes a ticket's messages to the operator as JSON: a body too deep for
+    that is refused before it is queued (it waited for an operator, then failed)."""
+    operator = {"operator": "human", "tags": ["support"], "queue_timeout": 2}
+    proxy = await start_proxy([operator])
+    chat = {"model": "human:support", "messages": [{"role": "user", "content": "DEEP"}]}
+    raw = orjson.dumps(chat).replace(b'"DEEP"', nested(300))
+    status, _, answer = await send(proxy, "POST", "/v1/chat/completions", raw)
+    assert "nests deeper than 254 levels" in assert_dialect_error("openai", status, answer)
