@@ -115,6 +115,21 @@ async def test_a_body_nested_too_deeply_is_a_400_in_the_dialect(
     assert upstream.fake.generation_requests == []
 
 
+async def test_a_responses_field_echoed_in_a_stream_is_checked_at_its_depth_there(
+    proxy: RunningProxy, upstream: RunningUpstream
+) -> None:
+    """`metadata` goes nowhere but back in the answer, and a stream's events carry it a
+    level deeper than the body: 254 levels there could not be written mid-stream."""
+    body = {**RESPONSES, "stream": True, "metadata": "DEEP"}
+    raw = orjson.dumps(body).replace(b'"DEEP"', nested(253))
+    status, _, answer = await send(proxy, "POST", "/v1/responses", raw)
+    assert "nests deeper than 254 levels" in assert_dialect_error("openai", status, answer)
+    assert upstream.fake.generation_requests == []
+    raw = orjson.dumps(body).replace(b'"DEEP"', nested(200))
+    status, _, answer = await send(proxy, "POST", "/v1/responses", raw)
+    assert status == 200 and b"response.completed" in answer, answer[-300:]
+
+
 async def test_a_body_nested_within_the_limit_goes_upstream(
     proxy: RunningProxy, upstream: RunningUpstream
 ) -> None:

@@ -59,9 +59,10 @@ class ResponsesDialect:
         echo["text"] = body.get("text") or {"format": {"type": "text"}}
         echo["metadata"] = echo["metadata"] or {}
         echo["tool_choice"] = echo["tool_choice"] or "auto"
-        # The answer repeats these as the client sent them: what could not be written
-        # there is refused now (a few µs: they are small beside the input).
-        encode_client(echo)
+        # The answer repeats these as the client sent them, a stream's events one level
+        # deeper (`{"response": {...}}`): what could not be written there is refused now
+        # (about 6 µs for Codex's 17 kB of tools and instructions, measured).
+        encode_client([echo])
         return ResponsesTranslation(JsonPayload(chat), chat["model"], stream, echo)
 
     def error(self, error: ProxyError) -> Answer:
