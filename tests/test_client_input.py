@@ -6,6 +6,7 @@ can write on, fields of the wrong type, methods a route does not take, HTTP/0.9;
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,8 +16,9 @@ import openai
 import orjson
 import pytest
 
-from .conftest import ProxyFactory, RunningProxy, RunningUpstream
+from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory
 from .dialect_validators import validate_error
+from .process import create_key
 from .wire import Wire
 
 USER = [{"role": "user", "content": "hi"}]
@@ -327,26 +329,38 @@ def counted_anthropic(proxy: RunningProxy, key: str, wire: Wire) -> anthropic.As
     )
 
 
-async def test_the_anthropic_sdk_stops_after_one_wrong_key_or_forbidden_model(
-    start_proxy: ProxyFactory, upstream: RunningUpstream
+async def test_the_anthropic_sdk_stops_after_one_refusal_of_each_kind(
+    start_proxy: ProxyFactory, start_upstream: UpstreamFactory, tmp_path: Path
 ) -> None:
-    proxy = await start_proxy([upstream.endpoint()], api_keys=["static-secret-0123456789"])
+    """Claude Code retried a wrong key 11 times over 3 minutes; with
+    `x-should-retry: false` it stops after one. Here the SDK may retry 3 times: a wrong
+    key (401), an operator's key (403), a model the key may not use (403), an unknown
+    model (404) are each sent once."""
+    state = tmp_path / "state"
+    client = create_key(state, "client", "--models", "fake-*")
+    operator = create_key(state, "op", "--operator")
+    upstream = await start_upstream(model_ids=["fake-model", "other-model"])
+    proxy = await start_proxy([upstream.endpoint()], state_dir=str(state))
     wire = Wire()
     sdk = counted_anthropic(proxy, "a-wrong-key", wire)
+    refusals: list[tuple[str, str, type[anthropic.APIStatusError]]] = [
+        ("a-wrong-key", "fake-model", anthropic.AuthenticationError),
+        (operator, "fake-model", anthropic.PermissionDeniedError),
+        (client, "other-model", anthropic.PermissionDeniedError),
+        (client, "no-such-model", anthropic.NotFoundError),
+    ]
     try:
-        with pytest.raises(anthropic.AuthenticationError) as refused:
-            await sdk.messages.create(model="fake-model", max_tokens=5, messages=USER)  # type: ignore[arg-type]
-        assert refused.value.response.headers["x-should-retry"] == "false"
-        with pytest.raises(anthropic.NotFoundError) as missing:
-            await sdk.with_options(api_key="static-secret-0123456789").messages.create(
-                model="no-such-model",
-                max_tokens=5,
-                messages=USER,  # type: ignore[arg-type]
-            )
-        assert missing.value.response.headers["x-should-retry"] == "false"
+        for key, model, error in refusals:
+            with pytest.raises(error) as refused:
+                await sdk.with_options(api_key=key).messages.create(
+                    model=model,
+                    max_tokens=5,
+                    messages=USER,  # type: ignore[arg-type]
+                )
+            assert refused.value.response.headers["x-should-retry"] == "false"
     finally:
         await sdk.close()
-    assert [exchange.status for exchange in wire.exchanges] == [401, 404]
+    assert [exchange.status for exchange in wire.exchanges] == [401, 403, 403, 404]
     assert upstream.fake.generation_requests == []
 
 
