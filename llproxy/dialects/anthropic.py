@@ -23,7 +23,7 @@ from ..core.call import JsonPayload, Reply, encode_client, estimate_tokens, json
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls, json_document
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, list_field
 
 _PREFIXES = ("/v1", "/anthropic/v1")
 _ERROR_TYPES = {
@@ -173,7 +173,7 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         leading = {"role": "system", "content": "\n\n".join(systems)}
         out = [leading, *(m for m in out if m["role"] != "system")]
     chat["messages"] = out
-    tools = [_tool(t) for t in _list(body, "tools") if isinstance(t, dict)]
+    tools = [_tool(t) for t in list_field(body, "tools") if isinstance(t, dict)]
     if tools := [t for t in tools if t is not None]:
         chat["tools"] = tools
     _tool_choice(body.get("tool_choice"), chat)
@@ -194,16 +194,6 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
             "low" if budget < 4096 else "medium" if budget < 16384 else "high"
         )
     return chat
-
-
-def _list(body: dict[str, Any], name: str) -> list[Any]:
-    """An optional list field; a value of another type is a 400 naming it."""
-    value = body.get(name)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InvalidRequest(f"{name}: must be a list", param=name)
-    return value
 
 
 def _text_of(content: Any, where: str) -> str:

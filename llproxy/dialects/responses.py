@@ -22,7 +22,7 @@ from ..core.call import JsonPayload, Reply, encode_client, json_object
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls, json_document
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, list_field
 from .openai import OpenAIDialect, error_of
 
 # Input fields that need state or tools llproxy does not have: a 400 that names them.
@@ -104,7 +104,7 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     else:
         raise InvalidRequest("'input' must be a string or a list of items", param="input")
     chat: dict[str, Any] = {"model": model, "messages": messages}
-    tools = [_tool(i, tool) for i, tool in enumerate(_list(body, "tools"))]
+    tools = [_tool(i, tool) for i, tool in enumerate(list_field(body, "tools"))]
     if tools:
         chat["tools"] = tools
     choice = body.get("tool_choice")
@@ -135,17 +135,6 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         }
         chat["response_format"] = {"type": "json_schema", "json_schema": schema}
     return chat
-
-
-def _list(body: dict[str, Any], name: str, where: str = "") -> list[Any]:
-    """An optional list field; a value of another type is a 400 naming it."""
-    value = body.get(name)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        param = f"{where}.{name}" if where else name
-        raise InvalidRequest(f"'{param}' must be a list", param=param)
-    return value
 
 
 def _content(where: str, content: Any) -> str | list[dict[str, Any]]:
@@ -228,7 +217,9 @@ def _item(i: int, item: dict[str, Any], messages: list[dict[str, Any]]) -> None:
             {"role": "tool", "tool_call_id": str(item.get("call_id") or ""), "content": result}
         )
     elif kind == "reasoning":
-        parts = _list(item, "content", where) or _list(item, "summary", where)
+        parts = list_field(item, "content", f"{where}.content") or list_field(
+            item, "summary", f"{where}.summary"
+        )
         texts = [_dict(part).get("text") for part in parts]
         thought = "".join(text for text in texts if isinstance(text, str))
         if thought:
