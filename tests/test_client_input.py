@@ -220,6 +220,8 @@ async def test_ollama_images_in_base64_go_upstream_as_data_urls(
         ("GET", "/api/chat", "ollama", "POST"),
         ("GET", "/v1/responses", "openai", "POST"),
         ("GET", "/v1/chat/completions", "openai", "POST"),
+        ("POST", "/v1/models", "openai", "GET"),
+        ("POST", "/anthropic/v1/models", "anthropic", "GET"),
     ],
 )
 async def test_a_method_a_route_does_not_take_is_a_405_in_its_dialect(
@@ -229,6 +231,13 @@ async def test_a_method_a_route_does_not_take_is_a_405_in_its_dialect(
     assert_dialect_error(dialect, status, answer, 405)
     assert allow in headers["Allow"]
     assert headers["x-should-retry"] == "false"
+
+
+async def test_a_405_on_a_shared_path_follows_the_header_that_tells_the_dialects_apart(
+    proxy: RunningProxy,
+) -> None:
+    status, _, answer = await send(proxy, "POST", "/v1/models", **{"anthropic-version": "1"})
+    assert_dialect_error("anthropic", status, answer, 405)
 
 
 async def test_with_cors_unknown_paths_stay_404_and_preflights_still_work(

@@ -149,10 +149,16 @@ class DialectPaths:
         self.default = dialects[0]
 
     def dialect(self, path: str, headers: Mapping[str, str]) -> Dialect:
+        """The dialect of the first route on this path whose header the request carries;
+        else of one whose header it lacks (`/anthropic/v1/models` is Anthropic's all the
+        same); else the default."""
+        lacking = None
         for pattern, header, dialect in self._paths:
-            if pattern.fullmatch(path) and (header is None or header in headers):
-                return dialect
-        return self.default
+            if pattern.fullmatch(path):
+                if header is None or header in headers:
+                    return dialect
+                lacking = lacking or dialect
+        return lacking or self.default
 
 
 def _pattern(path: str) -> re.Pattern[str]:
