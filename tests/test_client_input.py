@@ -6,6 +6,7 @@ can write on, fields of the wrong type, methods a route does not take, HTTP/0.9;
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,20 @@ async def test_a_body_nested_too_deeply_is_a_400_in_the_dialect(
     assert "nests deeper than 254 levels" in assert_dialect_error(dialect, status, answer)
     assert headers["x-should-retry"] == "false"
     assert upstream.fake.generation_requests == []
+
+
+async def test_a_body_too_deep_is_refused_before_a_replica_is_chosen(
+    proxy: RunningProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused while a replica was being sent it, the 400 was that replica's (its address
+    in the access log, and a failure for whatever counts a replica's failures)."""
+    caplog.set_level(logging.INFO, logger="llproxy.access")
+    chat = {"model": "fake-model", "messages": USER, "x": "DEEP"}
+    raw = orjson.dumps(chat).replace(b'"DEEP"', nested(300))
+    status, _, _ = await send(proxy, "POST", "/v1/chat/completions", raw)
+    assert status == 400
+    (line,) = [r for r in caplog.records if r.name == "llproxy.access"]
+    assert line.status == 400 and line.upstream is None  # type: ignore[attr-defined]
 
 
 async def test_a_responses_field_echoed_in_a_stream_is_checked_at_its_depth_there(

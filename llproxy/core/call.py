@@ -65,6 +65,15 @@ class JsonPayload:
 
     def __init__(self, body: dict[str, Any]) -> None:
         self.body = body
+        self._encoded: tuple[str, bytes] | None = None  # for which model id
+
+    def prepare(self, model_id: str) -> None:
+        """Encode the body for the id the replicas most likely know the model by, before
+        one is chosen: a body nested too deeply to be written is a 400 here
+        (encode_client), never a replica's failure. A replica of another id has it
+        encoded again."""
+        if self._encoded is None or self._encoded[0] != model_id:
+            self._encoded = (model_id, encode_client({**self.body, "model": model_id}))
 
     @property
     def model(self) -> str | None:
@@ -73,7 +82,9 @@ class JsonPayload:
 
     def encode(self, model_id: str) -> bytes:
         # Only `model` changes; the rest of the client's body goes as it was sent.
-        return encode_client({**self.body, "model": model_id})
+        self.prepare(model_id)
+        assert self._encoded is not None
+        return self._encoded[1]
 
 
 class FormPayload:
@@ -83,6 +94,9 @@ class FormPayload:
         self.form = form
         self.content_type = content_type.encode("latin-1")
         self.model = model
+
+    def prepare(self, model_id: str) -> None:
+        """Nothing to do before a replica is chosen: the form was parsed already."""
 
     def encode(self, model_id: str) -> bytes:
         return self.form.with_field("model", model_id)
