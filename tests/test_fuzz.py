@@ -401,3 +401,18 @@ def test_every_dialect_answers_any_body_in_its_shape(
     assert status < 500, (path, status, raw[:300], body[:300])
     if status >= 400:
         validate_error(dialect, raw)
+
+
+@fuzz
+@given(
+    route=st.sampled_from(DIALECT_ROUTES),
+    raw=st.binary(max_size=200) | st.sampled_from([b"", b"[]", b"null", b"{", b'{"a":1}']),
+)
+def test_every_dialect_answers_any_bytes_in_its_shape(
+    servers: Servers, route: tuple[str, str, dict[str, Any]], raw: bytes
+) -> None:
+    path, dialect, _ = route
+    status, answer = servers.post(path, raw, "application/json")
+    assert status < 500, (path, status, answer[:300])
+    if status >= 400:
+        validate_error(dialect, answer)
