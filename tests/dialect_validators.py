@@ -463,3 +463,25 @@ def validate_ollama_chat(doc: dict[str, Any]) -> dict[str, Any]:
 def validate_ollama_generate(doc: dict[str, Any]) -> dict[str, Any]:
     """Check a non-streamed /api/generate answer."""
     return _check_ollama(doc, "generate", "generate", final=True)
+
+
+def validate_error(dialect: str, raw: bytes) -> str:
+    """An error answer's body in its dialect's shape (Anthropic's typed error, Ollama's
+    one string, OpenAI's four fields, which the Responses API shares); its message."""
+    doc = _obj(_loads(raw, f"{dialect} error"), f"{dialect} error")
+    if dialect == "anthropic":
+        _shape(doc, "anthropic error", type="error")
+        error = _shape(doc.get("error"), "anthropic error.error", type=NONEMPTY, message=str)
+        _check(set(error) == {"type", "message"}, f"anthropic error fields: {sorted(error)}")
+    elif dialect == "ollama":
+        error = _shape(doc, "ollama error", error=str)
+        _check(set(error) == {"error"}, f"ollama error fields: {sorted(error)}")
+    else:
+        error = _shape(doc.get("error"), f"{dialect} error.error", type=NONEMPTY, message=str)
+        _check(
+            set(error) == {"message", "type", "param", "code"},
+            f"{dialect} error fields: {sorted(error)}",
+        )
+    message = error.get("message", error.get("error"))
+    _check(isinstance(message, str) and message, f"{dialect} error: an empty message")
+    return str(message)

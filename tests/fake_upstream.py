@@ -35,6 +35,7 @@ class FakeUpstream:
     chunk_delay: float = 0.0
     fail_status: int | None = None
     fail_body: bytes | None = None
+    fail_headers: dict[str, str] = field(default_factory=dict)  # sent with fail_status
     hang: bool = False
     die_after_chunks: int | None = None
     report_usage: bool = True  # some servers never send `usage`
@@ -143,6 +144,7 @@ class FakeUpstream:
                     }
                 ),
                 content_type="application/json",
+                headers=self.fail_headers,
             )
         model = body.get("model")
         if path == "embeddings":

@@ -1,10 +1,11 @@
-"""Property-based fuzzing of what parses client input: whatever a client sends, llproxy
-answers 2xx or a 4xx in the client's shape, never a 5xx of its own, and the parsers
-below it refuse only with their own errors."""
+"""Property-based fuzzing of what parses client input: whatever a client sends, on any
+dialect's route, llproxy answers 2xx or a 4xx in the client's shape, never a 5xx of its
+own, and the parsers below it refuse only with their own errors."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import http.client
 import json
 import threading
@@ -24,6 +25,7 @@ from llproxy.core.multipart import FormBody
 from llproxy.gateway.hardening import host_name
 from llproxy.server.app import serve_alone
 
+from .dialect_validators import validate_error
 from .fake_upstream import FakeUpstream
 
 PATHS = ["chat/completions", "completions", "embeddings", "audio/transcriptions", "rerank"]
@@ -105,10 +107,14 @@ class Servers:
         self.loop.close()
 
     def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        """POST to a path below /v1/ (`chat/completions`), or to a whole path (`/api/chat`)."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             connection.request(
-                "POST", f"/v1/{path}", body=body, headers={"Content-Type": content_type}
+                "POST",
+                path if path.startswith("/") else f"/v1/{path}",
+                body=body,
+                headers={"Content-Type": content_type},
             )
             response = connection.getresponse()
             return response.status, response.read()
@@ -199,3 +205,214 @@ def test_any_form_is_parsed_or_refused_as_invalid(
 def test_any_host_header_parses_or_is_refused(header: str) -> None:
     name = host_name(header)
     assert name is None or (name == name.lower() and " " not in name and "@" not in name)
+
+
+# --- every dialect's routes ------------------------------------------------------------
+
+USER = [{"role": "user", "content": "hi"}]
+# Per route: the dialect whose error shape it answers in, and a body using most of the
+# fields its translator reads; the fuzz changes some of them.
+DIALECT_ROUTES: list[tuple[str, str, dict[str, Any]]] = [
+    (
+        "/v1/messages",
+        "anthropic",
+        {
+            "model": "fake-model",
+            "max_tokens": 10,
+            "system": [{"type": "text", "text": "s"}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "hi"},
+                        {"type": "image", "source": {"type": "base64", "data": "AAAA"}},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hm"},
+                        {"type": "text", "text": "x"},
+                        {"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t",
+                            "content": [{"type": "text", "text": "r"}],
+                        }
+                    ],
+                },
+            ],
+            "tools": [{"name": "f", "description": "d", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "auto"},
+            "stop_sequences": ["x"],
+            "thinking": {"type": "enabled", "budget_tokens": 100},
+            "metadata": {"user_id": "u"},
+        },
+    ),
+    (
+        "/v1/messages/count_tokens",
+        "anthropic",
+        {"model": "fake-model", "messages": USER, "tools": [{"name": "f", "input_schema": {}}]},
+    ),
+    (
+        "/v1/responses",
+        "openai",
+        {
+            "model": "fake-model",
+            "instructions": "i",
+            "input": [
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "hi"}],
+                },
+                {"type": "reasoning", "summary": [{"type": "summary_text", "text": "t"}]},
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c", "output": "o"},
+            ],
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "tool_choice": "auto",
+            "max_output_tokens": 5,
+            "reasoning": {"effort": "low"},
+            "text": {"format": {"type": "json_schema", "name": "n", "schema": {}}},
+            "metadata": {"a": "b"},
+        },
+    ),
+    (
+        "/api/chat",
+        "ollama",
+        {
+            "model": "fake-model",
+            "messages": [
+                {"role": "user", "content": "hi", "images": ["iVBORw0KGgo="]},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}],
+                },
+                {"role": "tool", "content": "r", "tool_name": "f"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "options": {"num_predict": 5, "temperature": 1},
+            "format": {"type": "object"},
+            "think": "low",
+            "stream": False,
+        },
+    ),
+    (
+        "/api/generate",
+        "ollama",
+        {
+            "model": "fake-model",
+            "prompt": "p",
+            "system": "s",
+            "images": ["iVBORw0KGgo="],
+            "options": {"num_predict": 5},
+            "format": "json",
+            "stream": False,
+        },
+    ),
+    ("/api/generate", "ollama", {"model": "fake-model", "prompt": "p", "suffix": "s", "raw": True}),
+    ("/api/embed", "ollama", {"model": "fake-model", "input": ["a", "b"], "dimensions": 4}),
+    ("/api/embeddings", "ollama", {"model": "fake-model", "prompt": "x"}),
+    ("/api/show", "ollama", {"model": "fake-model"}),
+    (
+        "/v1/chat/completions",
+        "openai",
+        {"model": "fake-model", "messages": USER, "max_tokens": 5, "stream": True},
+    ),
+    ("/v1/completions", "openai", {"model": "fake-model", "prompt": "p", "max_tokens": 5}),
+    ("/v1/embeddings", "openai", {"model": "fake-model", "input": "x"}),
+]
+# Field names the translators read, for the fuzz to put anywhere.
+FIELDS = sorted(
+    {"type", "text", "role", "content", "name", "input", "id", "source", "data", "url"}
+    | {"summary", "arguments", "function", "images", "tool_calls", "image_url", "output"}
+    | {"call_id", "parameters", "input_schema", "thinking", "tool_use_id", "is_error"}
+    | {"schema", "format", "effort", "tools", "tool_choice", "system", "stop_sequences"}
+    | {"max_tokens", "stream", "metadata", "instructions", "reasoning", "prompt", "options"}
+    | {"max_output_tokens", "think", "suffix", "raw", "keep_alive", "messages", "model"}
+)
+# A value nested this deep is written in the body's bytes (it cannot be encoded).
+DEEP = "\u0000deep"
+deep_json = {DEEP: b"[" * 600 + b"]" * 600}
+wrong_values = st.sampled_from(
+    [
+        *(True, False, 0, 5, -1, 1.5, "x", "", [], {}, [1], [True], ["x"], [{}], {"a": 1}, None),
+        *("user", "assistant", "tool", "text", "tool_result", "tool_use", "function"),
+        *("reasoning", "base64", "data:image/png;base64,AAAA", 2**63, DEEP),
+    ]
+).map(copy.deepcopy)  # each its own: the fuzz changes the lists and objects it placed
+values = st.recursive(
+    wrong_values,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _containers(document: Any) -> list[Any]:
+    found = [document]
+    for value in document.values() if isinstance(document, dict) else document:
+        if isinstance(value, dict | list):
+            found += _containers(value)
+    return found
+
+
+@st.composite
+def dialect_requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
+    """A route, its dialect, and a body: the route's own with one to three changes
+    (a known field anywhere given a value of any type, or an element replaced), or a
+    random object."""
+    path, dialect, base = draw(st.sampled_from(DIALECT_ROUTES))
+    if draw(st.integers(0, 9)) == 0:
+        document: Any = draw(st.dictionaries(st.sampled_from(FIELDS), values, max_size=5))
+    else:
+        document = copy.deepcopy(base)
+        for _ in range(draw(st.integers(1, 3))):
+            node = draw(st.sampled_from(_containers(document)))
+            if isinstance(node, dict):
+                node[draw(st.sampled_from(sorted(node) + FIELDS))] = draw(values)
+            elif node:
+                node[draw(st.integers(0, len(node) - 1))] = draw(values)
+    raw = orjson.dumps(document)
+    return path, dialect, raw.replace(orjson.dumps(DEEP), deep_json[DEEP])
+
+
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(request=dialect_requests())
+def test_every_dialect_answers_any_body_in_its_shape(
+    servers: Servers, request: tuple[str, str, bytes]
+) -> None:
+    """Never a 5xx of llproxy's own on any dialect's route, and a refusal in the route's
+    dialect: the body's fields of the wrong type or nested too deeply are 400s."""
+    path, dialect, body = request
+    status, raw = servers.post(path, body, "application/json")
+    assert status < 500, (path, status, raw[:300], body[:300])
+    if status >= 400:
+        validate_error(dialect, raw)
+
+
+@fuzz
+@given(
+    route=st.sampled_from(DIALECT_ROUTES),
+    raw=st.binary(max_size=200) | st.sampled_from([b"", b"[]", b"null", b"{", b'{"a":1}']),
+)
+def test_every_dialect_answers_any_bytes_in_its_shape(
+    servers: Servers, route: tuple[str, str, dict[str, Any]], raw: bytes
+) -> None:
+    path, dialect, _ = route
+    status, answer = servers.post(path, raw, "application/json")
+    assert status < 500, (path, status, answer[:300])
+    if status >= 400:
+        validate_error(dialect, answer)

@@ -409,7 +409,6 @@ PARSER_ERRORS = {
     "long url": b"GET /v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
     "tab in path": b"GET /v1/mo\tdels HTTP/1.1\r\nHost: localhost\r\n\r\n",
     "method FOO": b"FOO /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n",
-    "http/0.9": b"GET /v1/models\r\n\r\n",
     "key in a bad header": b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n"
     b"Authorization: Bearer llp-topsecretkey1234567890\x01\r\n\r\n",
 }
@@ -430,6 +429,7 @@ async def test_parser_errors_are_openai_shaped_without_a_banner(
         headers = head.decode("latin-1").lower()
         assert "content-type: application/json" in headers, name
         assert "x-content-type-options: nosniff" in headers, name
+        assert "x-should-retry: false" in headers, name
         assert "server: llproxy" in headers and "aiohttp" not in answer.decode("latin-1"), name
         error = orjson.loads(body)["error"]
         assert set(error) == {"message", "type", "param", "code"}, name

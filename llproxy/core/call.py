@@ -22,10 +22,29 @@ JSON = b"application/json"
 # Every answer of an llproxy names its running instance, and every request it sends names
 # it in Via: discovery skips itself, and a request that comes round again is refused.
 INSTANCE_HEADER = "X-Llproxy-Instance"
+# What an upstream's error says of when to try again: passed on to the client.
+RETRY_HEADERS = ("Retry-After", "retry-after-ms")
 
 
 def via_name(instance: str) -> str:
     return f"llproxy-{instance}"
+
+
+# orjson reads JSON nested up to 1,024 levels but writes at most 254: a client's body
+# between the two parses, and is refused where llproxy writes it on (encode_client).
+MAX_DEPTH = 254
+
+
+def encode_client(value: Any) -> bytes:
+    """What a client sent (or was made from it) as JSON; InvalidRequest when it nests too
+    deeply to be written. Catching the encoder's own refusal costs nothing on the way of
+    every request, where a depth check would walk every body."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(
+            f"request body nests deeper than {MAX_DEPTH} levels", code="nested_too_deeply"
+        ) from None
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -46,6 +65,15 @@ class JsonPayload:
 
     def __init__(self, body: dict[str, Any]) -> None:
         self.body = body
+        self._encoded: tuple[str, bytes] | None = None  # for which model id
+
+    def prepare(self, model_id: str) -> None:
+        """Encode the body for the id the replicas most likely know the model by, before
+        one is chosen: a body nested too deeply to be written is a 400 here
+        (encode_client), never a replica's failure. A replica of another id has it
+        encoded again."""
+        if self._encoded is None or self._encoded[0] != model_id:
+            self._encoded = (model_id, encode_client({**self.body, "model": model_id}))
 
     @property
     def model(self) -> str | None:
@@ -54,7 +82,9 @@ class JsonPayload:
 
     def encode(self, model_id: str) -> bytes:
         # Only `model` changes; the rest of the client's body goes as it was sent.
-        return orjson.dumps({**self.body, "model": model_id})
+        self.prepare(model_id)
+        assert self._encoded is not None
+        return self._encoded[1]
 
 
 class FormPayload:
@@ -64,6 +94,9 @@ class FormPayload:
         self.form = form
         self.content_type = content_type.encode("latin-1")
         self.model = model
+
+    def prepare(self, model_id: str) -> None:
+        """Nothing to do before a replica is chosen: the form was parsed already."""
 
     def encode(self, model_id: str) -> bytes:
         return self.form.with_field("model", model_id)
@@ -95,7 +128,7 @@ def within_context(payload: Payload, context_length: int | None) -> Payload:
     if not asked:
         return payload
     prompt = {k: body[k] for k in ("messages", "prompt", "tools") if k in body}
-    room = context_length - estimate_tokens(orjson.dumps(prompt))
+    room = context_length - estimate_tokens(encode_client(prompt))
     lowered = {name: room for name, value in asked.items() if value > room}
     if room < 1 or not lowered:
         return payload  # nothing fits or nothing to lower: the upstream's own answer

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import orjson
 
+# Statuses whose answer no retry of the same request can change. Such answers say so with
+# `x-should-retry: false`, which the Anthropic and OpenAI SDKs (and Claude Code) obey
+# before their own rules: without it Claude Code sent a wrong key 11 times over 3 minutes.
+FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 414, 415, 417, 422, 431})
+NO_RETRY = {"x-should-retry": "false"}
+
 
 class ProxyError(Exception):
     status = 500

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..core.call import Payload, Reply
-from ..core.errors import ProxyError, UpstreamFailed, UpstreamMalformed
+from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed, UpstreamMalformed
 from ..core.record import RequestRecord
 from ..core.registry import Model
 from ..core.sse import ChoiceReader, only_text
@@ -84,6 +84,18 @@ class StreamTransform(Protocol):
         """What tells the client the stream is alive while the model is silent; b"" for a
         dialect that has none (its stream then opens only with the model's first chunk)."""
         ...
+
+
+def list_field(body: Mapping[str, Any], name: str, param: str = "") -> list[Any]:
+    """An optional list field of a client's body, [] when absent or null; a value of
+    any other type is a 400 naming it (`param`, else the name), not a 500 further on."""
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        where = param or name
+        raise InvalidRequest(f"'{where}' must be a list", param=where)
+    return value
 
 
 def added_text(choice: dict[str, Any]) -> str | None:

@@ -19,11 +19,11 @@ from typing import Any
 
 import orjson
 
-from ..core.call import JsonPayload, Reply, estimate_tokens, json_object
+from ..core.call import JsonPayload, Reply, encode_client, estimate_tokens, json_object
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls, json_document
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, list_field
 
 _PREFIXES = ("/v1", "/anthropic/v1")
 _ERROR_TYPES = {
@@ -123,7 +123,7 @@ class AnthropicDialect:
         dozens of times a second and breaks on a 404)."""
         body = json_object(incoming.body)
         chat = to_chat({**body, "max_tokens": 1})
-        text = orjson.dumps([chat.get("messages"), chat.get("tools")]).decode()
+        text = encode_client([chat.get("messages"), chat.get("tools")]).decode()
         counted = None
         try:
             model = catalog.resolve(chat["model"])
@@ -173,7 +173,7 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         leading = {"role": "system", "content": "\n\n".join(systems)}
         out = [leading, *(m for m in out if m["role"] != "system")]
     chat["messages"] = out
-    tools = [_tool(t) for t in body.get("tools") or () if isinstance(t, dict)]
+    tools = [_tool(t) for t in list_field(body, "tools") if isinstance(t, dict)]
     if tools := [t for t in tools if t is not None]:
         chat["tools"] = tools
     _tool_choice(body.get("tool_choice"), chat)
@@ -250,12 +250,12 @@ def _message(i: int, message: dict[str, Any]) -> list[dict[str, Any]]:
         results, parts = [], []
         for block in blocks:
             kind = block.get("type")
-            if kind == "text" and isinstance(block.get("text"), str):
-                parts.append({"type": "text", "text": block["text"]})
+            if kind == "text":
+                parts.append(_text_block(block, f"{where}.content"))
             elif kind == "image" and (image := _image(block)) is not None:
                 parts.append(image)
             elif kind == "tool_result":
-                results.append(_tool_result(block))
+                results.append(_tool_result(block, f"{where}.content"))
         # The tool messages answer the assistant's calls, so they come right after them,
         # before the user's own text of the same turn.
         return results + ([{"role": "user", "content": _parts_content(parts)}] if parts else [])
@@ -263,8 +263,8 @@ def _message(i: int, message: dict[str, Any]) -> list[dict[str, Any]]:
         texts, calls, thoughts = [], [], []
         for block in blocks:
             kind = block.get("type")
-            if kind == "text" and isinstance(block.get("text"), str):
-                texts.append(block["text"])
+            if kind == "text":
+                texts.append(_text_block(block, f"{where}.content")["text"])
             elif kind == "tool_use":
                 calls.append(
                     {
@@ -272,7 +272,7 @@ def _message(i: int, message: dict[str, Any]) -> list[dict[str, Any]]:
                         "type": "function",
                         "function": {
                             "name": str(block.get("name") or ""),
-                            "arguments": orjson.dumps(block.get("input") or {}).decode(),
+                            "arguments": encode_client(block.get("input") or {}).decode(),
                         },
                     }
                 )
@@ -289,17 +289,21 @@ def _message(i: int, message: dict[str, Any]) -> list[dict[str, Any]]:
     raise InvalidRequest(f"{where}.role: must be user or assistant", param=f"{where}.role")
 
 
-def _tool_result(block: dict[str, Any]) -> dict[str, Any]:
+def _text_block(block: dict[str, Any], where: str) -> dict[str, Any]:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{where}: a text block's text must be a string", param=where)
+    return {"type": "text", "text": text}
+
+
+def _tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
     content = block.get("content")
     if isinstance(content, list):
-        parts = [
-            {"type": "text", "text": b["text"]} if b.get("type") == "text" else _image(b)
-            for b in content
-            if isinstance(b, dict)
-        ]
+        blocks = [b for b in content if isinstance(b, dict)]
+        parts = [_text_block(b, where) if b.get("type") == "text" else _image(b) for b in blocks]
         text: Any = _parts_content([p for p in parts if p is not None])
     else:
-        text = content if isinstance(content, str) else orjson.dumps(content).decode()
+        text = content if isinstance(content, str) else encode_client(content).decode()
     if block.get("is_error") is True and isinstance(text, str):
         text = f"Error: {text}"
     return {"role": "tool", "tool_call_id": str(block.get("tool_use_id") or ""), "content": text}

@@ -18,11 +18,11 @@ from typing import Any
 
 import orjson
 
-from ..core.call import JsonPayload, Reply, json_object
+from ..core.call import JsonPayload, Reply, encode_client, json_object
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, list_field
 from .openai import OpenAIDialect, error_of
 
 # Input fields that need state or tools llproxy does not have: a 400 that names them.
@@ -67,6 +67,10 @@ class ResponsesDialect:
         echo["text"] = body.get("text") or {"format": {"type": "text"}}
         echo["metadata"] = echo["metadata"] or {}
         echo["tool_choice"] = echo["tool_choice"] or "auto"
+        # The answer repeats these as the client sent them, a stream's events one level
+        # deeper (`{"response": {...}}`): what could not be written there is refused now
+        # (about 6 µs for Codex's 17 kB of tools and instructions, measured).
+        encode_client([echo])
         return ResponsesTranslation(JsonPayload(chat), chat["model"], stream, echo)
 
     def error(self, error: ProxyError) -> Answer:
@@ -108,7 +112,7 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     else:
         raise InvalidRequest("'input' must be a string or a list of items", param="input")
     chat: dict[str, Any] = {"model": model, "messages": messages}
-    tools = [_tool(i, tool) for i, tool in enumerate(body.get("tools") or ())]
+    tools = [_tool(i, tool) for i, tool in enumerate(list_field(body, "tools"))]
     if tools:
         chat["tools"] = tools
     choice = body.get("tool_choice")
@@ -221,9 +225,10 @@ def _item(i: int, item: dict[str, Any], messages: list[dict[str, Any]]) -> None:
             {"role": "tool", "tool_call_id": str(item.get("call_id") or ""), "content": result}
         )
     elif kind == "reasoning":
-        texts = [
-            _dict(part).get("text") for part in item.get("content") or item.get("summary") or ()
-        ]
+        parts = list_field(item, "content", f"{where}.content") or list_field(
+            item, "summary", f"{where}.summary"
+        )
+        texts = [_dict(part).get("text") for part in parts]
         thought = "".join(text for text in texts if isinstance(text, str))
         if thought:
             _last_assistant(messages)["reasoning_content"] = thought

@@ -43,8 +43,10 @@ def create_app(
     app[STATE] = state
     routes: dict[Any, tuple[RouteSpec, ...]] = {}
     app[ROUTES] = routes
+    paths: dict[str, None] = {}  # every path served, in order
 
     def add(method: str, path: str, handler: Handler, specs: tuple[RouteSpec, ...]) -> None:
+        paths[path] = None
         for each in (method, "HEAD") if method == "GET" else (method,):
             route = app.router.add_route(each, path, handler, expect_handler=continue_later)
             routes[route] = specs
@@ -64,12 +66,15 @@ def create_app(
     add("GET", "/operator/", operator.operator_page, system)
     add("GET", "/operator/{file}", operator.operator_page, system)
     add("GET", "/metrics", handlers.metrics, system)
-    if config.cors_origins:
-        add("OPTIONS", "/{path:.*}", handlers.preflight, system)
     if config.admin_key is not None:
         admin = AdminApi(config, services.key_sync.refresh_stored)
         for method, path, handler in admin.routes():
             add(method, path, handler, system)
+    if config.cors_origins:
+        # A preflight on each path served, not on every path: a catch-all would make
+        # every unknown path a 405 (`Allow: OPTIONS`) instead of a 404.
+        for path in list(paths):
+            add("OPTIONS", path, handlers.preflight, system)
     app.cleanup_ctx.append(_lifetime)
     if discover:
         app[DISCOVERY] = DiscoveryLoop(config, state.take_scan)

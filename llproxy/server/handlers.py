@@ -56,6 +56,9 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
     model = state.router.resolve(name, record.key)
     state.accounting.resolved(record, model.name)
     payload = within_context(translation.payload, model.context_length)
+    # Encoded before a replica is chosen (once, for the id replicas most likely share):
+    # a body that cannot be written is the client's 400, not a replica's failure.
+    payload.prepare(model.replicas[0].upstream_id if model.replicas else model.name)
     call = Call(
         translation.target, model.name, payload, translation.stream, request.headers.get("Via", "")
     )

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from ..core.errors import FINAL_STATUSES, NO_RETRY
 from ..dialects.openai import error_body
 from ..gateway.hardening import SECURITY_HEADERS
 
@@ -46,7 +47,9 @@ class _JsonErrors(RequestHandler):
             status=status,
             body=error_body(text, kind, None, code),
             content_type="application/json",
-            headers=SECURITY_HEADERS,
+            headers={**SECURITY_HEADERS, **NO_RETRY}
+            if status in FINAL_STATUSES
+            else SECURITY_HEADERS,
         )
         response.force_close()
         return response

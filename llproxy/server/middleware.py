@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 
 from ..core.errors import (
     InternalError,
@@ -34,11 +34,15 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     """Answer every request once, in its client's dialect even when it fails, and account
     for it after the client has its bytes (the answer is sent here, not by aiohttp after
     the return)."""
+    if request.version < HttpVersion10:
+        return _unanswered(request)
     started = time.perf_counter()
     state = request.app[STATE]
     specs = request.app[ROUTES].get(request.match_info.route)
     spec = select(specs, request.headers) if specs else None
-    dialect = spec.dialect if spec is not None else state.dialects[0]
+    dialect = (
+        spec.dialect if spec is not None else state.paths.dialect(request.path, request.headers)
+    )
     record = RequestRecord(dialect=dialect.name)
     request[RECORD] = record
     if spec is not None:
@@ -63,6 +67,16 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
         # Unmatched requests count when they look like API calls (a 404 below /v1/).
         if spec.accounted if spec is not None else request.path.startswith("/v1/"):
             state.accounting.account(request, record, status, started)
+
+
+def _unanswered(request: web.Request) -> web.StreamResponse:
+    """HTTP/0.9 (`GET /`, no version): it has no status line and no headers, so an answer
+    in its version would be a status and headers its client reads as the body, and one in
+    HTTP/1.x is not what it asked for. The connection is closed unanswered."""
+    log.debug("HTTP/0.9 request from %s: closed unanswered", request.remote)
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=400)
 
 
 async def _answer(

@@ -10,14 +10,15 @@ answer, so the model stops generating.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..core.answer import as_stream
-from ..core.call import Reply, Stream
-from ..core.errors import ProxyError, UpstreamFailed
+from ..core.call import RETRY_HEADERS, Reply, Stream
+from ..core.errors import FINAL_STATUSES, NO_RETRY, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..dialects import Answer, StreamTransform, Translation
 
@@ -36,9 +37,23 @@ class Delivery:
 
 
 def answer_response(answer: Answer) -> web.Response:
+    """The response of a whole answer: every answer, llproxy's own errors and relayed ones
+    alike, passes here, so here is where a final one says not to retry it."""
     # A relayed Content-Type (with its parameters) wins over the bare media type.
     headers = {"Content-Type": answer.media_type, **answer.headers}
+    if answer.status in FINAL_STATUSES:
+        headers |= NO_RETRY
     return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+
+def upstream_error_response(translation: Translation, reply: Reply) -> web.Response:
+    """An error the model's server answered, in the client's shape, with its advice on
+    when to retry (`retry-after`, `retry-after-ms`) passed on."""
+    answer = translation.upstream_error(reply)
+    advice = {name: reply.headers[name] for name in RETRY_HEADERS if name in reply.headers}
+    if advice:
+        answer = dataclasses.replace(answer, headers={**answer.headers, **advice})
+    return answer_response(answer)
 
 
 async def finish(request: web.Request, response: web.StreamResponse, delivery: Delivery) -> None:
@@ -128,7 +143,7 @@ async def answer_or_stream(
     """An error, a stream, or a whole answer to a stream request as a stream."""
     try:
         if reply.status >= 400:
-            return answer_response(translation.upstream_error(reply))
+            return upstream_error_response(translation, reply)
         # A whole answer to a stream request is its one chunk; a malformed one is still
         # a status here, nothing is sent yet.
         whole = as_stream(reply, translation.target) if reply.stream is None else None

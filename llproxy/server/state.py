@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Mapping
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -73,6 +74,7 @@ class ProxyState:
             ResponsesDialect(),
             OllamaDialect(),
         )
+        self.paths = DialectPaths(self.dialects)
 
     async def _hand_off(self, call: Call, record: RequestRecord) -> Reply:
         """An operator's request answered by a model after all (the client's key still
@@ -131,3 +133,35 @@ def select(specs: tuple[RouteSpec, ...], headers: Mapping[str, str]) -> RouteSpe
         if spec.route.header is None or spec.route.header in headers:
             return spec
     return specs[-1]
+
+
+class DialectPaths:
+    """The dialect whose path a request's is when none of its routes took the request's
+    method (a 405): its answer is in that dialect's shape, not the default one."""
+
+    def __init__(self, dialects: Sequence[Dialect]) -> None:
+        # Header-bound routes first, as `select` orders them.
+        routes = sorted(
+            ((dialect, route) for dialect in dialects for route in dialect.routes),
+            key=lambda pair: pair[1].header is None,
+        )
+        self._paths = [(_pattern(route.path), route.header, dialect) for dialect, route in routes]
+        self.default = dialects[0]
+
+    def dialect(self, path: str, headers: Mapping[str, str]) -> Dialect:
+        """The dialect of the first route on this path whose header the request carries;
+        else of one whose header it lacks (`/anthropic/v1/models` is Anthropic's all the
+        same); else the default."""
+        lacking = None
+        for pattern, header, dialect in self._paths:
+            if pattern.fullmatch(path):
+                if header is None or header in headers:
+                    return dialect
+                lacking = lacking or dialect
+        return lacking or self.default
+
+
+def _pattern(path: str) -> re.Pattern[str]:
+    """A route's path (`/v1/models/{name}`) as the paths it matches."""
+    parts = re.split(r"\{[^}]*\}", path)
+    return re.compile("[^/]+".join(re.escape(part) for part in parts))

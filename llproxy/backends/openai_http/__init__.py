@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from ...config import Timeouts
-from ...core.call import Call, Reply, via_name
+from ...core.call import RETRY_HEADERS, Call, Reply, via_name
 from ...core.deadlines import Deadline, Watchdog
 from ...core.errors import ProxyError, ReplicaUnavailable, UpstreamTimeout, UpstreamUnreachable
 from ...core.record import RequestRecord
@@ -89,6 +89,10 @@ class OpenAIHttpBackend:
         headers = response.headers
         relayed = {name: headers[key] for name, key in _RELAYED if key in headers}
         if response.status >= 400:
+            # When to try again, for the client to hear (a 429's, a 503's).
+            relayed |= {
+                name: headers[name.lower()] for name in RETRY_HEADERS if name.lower() in headers
+            }
             raw = await response.read(MAX_ERROR_BODY)
             _finish(response)
             return Reply(response.status, response.content_type, raw, headers=relayed)

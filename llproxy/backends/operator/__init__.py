@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from ...config import Endpoint
-from ...core.call import Call, JsonPayload, Reply
+from ...core.call import Call, JsonPayload, Reply, encode_client
 from ...core.desk import DeskPort, Event, Ticket, new_ticket_id, tool_problems
 from ...core.errors import (
     InvalidRequest,
@@ -77,6 +77,10 @@ class OperatorBackend:
             raise InvalidRequest(
                 f"{replica.upstream_id} is a person: they answer chat requests only"
             )
+        # The desk's events carry a ticket's messages and tools two levels deeper than
+        # the body did (`{"requests": [ticket]}`): a body too deep to be written there is
+        # refused here, not met by the operator's socket (one encode, beside a person).
+        encode_client([[call.payload.body]])
         body = call.payload.body
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         ticket = Ticket(
