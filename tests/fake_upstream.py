@@ -1,8 +1,9 @@
 """A fake OpenAI-compatible server for tests: real HTTP on loopback, with knobs.
 
-Knobs (attributes of FakeUpstream, changeable while it runs): delay before headers,
-number of stream chunks and the gap between them, a failure status, hang forever, die
-after N chunks. It records every request it received and notices when a client hangs up.
+Knobs (attributes of FakeUpstream, changeable while it runs): delay before headers and
+before the model listing, number of stream chunks and the gap between them, a failure
+status, hang forever, die after N chunks. It records every request it received and
+notices when a client hangs up.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class FakeUpstream:
     got_request: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     listing_requests: int = 0
+    listing_delay: float = 0.0  # before GET /v1/models answers (completions unaffected)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -60,6 +62,8 @@ class FakeUpstream:
     async def _models(self, request: web.Request) -> web.Response:
         self.listing_requests += 1
         self.received.append(Received("models", dict(request.headers), None))
+        if self.listing_delay:
+            await asyncio.sleep(self.listing_delay)
         authorization = request.headers.get("Authorization")
         if self.require_key and authorization != f"Bearer {self.require_key}":
             return web.json_response(

@@ -262,3 +262,44 @@ async def test_rescans_log_only_what_changed_by_name(
         "default_model 'c' is available now",
         "the target 'c' of alias 'claude-*' is available now",
     ]
+
+
+async def test_a_slow_listing_keeps_the_models_for_a_few_scans(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    upstream = await start_upstream(model_ids=["steady"])
+    proxy = await start_proxy(
+        [upstream.endpoint()], timeouts={"scan": 0.3}, discovery={"forget_after": 3}
+    )
+    client = proxy.client()
+    assert [m.id for m in (await client.models.list()).data] == ["steady"]
+
+    upstream.fake.listing_delay = 5  # still serving completions, but lists too slowly
+    for _ in range(2):
+        await proxy.rescan()
+        assert [m.id for m in (await client.models.list()).data] == ["steady"]
+        reply = await client.chat.completions.create(
+            model="steady", messages=[{"role": "user", "content": "x"}]
+        )
+        assert reply.choices[0].message.content
+    await proxy.rescan()  # the third failed scan in a row: now it counts as gone
+    assert [m.id for m in (await client.models.list()).data] == []
+
+    upstream.fake.listing_delay = 0
+    await proxy.rescan()
+    assert [m.id for m in (await client.models.list()).data] == ["steady"]
+
+
+async def test_a_listing_that_recovers_starts_the_count_again(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    upstream = await start_upstream(model_ids=["steady"])
+    proxy = await start_proxy(
+        [upstream.endpoint()], timeouts={"scan": 0.3}, discovery={"forget_after": 2}
+    )
+    for delay in (5, 0, 5, 0, 5):  # never two failures in a row
+        upstream.fake.listing_delay = delay
+        await proxy.rescan()
+        assert list(proxy.state.registry.models) == ["steady"]
+    await proxy.rescan()
+    assert list(proxy.state.registry.models) == []

@@ -28,6 +28,11 @@ def via_name(instance: str) -> str:
     return f"llproxy-{instance}"
 
 
+def via_hops(via: str) -> frozenset[str]:
+    """The proxies a Via header names: `1.1 llproxy-ab, 1.1 nginx` → {llproxy-ab, nginx}."""
+    return frozenset(hop[1] for part in via.split(",") if len(hop := part.split()) >= 2)
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be a JSON object; InvalidRequest when it is not."""
     try:

@@ -55,6 +55,9 @@ class Replica:
     upstream: Upstream
     upstream_id: str
     backend: str = "openai_http"  # the kind of Backend that answers it
+    # The instance name of the llproxy answering there, when the replica is one: a request
+    # that already passed through it must not be sent back to it.
+    instance: str = ""
 
     @property
     def address(self) -> str:
@@ -82,6 +85,7 @@ class FoundModel:
     context_length: int | None = None
     capabilities: tuple[str, ...] = ()
     backend: str = "openai_http"
+    instance: str = ""  # the llproxy it was seen through, if the server is one
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +103,9 @@ class Registry:
         for name in sorted(grouped):
             items = grouped[name]
             replicas = tuple(
-                dict.fromkeys(Replica(i.upstream, i.upstream_id, i.backend) for i in items)
+                dict.fromkeys(
+                    Replica(i.upstream, i.upstream_id, i.backend, i.instance) for i in items
+                )
             )
             lengths = [i.context_length for i in items if i.context_length]
             models[name] = Model(

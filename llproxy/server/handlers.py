@@ -109,7 +109,7 @@ class Catalog:
 
 
 async def list_models(spec: RouteSpec, request: web.Request) -> web.StreamResponse:
-    entries = request.app[STATE].router.listing(request[RECORD].key)
+    entries = request.app[STATE].router.listing(request[RECORD].key, request.headers.get("Via", ""))
     return answer_response(spec.dialect.models(entries))
 
 
