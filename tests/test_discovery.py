@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,6 +16,7 @@ import pytest
 
 from llproxy.backends.openai_http.discovery import make_scan_session, scan
 from llproxy.config import parse_config
+from llproxy.core.call import via_hops
 
 from .conftest import ProxyFactory, UpstreamFactory, free_port_block
 
@@ -303,3 +307,77 @@ async def test_a_listing_that_recovers_starts_the_count_again(
         assert list(proxy.state.registry.models) == ["steady"]
     await proxy.rescan()
     assert list(proxy.state.registry.models) == []
+
+
+async def test_two_llproxies_that_scan_each_other(
+    start_upstream: UpstreamFactory, start_llproxy: Callable[..., Awaitable[Any]], tmp_path: Path
+) -> None:
+    upstream = await start_upstream(model_ids=["m"])
+    port_a, port_b = free_port_block(1), free_port_block(1)
+    for name, other in (("a", port_b), ("b", port_a)):
+        config = {
+            "interval": 1000,
+            "timeouts": {"scan": 1},
+            "endpoints": [upstream.endpoint(), {"url": f"http://127.0.0.1:{other}/v1"}],
+        }
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    first = await start_llproxy("--config", str(tmp_path / "a.json"), "--workers", "1", port=port_a)
+    await start_llproxy("--config", str(tmp_path / "b.json"), "--workers", "1", port=port_b)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+    def through_both() -> bool:
+        return any(
+            len(via_hops(r.headers.get("Via", ""))) == 2 for r in upstream.fake.generation_requests
+        )
+
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 20
+        while not through_both():  # until a has found b and sent it a request
+            assert time.monotonic() < deadline, "a never routed through b"
+            async with session.post(f"{first.url}/v1/chat/completions", json=body) as resp:
+                await resp.read()
+            await asyncio.sleep(0.2)
+        statuses = []
+        for _ in range(20):
+            async with session.post(f"{first.url}/v1/chat/completions", json=body) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+        assert statuses == [200] * 20
+
+        await upstream.server.close()  # the one real server goes: neither keeps its model
+        deadline = time.monotonic() + 15
+        while True:
+            listings = []
+            for port in (port_a, port_b):
+                async with session.get(f"http://127.0.0.1:{port}/v1/models") as resp:
+                    listings.append([m["id"] for m in (await resp.json())["data"]])
+            if listings == [[], []]:
+                break
+            assert time.monotonic() < deadline, f"still listed: {listings}"
+            await asyncio.sleep(0.3)
+
+
+@pytest.mark.parametrize("reexport", [False, True])
+async def test_models_seen_only_through_an_llproxy_are_listed_to_llproxies_on_request(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, reexport: bool
+) -> None:
+    upstream = await start_upstream(model_ids=["deep"])
+    node = await start_proxy([upstream.endpoint()], instance="node")
+    middle = await start_proxy(
+        [{"url": f"{node.url}/v1"}], instance="middle", discovery={"reexport": reexport}
+    )
+    [replica] = middle.state.registry.models["deep"].replicas
+    assert replica.instance == "node"
+
+    async def listed(via: str | None) -> list[str]:
+        headers = {"Via": via} if via else {}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{middle.url}/v1/models", headers=headers) as resp,
+        ):
+            return [m["id"] for m in (await resp.json())["data"]]
+
+    assert await listed(None) == ["deep"]  # a client (or a proxy that is no llproxy)
+    assert await listed("1.1 nginx") == ["deep"]
+    assert await listed("1.1 llproxy-top") == (["deep"] if reexport else [])
+    assert await listed("1.1 llproxy-node") == []  # never back to where it came from
