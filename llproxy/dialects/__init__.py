@@ -202,7 +202,7 @@ class Catalog(Protocol):
         """The model a name stands for; ProxyError when unknown or not allowed."""
         ...
 
-    async def count_tokens(self, model: Model, text: str) -> int | None:
+    async def count_tokens(self, model: Model, chat: Mapping[str, Any]) -> int | None:
         """The model's own count of tokens in `text`, where its server has one."""
         ...
 
