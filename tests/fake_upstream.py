@@ -47,6 +47,7 @@ class FakeUpstream:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     listing_requests: int = 0
     listing_delay: float = 0.0  # before GET /v1/models answers (completions unaffected)
+    aliases: list[str] | None = None  # llama.cpp's `aliases` of every listed model
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -80,6 +81,8 @@ class FakeUpstream:
             }
             for mid in self.model_ids
         ]
+        if self.aliases is not None:
+            data = [{**entry, "aliases": self.aliases} for entry in data]
         return web.json_response({"object": "list", "data": data})
 
     async def _model(self, request: web.Request) -> web.Response:

@@ -381,3 +381,27 @@ async def test_models_seen_only_through_an_llproxy_are_listed_to_llproxies_on_re
     assert await listed("1.1 nginx") == ["deep"]
     assert await listed("1.1 llproxy-top") == (["deep"] if reexport else [])
     assert await listed("1.1 llproxy-node") == []  # never back to where it came from
+
+
+async def test_a_servers_own_aliases_name_the_same_model(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    # llama-server --alias qwen-coder,coder,other: the first is the id, all are aliases.
+    served = await start_upstream(
+        model_ids=["qwen-coder"], aliases=["qwen-coder", "coder", "other"]
+    )
+    other = await start_upstream(model_ids=["other"])  # a real model of that name wins
+    proxy = await start_proxy([served.endpoint(tags=["gpu0"]), other.endpoint(tags=["gpu0"])])
+    client = proxy.client()
+    listed = {m.id: m.model_extra for m in (await client.models.list()).data}
+    assert sorted(listed) == ["other:gpu0", "qwen-coder:gpu0"]
+    assert (listed["qwen-coder:gpu0"] or {})["aliases"] == ["coder:gpu0"]
+    reply = await client.chat.completions.create(
+        model="coder:gpu0", messages=[{"role": "user", "content": "x"}]
+    )
+    assert reply.model == "coder:gpu0"
+    assert served.fake.generation_requests[-1].body["model"] == "qwen-coder"
+    await client.chat.completions.create(
+        model="other:gpu0", messages=[{"role": "user", "content": "x"}]
+    )
+    assert len(served.fake.generation_requests) == 1 and other.fake.generation_requests

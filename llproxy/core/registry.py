@@ -86,6 +86,7 @@ class FoundModel:
     capabilities: tuple[str, ...] = ()
     backend: str = "openai_http"
     instance: str = ""  # the llproxy it was seen through, if the server is one
+    aliases: tuple[str, ...] = ()  # other final names its server answers it by (llama.cpp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,8 @@ class Registry:
     # A plain dict, so a snapshot pickles to workers; nothing mutates it after build().
     models: Mapping[str, Model] = field(default_factory=dict)
     servers: int = 0
+    # Other names a server lists for its models (llama.cpp's `aliases`) → the model name.
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, found: Iterable[FoundModel], servers: int) -> Registry:
@@ -100,8 +103,14 @@ class Registry:
         for item in found:
             grouped.setdefault(item.name, []).append(item)
         models = {}
+        aliases: dict[str, str] = {}
         for name in sorted(grouped):
             items = grouped[name]
+            named = [a for i in items for a in i.aliases if a != name and a not in grouped]
+            aliases.update((alias, name) for alias in named if alias not in aliases)
+            entry = {**items[0].entry, "id": name}
+            if "aliases" in entry:  # the names that answer here, not the server's own
+                entry["aliases"] = [a for a in items[0].aliases if aliases.get(a) == name]
             replicas = tuple(
                 dict.fromkeys(
                     Replica(i.upstream, i.upstream_id, i.backend, i.instance) for i in items
@@ -111,14 +120,18 @@ class Registry:
             models[name] = Model(
                 name,
                 replicas,
-                {**items[0].entry, "id": name},
+                entry,
                 min(lengths) if lengths else None,
                 items[0].capabilities,
             )
-        return cls(models, servers)
+        return cls(models, servers, aliases)
 
     def get(self, name: str) -> Model | None:
-        return self.models.get(name)
+        """The model of a name, or of another name its server gave it."""
+        model = self.models.get(name)
+        if model is None and name in self.aliases:
+            model = self.models.get(self.aliases[name])
+        return model
 
     def listing(self) -> list[Mapping[str, Any]]:
         return [model.entry for model in self.models.values()]

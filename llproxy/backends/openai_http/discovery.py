@@ -276,7 +276,13 @@ async def _probe(
     server = await _llama_props(session, upstream, timeout) if _llama(entries) else {}
     models = [
         FoundModel(
-            name, upstream, entry["id"], entry, *_abilities(entry, server), instance=instance
+            name,
+            upstream,
+            entry["id"],
+            entry,
+            *_abilities(entry, server),
+            instance=instance,
+            aliases=_aliases(entry, upstream.tags),
         )
         for entry in entries
         for name in final_names(entry["id"], upstream.tags)
@@ -289,6 +295,16 @@ async def _probe(
         extra={"upstream": upstream.address, "models": [m.name for m in models]},
     )
     return models
+
+
+def _aliases(entry: dict[str, Any], tags: Sequence[str]) -> tuple[str, ...]:
+    """The final names of the other names a server lists for a model (llama.cpp's
+    `aliases`, from `--alias`), which it answers by too."""
+    listed = entry.get("aliases")
+    if not isinstance(listed, list):
+        return ()
+    names = (n for alias in listed if _usable_id(alias) for n in final_names(alias, tags))
+    return tuple(dict.fromkeys(names))
 
 
 def _llama(entries: list[dict[str, Any]]) -> bool:
