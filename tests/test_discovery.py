@@ -294,6 +294,43 @@ async def test_a_slow_listing_keeps_the_models_for_a_few_scans(
     assert [m.id for m in (await client.models.list()).data] == ["steady"]
 
 
+async def test_what_the_log_says_of_a_slow_listing(
+    start_upstream: UpstreamFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from llproxy.backends.openai_http.discovery import DiscoveryLoop
+
+    upstream = await start_upstream(model_ids=["steady"])
+    config = parse_config(
+        {
+            "endpoints": [upstream.endpoint()],
+            "timeouts": {"scan": 0.3},
+            "discovery": {"forget_after": 2},
+        }
+    )
+    loop = DiscoveryLoop(config, lambda result: None)
+    await loop.start()
+    caplog.set_level(logging.INFO, logger="llproxy.discovery")
+    try:
+        await loop.scan_now()
+        for delay in (5, 0, 5, 5, 0):  # slow, back, slow twice (forgotten), back
+            upstream.fake.listing_delay = delay
+            await loop.scan_now()
+    finally:
+        await loop.stop()
+    address = f"http://127.0.0.1:{upstream.port}/v1"
+    kept = (
+        f"server {address} did not list its models (refused the model list: no answer "
+        "within 0.3 s); they are kept until 2 scans in a row fail"
+    )
+    assert [record.getMessage() for record in caplog.records][1:] == [
+        kept,
+        f"server {address} answers again",
+        kept,
+        "scan: gone steady (now 0 servers, 0 models)",
+        "scan: new steady (now 1 servers, 1 models)",
+    ]
+
+
 async def test_a_listing_that_recovers_starts_the_count_again(
     start_upstream: UpstreamFactory, start_proxy: ProxyFactory
 ) -> None:

@@ -56,6 +56,7 @@ class ScanResult:
     new: tuple[str, ...] = ()
     gone: tuple[str, ...] = ()
     problems: tuple[ServerProblem, ...] = ()
+    listed: frozenset[str] = frozenset()  # the servers that listed their models this scan
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,6 +457,9 @@ async def scan(
         new=tuple(sorted(new_names - old_names)),
         gone=tuple(sorted(old_names - new_names)),
         problems=tuple(problem for _, problem in results if problem is not None),
+        listed=frozenset(
+            t.upstream.base_url for t, p in zip(targets, probed, strict=True) if isinstance(p, list)
+        ),
     )
 
 
@@ -508,11 +512,11 @@ class ScanLog:
                 len(registry.models),
                 extra=fields,
             )
-        self._report_problems(result.problems)
+        self._report_problems(result.problems, result.listed)
         self._report_missing(config, registry)
         self.first = False
 
-    def _report_problems(self, problems: Sequence[ServerProblem]) -> None:
+    def _report_problems(self, problems: Sequence[ServerProblem], listed: frozenset[str]) -> None:
         now = {problem.address: problem.reason for problem in problems}
         for problem in problems:
             if self.problems.get(problem.address) != problem.reason:
@@ -526,7 +530,8 @@ class ScanLog:
                     },
                 )
         for address in self.problems.keys() - now.keys():
-            log.info("server %s answers again", address)
+            if address in listed:  # else it is gone, or its models were forgotten
+                log.info("server %s answers again", address)
         self.problems = now
 
     def _report_missing(self, config: Config, registry: Registry) -> None:
