@@ -296,7 +296,7 @@ async def test_count_tokens_counts_the_templated_prompt_or_estimates_its_text(
     assert rendered["messages"] == [{"role": "user", "content": "hello"}]
     assert rendered["tools"][0]["function"]["name"] == "get_weather"
     prompt = render_template(rendered)
-    assert upstream.bodies("/tokenize")[-1] == {"content": prompt}
+    assert upstream.bodies("/tokenize")[-1] == {"content": prompt, "add_special": True}
     assert counted.input_tokens == len(prompt.split())
     # vLLM: no /apply-template; its /tokenize takes the messages and templates them.
     upstream.template_enabled, upstream.vllm_tokenize = False, True

@@ -7,6 +7,7 @@ client's own answer. Nothing here knows HTTP servers, clients or terminals.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -105,7 +106,8 @@ def prompt_text(chat: Mapping[str, Any]) -> str:
         function = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(function, dict):
             pieces += [str(function.get(key) or "") for key in ("name", "description")]
-            pieces.append(orjson.dumps(function.get("parameters")).decode())
+            with contextlib.suppress(orjson.JSONEncodeError):  # nested past orjson's depth
+                pieces.append(orjson.dumps(function.get("parameters")).decode())
     return "\n".join(pieces)
 
 

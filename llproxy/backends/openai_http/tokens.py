@@ -54,13 +54,15 @@ class TokenCounter:
         return None
 
     async def _templated(self, upstream: Upstream, prompt: Mapping[str, Any]) -> int | None:
-        """llama.cpp: the template rendered, then that text tokenized (special tokens such
-        as `<|im_start|>` are parsed as the tokens they are)."""
+        """llama.cpp: the template rendered, then that text tokenized as its completion
+        route does (special tokens such as `<|im_start|>` parsed as the tokens they are,
+        BOS added where the model wants one): the count it bills."""
         rendered = await self._post(upstream, "apply-template", prompt)
         text = rendered.get("prompt") if isinstance(rendered, dict) else None
         if not isinstance(text, str):
             return None
-        return _length(await self._post(upstream, "tokenize", {"content": text}))
+        body = {"content": text, "add_special": True}
+        return _length(await self._post(upstream, "tokenize", body))
 
     async def _tokenized(self, replica: Replica, prompt: Mapping[str, Any]) -> int | None:
         """vLLM: the messages tokenized with the model's template (a llama.cpp server reads
@@ -71,7 +73,11 @@ class TokenCounter:
     async def _post(self, upstream: Upstream, path: str, body: Mapping[str, Any]) -> Any:
         """The JSON a 200 answer carries, else None."""
         try:
-            response = await self.pool.post(upstream, path, orjson.dumps(body), from_root=True)
+            payload = orjson.dumps(body)
+        except orjson.JSONEncodeError:  # nested past orjson's depth: not for the server
+            return None
+        try:
+            response = await self.pool.post(upstream, path, payload, from_root=True)
             try:
                 raw = await response.read(MAX_ANSWER)
             finally:  # the connection back to its pool only when read to its end
