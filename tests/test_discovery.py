@@ -442,3 +442,10 @@ async def test_a_servers_own_aliases_name_the_same_model(
         model="other:gpu0", messages=[{"role": "user", "content": "x"}]
     )
     assert len(served.fake.generation_requests) == 1 and other.fake.generation_requests
+    # The operator's own alias of that name wins over the server's.
+    endpoints = [served.endpoint(tags=["gpu0"]), other.endpoint(tags=["gpu0"])]
+    aliased = await start_proxy(endpoints, aliases={"coder:gpu0": "other:gpu0"})
+    await aliased.client().chat.completions.create(
+        model="coder:gpu0", messages=[{"role": "user", "content": "x"}]
+    )
+    assert len(served.fake.generation_requests) == 1 and len(other.fake.generation_requests) == 2

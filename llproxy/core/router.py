@@ -105,12 +105,15 @@ class Router:
         self.reexport = reexport
 
     def resolve(self, name: str, key: ApiKey | None) -> Model:
-        """The registry model a name stands for (itself, an alias, or `x:latest` for `x`),
-        if this key may use it: a key's globs apply to the model an alias resolves to."""
+        """The registry model a name stands for (itself, a configured alias, a name its
+        server gave it, or `x:latest` for `x`), if this key may use it: a key's globs
+        apply to the model an alias resolves to."""
         registry = self._registry()
-        model = registry.get(name)
+        model = registry.models.get(name)
         if model is None and (target := self.aliases.target(name)) is not None:
             model = registry.get(target)
+        if model is None:
+            model = registry.get(name)
         if model is None and name.endswith(":latest"):
             model = registry.get(name.removesuffix(":latest"))
         if model is None:
