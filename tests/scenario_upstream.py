@@ -149,6 +149,7 @@ class ScenarioUpstream:
     template_enabled: bool = True
     vllm_tokenize: bool = False
     props_enabled: bool = True
+    props_delay: float = 0.0  # before GET /props answers (a busy server)
     n_ctx: int = 8192
     prompt_tokens: int = 11
     completion_tokens: int = 7
@@ -283,6 +284,8 @@ class ScenarioUpstream:
 
     async def _props(self, request: web.Request) -> web.Response:
         await self._record(request)
+        if self.props_delay:
+            await asyncio.sleep(self.props_delay)
         if not self.props_enabled:
             return self._not_found()
         settings = {"n_ctx": self.n_ctx, "params": {"n_predict": -1}}

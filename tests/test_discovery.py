@@ -18,7 +18,8 @@ from llproxy.backends.openai_http.discovery import make_scan_session, scan
 from llproxy.config import parse_config
 from llproxy.core.call import via_hops
 
-from .conftest import ProxyFactory, UpstreamFactory, free_port_block
+from .conftest import ProxyFactory, UpstreamFactory, free_port_block, scenario_endpoint
+from .scenario_upstream import ScenarioUpstream
 
 
 async def test_scan_finds_servers_in_a_range(
@@ -329,6 +330,21 @@ async def test_what_the_log_says_of_a_slow_listing(
         "scan: gone steady (now 0 servers, 0 models)",
         "scan: new steady (now 1 servers, 1 models)",
     ]
+
+
+async def test_a_slow_props_keeps_the_context_it_said_before(
+    scenario: ScenarioUpstream, start_proxy: ProxyFactory
+) -> None:
+    # llama.cpp: /props says what a slot holds; the listing's meta only the training size.
+    scenario.n_ctx_train, scenario.n_ctx = 131072, 8192
+    proxy = await start_proxy([scenario_endpoint(scenario)], timeouts={"scan": 0.3})
+    assert proxy.state.registry.models["fake-model"].context_length == 8192
+    scenario.props_delay = 1  # past timeouts.scan
+    await proxy.rescan()
+    assert proxy.state.registry.models["fake-model"].context_length == 8192
+    scenario.props_delay, scenario.n_ctx = 0, 4096  # it answers again, with a new size
+    await proxy.rescan()
+    assert proxy.state.registry.models["fake-model"].context_length == 4096
 
 
 async def test_a_listing_that_recovers_starts_the_count_again(

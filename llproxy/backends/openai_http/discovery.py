@@ -15,7 +15,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -222,6 +222,15 @@ def _usable_id(value: Any) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class _Listed:
+    """A server's models; `partial` when its /props did not answer, so the context and
+    abilities it tells were not all known this scan."""
+
+    models: list[FoundModel]
+    partial: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class _Failed:
     """A server that did not list its models this scan, though it may still be there."""
 
@@ -236,7 +245,7 @@ async def _probe(
     timeout: float,
     addresses: dict[str, list[_Address]],
     itself: str = "",
-) -> list[FoundModel] | _Failed | None:
+) -> _Listed | _Failed | None:
     """The models one server offers; _Failed when it would not list them (`told` when that
     is worth telling even of a server that never listed any: a configured URL, or one that
     refused the credentials); None when nothing is there (the port refuses connections)."""
@@ -281,7 +290,7 @@ async def _probe(
             upstream,
             entry["id"],
             entry,
-            *_abilities(entry, server),
+            *_abilities(entry, server or {}),
             instance=instance,
             aliases=_aliases(entry, upstream.tags),
         )
@@ -295,7 +304,7 @@ async def _probe(
         len(models),
         extra={"upstream": upstream.address, "models": [m.name for m in models]},
     )
-    return models
+    return _Listed(models, server is None)
 
 
 def _aliases(entry: dict[str, Any], tags: Sequence[str]) -> tuple[str, ...]:
@@ -315,13 +324,14 @@ def _llama(entries: list[dict[str, Any]]) -> bool:
 
 async def _llama_props(
     session: aiohttp.ClientSession, upstream: Upstream, timeout: float
-) -> dict[str, Any]:
-    """llama.cpp's /props (at the server's root): context per slot, template abilities."""
+) -> dict[str, Any] | None:
+    """llama.cpp's /props (at the server's root): context per slot, template abilities;
+    None when it did not answer (a busy server may be slow to)."""
     root = upstream.base_url.removesuffix("/v1")
     try:
         props = await _get_json(session, f"{root}/props", upstream, timeout)
     except _Refused:
-        return {}
+        return None
     return props if isinstance(props, dict) else {}
 
 
@@ -359,9 +369,22 @@ class ScanMemory:
         self.found: dict[_Target, list[FoundModel]] = {}
         self.failures: dict[_Target, int] = {}
 
-    def listed(self, target: _Target, models: list[FoundModel]) -> None:
+    def listed(self, target: _Target, listed: _Listed) -> list[FoundModel]:
+        """A server's models; where its /props did not answer, each keeps the context
+        and abilities it had last (else a busy llama.cpp's models would fall back to
+        their training context, far above what a slot holds)."""
+        models = listed.models
+        if listed.partial and (before := self.found.get(target)):
+            known = {(m.name, m.upstream_id): m for m in before}
+            models = [
+                replace(m, context_length=old.context_length, capabilities=old.capabilities)
+                if (old := known.get((m.name, m.upstream_id))) is not None
+                else m
+                for m in models
+            ]
         self.found[target] = models
         self.failures.pop(target, None)
+        return models
 
     def forget(self, target: _Target) -> None:
         self.found.pop(target, None)
@@ -385,17 +408,15 @@ class ScanMemory:
 
 def _remembered(
     target: _Target,
-    result: list[FoundModel] | _Failed | None,
+    result: _Listed | _Failed | None,
     memory: ScanMemory | None,
     forget_after: int,
 ) -> tuple[list[FoundModel] | None, ServerProblem | None]:
     """A probe's models (None when no server counts as there) and the problem worth
     telling, once the server's earlier listings are taken into account."""
     address = target.upstream.base_url
-    if isinstance(result, list):
-        if memory is not None:
-            memory.listed(target, result)
-        return result, None
+    if isinstance(result, _Listed):
+        return (result.models if memory is None else memory.listed(target, result)), None
     if result is None or result.gone:
         if memory is not None:
             memory.forget(target)
@@ -427,7 +448,7 @@ async def scan(
     limit = asyncio.Semaphore(SCAN_CONCURRENCY)
     done = 0
 
-    async def bounded(target: _Target) -> list[FoundModel] | _Failed | None:
+    async def bounded(target: _Target) -> _Listed | _Failed | None:
         nonlocal done
         async with limit:
             result = await _probe(session, target, config.timeouts.scan, addresses, config.instance)
@@ -458,7 +479,9 @@ async def scan(
         gone=tuple(sorted(old_names - new_names)),
         problems=tuple(problem for _, problem in results if problem is not None),
         listed=frozenset(
-            t.upstream.base_url for t, p in zip(targets, probed, strict=True) if isinstance(p, list)
+            t.upstream.base_url
+            for t, p in zip(targets, probed, strict=True)
+            if isinstance(p, _Listed)
         ),
     )
 
