@@ -203,7 +203,8 @@ class Catalog(Protocol):
         ...
 
     async def count_tokens(self, model: Model, chat: Mapping[str, Any]) -> int | None:
-        """The model's own count of tokens in `text`, where its server has one."""
+        """The tokens of a chat's prompt (messages and tools) as the model sees it,
+        counted by its own server where it can; None else."""
         ...
 
 

@@ -133,8 +133,8 @@ class AnthropicDialect:
             model = None
         if model is not None:
             counted = await catalog.count_tokens(model, chat)
-        estimate = counted or estimate_tokens(prompt_text(chat))
-        return Answer(200, orjson.dumps({"input_tokens": estimate}))
+        input_tokens = counted or estimate_tokens(prompt_text(chat))
+        return Answer(200, orjson.dumps({"input_tokens": input_tokens}))
 
 
 def _model_entry(entry: Mapping[str, Any]) -> dict[str, Any]:

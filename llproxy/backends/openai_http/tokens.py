@@ -22,6 +22,8 @@ MAX_ANSWER = 1024 * 1024  # a token list of a long prompt, as JSON
 
 
 class TokenCounter:
+    """Counts through one worker's pools; remembers which way each server counts."""
+
     def __init__(self, pool: UpstreamPool, watchdog: Watchdog) -> None:
         self.pool = pool
         self.watchdog = watchdog
