@@ -434,6 +434,21 @@ async def test_models_seen_only_through_an_llproxy_are_listed_to_llproxies_on_re
     assert await listed("1.1 nginx") == ["deep"]
     assert await listed("1.1 llproxy-top") == (["deep"] if reexport else [])
     assert await listed("1.1 llproxy-node") == []  # never back to where it came from
+    if not reexport:
+        return
+    # A request that came from the only replica's llproxy is not sent back to it.
+    body = {"model": "deep", "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as session:
+        for via, status in (("1.1 llproxy-node", 508), ("1.1 llproxy-top", 200)):
+            async with session.post(
+                f"{middle.url}/v1/chat/completions", json=body, headers={"Via": via}
+            ) as resp:
+                assert resp.status == status
+                if status == 508:  # said by middle: node was never asked
+                    error = (await resp.json())["error"]
+                    assert error["code"] == "loop_detected"
+                    assert error["message"].startswith("every replica of 'deep'")
+    assert len(upstream.fake.generation_requests) == 1
 
 
 async def test_a_servers_own_aliases_name_the_same_model(
