@@ -58,6 +58,18 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Discovery:
+    """How scans treat what they found before."""
+
+    # A server that listed models keeps them through this many failed scans in a row (a
+    # slow or erroring listing); one whose port refuses connections loses them at once.
+    forget_after: int = 3
+    # Whether models seen only through another llproxy are listed to other llproxies: off,
+    # two llproxies that scan each other would keep a dead server's models alive.
+    reexport: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One configured source of models: a port range on a host, one known server URL, or
     a human operator who answers as a model."""
@@ -101,6 +113,7 @@ class Config:
     workers: int | None = None
     default_model: str | None = None
     timeouts: Timeouts = Timeouts()
+    discovery: Discovery = Discovery()
     max_request_bytes: int = 10 * 1024 * 1024
     # What one upstream response may send (an upstream is whatever listens on a scanned
     # port): a whole body, one event of a stream, and how far compression may expand.
@@ -275,6 +288,26 @@ def _timeouts(path: str, value: Any) -> Timeouts:
     return Timeouts(**chosen)
 
 
+def _discovery(path: str, value: Any) -> Discovery:
+    obj = _expect(path, value, dict, "an object")
+    _check_keys(path, obj, {"forget_after", "reexport"})
+    defaults = Discovery()
+    return Discovery(
+        forget_after=_optional(
+            obj,
+            "forget_after",
+            partial(_positive_int, f"{path}.forget_after"),
+            defaults.forget_after,
+        ),
+        reexport=_optional(
+            obj,
+            "reexport",
+            lambda v: _expect(f"{path}.reexport", v, bool, "a boolean"),
+            defaults.reexport,
+        ),
+    )
+
+
 _OPERATOR_KEYS = {
     "operator",
     "tags",
@@ -393,6 +426,7 @@ _TOP_KEYS = {
     "workers",
     "default_model",
     "timeouts",
+    "discovery",
     "max_request_bytes",
     "max_response_bytes",
     "max_event_bytes",
@@ -445,6 +479,9 @@ def parse_config(
             obj, "default_model", lambda v: _nonempty_str("default_model", v), None
         ),
         timeouts=_optional(obj, "timeouts", lambda v: _timeouts("timeouts", v), defaults.timeouts),
+        discovery=_optional(
+            obj, "discovery", lambda v: _discovery("discovery", v), defaults.discovery
+        ),
         **{
             key: _optional(obj, key, partial(_positive_int, key), getattr(defaults, key))
             for key in _BOUNDS

@@ -1,8 +1,9 @@
 """A fake OpenAI-compatible server for tests: real HTTP on loopback, with knobs.
 
-Knobs (attributes of FakeUpstream, changeable while it runs): delay before headers,
-number of stream chunks and the gap between them, a failure status, hang forever, die
-after N chunks. It records every request it received and notices when a client hangs up.
+Knobs (attributes of FakeUpstream, changeable while it runs): delay before headers and
+before the model listing, number of stream chunks and the gap between them, a failure
+status, hang forever, die after N chunks. It records every request it received and
+notices when a client hangs up.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class FakeUpstream:
     got_request: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     listing_requests: int = 0
+    listing_delay: float = 0.0  # before GET /v1/models answers (completions unaffected)
+    aliases: list[str] | None = None  # llama.cpp's `aliases` of every listed model
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -62,6 +65,8 @@ class FakeUpstream:
     async def _models(self, request: web.Request) -> web.Response:
         self.listing_requests += 1
         self.received.append(Received("models", dict(request.headers), None))
+        if self.listing_delay:
+            await asyncio.sleep(self.listing_delay)
         authorization = request.headers.get("Authorization")
         if self.require_key and authorization != f"Bearer {self.require_key}":
             return web.json_response(
@@ -78,6 +83,8 @@ class FakeUpstream:
             }
             for mid in self.model_ids
         ]
+        if self.aliases is not None:
+            data = [{**entry, "aliases": self.aliases} for entry in data]
         return web.json_response({"object": "list", "data": data})
 
     async def _model(self, request: web.Request) -> web.Response:

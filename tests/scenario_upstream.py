@@ -130,12 +130,17 @@ class ScenarioUpstream:
 
     n_ctx_train / max_model_len: add llama.cpp `meta` / vLLM `max_model_len` to /v1/models.
     tokenize_enabled / props_enabled: False makes POST /tokenize / GET /props answer 404.
+    template_enabled: llama.cpp's POST /apply-template renders a ChatML-like template
+    (False: 404, as an older llama.cpp). vllm_tokenize: POST /tokenize also takes
+    `messages` (and `tools`) and counts them templated, as vLLM; else it reads only
+    `content`, as llama.cpp (no content: no tokens). A token is a whitespace-separated word.
     fail_after: chunks sent before fail_mid_stream cuts the socket.
     error_status: status of the OpenAI-style error body in the http_error scenario.
     stop_string: matched stop reported by stop_sequence unless the request has `stop`.
     first_chunk_delay: silent prefill before any byte; chunk_delay: pause between chunks.
     other_form: answer in the form not asked for (a stream to a request for a whole
     answer, a whole answer to a stream request), as some servers do.
+    cached_tokens: the part of prompt_tokens the usage says came from the prefix cache.
     """
 
     scenario: str = "text"
@@ -143,10 +148,14 @@ class ScenarioUpstream:
     n_ctx_train: int | None = None
     max_model_len: int | None = None
     tokenize_enabled: bool = True
+    template_enabled: bool = True
+    vllm_tokenize: bool = False
     props_enabled: bool = True
+    props_delay: float = 0.0  # before GET /props answers (a busy server)
     n_ctx: int = 8192
     prompt_tokens: int = 11
     completion_tokens: int = 7
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if set
     fail_after: int = 2
     error_status: int = 500
     stop_string: str = "###"
@@ -177,6 +186,7 @@ class ScenarioUpstream:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/apply-template", self._apply_template)
         app.router.add_get("/props", self._props)
         return app
 
@@ -202,7 +212,10 @@ class ScenarioUpstream:
     @property
     def usage(self) -> dict[str, int]:
         p, c = self.prompt_tokens, self.completion_tokens
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
 
     async def _record(self, request: web.Request) -> dict[str, Any]:
         body = await request.json() if request.can_read_body else {}
@@ -255,12 +268,27 @@ class ScenarioUpstream:
         body = await self._record(request)
         if not self.tokenize_enabled:
             return self._not_found()
-        words = str(body.get("content", "")).split()
+        if self.vllm_tokenize and "messages" in body:
+            words = render_template(body).split()
+        else:
+            words = str(body.get("content", "")).split()
         ids = [int(hashlib.md5(w.encode()).hexdigest()[:4], 16) for w in words]
+        if self.vllm_tokenize:
+            return web.json_response({"count": len(ids), "max_model_len": 8192, "tokens": ids})
         return web.json_response({"tokens": ids})
+
+    async def _apply_template(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        if not self.template_enabled:
+            return self._not_found()
+        if not isinstance(body.get("messages"), list):
+            return web.json_response({"error": {"message": "'messages' is required"}}, status=400)
+        return web.json_response({"prompt": render_template(body)})
 
     async def _props(self, request: web.Request) -> web.Response:
         await self._record(request)
+        if self.props_delay:
+            await asyncio.sleep(self.props_delay)
         if not self.props_enabled:
             return self._not_found()
         settings = {"n_ctx": self.n_ctx, "params": {"n_predict": -1}}
@@ -363,3 +391,18 @@ class ScenarioUpstream:
         if (body.get("stream_options") or {}).get("include_usage"):
             chunks.append({**base, "choices": [], "usage": self.usage})
         return await self._stream(request, chunks)
+
+
+def render_template(body: dict[str, Any]) -> str:
+    """A ChatML-like chat template, as a server renders it: tools in a system turn, each
+    message's text in its own turn, the assistant's turn opened."""
+    turns = []
+    if body.get("tools"):
+        listed = "\n".join(json.dumps(tool.get("function")) for tool in body["tools"])
+        turns.append(f"<|im_start|>system\n# Tools\n{listed}<|im_end|>")
+    for message in body["messages"]:
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            content = " ".join(part.get("text", "") for part in content)
+        turns.append(f"<|im_start|>{message['role']}\n{content}<|im_end|>")
+    return "\n".join([*turns, "<|im_start|>assistant\n"])

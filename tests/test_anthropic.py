@@ -19,7 +19,7 @@ import pytest
 from .conftest import ProxyFactory, RunningProxy, recorded, scenario_endpoint
 from .dialect_validators import validate_anthropic_message, validate_anthropic_stream
 from .process import create_key
-from .scenario_upstream import EXPECTED_TOOLS, ScenarioUpstream
+from .scenario_upstream import EXPECTED_TOOLS, ScenarioUpstream, render_template
 from .wire import Wire
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -268,20 +268,61 @@ async def test_content_is_never_empty(claude: Claude, stream: bool) -> None:
     assert [(b.type, getattr(b, "text", None)) for b in message.content] == [("text", "")]
 
 
-async def test_count_tokens_from_the_upstream_or_an_estimate(claude: Claude) -> None:
+@pytest.mark.parametrize("stream", [True, False])
+async def test_cached_prompt_tokens_are_counted_apart(claude: Claude, stream: bool) -> None:
+    claude.upstream.cached_tokens = 4  # of the 11 prompt tokens
+    if stream:
+        async with claude.sdk.messages.stream(
+            model="fake-model", max_tokens=5, messages=HELLO
+        ) as events:
+            await events.get_final_message()
+        [usage] = [data["usage"] for name, data in claude.streamed() if name == "message_delta"]
+    else:
+        await claude.sdk.messages.create(model="fake-model", max_tokens=5, messages=HELLO)
+        usage = claude.whole()["usage"]
+    assert usage["input_tokens"] == 7 and usage["cache_read_input_tokens"] == 4
+    assert usage["output_tokens"] == 7 and usage["cache_creation_input_tokens"] == 0
+
+
+async def test_count_tokens_counts_the_templated_prompt_or_estimates_its_text(
+    claude: Claude,
+) -> None:
+    upstream = claude.upstream
+    # llama.cpp: the chat template rendered by the server, then that text tokenized.
     counted = await claude.sdk.messages.count_tokens(
         model="fake-model", messages=HELLO, tools=[WEATHER]
     )
-    tokenized = claude.upstream.bodies("/tokenize")[-1]["content"]
-    assert "hello" in tokenized and "get_weather" in tokenized
-    assert counted.input_tokens == len(tokenized.split())
-    # No tokenizer upstream, or a model nobody serves: an estimate, never a 404.
-    claude.upstream.tokenize_enabled = False
-    long = [{"role": "user", "content": "word " * 400}]
-    estimated = await claude.sdk.messages.count_tokens(model="fake-model", messages=long)
-    unknown = await claude.sdk.messages.count_tokens(model="claude-nothing", messages=long)
-    assert 300 < estimated.input_tokens < 2000 and unknown.input_tokens == estimated.input_tokens
-    assert not claude.upstream.bodies()  # counting never generates
+    [rendered] = upstream.bodies("/apply-template")
+    assert rendered["messages"] == [{"role": "user", "content": "hello"}]
+    assert rendered["tools"][0]["function"]["name"] == "get_weather"
+    prompt = render_template(rendered)
+    assert upstream.bodies("/tokenize")[-1] == {"content": prompt, "add_special": True}
+    assert counted.input_tokens == len(prompt.split())
+    # vLLM: no /apply-template; its /tokenize takes the messages and templates them.
+    upstream.template_enabled, upstream.vllm_tokenize = False, True
+    vllm = await claude.sdk.messages.count_tokens(
+        model="fake-model", messages=HELLO, tools=[WEATHER]
+    )
+    asked = upstream.bodies("/tokenize")[-1]
+    assert asked["model"] == "fake-model" and asked["messages"] == rendered["messages"]
+    assert vllm.input_tokens == len(prompt.split())
+    # No tokenizer upstream, or a model nobody serves: an estimate from the texts only
+    # (50 turns of "hi" are ~38 tokens of text in ~1,000 bytes of JSON), never a 404.
+    upstream.tokenize_enabled = upstream.template_enabled = False
+    turns = [{"role": ("user", "assistant")[i % 2], "content": "hi"} for i in range(49)]
+    estimated = await claude.sdk.messages.count_tokens(model="fake-model", messages=turns)
+    unknown = await claude.sdk.messages.count_tokens(model="claude-nothing", messages=turns)
+    assert estimated.input_tokens == unknown.input_tokens == len("hi\n" * 49) // 4
+    assert not upstream.bodies()  # counting never generates
+
+
+async def test_an_old_llama_cpp_without_apply_template_gives_an_estimate(
+    claude: Claude,
+) -> None:
+    # /tokenize reads only `content`: no tokens for messages is no count of 0.
+    claude.upstream.template_enabled = False
+    counted = await claude.sdk.messages.count_tokens(model="fake-model", messages=HELLO * 40)
+    assert counted.input_tokens == len("\n".join(["hello"] * 40)) // 4
 
 
 async def test_models_in_anthropic_shape(claude: Claude) -> None:

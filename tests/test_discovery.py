@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,8 +16,10 @@ import pytest
 
 from llproxy.backends.openai_http.discovery import make_scan_session, scan
 from llproxy.config import parse_config
+from llproxy.core.call import via_hops
 
-from .conftest import ProxyFactory, UpstreamFactory, free_port_block
+from .conftest import ProxyFactory, UpstreamFactory, free_port_block, scenario_endpoint
+from .scenario_upstream import ScenarioUpstream
 
 
 async def test_scan_finds_servers_in_a_range(
@@ -262,3 +267,216 @@ async def test_rescans_log_only_what_changed_by_name(
         "default_model 'c' is available now",
         "the target 'c' of alias 'claude-*' is available now",
     ]
+
+
+async def test_a_slow_listing_keeps_the_models_for_a_few_scans(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    upstream = await start_upstream(model_ids=["steady"])
+    proxy = await start_proxy(
+        [upstream.endpoint()], timeouts={"scan": 0.3}, discovery={"forget_after": 3}
+    )
+    client = proxy.client()
+    assert [m.id for m in (await client.models.list()).data] == ["steady"]
+
+    upstream.fake.listing_delay = 5  # still serving completions, but lists too slowly
+    for _ in range(2):
+        await proxy.rescan()
+        assert [m.id for m in (await client.models.list()).data] == ["steady"]
+        reply = await client.chat.completions.create(
+            model="steady", messages=[{"role": "user", "content": "x"}]
+        )
+        assert reply.choices[0].message.content
+    await proxy.rescan()  # the third failed scan in a row: now it counts as gone
+    assert [m.id for m in (await client.models.list()).data] == []
+
+    upstream.fake.listing_delay = 0
+    await proxy.rescan()
+    assert [m.id for m in (await client.models.list()).data] == ["steady"]
+
+
+async def test_what_the_log_says_of_a_slow_listing(
+    start_upstream: UpstreamFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from llproxy.backends.openai_http.discovery import DiscoveryLoop
+
+    upstream = await start_upstream(model_ids=["steady"])
+    config = parse_config(
+        {
+            "endpoints": [upstream.endpoint()],
+            "timeouts": {"scan": 0.3},
+            "discovery": {"forget_after": 2},
+        }
+    )
+    loop = DiscoveryLoop(config, lambda result: None)
+    await loop.start()
+    caplog.set_level(logging.INFO, logger="llproxy.discovery")
+    try:
+        await loop.scan_now()
+        for delay in (5, 0, 5, 5, 0):  # slow, back, slow twice (forgotten), back
+            upstream.fake.listing_delay = delay
+            await loop.scan_now()
+    finally:
+        await loop.stop()
+    address = f"http://127.0.0.1:{upstream.port}/v1"
+    kept = (
+        f"server {address} did not list its models (refused the model list: no answer "
+        "within 0.3 s); they are kept until 2 scans in a row fail"
+    )
+    assert [record.getMessage() for record in caplog.records][1:] == [
+        kept,
+        f"server {address} answers again",
+        kept,
+        "scan: gone steady (now 0 servers, 0 models)",
+        "scan: new steady (now 1 servers, 1 models)",
+    ]
+
+
+async def test_a_slow_props_keeps_the_context_it_said_before(
+    scenario: ScenarioUpstream, start_proxy: ProxyFactory
+) -> None:
+    # llama.cpp: /props says what a slot holds; the listing's meta only the training size.
+    scenario.n_ctx_train, scenario.n_ctx = 131072, 8192
+    proxy = await start_proxy([scenario_endpoint(scenario)], timeouts={"scan": 0.3})
+    assert proxy.state.registry.models["fake-model"].context_length == 8192
+    scenario.props_delay = 1  # past timeouts.scan
+    await proxy.rescan()
+    assert proxy.state.registry.models["fake-model"].context_length == 8192
+    scenario.props_delay, scenario.n_ctx = 0, 4096  # it answers again, with a new size
+    await proxy.rescan()
+    assert proxy.state.registry.models["fake-model"].context_length == 4096
+
+
+async def test_a_listing_that_recovers_starts_the_count_again(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    upstream = await start_upstream(model_ids=["steady"])
+    proxy = await start_proxy(
+        [upstream.endpoint()], timeouts={"scan": 0.3}, discovery={"forget_after": 2}
+    )
+    for delay in (5, 0, 5, 0, 5):  # never two failures in a row
+        upstream.fake.listing_delay = delay
+        await proxy.rescan()
+        assert list(proxy.state.registry.models) == ["steady"]
+    await proxy.rescan()
+    assert list(proxy.state.registry.models) == []
+
+
+async def test_two_llproxies_that_scan_each_other(
+    start_upstream: UpstreamFactory, start_llproxy: Callable[..., Awaitable[Any]], tmp_path: Path
+) -> None:
+    upstream = await start_upstream(model_ids=["m"])
+    port_a, port_b = free_port_block(1), free_port_block(1)
+    for name, other in (("a", port_b), ("b", port_a)):
+        config = {
+            "interval": 1000,
+            "timeouts": {"scan": 1},
+            "endpoints": [upstream.endpoint(), {"url": f"http://127.0.0.1:{other}/v1"}],
+        }
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    first = await start_llproxy("--config", str(tmp_path / "a.json"), "--workers", "1", port=port_a)
+    await start_llproxy("--config", str(tmp_path / "b.json"), "--workers", "1", port=port_b)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+    def through_both() -> bool:
+        return any(
+            len(via_hops(r.headers.get("Via", ""))) == 2 for r in upstream.fake.generation_requests
+        )
+
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 20
+        while not through_both():  # until a has found b and sent it a request
+            assert time.monotonic() < deadline, "a never routed through b"
+            async with session.post(f"{first.url}/v1/chat/completions", json=body) as resp:
+                await resp.read()
+            await asyncio.sleep(0.2)
+        statuses = []
+        for _ in range(20):
+            async with session.post(f"{first.url}/v1/chat/completions", json=body) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+        assert statuses == [200] * 20
+
+        await upstream.server.close()  # the one real server goes: neither keeps its model
+        deadline = time.monotonic() + 15
+        while True:
+            listings = []
+            for port in (port_a, port_b):
+                async with session.get(f"http://127.0.0.1:{port}/v1/models") as resp:
+                    listings.append([m["id"] for m in (await resp.json())["data"]])
+            if listings == [[], []]:
+                break
+            assert time.monotonic() < deadline, f"still listed: {listings}"
+            await asyncio.sleep(0.3)
+
+
+@pytest.mark.parametrize("reexport", [False, True])
+async def test_models_seen_only_through_an_llproxy_are_listed_to_llproxies_on_request(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, reexport: bool
+) -> None:
+    upstream = await start_upstream(model_ids=["deep"])
+    node = await start_proxy([upstream.endpoint()], instance="node")
+    middle = await start_proxy(
+        [{"url": f"{node.url}/v1"}], instance="middle", discovery={"reexport": reexport}
+    )
+    [replica] = middle.state.registry.models["deep"].replicas
+    assert replica.instance == "node"
+
+    async def listed(via: str | None) -> list[str]:
+        headers = {"Via": via} if via else {}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{middle.url}/v1/models", headers=headers) as resp,
+        ):
+            return [m["id"] for m in (await resp.json())["data"]]
+
+    assert await listed(None) == ["deep"]  # a client (or a proxy that is no llproxy)
+    assert await listed("1.1 nginx") == ["deep"]
+    assert await listed("1.1 llproxy-top") == (["deep"] if reexport else [])
+    assert await listed("1.1 llproxy-node") == []  # never back to where it came from
+    if not reexport:
+        return
+    # A request that came from the only replica's llproxy is not sent back to it.
+    body = {"model": "deep", "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as session:
+        for via, status in (("1.1 llproxy-node", 508), ("1.1 llproxy-top", 200)):
+            async with session.post(
+                f"{middle.url}/v1/chat/completions", json=body, headers={"Via": via}
+            ) as resp:
+                assert resp.status == status
+                if status == 508:  # said by middle: node was never asked
+                    error = (await resp.json())["error"]
+                    assert error["code"] == "loop_detected"
+                    assert error["message"].startswith("every replica of 'deep'")
+    assert len(upstream.fake.generation_requests) == 1
+
+
+async def test_a_servers_own_aliases_name_the_same_model(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    # llama-server --alias qwen-coder,coder,other: the first is the id, all are aliases.
+    served = await start_upstream(
+        model_ids=["qwen-coder"], aliases=["qwen-coder", "coder", "other"]
+    )
+    other = await start_upstream(model_ids=["other"])  # a real model of that name wins
+    proxy = await start_proxy([served.endpoint(tags=["gpu0"]), other.endpoint(tags=["gpu0"])])
+    client = proxy.client()
+    listed = {m.id: m.model_extra for m in (await client.models.list()).data}
+    assert sorted(listed) == ["other:gpu0", "qwen-coder:gpu0"]
+    assert (listed["qwen-coder:gpu0"] or {})["aliases"] == ["coder:gpu0"]
+    reply = await client.chat.completions.create(
+        model="coder:gpu0", messages=[{"role": "user", "content": "x"}]
+    )
+    assert reply.model == "coder:gpu0"
+    assert served.fake.generation_requests[-1].body["model"] == "qwen-coder"
+    await client.chat.completions.create(
+        model="other:gpu0", messages=[{"role": "user", "content": "x"}]
+    )
+    assert len(served.fake.generation_requests) == 1 and other.fake.generation_requests
+    # The operator's own alias of that name wins over the server's.
+    endpoints = [served.endpoint(tags=["gpu0"]), other.endpoint(tags=["gpu0"])]
+    aliased = await start_proxy(endpoints, aliases={"coder:gpu0": "other:gpu0"})
+    await aliased.client().chat.completions.create(
+        model="coder:gpu0", messages=[{"role": "user", "content": "x"}]
+    )
+    assert len(served.fake.generation_requests) == 1 and len(other.fake.generation_requests) == 2

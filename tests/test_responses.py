@@ -95,6 +95,17 @@ async def test_a_whole_response(agent: Agent) -> None:
     ]
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_cached_prompt_tokens_are_reported(agent: Agent, stream: bool) -> None:
+    agent.upstream.cached_tokens = 4
+    response = await agent.ask(stream, input="hello")
+    assert response.usage.input_tokens == 11
+    assert response.usage.input_tokens_details.cached_tokens == 4
+    if stream:
+        [done] = [e for e in agent.streamed() if e["type"] == "response.completed"]
+        assert done["response"]["usage"]["input_tokens_details"] == {"cached_tokens": 4}
+
+
 async def test_a_stream_arrives_delta_by_delta(agent: Agent) -> None:
     deltas = []
     async with agent.sdk.responses.stream(model="fake-model", input="hello") as events:

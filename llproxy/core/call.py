@@ -7,7 +7,8 @@ client's own answer. Nothing here knows HTTP servers, clients or terminals.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,6 +46,11 @@ def encode_client(value: Any) -> bytes:
         raise InvalidRequest(
             f"request body nests deeper than {MAX_DEPTH} levels", code="nested_too_deeply"
         ) from None
+
+
+def via_hops(via: str) -> frozenset[str]:
+    """The proxies a Via header names: `1.1 llproxy-ab, 1.1 nginx` → {llproxy-ab, nginx}."""
+    return frozenset(hop[1] for part in via.split(",") if len(hop := part.split()) >= 2)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -104,13 +110,42 @@ class FormPayload:
 
 Payload = JsonPayload | FormPayload
 
-# Characters per token when a count must be estimated (a common rule of thumb; it counts
-# JSON punctuation too, so it errs towards more tokens).
+# Characters per token when a count must be estimated (a common rule of thumb).
 CHARS_PER_TOKEN = 4
 
 
 def estimate_tokens(text: str | bytes) -> int:
     return max(1, len(text) // CHARS_PER_TOKEN)
+
+
+def prompt_text(chat: Mapping[str, Any]) -> str:
+    """What a model reads of a chat (the texts of its messages and tool calls, its tools'
+    names, descriptions and schemas), without the request's JSON around it: what an
+    estimate counts when the model's server cannot."""
+    pieces: list[str] = []
+    for message in chat.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            pieces.append(content)
+        elif isinstance(content, list):
+            pieces += [p["text"] for p in content if isinstance(p, dict) and _is_text(p)]
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                pieces += [str(function.get(key) or "") for key in ("name", "arguments")]
+    for tool in chat.get("tools") or ():
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict):
+            pieces += [str(function.get(key) or "") for key in ("name", "description")]
+            with contextlib.suppress(orjson.JSONEncodeError):  # nested past orjson's depth
+                pieces.append(orjson.dumps(function.get("parameters")).decode())
+    return "\n".join(pieces)
+
+
+def _is_text(part: Mapping[str, Any]) -> bool:
+    return isinstance(part.get("text"), str)
 
 
 def within_context(payload: Payload, context_length: int | None) -> Payload:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .keys import ApiKey
-from .sse import usage_numbers
+from .sse import cached_tokens, usage_numbers
 
 
 @dataclass(slots=True)
@@ -22,6 +22,7 @@ class RequestRecord:
     first_byte_at: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of the prompt's, read from the upstream's cache
     upstream_error: str | None = None  # refused | timeout | failed | too_large | malformed
     dropped_chunks: int = 0  # stream events that were not JSON, dropped
     # Reads the answer's usage at accounting time, from what the answer kept for it: after
@@ -38,4 +39,5 @@ class RequestRecord:
         if numbers is None:
             return False
         self.prompt_tokens, self.completion_tokens = numbers
+        self.cached_tokens = cached_tokens(document)
         return True

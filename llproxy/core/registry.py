@@ -55,6 +55,9 @@ class Replica:
     upstream: Upstream
     upstream_id: str
     backend: str = "openai_http"  # the kind of Backend that answers it
+    # The instance name of the llproxy answering there, when the replica is one: a request
+    # that already passed through it must not be sent back to it.
+    instance: str = ""
 
     @property
     def address(self) -> str:
@@ -82,6 +85,8 @@ class FoundModel:
     context_length: int | None = None
     capabilities: tuple[str, ...] = ()
     backend: str = "openai_http"
+    instance: str = ""  # the llproxy it was seen through, if the server is one
+    aliases: tuple[str, ...] = ()  # other final names its server answers it by (llama.cpp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,8 @@ class Registry:
     # A plain dict, so a snapshot pickles to workers; nothing mutates it after build().
     models: Mapping[str, Model] = field(default_factory=dict)
     servers: int = 0
+    # Other names a server lists for its models (llama.cpp's `aliases`) → the model name.
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, found: Iterable[FoundModel], servers: int) -> Registry:
@@ -96,23 +103,35 @@ class Registry:
         for item in found:
             grouped.setdefault(item.name, []).append(item)
         models = {}
+        aliases: dict[str, str] = {}
         for name in sorted(grouped):
             items = grouped[name]
+            named = [a for i in items for a in i.aliases if a != name and a not in grouped]
+            aliases.update((alias, name) for alias in named if alias not in aliases)
+            entry = {**items[0].entry, "id": name}
+            if "aliases" in entry:  # the names that answer here, not the server's own
+                entry["aliases"] = [a for a in items[0].aliases if aliases.get(a) == name]
             replicas = tuple(
-                dict.fromkeys(Replica(i.upstream, i.upstream_id, i.backend) for i in items)
+                dict.fromkeys(
+                    Replica(i.upstream, i.upstream_id, i.backend, i.instance) for i in items
+                )
             )
             lengths = [i.context_length for i in items if i.context_length]
             models[name] = Model(
                 name,
                 replicas,
-                {**items[0].entry, "id": name},
+                entry,
                 min(lengths) if lengths else None,
                 items[0].capabilities,
             )
-        return cls(models, servers)
+        return cls(models, servers, aliases)
 
     def get(self, name: str) -> Model | None:
-        return self.models.get(name)
+        """The model of a name, or of another name its server gave it."""
+        model = self.models.get(name)
+        if model is None and name in self.aliases:
+            model = self.models.get(self.aliases[name])
+        return model
 
     def listing(self) -> list[Mapping[str, Any]]:
         return [model.entry for model in self.models.values()]

@@ -1,6 +1,7 @@
 """From a model name to an answer: the name resolved for the client's key, a replica
 chosen (least requests in flight), and the Call sent to the backend that serves it,
-falling over to the next replica when one could not be reached.
+falling over to the next replica when one could not be reached. A replica that is an
+llproxy the request already passed through is no route for it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from .call import Backend, Call, Reply
-from .errors import ModelNotAllowed, ModelNotFound, ReplicaUnavailable, UpstreamUnreachable
+from .call import Backend, Call, Reply, via_hops, via_name
+from .errors import (
+    LoopDetected,
+    ModelNotAllowed,
+    ModelNotFound,
+    ReplicaUnavailable,
+    UpstreamUnreachable,
+)
 from .keys import ApiKey
 from .record import RequestRecord
 from .registry import Model, Registry, Replica
@@ -74,25 +81,39 @@ def _is_glob(name: str) -> bool:
     return any(char in name for char in "*?[")
 
 
+def _behind(replica: Replica, hops: frozenset[str]) -> bool:
+    """Whether a replica is an llproxy among the hops a request passed through."""
+    return bool(replica.instance) and via_name(replica.instance) in hops
+
+
+def _from_llproxy(hops: frozenset[str]) -> bool:
+    return any(hop.startswith(via_name("")) for hop in hops)
+
+
 class Router:
     def __init__(
         self,
         registry: Callable[[], Registry],
         backends: Mapping[str, Backend],
         aliases: Sequence[tuple[str, str]] = (),
+        reexport: bool = False,
     ) -> None:
         self._registry = registry  # the current snapshot, whoever swaps it
         self.backends = backends
         self.aliases = Aliases(aliases)
         self.balancer = Balancer()
+        self.reexport = reexport
 
     def resolve(self, name: str, key: ApiKey | None) -> Model:
-        """The registry model a name stands for (itself, an alias, or `x:latest` for `x`),
-        if this key may use it: a key's globs apply to the model an alias resolves to."""
+        """The registry model a name stands for (itself, a configured alias, a name its
+        server gave it, or `x:latest` for `x`), if this key may use it: a key's globs
+        apply to the model an alias resolves to."""
         registry = self._registry()
-        model = registry.get(name)
+        model = registry.models.get(name)
         if model is None and (target := self.aliases.target(name)) is not None:
             model = registry.get(target)
+        if model is None:
+            model = registry.get(name)
         if model is None and name.endswith(":latest"):
             model = registry.get(name.removesuffix(":latest"))
         if model is None:
@@ -100,9 +121,14 @@ class Router:
         check_model_allowed(key, model.name)
         return model
 
-    def listing(self, key: ApiKey | None) -> list[Mapping[str, Any]]:
-        """The entries of the models this key may use, and of the exact aliases of them."""
+    def listing(self, key: ApiKey | None, via: str = "") -> list[Mapping[str, Any]]:
+        """The entries of the models this key may use, and of the exact aliases of them.
+        An llproxy asking (its name in `via`) is not told of models served only through
+        llproxies (unless reexport; never of those served only through itself): two that
+        scan each other would otherwise keep a dead server's models alive for good."""
         models = self._registry().models
+        if _from_llproxy(hops := via_hops(via)):
+            models = {n: m for n, m in models.items() if self._tells(m, hops)}
         entries = [m.entry for name, m in models.items() if key is None or key.allows(name)]
         for alias, target in self.aliases.exact.items():
             model = models.get(target)
@@ -110,12 +136,25 @@ class Router:
                 entries.append({**model.entry, "id": alias})
         return entries
 
+    def _tells(self, model: Model, hops: frozenset[str]) -> bool:
+        """Whether a model is listed to an llproxy whose request passed through `hops`."""
+        onward = [r for r in model.replicas if not _behind(r, hops)]
+        return any(not r.instance for r in onward) or (self.reexport and bool(onward))
+
     async def send(self, call: Call, model: Model, record: RequestRecord) -> Reply:
         """The first answer a replica gives; replicas that could not be reached (and were
         sent nothing) are skipped for the next. The replica counts as busy until the
         reply is closed."""
         refused: list[str] = []
-        for replica in self.balancer.order(model.replicas):
+        replicas = model.replicas
+        if call.via and any(r.instance for r in replicas):
+            hops = via_hops(call.via)
+            replicas = tuple(r for r in replicas if not _behind(r, hops))
+            if not replicas:
+                raise LoopDetected(
+                    f"every replica of '{model.name}' is an llproxy this request passed through"
+                )
+        for replica in self.balancer.order(replicas):
             record.upstream = replica.address
             self.balancer.acquire(replica)
             try:

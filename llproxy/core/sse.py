@@ -73,6 +73,15 @@ def usage_numbers(document: Any) -> tuple[int | None, int | None] | None:
     )
 
 
+def cached_tokens(document: Any) -> int | None:
+    """The prompt tokens an upstream's `usage` says came from its prefix cache
+    (`prompt_tokens_details.cached_tokens`: OpenAI, vLLM, llama.cpp), else None."""
+    usage = document.get("usage") if isinstance(document, dict) else None
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) else None
+
+
 _USAGE_MEMBER = b'"usage":'
 
 

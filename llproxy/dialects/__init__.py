@@ -217,8 +217,9 @@ class Catalog(Protocol):
         """The model a name stands for; ProxyError when unknown or not allowed."""
         ...
 
-    async def count_tokens(self, model: Model, text: str) -> int | None:
-        """The model's own count of tokens in `text`, where its server has one."""
+    async def count_tokens(self, model: Model, chat: Mapping[str, Any]) -> int | None:
+        """The tokens of a chat's prompt (messages and tools) as the model sees it,
+        counted by its own server where it can; None else."""
         ...
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from ..core.call import JsonPayload, Reply, encode_client, estimate_tokens, json_object
+from ..core.call import JsonPayload, Reply, encode_client, estimate_tokens, json_object, prompt_text
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls, json_document
@@ -85,6 +85,8 @@ class AnthropicDialect:
                 "max_tokens: Field required, a positive integer", param="max_tokens"
             )
         chat = to_chat(body)
+        # Counted before the settings below join the chat: message_start's estimate.
+        input_estimate = estimate_tokens(prompt_text(chat))
         chat["max_tokens"] = max_tokens
         stream = body.get("stream") is True
         if stream:
@@ -96,7 +98,7 @@ class AnthropicDialect:
             chat["model"],
             stream,
             tuple(s for s in stops if isinstance(s, str)) if isinstance(stops, list) else (),
-            estimate_tokens(incoming.body),
+            input_estimate,
         )
 
     def error(self, error: ProxyError) -> Answer:
@@ -118,20 +120,21 @@ class AnthropicDialect:
         return Answer(200, orjson.dumps(_model_entry(entry)))
 
     async def local(self, route: Route, incoming: Incoming, catalog: Catalog) -> Answer:
-        """count_tokens: the model's server counts where it can (llama.cpp, vLLM), else an
-        estimate of four characters a token; fast, and never a 404 (Claude Code asks it
-        dozens of times a second and breaks on a 404)."""
+        """count_tokens: the model's server counts the templated prompt where it can
+        (llama.cpp, vLLM), else an estimate of four characters a token of the prompt's
+        text; fast, and never a 404 (Claude Code asks it dozens of times a second and
+        breaks on a 404)."""
         body = json_object(incoming.body)
         chat = to_chat({**body, "max_tokens": 1})
-        text = encode_client([chat.get("messages"), chat.get("tools")]).decode()
         counted = None
         try:
             model = catalog.resolve(chat["model"])
         except ModelNotFound:
             model = None
         if model is not None:
-            counted = await catalog.count_tokens(model, text)
-        return Answer(200, orjson.dumps({"input_tokens": counted or estimate_tokens(text)}))
+            counted = await catalog.count_tokens(model, chat)
+        input_tokens = counted or estimate_tokens(prompt_text(chat))
+        return Answer(200, orjson.dumps({"input_tokens": input_tokens}))
 
 
 def _model_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -418,7 +421,7 @@ class AnthropicTranslation:
             "content": content or [{"type": "text", "text": ""}],
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": _usage(record.prompt_tokens or 0, record.completion_tokens or 0),
+            "usage": _usage(record),
         }
         return Answer(200, orjson.dumps(body))
 
@@ -430,12 +433,16 @@ class AnthropicTranslation:
         return AnthropicStream(record, self.stops, self.input_estimate)
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+def _usage(record: RequestRecord, input_estimate: int | None = None) -> dict[str, int]:
+    """Anthropic's usage: its input_tokens leaves out the prompt tokens read from the
+    cache, which it counts apart (OpenAI's prompt_tokens includes them)."""
+    cached = record.cached_tokens or 0
+    prompt = record.prompt_tokens if input_estimate is None else input_estimate
     return {
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
+        "input_tokens": max(0, (prompt or 0) - cached),
+        "output_tokens": record.completion_tokens or 0,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": cached,
     }
 
 
@@ -474,7 +481,7 @@ class AnthropicStream(ChoiceStream):
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": _usage(self.input_estimate, 0),
+            "usage": _usage(self.record, self.input_estimate),
         }
         return _event("message_start", {"message": message})
 
@@ -543,9 +550,9 @@ class AnthropicStream(ChoiceStream):
         stop_reason, stop_sequence = _stop(self.finish_reason, self.matched, self.stops)
         if stop_reason == "tool_use" and not self.calls:
             stop_reason = "end_turn"
-        usage: dict[str, int] = {"output_tokens": self.record.completion_tokens or 0}
-        if self.record.prompt_tokens is not None:
-            usage["input_tokens"] = self.record.prompt_tokens
+        usage = _usage(self.record)
+        if self.record.prompt_tokens is None:  # the estimate in message_start stands
+            del usage["input_tokens"]
         ending = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
         out += [
             _event("message_delta", {"delta": ending, "usage": usage}),

@@ -236,14 +236,16 @@ def _tag(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 def _show(name: str, model: Model) -> dict[str, Any]:
     details = _details(model.entry)
-    architecture = details["family"] or "unknown"
-    info: dict[str, Any] = {
-        "general.architecture": architecture,
-        "general.basename": name.split(":")[0],
-    }
+    # Only a server that names the family says the architecture (Ollama does; llama.cpp's
+    # listing and /props do not): no key rather than a made-up one.
+    architecture = details["family"]
+    info: dict[str, Any] = {"general.basename": name.split(":")[0]}
+    if architecture:
+        info["general.architecture"] = architecture
     parameters = ""
     if model.context_length:
-        info[f"{architecture}.context_length"] = model.context_length
+        if architecture:
+            info[f"{architecture}.context_length"] = model.context_length
         parameters = f"num_ctx {model.context_length}"
     return {
         "modelfile": "",

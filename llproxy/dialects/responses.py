@@ -263,7 +263,7 @@ def _usage(record: RequestRecord) -> dict[str, Any]:
     prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": record.cached_tokens or 0},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + completion,

@@ -129,12 +129,12 @@ class Catalog:
     def resolve(self, name: str) -> Model:
         return self.state.router.resolve(name, self.key)
 
-    async def count_tokens(self, model: Model, text: str) -> int | None:
-        return await self.state.backend.count_tokens(model, text)
+    async def count_tokens(self, model: Model, chat: Mapping[str, Any]) -> int | None:
+        return await self.state.backend.count_tokens(model, chat)
 
 
 async def list_models(spec: RouteSpec, request: web.Request) -> web.StreamResponse:
-    entries = request.app[STATE].router.listing(request[RECORD].key)
+    entries = request.app[STATE].router.listing(request[RECORD].key, request.headers.get("Via", ""))
     return answer_response(spec.dialect.models(entries))
 
 

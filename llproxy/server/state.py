@@ -60,6 +60,7 @@ class ProxyState:
             lambda: self.registry,
             {"openai_http": self.backend, OPERATOR_BACKEND: self.operators},
             config.aliases,
+            config.discovery.reexport,
         )
         self.operators.handoff = self._hand_off
         if isinstance(services.desk, Desk):  # held here: it asks this registry

@@ -5,17 +5,16 @@ pools of our own HTTP/1.1 client."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
-
-import orjson
 
 from ...config import Timeouts
 from ...core.call import RETRY_HEADERS, Call, Reply, via_name
 from ...core.deadlines import Deadline, Watchdog
 from ...core.errors import ProxyError, ReplicaUnavailable, UpstreamTimeout, UpstreamUnreachable
 from ...core.record import RequestRecord
-from ...core.registry import Model, Replica, Upstream
-from ...core.sse import json_document
+from ...core.registry import Model, Replica
+from .tokens import TokenCounter
 from .transport import (
     ConnectFailed,
     ResponseBounds,
@@ -27,8 +26,6 @@ from .transport import (
 )
 
 MAX_ERROR_BODY = 64 * 1024
-TOKENIZE_TIMEOUT = 2.0
-TOKENIZER_RETRY = 300.0
 # keep-alive just under the 5 s idle timeout of uvicorn-based servers (vLLM, SGLang,
 # tabbyAPI), so a pooled connection is never reused while the server is closing it.
 UPSTREAM_KEEPALIVE = 4.0
@@ -49,8 +46,7 @@ class OpenAIHttpBackend:
         self.timeouts = timeouts
         # Requests carry this llproxy's name, after the proxies they passed before.
         self.via = f"1.1 {via_name(instance)}" if instance else ""
-        # Servers that cannot count tokens, and until when that is assumed of them.
-        self._no_tokenizer: dict[Upstream, float] = {}
+        self.tokens = TokenCounter(self.pool, self.watchdog)
 
     async def close(self) -> None:
         self.watchdog.close()
@@ -108,35 +104,10 @@ class OpenAIHttpBackend:
         stream = HttpStream(response, self.watchdog, self.timeouts.idle, record)
         return Reply(response.status, "text/event-stream", first, stream, relayed)
 
-    async def count_tokens(self, model: Model, text: str) -> int | None:
-        """The count of `text` in tokens by the model's own server (llama.cpp and vLLM have
-        a /tokenize route at their root); None when it has none or does not answer in
-        time. A server without one is not asked again for TOKENIZER_RETRY seconds."""
-        replica = model.replicas[0]
-        upstream = replica.upstream
-        if self._no_tokenizer.get(upstream, 0.0) > time.monotonic():
-            return None
-        # llama.cpp reads `content`, vLLM `model` and `prompt`.
-        body = orjson.dumps({"model": replica.upstream_id, "prompt": text, "content": text})
-        counted: Any = None
-        try:
-            with self.watchdog.deadline(TOKENIZE_TIMEOUT):
-                response = await self.pool.post(upstream, "tokenize", body, from_root=True)
-                try:
-                    raw = await response.read(MAX_ERROR_BODY * 16)
-                finally:
-                    _finish(response)
-            if response.status == 200:
-                counted = json_document(raw)
-        except (TimeoutError, ConnectFailed, UpstreamBroken):
-            pass
-        if isinstance(counted, dict):
-            if isinstance(counted.get("count"), int):
-                return int(counted["count"])
-            if isinstance(counted.get("tokens"), list):
-                return len(counted["tokens"])
-        self._no_tokenizer[upstream] = time.monotonic() + TOKENIZER_RETRY
-        return None
+    async def count_tokens(self, model: Model, chat: Mapping[str, Any]) -> int | None:
+        """The tokens of a chat's prompt as the model will see it, counted by the model's
+        own server (llama.cpp, vLLM); None when it cannot or does not answer in time."""
+        return await self.tokens.count(model.replicas[0], chat)
 
 
 def _finish(response: UpstreamResponse) -> None:

@@ -2,7 +2,9 @@
 
 Ports of a range are first tried with a bare non-blocking connect, so a closed port costs
 one refused SYN and no HTTP machinery; only open ports get `GET /v1/models`. Probes run
-concurrently under a bound, with a short timeout and a cap on the response size.
+concurrently under a bound, with a short timeout and a cap on the response size. A server
+that listed models before keeps them while its listing fails (slow, an error) for fewer
+than `discovery.forget_after` scans in a row; a refused connection forgets them at once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +23,7 @@ import aiohttp
 import orjson
 
 from ...config import Config, Endpoint
-from ...core.call import INSTANCE_HEADER
+from ...core.call import INSTANCE_HEADER, via_name
 from ...core.encoding import BodyEncodingError, decode_body
 from ...core.registry import FoundModel, Registry, Upstream, final_names
 from ..operator import operator_models
@@ -54,6 +56,7 @@ class ScanResult:
     new: tuple[str, ...] = ()
     gone: tuple[str, ...] = ()
     problems: tuple[ServerProblem, ...] = ()
+    listed: frozenset[str] = frozenset()  # the servers that listed their models this scan
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +97,13 @@ async def _resolve(host: str) -> list[_Address]:
     return list(dict.fromkeys((family, str(sockaddr[0])) for family, _, _, _, sockaddr in infos))
 
 
-async def _port_open(addresses: list[_Address], port: int, timeout: float) -> bool:
+async def _port_open(addresses: list[_Address], port: int, timeout: float) -> bool | None:
     """Whether anything accepts on the port at one of the addresses (`localhost` may be
-    ::1 first while a server listens on 127.0.0.1 only)."""
+    ::1 first while a server listens on 127.0.0.1 only): None when no address refused
+    but none accepted in time either (a server whose accept queue is full under load
+    drops the SYN: that is no proof it is gone)."""
     loop = asyncio.get_running_loop()
+    silent = False
     for family, ip in addresses:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -105,11 +111,13 @@ async def _port_open(addresses: list[_Address], port: int, timeout: float) -> bo
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, (ip, port))
             return True
-        except (OSError, TimeoutError):
+        except TimeoutError:
+            silent = True
+        except OSError:
             continue
         finally:
             sock.close()
-    return False
+    return None if silent else False
 
 
 class _Refused(Exception):
@@ -120,13 +128,29 @@ class _Itself(_Refused):
     """The server is this very llproxy (it may listen on a port it scans)."""
 
 
+class _Unreachable(_Refused):
+    """Nothing accepted the connection: the server is gone, not slow."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Document:
+    body: Any
+    instance: str  # the llproxy that answered, if one did (its X-Llproxy-Instance)
+
+
 async def _get_json(
+    session: aiohttp.ClientSession, url: str, upstream: Upstream, timeout: float
+) -> Any:
+    return (await _get(session, url, upstream, timeout)).body
+
+
+async def _get(
     session: aiohttp.ClientSession,
     url: str,
     upstream: Upstream,
     timeout: float,
     itself: str = "",
-) -> Any:
+) -> _Document:
     """GET a bounded JSON document; _Refused says why there is none (a probe never raises
     anything else)."""
     try:
@@ -148,7 +172,9 @@ async def _get_json(
             )
             if resp.status != 200:
                 raise _Refused(f"HTTP {resp.status} {resp.reason or ''}".strip() + _said(decoded))
-            return orjson.loads(decoded)
+            return _Document(orjson.loads(decoded), resp.headers.get(INSTANCE_HEADER, ""))
+    except aiohttp.ClientConnectorError as exc:
+        raise _Unreachable(str(exc) or type(exc).__name__) from None
     except BodyEncodingError as exc:
         raise _Refused(str(exc)) from None
     except orjson.JSONDecodeError:
@@ -195,41 +221,60 @@ def _usable_id(value: Any) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    """A server's models; `partial` when its /props did not answer, so the context and
+    abilities it tells were not all known this scan."""
+
+    models: list[FoundModel]
+    partial: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A server that did not list its models this scan, though it may still be there."""
+
+    reason: str
+    told: bool  # worth a ServerProblem even when it never listed anything
+    gone: bool = False  # it refused the connection: what it listed before is forgotten
+
+
 async def _probe(
     session: aiohttp.ClientSession,
     target: _Target,
     timeout: float,
     addresses: dict[str, list[_Address]],
     itself: str = "",
-) -> list[FoundModel] | ServerProblem | None:
-    """The models one server offers; a ServerProblem when it would not list them and that
-    is worth telling (a configured URL, or a server that refused the credentials); None
-    when no server answers there."""
+) -> _Listed | _Failed | None:
+    """The models one server offers; _Failed when it would not list them (`told` when that
+    is worth telling even of a server that never listed any: a configured URL, or one that
+    refused the credentials); None when nothing is there (the port refuses connections)."""
     endpoint, upstream = target.endpoint, target.upstream
+    instance = ""
     if endpoint.models is not None:
         entries: list[dict[str, Any]] = [
             {"id": m, "object": "model", "owned_by": upstream.hostname} for m in endpoint.models
         ]
     else:
         hosts = addresses.get(upstream.hostname, [])
-        if endpoint.url is None and not await _port_open(hosts, upstream.port, timeout):
-            return None
+        if endpoint.url is None:
+            opened = await _port_open(hosts, upstream.port, timeout)
+            if opened is None:
+                return _Failed(f"its port accepted nothing within {timeout:g} s", False)
+            if not opened:
+                return None
         try:
-            found = _entries(
-                await _get_json(session, f"{upstream.base_url}/models", upstream, timeout, itself)
-            )
+            listing = await _get(session, f"{upstream.base_url}/models", upstream, timeout, itself)
         except _Itself:
             return None
         except _Refused as exc:
             reason = str(exc)
-            if endpoint.url is not None or reason.startswith(("HTTP 401", "HTTP 403")):
-                return ServerProblem(upstream.base_url, f"refused the model list: {reason}")
-            return None
+            told = endpoint.url is not None or reason.startswith(("HTTP 401", "HTTP 403"))
+            return _Failed(f"refused the model list: {reason}", told, isinstance(exc, _Unreachable))
+        found = _entries(listing.body)
         if found is None:
-            if endpoint.url is not None:
-                return ServerProblem(upstream.base_url, "its model list is not OpenAI-shaped")
-            return None
-        entries = found
+            return _Failed("its model list is not OpenAI-shaped", endpoint.url is not None)
+        entries, instance = found, listing.instance
         # tabbyAPI lists every model on disk under /v1/models; /v1/model names the loaded one.
         try:
             loaded = await _get_json(session, f"{upstream.base_url}/model", upstream, timeout)
@@ -240,7 +285,15 @@ async def _probe(
 
     server = await _llama_props(session, upstream, timeout) if _llama(entries) else {}
     models = [
-        FoundModel(name, upstream, entry["id"], entry, *_abilities(entry, server))
+        FoundModel(
+            name,
+            upstream,
+            entry["id"],
+            entry,
+            *_abilities(entry, server or {}),
+            instance=instance,
+            aliases=_aliases(entry, upstream.tags),
+        )
         for entry in entries
         for name in final_names(entry["id"], upstream.tags)
         if endpoint.filter is None or endpoint.filter in name
@@ -251,7 +304,17 @@ async def _probe(
         len(models),
         extra={"upstream": upstream.address, "models": [m.name for m in models]},
     )
-    return models
+    return _Listed(models, server is None)
+
+
+def _aliases(entry: dict[str, Any], tags: Sequence[str]) -> tuple[str, ...]:
+    """The final names of the other names a server lists for a model (llama.cpp's
+    `aliases`, from `--alias`), which it answers by too."""
+    listed = entry.get("aliases")
+    if not isinstance(listed, list):
+        return ()
+    names = (n for alias in listed if _usable_id(alias) for n in final_names(alias, tags))
+    return tuple(dict.fromkeys(names))
 
 
 def _llama(entries: list[dict[str, Any]]) -> bool:
@@ -261,13 +324,14 @@ def _llama(entries: list[dict[str, Any]]) -> bool:
 
 async def _llama_props(
     session: aiohttp.ClientSession, upstream: Upstream, timeout: float
-) -> dict[str, Any]:
-    """llama.cpp's /props (at the server's root): context per slot, template abilities."""
+) -> dict[str, Any] | None:
+    """llama.cpp's /props (at the server's root): context per slot, template abilities;
+    None when it did not answer (a busy server may be slow to)."""
     root = upstream.base_url.removesuffix("/v1")
     try:
         props = await _get_json(session, f"{root}/props", upstream, timeout)
     except _Refused:
-        return {}
+        return None
     return props if isinstance(props, dict) else {}
 
 
@@ -297,13 +361,85 @@ def _abilities(entry: dict[str, Any], props: dict[str, Any]) -> tuple[int | None
     return context, tuple(capabilities)
 
 
+class ScanMemory:
+    """What each server listed at its last good scan, and how many scans in a row have
+    failed to list its models since: kept by whoever scans again and again."""
+
+    def __init__(self) -> None:
+        self.found: dict[_Target, list[FoundModel]] = {}
+        self.failures: dict[_Target, int] = {}
+
+    def listed(self, target: _Target, listed: _Listed) -> list[FoundModel]:
+        """A server's models; where its /props did not answer, each keeps the context
+        and abilities it had last (else a busy llama.cpp's models would fall back to
+        their training context, far above what a slot holds)."""
+        models = listed.models
+        if listed.partial and (before := self.found.get(target)):
+            known = {(m.name, m.upstream_id): m for m in before}
+            models = [
+                replace(m, context_length=old.context_length, capabilities=old.capabilities)
+                if (old := known.get((m.name, m.upstream_id))) is not None
+                else m
+                for m in models
+            ]
+        self.found[target] = models
+        self.failures.pop(target, None)
+        return models
+
+    def forget(self, target: _Target) -> None:
+        self.found.pop(target, None)
+        self.failures.pop(target, None)
+
+    def failed(self, target: _Target, forget_after: int) -> list[FoundModel]:
+        """The models a server keeps through this failed scan (none once it has failed
+        `forget_after` in a row)."""
+        failures = self.failures.get(target, 0) + 1
+        if failures >= forget_after or target not in self.found:
+            self.forget(target)
+            return []
+        self.failures[target] = failures
+        return self.found[target]
+
+    def keep_only(self, targets: Sequence[_Target]) -> None:
+        """Drop what servers no longer configured listed."""
+        for target in self.found.keys() - set(targets):
+            self.forget(target)
+
+
+def _remembered(
+    target: _Target,
+    result: _Listed | _Failed | None,
+    memory: ScanMemory | None,
+    forget_after: int,
+) -> tuple[list[FoundModel] | None, ServerProblem | None]:
+    """A probe's models (None when no server counts as there) and the problem worth
+    telling, once the server's earlier listings are taken into account."""
+    address = target.upstream.base_url
+    if isinstance(result, _Listed):
+        return (result.models if memory is None else memory.listed(target, result)), None
+    if result is None or result.gone:
+        if memory is not None:
+            memory.forget(target)
+        return None, ServerProblem(address, result.reason) if result and result.told else None
+    kept = memory.failed(target, forget_after) if memory is not None else []
+    if kept:
+        reason = (
+            f"did not list its models ({result.reason}); they are kept until "
+            f"{forget_after} scans in a row fail"
+        )
+        return kept, ServerProblem(address, reason)
+    return None, ServerProblem(address, result.reason) if result.told else None
+
+
 async def scan(
     config: Config,
     session: aiohttp.ClientSession,
     previous: Registry | None = None,
     progress: ProgressCallback | None = None,
+    memory: ScanMemory | None = None,
 ) -> ScanResult:
-    """One discovery pass over every enabled endpoint."""
+    """One discovery pass over every enabled endpoint; with a memory (of the scans
+    before), a server whose listing fails keeps what it listed last, for a while."""
     started = time.perf_counter()
     targets = _targets(config.endpoints)
     # Resolve each scanned host once, not once per port.
@@ -312,7 +448,7 @@ async def scan(
     limit = asyncio.Semaphore(SCAN_CONCURRENCY)
     done = 0
 
-    async def bounded(target: _Target) -> list[FoundModel] | ServerProblem | None:
+    async def bounded(target: _Target) -> _Listed | _Failed | None:
         nonlocal done
         async with limit:
             result = await _probe(session, target, config.timeouts.scan, addresses, config.instance)
@@ -321,10 +457,17 @@ async def scan(
             progress(done, len(targets))
         return result
 
-    results = await asyncio.gather(*(bounded(t) for t in targets))
-    found = [model for models in results if isinstance(models, list) for model in models]
+    probed = await asyncio.gather(*(bounded(t) for t in targets))
+    if memory is not None:
+        memory.keep_only(targets)
+    forget_after = config.discovery.forget_after
+    results = [
+        _remembered(target, result, memory, forget_after)
+        for target, result in zip(targets, probed, strict=True)
+    ]
+    found = [model for models, _ in results if models is not None for model in models]
     found += operator_models(config.endpoints)
-    servers = sum(1 for models in results if isinstance(models, list))
+    servers = sum(1 for models, _ in results if models is not None)
     registry = Registry.build(found, servers)
     old_names = set(previous.models) if previous is not None else set()
     new_names = set(registry.models)
@@ -334,19 +477,24 @@ async def scan(
         probed=len(targets),
         new=tuple(sorted(new_names - old_names)),
         gone=tuple(sorted(old_names - new_names)),
-        problems=tuple(r for r in results if isinstance(r, ServerProblem)),
+        problems=tuple(problem for _, problem in results if problem is not None),
+        listed=frozenset(
+            t.upstream.base_url
+            for t, p in zip(targets, probed, strict=True)
+            if isinstance(p, _Listed)
+        ),
     )
 
 
 def make_scan_session(config: Config) -> aiohttp.ClientSession:
     # Connections are not reused between scans: a server may restart in between.
     connector = aiohttp.TCPConnector(limit=SCAN_CONCURRENCY, force_close=True, ttl_dns_cache=60)
+    headers = {"User-Agent": "llproxy-discovery", "Accept-Encoding": "identity"}
+    if config.instance:
+        # Another llproxy then lists only what it does not see through this one.
+        headers["Via"] = f"1.1 {via_name(config.instance)}"
     # Listings are decoded here, within their bound: aiohttp would inflate any size.
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        headers={"User-Agent": "llproxy-discovery", "Accept-Encoding": "identity"},
-    )
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False, headers=headers)
 
 
 class ScanLog:
@@ -387,11 +535,11 @@ class ScanLog:
                 len(registry.models),
                 extra=fields,
             )
-        self._report_problems(result.problems)
+        self._report_problems(result.problems, result.listed)
         self._report_missing(config, registry)
         self.first = False
 
-    def _report_problems(self, problems: Sequence[ServerProblem]) -> None:
+    def _report_problems(self, problems: Sequence[ServerProblem], listed: frozenset[str]) -> None:
         now = {problem.address: problem.reason for problem in problems}
         for problem in problems:
             if self.problems.get(problem.address) != problem.reason:
@@ -405,7 +553,8 @@ class ScanLog:
                     },
                 )
         for address in self.problems.keys() - now.keys():
-            log.info("server %s answers again", address)
+            if address in listed:  # else it is gone, or its models were forgotten
+                log.info("server %s answers again", address)
         self.problems = now
 
     def _report_missing(self, config: Config, registry: Registry) -> None:
@@ -444,6 +593,7 @@ class DiscoveryLoop:
         self._running_scan: asyncio.Task[ScanResult] | None = None
         self._wake = asyncio.Event()
         self.registry = Registry()
+        self._memory = ScanMemory()
         self._log = ScanLog()
 
     async def start(self) -> None:
@@ -474,7 +624,7 @@ class DiscoveryLoop:
 
     async def _scan_and_publish(self) -> ScanResult:
         assert self._session is not None
-        result = await scan(self.config, self._session, self.registry)
+        result = await scan(self.config, self._session, self.registry, memory=self._memory)
         self.registry = result.registry
         self._publish(result)
         self._log.report(result, self.config)
