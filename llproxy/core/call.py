@@ -7,7 +7,6 @@ client's own answer. Nothing here knows HTTP servers, clients or terminals.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -139,8 +138,8 @@ def prompt_text(chat: Mapping[str, Any]) -> str:
         function = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(function, dict):
             pieces += [str(function.get(key) or "") for key in ("name", "description")]
-            with contextlib.suppress(orjson.JSONEncodeError):  # nested past orjson's depth
-                pieces.append(orjson.dumps(function.get("parameters")).decode())
+            # Too deep to write on is the client's 400, as the same body to the model is.
+            pieces.append(encode_client(function.get("parameters")).decode())
     return "\n".join(pieces)
 
 
