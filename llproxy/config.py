@@ -97,6 +97,9 @@ class Config:
     port: int = 42069
     interval_ms: int = 30000
     workers: int | None = None
+    # One listening socket per worker (SO_REUSEPORT) so the kernel spreads connections;
+    # False: one socket shared by all (older kernels, other platforms).
+    reuse_port: bool = True
     default_model: str | None = None
     timeouts: Timeouts = Timeouts()
     max_request_bytes: int = 10 * 1024 * 1024
@@ -375,6 +378,7 @@ _TOP_KEYS = {
     "bindip",
     "interval",
     "workers",
+    "reuse_port",
     "default_model",
     "timeouts",
     "max_request_bytes",
@@ -425,6 +429,9 @@ def parse_config(
             obj, "interval", lambda v: _interval("interval", v), defaults.interval_ms
         ),
         workers=_optional(obj, "workers", lambda v: _positive_int("workers", v), None),
+        reuse_port=_optional(
+            obj, "reuse_port", lambda v: _expect("reuse_port", v, bool, "a boolean"), True
+        ),
         default_model=_optional(
             obj, "default_model", lambda v: _nonempty_str("default_model", v), None
         ),
