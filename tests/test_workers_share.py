@@ -1,0 +1,93 @@
+"""Connections spread over the workers (a listening socket each, SO_REUSEPORT), and the
+one shared socket of `reuse_port: false` still serves and reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from .chaos.conftest import worker_pids
+from .process import LlproxyProcess
+
+Start = Callable[..., Awaitable[LlproxyProcess]]
+CONNECTIONS = 32
+
+
+async def served_by(daemon: LlproxyProcess) -> Counter[int]:
+    """Open CONNECTIONS connections at once, then ask /health on each: how many each
+    worker (by pid) accepted."""
+    opened = await asyncio.gather(
+        *(asyncio.open_connection("127.0.0.1", daemon.port) for _ in range(CONNECTIONS))
+    )
+
+    async def pid(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer
+        return int(json.loads(body)["pid"])
+
+    return Counter(await asyncio.gather(*(pid(r, w) for r, w in opened)))
+
+
+def config(tmp_path: Path, **top: object) -> str:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"endpoints": [], **top}))
+    return str(path)
+
+
+async def test_two_workers_share_the_connections(start_llproxy: Start, tmp_path: Path) -> None:
+    """Kernel hashing is random: the bounds are loose enough for it (a run over 80 % has
+    odds of 3 in 10,000) and fail for one socket whose first worker to wake takes all."""
+    daemon = await start_llproxy("--config", config(tmp_path), "--workers", "2")
+    runs = [await served_by(daemon) for _ in range(20)]
+    total: Counter[int] = sum(runs, Counter())
+    assert len(total) == 2, runs
+    assert all(max(run.values()) <= 0.8 * CONNECTIONS for run in runs), runs
+    for count in total.values():
+        assert abs(count / total.total() - 0.5) <= 0.10, runs
+
+
+async def test_four_workers_none_takes_half(start_llproxy: Start, tmp_path: Path) -> None:
+    daemon = await start_llproxy("--config", config(tmp_path), "--workers", "4")
+    runs = [await served_by(daemon) for _ in range(5)]
+    assert len(sum(runs, Counter())) == 4, runs
+    assert all(max(run.values()) <= CONNECTIONS / 2 for run in runs), runs
+
+
+async def test_a_reload_hands_each_slot_on(start_llproxy: Start, tmp_path: Path) -> None:
+    """After a reload (and a worker more) the connections spread over the new workers."""
+    path = config(tmp_path)
+    daemon = await start_llproxy("--config", path, "--workers", "2")
+    before = set(await served_by(daemon))
+    daemon.signal(signal.SIGTTIN)
+    await daemon.wait_for(r"adding a worker \(now 3\)")
+    daemon.signal(signal.SIGHUP)
+    await daemon.wait_for(r"reloaded .*: 3 workers")
+    # The retired workers take what is queued for them until they stop listening.
+    deadline = time.monotonic() + 20
+    while len(worker_pids(daemon.pid)) > 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    runs = [await served_by(daemon) for _ in range(5)]
+    after = set(sum(runs, Counter()))
+    assert after == set(worker_pids(daemon.pid)) and not after & before, runs
+    assert all(max(run.values()) <= 0.8 * CONNECTIONS for run in runs), runs
+
+
+async def test_one_shared_socket_when_reuse_port_is_off(
+    start_llproxy: Start, tmp_path: Path
+) -> None:
+    daemon = await start_llproxy(
+        "--config", config(tmp_path, reuse_port=False), "--workers", "2", "-vv"
+    )
+    assert (await served_by(daemon)).total() == CONNECTIONS
+    daemon.signal(signal.SIGHUP)
+    await daemon.wait_for(r"reloaded .*: 2 workers")
+    assert (await served_by(daemon)).total() == CONNECTIONS
+    assert "one listening socket per worker" not in daemon.output
