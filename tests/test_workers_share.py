@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+from aiohttp import web
+
+from llproxy.process.worker import stop_accepting
 
 from .chaos.conftest import worker_pids
 from .process import LlproxyProcess
@@ -91,3 +96,44 @@ async def test_one_shared_socket_when_reuse_port_is_off(
     await daemon.wait_for(r"reloaded .*: 2 workers")
     assert (await served_by(daemon)).total() == CONNECTIONS
     assert "one listening socket per worker" not in daemon.output
+
+
+async def test_a_retiring_worker_takes_in_what_is_queued() -> None:
+    """Connections the kernel queued on a worker's socket when it stops listening are
+    served, not reset with the socket's last copy (the worker count went down, or the
+    daemon stops)."""
+
+    async def served(_: web.Request) -> web.Response:
+        return web.Response(text="served")
+
+    app = web.Application()
+    app.router.add_get("/", served)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, listening)
+    await site.start()
+    address = listening.getsockname()
+    # The event loop does not run from here to stop_accepting: nothing is accepted yet.
+    clients = [socket.create_connection(address, timeout=10) for _ in range(8)]
+    for client in clients:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    await stop_accepting(runner, site, listening)
+
+    def answer(client: socket.socket) -> bytes:
+        data = b""
+        try:
+            while chunk := client.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            return b"reset"
+        finally:
+            client.close()
+        return data
+
+    try:
+        answers = await asyncio.gather(*(asyncio.to_thread(answer, c) for c in clients))
+    finally:
+        await runner.cleanup()
+    assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"served") for a in answers), answers

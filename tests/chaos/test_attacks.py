@@ -202,18 +202,18 @@ async def test_reloads_and_stop_under_load(
         outcomes=reloads,
         failed=sum(n for k, n in reloads.items() if k != "200"),
     )
-    not_served = ("200", "refused", "reset at connect")
     report(
         "SIGTERM under keep-alive load",
         outcomes=stop,
-        failed_mid_request=sum(n for k, n in stop.items() if k not in not_served),
+        failed=sum(n for k, n in stop.items() if k not in ("200", "refused")),
         slowest_ms=load.max_ms(),
         exit_after_s=round(exit_s, 2),
     )
     assert set(reloads) == {"200"}
-    # After the stop a client is refused (or, in the listen queue at the last instant,
-    # reset before anything was read): never dropped mid-request, never left hanging.
-    assert set(stop) <= set(not_served)
+    # After the stop a client is refused: never reset in a listen queue (a retiring
+    # worker takes in what is queued before its socket closes), never dropped
+    # mid-request, never left hanging.
+    assert set(stop) <= {"200", "refused"}
     assert load.max_ms() < 2000
 
 
