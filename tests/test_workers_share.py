@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from llproxy.process.supervisor import EX_BIND_FAILURE
 from llproxy.process.worker import stop_accepting
 
 from .chaos.conftest import worker_pids
@@ -137,3 +138,15 @@ async def test_a_retiring_worker_takes_in_what_is_queued() -> None:
     finally:
         await runner.cleanup()
     assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"served") for a in answers), answers
+
+
+async def test_a_port_another_process_shares_is_busy(start_llproxy: Start) -> None:
+    """A socket that allows SO_REUSEPORT (another llproxy left running) still makes the
+    port busy: the slots would otherwise join its group and take half its connections."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        daemon = await start_llproxy("--workers", "2", ready=False, port=other.getsockname()[1])
+        assert await daemon.wait_exit(timeout=20) == EX_BIND_FAILURE
+    assert "in use" in daemon.output
