@@ -188,7 +188,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workers = workers_of(llproxy.pid)
         idle = [round(rss_mb(pid), 1) for pid in workers]
         ports = {"direct": upstream, "nginx": nginx, "llproxy": port, "llproxy anthropic": port}
+        load: list[float] = []
         for n in steps:
+            load.append(os.getloadavg()[0])
             for target, target_port in ports.items():
                 print(f"capacity: {n} streams, {target}", flush=True)
                 watched = workers if target.startswith("llproxy") else []
@@ -203,6 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "idle_rss": idle,
             "after_rss": after,
             "cores": cores,
+            "load": [*load, os.getloadavg()[0]],
             "versions": versions(),
         }
     finally:
@@ -273,8 +276,9 @@ upstream (direct), through nginx (`proxy_buffering off`), and through llproxy wi
 "Added" is over the direct figure of the same N; the gap is the time between two token
 chunks' arrivals (p99 over every gap of every stream).{skipped} Everything runs on the
 {data["cores"]} cores of one machine (clients, upstream, nginx, llproxy), which other
-work shared during the run: the figures are noisy, and at high N the upstream and the
-clients compete with the proxy for the same cores.
+work shared during the run (load average over one minute, at each N and at the end:
+{", ".join(f"{v:.1f}" for v in data["load"])}): the figures are noisy, and at high N the
+upstream and the clients compete with the proxy for the same cores.
 
 **Headline: llproxy adds at most {TARGET_GAP_MS:g} ms to the p99 gap with 0 errors up to
 N = {openai:,} (OpenAI stream) and N = {anthropic:,} (Anthropic stream); nginx up to
