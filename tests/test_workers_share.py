@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from llproxy.process.memory import BurstWatch, malloc_trim
 from llproxy.process.supervisor import EX_BIND_FAILURE
 from llproxy.process.worker import stop_accepting
 
@@ -150,3 +151,12 @@ async def test_a_port_another_process_shares_is_busy(start_llproxy: Start) -> No
         daemon = await start_llproxy("--workers", "2", ready=False, port=other.getsockname()[1])
         assert await daemon.wait_exit(timeout=20) == EX_BIND_FAILURE
     assert "in use" in daemon.output
+
+
+def test_a_burst_of_connections_that_closed_is_trimmed_once() -> None:
+    watch = BurstWatch(burst=1000)
+    assert not any(watch.fell(n) for n in (0, 10, 2500, 2000, 1600))
+    assert watch.fell(1400)  # 1,100 fewer than the peak
+    assert not watch.fell(900)  # the peak starts again from 1,400
+    assert not watch.fell(1200)
+    assert malloc_trim() is not None  # glibc here: the worker does trim

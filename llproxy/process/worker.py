@@ -45,6 +45,7 @@ from .channel import (
 )
 from .desk import ChannelDesk
 from .listeners import BACKLOG
+from .memory import trim_after_bursts
 
 log = logging.getLogger("llproxy.worker")
 
@@ -145,8 +146,12 @@ async def serve(spec: WorkerSpec) -> None:
     # A slot's socket is bound but not yet listening: this is where it starts to.
     site = web.SockSite(runner, spec.sock, backlog=BACKLOG)
     await site.start()
+    server = runner.server
+    assert server is not None
+    trimming = asyncio.ensure_future(trim_after_bursts(lambda: len(server.connections)))
     channel.send(Ready(spec.worker_id, os.getpid()))
     reason = await stop.get()
+    trimming.cancel()
     log.debug("worker %d stopping: %s", spec.worker_id, reason)
     await drain(runner, site, spec.sock, state, spec.graceful_timeout)
     # The app's cleanup passes on the last usage records (of requests that finished

@@ -162,8 +162,14 @@ async def test_5000_idle_keep_alive_connections(
         )
         for _, writer in idle:
             writer.close()
-        await asyncio.sleep(1)
-        after = [rss_mb(pid) for pid in workers]
+        # Workers give back what the burst freed (malloc_trim) within a second or two.
+        deadline = time.monotonic() + 5
+        while True:
+            await asyncio.sleep(0.5)
+            after = [rss_mb(pid) for pid in workers]
+            gave_back = [d - a for d, a in zip(during, after, strict=True)]
+            if min(gave_back) >= 5 or time.monotonic() > deadline:
+                break
     report(
         "5000 idle keep-alives",
         worker_rss_mb=f"{before} → {during} with them → {after} after",
@@ -172,6 +178,9 @@ async def test_5000_idle_keep_alive_connections(
         all_closed_within_s=round(max(cut_after), 1),
     )
     assert max(cut_after) < 15
+    # What stays is Python's allocator's: arenas pinned by a few live objects, reused by
+    # the next burst (README, Processes).
+    assert min(gave_back) >= 5, (during, after)
 
 
 async def test_reloads_and_stop_under_load(
