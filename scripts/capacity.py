@@ -16,6 +16,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,10 +86,24 @@ def gap_percentile(histogram: Counter[int], q: float) -> float:
     return float("nan")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time these processes used so far."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def streams(
-    port: int, target: str, count: int, workers: list[int], workdir: Path
+    port: int, target: str, count: int, proxy: list[int], workers: list[int], workdir: Path
 ) -> dict[str, Any]:
-    """Run `count` streams against a port at once; the merged figures of the clients."""
+    """Run `count` streams against a port at once; the merged figures of the clients,
+    the CPU the `proxy` processes used per chunk, the peak RSS of llproxy's `workers`."""
     dialect, path, fields = TARGETS[target]
     body = json.dumps({"model": "bench-model", "stream": True, **fields})
     outs = []
@@ -102,12 +117,14 @@ def streams(
         command += ["--count", str(share), "--chunks", str(TOKENS)]
         command += ["--spread", str(START_SPREAD)]
         clients.append(subprocess.Popen(command, stdout=out))
+    cpu_before = cpu_seconds(proxy)
     peak = dict.fromkeys(workers, 0.0)
     deadline = time.monotonic() + START_SPREAD + TOKENS * GAP_MS / 1000 + 90
     while any(c.poll() is None for c in clients) and time.monotonic() < deadline:
         for pid in workers:
             peak[pid] = max(peak[pid], rss_mb(pid))
         time.sleep(0.5)
+    cpu = cpu_seconds(proxy) - cpu_before
     ttfc: list[float] = []
     gaps: Counter[int] = Counter()
     errors: Counter[str] = Counter()
@@ -131,6 +148,8 @@ def streams(
         "gap_p99": gap_percentile(gaps, 0.99),
         "errors": dict(errors),
         "rss": [round(peak[pid], 1) for pid in workers] if workers else [],
+        # Every chunk of every stream (failed ones too) went through the proxy, or was meant to.
+        "cpu_us_per_chunk": cpu / (count * TOKENS) * 1e6 if proxy else None,
     }
 
 
@@ -165,7 +184,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         nginx = free_port()
         conf = nginx_conf(workdir, [(nginx, upstream)], connections=limit)
-        procs.start("nginx", ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"])
+        nginx_master = procs.start(
+            "nginx", ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
+        )
         config = workdir / "llproxy.json"
         config.write_text(
             json.dumps(
@@ -188,13 +209,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workers = workers_of(llproxy.pid)
         idle = [round(rss_mb(pid), 1) for pid in workers]
         ports = {"direct": upstream, "nginx": nginx, "llproxy": port, "llproxy anthropic": port}
+        busy = {"nginx": children(nginx_master.pid), "llproxy": workers}
         load: list[float] = []
         for n in steps:
             load.append(os.getloadavg()[0])
             for target, target_port in ports.items():
                 print(f"capacity: {n} streams, {target}", flush=True)
                 watched = workers if target.startswith("llproxy") else []
-                results[target][n] = streams(target_port, target, n, watched, workdir)
+                proxy = busy.get(target.split()[0], [])
+                results[target][n] = streams(target_port, target, n, proxy, watched, workdir)
                 time.sleep(1)
         after = [round(rss_mb(pid), 1) for pid in workers]
         return {
@@ -228,8 +251,8 @@ def headline(data: dict[str, Any], target: str) -> int:
 def markdown(data: dict[str, Any]) -> str:
     rows = [
         "| N | target | first chunk p50 / p99 ms | added p50 / p99 | gap p50 / p99 ms "
-        "| added p50 / p99 | errors | llproxy worker RSS peak MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| added p50 / p99 | errors | proxy CPU µs a chunk | llproxy worker RSS peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n in data["steps"]:
         direct = data["results"]["direct"][str(n)]
@@ -245,6 +268,7 @@ def markdown(data: dict[str, Any]) -> str:
                     f"{r[f'{key}_{q}'] - direct[f'{key}_{q}']:+.1f}" for q in ("p50", "p99")
                 )
 
+            cpu = "-" if r["cpu_us_per_chunk"] is None else f"{r['cpu_us_per_chunk']:.0f}"
             errors = sum(r["errors"].values())
             detail = (
                 f" ({', '.join(f'{k}: {v}' for k, v in r['errors'].items())})" if errors else ""
@@ -252,6 +276,7 @@ def markdown(data: dict[str, Any]) -> str:
             rows.append(
                 f"| {n:,} | {target} | {pair('ttfc')} | {plus('ttfc') if added else '-'} "
                 f"| {pair('gap')} | {plus('gap') if added else '-'} | {errors}{detail} "
+                f"| {cpu} "
                 f"| {', '.join(f'{v:.0f}' for v in r['rss']) or '-'} |"
             )
     openai, anthropic = headline(data, "llproxy"), headline(data, "llproxy anthropic")
@@ -263,6 +288,15 @@ def markdown(data: dict[str, Any]) -> str:
         else ""
     )
     machine = ", ".join(f"{k} {v}" for k, v in data["versions"].items() if k != "wrk")
+    idle = ", ".join(f"{v:.0f}" for v in data["idle_rss"])
+    after = ", ".join(f"{v:.0f}" for v in data["after_rss"])
+
+    def per_core(target: str) -> str:
+        """Streams one core could carry at the target's median CPU a chunk."""
+        costs = [data["results"][target][str(n)]["cpu_us_per_chunk"] for n in data["steps"]]
+        cost = statistics.median(costs)
+        return f"{cost:.0f} µs a chunk, about {1e6 / (cost * 1000 / GAP_MS):,.0f} streams a core"
+
     return f"""<!-- capacity -->
 ## Streaming capacity
 
@@ -274,7 +308,10 @@ from `scripts/fast_upstream.py --paced`, in llama.cpp's chunk shape: straight fr
 upstream (direct), through nginx (`proxy_buffering off`), and through llproxy with
 {data["cores"]} workers (no rate limit), as an OpenAI stream and as an Anthropic one.
 "Added" is over the direct figure of the same N; the gap is the time between two token
-chunks' arrivals (p99 over every gap of every stream).{skipped} Everything runs on the
+chunks' arrivals (p99 over every gap of every stream); the proxy's CPU is what its
+processes (nginx's workers, llproxy's) used during the run over the N x {TOKENS}
+chunks, so a core of its own would carry about 1,000,000 / ({1000 / GAP_MS:g} x that)
+streams.{skipped} Everything runs on the
 {data["cores"]} cores of one machine (clients, upstream, nginx, llproxy), which other
 work shared during the run (load average over one minute, at each N and at the end:
 {", ".join(f"{v:.1f}" for v in data["load"])}): the figures are noisy, and at high N the
@@ -282,8 +319,9 @@ upstream and the clients compete with the proxy for the same cores.
 
 **Headline: llproxy adds at most {TARGET_GAP_MS:g} ms to the p99 gap with 0 errors up to
 N = {openai:,} (OpenAI stream) and N = {anthropic:,} (Anthropic stream); nginx up to
-N = {nginx:,}.** Worker RSS: {", ".join(f"{v:.0f}" for v in data["idle_rss"])} MB idle
-before, {", ".join(f"{v:.0f}" for v in data["after_rss"])} MB after the run.
+N = {nginx:,}.** Median CPU: llproxy {per_core("llproxy")} (Anthropic:
+{per_core("llproxy anthropic")}), nginx {per_core("nginx")}. Worker RSS: {idle} MB idle
+before, {after} MB after the run.
 
 {chr(10).join(rows)}
 
