@@ -206,7 +206,11 @@ async def stop_accepting(
                 connection, _ = queued.accept()
             except OSError:  # nothing queued (BlockingIOError), or never listened
                 break
+            connection.setblocking(False)
             assert runner.server is not None
-            await loop.connect_accepted_socket(runner.server, connection)
+            try:
+                await loop.connect_accepted_socket(runner.server, connection)
+            except OSError:  # the client left meanwhile: not a reason to stop the drain
+                connection.close()
     finally:
         queued.close()
