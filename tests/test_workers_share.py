@@ -51,7 +51,8 @@ def config(tmp_path: Path, **top: object) -> str:
 
 async def test_two_workers_share_the_connections(start_llproxy: Start, tmp_path: Path) -> None:
     """Kernel hashing is random: the bounds are loose enough for it (a run over 80 % has
-    odds of 3 in 10,000) and fail for one socket whose first worker to wake takes all."""
+    odds of 3 in 10,000, so about 1 in 100 that one of 20 does: a rare false failure) and
+    fail for one socket whose first worker to wake takes all."""
     daemon = await start_llproxy("--config", config(tmp_path), "--workers", "2")
     runs = [await served_by(daemon) for _ in range(20)]
     total: Counter[int] = sum(runs, Counter())
@@ -62,6 +63,7 @@ async def test_two_workers_share_the_connections(start_llproxy: Start, tmp_path:
 
 
 async def test_four_workers_none_takes_half(start_llproxy: Start, tmp_path: Path) -> None:
+    """Odds that random hashing puts over half on one of 4 in one of 5 runs: ~1 in 80."""
     daemon = await start_llproxy("--config", config(tmp_path), "--workers", "4")
     runs = [await served_by(daemon) for _ in range(5)]
     assert len(sum(runs, Counter())) == 4, runs
