@@ -65,6 +65,7 @@ lint: $(STAMP)
 # Installs wrk and nginx-light with apt-get when missing (as root). About 22 minutes on 2 cores (README, Benchmark).
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py --capacity
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .cache

@@ -111,6 +111,9 @@ class Config:
     port: int = 42069
     interval_ms: int = 30000
     workers: int | None = None
+    # One listening socket per worker (SO_REUSEPORT) so the kernel spreads connections;
+    # False: one socket shared by all (older kernels, other platforms).
+    reuse_port: bool = True
     default_model: str | None = None
     timeouts: Timeouts = Timeouts()
     discovery: Discovery = Discovery()
@@ -424,6 +427,7 @@ _TOP_KEYS = {
     "bindip",
     "interval",
     "workers",
+    "reuse_port",
     "default_model",
     "timeouts",
     "discovery",
@@ -475,6 +479,9 @@ def parse_config(
             obj, "interval", lambda v: _interval("interval", v), defaults.interval_ms
         ),
         workers=_optional(obj, "workers", lambda v: _positive_int("workers", v), None),
+        reuse_port=_optional(
+            obj, "reuse_port", lambda v: _expect("reuse_port", v, bool, "a boolean"), True
+        ),
         default_model=_optional(
             obj, "default_model", lambda v: _nonempty_str("default_model", v), None
         ),

@@ -263,7 +263,7 @@ def ensure_tools() -> None:
     )
 
 
-def nginx_conf(workdir: Path, routes: list[tuple[int, int]]) -> Path:
+def nginx_conf(workdir: Path, routes: list[tuple[int, int]], connections: int = 8192) -> Path:
     servers = "\n".join(
         f"""  upstream up{listen} {{ server 127.0.0.1:{target}; keepalive 256; }}
   server {{
@@ -280,9 +280,10 @@ def nginx_conf(workdir: Path, routes: list[tuple[int, int]]) -> Path:
     path = workdir / "nginx.conf"
     path.write_text(
         f"""worker_processes auto;
+worker_rlimit_nofile {connections};
 error_log {workdir}/nginx-error.log warn;
 pid {workdir}/nginx.pid;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {connections}; }}
 http {{
   access_log off;
   client_body_temp_path {workdir}/nginx-body;
@@ -714,12 +715,24 @@ def main() -> None:
     parser.add_argument("--soak-max-seconds", type=float, default=300.0)
     parser.add_argument("--quick", action="store_true", help="1 repetition, 2 s runs, short soak")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    args = parser.parse_args()
+    parser.add_argument(
+        "--capacity",
+        action="store_true",
+        help="only the streaming capacity run (scripts/capacity.py --help: its options)",
+    )
+    args, rest = parser.parse_known_args()
+    # `timeout` or Ctrl-C must still stop every process this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    if args.capacity:
+        import capacity
+
+        capacity.main([*rest, "--output", args.output])
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.quick:
         args.reps, args.duration, args.stream_samples = 1, 2.0, 3
         args.soak_requests, args.soak_max_seconds = 50_000, 20.0
-    # `timeout` or Ctrl-C must still stop every process this run started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     data = run(args)
     rows, timing, verdicts = report(data)
     from rich.console import Console
@@ -735,7 +748,12 @@ def main() -> None:
         console.print(table)
     for verdict in verdicts:
         console.print(f"• {verdict}", highlight=False)
-    Path(args.output).write_text(markdown(data, rows, timing, verdicts))
+    # The capacity run (`--capacity`) writes a section of its own: kept.
+    from capacity import keep_section
+
+    output = Path(args.output)
+    kept = keep_section(output.read_text()) if output.exists() else ""
+    output.write_text(markdown(data, rows, timing, verdicts) + kept)
     console.print(f"written to {args.output}")
 
 

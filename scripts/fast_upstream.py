@@ -3,8 +3,10 @@
 It answers `GET /v1/models`, and `POST /v1/chat/completions` with a fixed JSON body, or
 with N server-sent-event chunks when the body asks for `"stream": true`. With --delay the
 stream's first chunk comes after --first-ms and every next one after --gap-ms, to show
-whether a proxy forwards chunks as they arrive. It must never be the bottleneck, so it
-parses only what it needs: the request line, Content-Length and the stream flag.
+whether a proxy forwards chunks as they arrive; with --paced too, one timer (every
+--tick-ms) writes the chunks of every stream that is due, so thousands of streams cost
+no timer each. It must never be the bottleneck, so it parses only what it needs: the
+request line, Content-Length and the stream flag.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import socket
 import time
+from collections import defaultdict
 
 import orjson
 import uvloop
@@ -56,6 +59,20 @@ def _chunk(data: bytes) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
+_EVENTS: dict[tuple[int, int], bytes] = {}
+
+
+def _cached_event(index: int) -> bytes:
+    """_event(index), made once per second: `created` changes only that often."""
+    key = (index, int(time.time()))
+    event = _EVENTS.get(key)
+    if event is None:
+        if len(_EVENTS) > 100_000:
+            _EVENTS.clear()
+        event = _EVENTS[key] = _event(index)
+    return event
+
+
 def _event(index: int) -> bytes:
     # The shape llama.cpp's server writes (recorded from llama-server): the chunks of an
     # answer differ only in their text and, from one second to the next, `created`.
@@ -84,6 +101,42 @@ class Settings:
     delay = False
     first_ms = 100.0
     gap_ms = 10.0
+    tick_ms = 0.0
+    pacer: Pacer | None = None
+
+
+class Pacer:
+    """Writes the due chunk of every paced stream from one timer, `tick` apart, that runs
+    while any stream is on: a stream is filed under the tick its next chunk is due in."""
+
+    def __init__(self, settings: Settings, tick: float) -> None:
+        self.settings = settings
+        self.tick = tick
+        self.due: defaultdict[int, list[UpstreamProtocol]] = defaultdict(list)
+        self.done = 0  # the last tick whose streams were written
+        self.running = False
+
+    def add(self, stream: UpstreamProtocol, at: float) -> None:
+        loop = asyncio.get_running_loop()
+        if not self.running:
+            self.running = True
+            self.done = int(loop.time() / self.tick)
+            loop.call_at((self.done + 1) * self.tick, self._run)
+        self.due[max(int(at / self.tick), self.done + 1)].append(stream)
+
+    def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = int(loop.time() / self.tick)
+        gap = self.settings.gap_ms / 1000
+        for slot in range(self.done + 1, now + 1):
+            self.done = slot
+            for stream in self.due.pop(slot, ()):
+                if stream.write_next():
+                    self.add(stream, slot * self.tick + gap)
+        if self.due:
+            loop.call_at((now + 1) * self.tick, self._run)
+        else:
+            self.running = False
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -93,6 +146,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.busy = False  # a delayed stream is being written; later requests wait
         self.stream_task: asyncio.Task[None] | None = None
+        self.sent = 0  # chunks of the paced stream written so far
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
@@ -128,7 +182,13 @@ class UpstreamProtocol(asyncio.Protocol):
             self.transport.write(_json_response(MODELS))
         elif request_line.startswith(b"post "):
             if b'"stream":true' in body or b'"stream": true' in body:
-                if self.settings.delay:
+                if self.settings.pacer is not None:
+                    self.busy = True
+                    self.sent = 0
+                    self.transport.write(STREAM_HEAD)
+                    at = asyncio.get_running_loop().time() + self.settings.first_ms / 1000
+                    self.settings.pacer.add(self, at)
+                elif self.settings.delay:
                     self.busy = True
                     self.stream_task = asyncio.ensure_future(self._slow_stream())
                 else:
@@ -138,6 +198,20 @@ class UpstreamProtocol(asyncio.Protocol):
                 self.transport.write(_json_response(COMPLETION))
         else:
             self.transport.write(NOT_FOUND)
+
+    def write_next(self) -> bool:
+        """Write the paced stream's next chunk (or its end); whether more are to come."""
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return False
+        if self.sent < self.settings.chunks:
+            self.transport.write(_cached_event(self.sent))
+            self.sent += 1
+            return True
+        self.transport.write(STREAM_END)
+        self.busy = False
+        self._drain()
+        return False
 
     async def _slow_stream(self) -> None:
         assert self.transport is not None
@@ -162,6 +236,8 @@ async def serve(host: str, port: int, settings: Settings) -> None:
     server = await loop.create_server(
         lambda: UpstreamProtocol(settings), host, port, reuse_address=True, backlog=4096
     )
+    if settings.delay and settings.pacer is None and settings.tick_ms:
+        settings.pacer = Pacer(settings, settings.tick_ms / 1000)
     print(f"fast upstream on {host}:{port}", flush=True)
     async with server:
         await server.serve_forever()
@@ -175,10 +251,17 @@ def main() -> None:
     parser.add_argument("--delay", action="store_true")
     parser.add_argument("--first-ms", type=float, default=100.0)
     parser.add_argument("--gap-ms", type=float, default=10.0)
+    parser.add_argument(
+        "--paced",
+        action="store_true",
+        help="with --delay: one timer for all streams instead of one per stream",
+    )
+    parser.add_argument("--tick-ms", type=float, default=1.0, help="the --paced timer's period")
     args = parser.parse_args()
     settings = Settings()
     settings.chunks, settings.delay = args.chunks, args.delay
     settings.first_ms, settings.gap_ms = args.first_ms, args.gap_ms
+    settings.tick_ms = args.tick_ms if args.paced else 0.0
     uvloop.run(serve(args.host, args.port, settings))
 
 

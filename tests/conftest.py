@@ -33,7 +33,12 @@ from .scenario_upstream import ScenarioUpstream
 # slow down most on a loaded machine: `make test-slow` runs them (CI runs both targets), so
 # that `make test` stays quick.
 SLOW_SUITES = frozenset(
-    {"test_supervisor.py", "test_operator_page.py", "test_operator_terminal.py"}
+    {
+        "test_supervisor.py",
+        "test_workers_share.py",
+        "test_operator_page.py",
+        "test_operator_terminal.py",
+    }
 )
 
 

@@ -69,13 +69,14 @@ def test_every_optional_key() -> None:
         {
             "bindip": "0.0.0.0",
             "workers": 3,
+            "reuse_port": False,
             "default_model": "m:gpu0",
             "timeouts": {"connect": 2, "first_byte": 90.5, "idle": 30, "scan": 0.5},
             "max_request_bytes": 2048,
             "endpoints": [],
         }
     )
-    assert config.bindip == "0.0.0.0" and config.workers == 3
+    assert config.bindip == "0.0.0.0" and config.workers == 3 and not config.reuse_port
     assert config.default_model == "m:gpu0" and config.max_request_bytes == 2048
     assert (config.timeouts.connect, config.timeouts.first_byte) == (2.0, 90.5)
     assert (config.timeouts.idle, config.timeouts.scan) == (30.0, 0.5)
@@ -123,6 +124,7 @@ def test_the_optional_parts_in_the_readme_are_valid() -> None:
         ({"port": True}, "port: must be an integer port"),
         ({"interval": 10}, "interval: must be at least 1000 milliseconds"),
         ({"workers": 0}, "workers: must be > 0"),
+        ({"reuse_port": 1}, "reuse_port: must be a boolean"),
         ({"bindip": "my host"}, "bindip: must be an IP address"),
         ({"timeouts": {"first_byte": -1}}, "timeouts.first_byte: must be > 0"),
         ({"timeouts": {"total": 5}}, "timeouts.total: unknown key"),

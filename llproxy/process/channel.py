@@ -36,7 +36,7 @@ class WorkerSpec:
 
     worker_id: int
     config: Config
-    sock: socket.socket  # the shared listening socket
+    sock: socket.socket  # its slot's listening socket, or the one shared (listeners.py)
     channel: socket.socket  # the worker's end of its socket pair with the supervisor
     host: HostShare  # the host's rate table, shared by every worker
     verbose: int

@@ -1,4 +1,4 @@
-"""The master process: binds once, runs discovery, and supervises pre-forked workers.
+"""The master process: binds the listening sockets, runs discovery, supervises workers.
 
 Control plane here, data plane in the workers. Signal handlers and console commands only
 put an event on one queue; one dispatcher runs the matching `handle_*`. TERM/INT/quit
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -18,7 +19,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -46,6 +47,7 @@ from .channel import (
     WorkerCount,
     WorkerSpec,
 )
+from .listeners import Listeners
 from .sdnotify import Notifier
 from .services import MasterServices
 from .worker import worker_main
@@ -92,6 +94,7 @@ class WorkerHandle:
     started: float = field(default_factory=time.monotonic)
     ready: asyncio.Future[None] | None = None
     retiring: bool = False
+    slot: int = 0  # which listening socket it accepts on (see listeners.py)
 
     @property
     def pid(self) -> int:
@@ -105,22 +108,11 @@ class WorkerHandle:
         return ready.exception() is None
 
 
-def bind_socket(config: Config) -> socket.socket:
-    family = socket.AF_INET6 if ":" in config.bindip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.bindip, config.port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    sock.setblocking(False)
-    return sock
-
-
 class Supervisor:
-    def __init__(self, options: ServeOptions, config: Config, sock: socket.socket) -> None:
+    def __init__(self, options: ServeOptions, config: Config, listeners: Listeners) -> None:
         self.options = options
         self.config = config
-        self.sock = sock
+        self.listeners = listeners
         self.target = options.workers or config.workers or default_workers()
         self.workers: dict[int, WorkerHandle] = {}
         self.registry = Registry()
@@ -145,13 +137,14 @@ class Supervisor:
 
     # --- workers -----------------------------------------------------------------------
 
-    def spawn(self, config: Config) -> WorkerHandle:
+    def spawn(self, config: Config, slot: int) -> WorkerHandle:
         worker_id = next(self._ids)
+        sock = self.listeners.listener(slot)
         parent_end, child_end = socket.socketpair()
         spec = WorkerSpec(
             worker_id=worker_id,
             config=config,
-            sock=self.sock,
+            sock=sock,
             channel=child_end,
             host=self.host,
             verbose=self.options.verbose,
@@ -164,7 +157,7 @@ class Supervisor:
         process.start()
         child_end.close()
         channel = Channel(parent_end, lambda message: self._on_message(handle, message))
-        handle = WorkerHandle(worker_id, process, channel, Calls(channel))
+        handle = WorkerHandle(worker_id, process, channel, Calls(channel), slot=slot)
         self.workers[worker_id] = handle
         self._all_exited.clear()
         return handle
@@ -247,9 +240,14 @@ class Supervisor:
             )
             self._own(self._start_workers(1, self.config))
 
-    async def _start_workers(self, count: int, config: Config) -> list[WorkerHandle]:
-        """Spawn `count` workers and wait until each serves; raises if one fails to boot."""
-        handles = [self.spawn(config) for _ in range(count)]
+    async def _start_workers(
+        self, count: int, config: Config, slots: Iterable[int] | None = None
+    ) -> list[WorkerHandle]:
+        """Spawn `count` workers (on `slots`, else on slots no serving worker holds) and
+        wait until each serves; raises if one fails to boot."""
+        if slots is None:
+            slots = self.listeners.free({h.slot for h in self._serving()}, count)
+        handles = [self.spawn(config, slot) for slot in slots]
         for handle in handles:
             await self._watch(handle)
         try:
@@ -258,6 +256,7 @@ class Supervisor:
         except BaseException:
             for handle in handles:
                 self._retire(handle, signal.SIGKILL)
+            self._close_unheld_slots()
             raise
         self._broadcast(WorkerCount(self.target))
         return handles
@@ -270,6 +269,9 @@ class Supervisor:
 
     def _serving(self) -> list[WorkerHandle]:
         return [h for h in self.workers.values() if not h.retiring]
+
+    def _close_unheld_slots(self) -> None:
+        self.listeners.keep_only({h.slot for h in self._serving()})
 
     def _broadcast(self, message: RegistryUpdate | WorkerCount) -> None:
         for handle in list(self.workers.values()):
@@ -406,6 +408,7 @@ class Supervisor:
         newest = max(serving, key=lambda h: h.worker_id)
         log.info("retiring worker %d (now %d)", newest.worker_id, self.target)
         self._retire(newest)
+        self._close_unheld_slots()
         self._broadcast(WorkerCount(self.target))
 
     async def handle_scan(self) -> None:
@@ -439,19 +442,24 @@ class Supervisor:
             except ConfigError as exc:
                 log.error("reload: configuration error, keeping the old one: %s", exc)
                 return
-            if (config.bindip, config.port) != (self.config.bindip, self.config.port):
+            listening = (self.config.bindip, self.config.port, self.config.reuse_port)
+            if (config.bindip, config.port, config.reuse_port) != listening:
                 log.warning(
-                    "reload: bindip/port changes need a restart; still on %s:%d",
+                    "reload: bindip/port/reuse_port changes need a restart; still on %s:%d",
                     self.config.bindip,
                     self.config.port,
                 )
-                config = config.with_overrides(bindip=self.config.bindip, port=self.config.port)
+                config = dataclasses.replace(
+                    config, bindip=listening[0], port=listening[1], reuse_port=listening[2]
+                )
             old = self._serving()
             target = self.target
             if self.options.workers is None and config.workers is not None:
                 target = config.workers
             try:
-                await self._start_workers(target, config)
+                # Each new worker takes over an old one's slot, so the old one's queued
+                # connections stay queued for it instead of being reset.
+                await self._start_workers(target, config, range(target))
             except Exception as exc:
                 log.error("reload: new workers failed to start (%s); keeping the old ones", exc)
                 return
@@ -461,6 +469,7 @@ class Supervisor:
             self.discovery.reconfigure(config)
             for handle in old:
                 self._retire(handle)
+            self._close_unheld_slots()
             self._broadcast(WorkerCount(self.target))
             log.info("reloaded %s: %d workers", config.source, self.target)
         finally:
@@ -468,10 +477,10 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
-        # The workers stop accepting; once this last copy of the listening socket is
-        # closed too, a new connection is refused at once instead of waiting in the queue
-        # of a socket nobody accepts on.
-        self.sock.close()
+        # The workers stop accepting; once the master's copies of the listening sockets
+        # are closed too, a new connection is refused at once instead of waiting in the
+        # queue of a socket nobody accepts on.
+        self.listeners.close()
         log.info(
             "shutting down: finishing requests in flight (up to %g s)",
             self.options.graceful_timeout,
@@ -552,20 +561,22 @@ class Supervisor:
 
 def run(config: Config, options: ServeOptions) -> int:
     """Serve until told to stop; the exit code for the process."""
+    listeners = Listeners(config.bindip, config.port, config.reuse_port)
     try:
-        sock = bind_socket(config)
+        listeners.open()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.bindip, config.port, exc.strerror or exc)
+        listeners.close()
         return EX_BIND_FAILURE
-    supervisor = Supervisor(options, config, sock)
+    supervisor = Supervisor(options, config, listeners)
     if options.console:
         from ..ui.console import InteractiveConsole
 
         supervisor.console = InteractiveConsole()
     # Workers are started before the master has an event loop, as a pre-fork server should.
-    first = [supervisor.spawn(config) for _ in range(supervisor.target)]
+    first = [supervisor.spawn(config, slot) for slot in range(supervisor.target)]
     try:
         return uvloop.run(supervisor.main(first))
     finally:
-        sock.close()
+        listeners.close()
         supervisor.notifier.close()

@@ -1,4 +1,4 @@
-"""A worker process: serves the shared listening socket with the llproxy app under uvloop.
+"""A worker process: serves its listening socket with the llproxy app under uvloop.
 
 It makes its event loop only after it started, takes registry snapshots from the
 supervisor instead of scanning, starts serving once it has the first one, and on SIGTERM
@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 from typing import Any
 
 import uvloop
@@ -43,6 +44,8 @@ from .channel import (
     WorkerSpec,
 )
 from .desk import ChannelDesk
+from .listeners import BACKLOG
+from .memory import trim_after_bursts
 
 log = logging.getLogger("llproxy.worker")
 
@@ -140,12 +143,17 @@ async def serve(spec: WorkerSpec) -> None:
         shutdown_timeout=spec.graceful_timeout,
     )
     await runner.setup()
-    site = web.SockSite(runner, spec.sock)
+    # A slot's socket is bound but not yet listening: this is where it starts to.
+    site = web.SockSite(runner, spec.sock, backlog=BACKLOG)
     await site.start()
+    server = runner.server
+    assert server is not None
+    trimming = asyncio.ensure_future(trim_after_bursts(lambda: len(server.connections)))
     channel.send(Ready(spec.worker_id, os.getpid()))
     reason = await stop.get()
+    trimming.cancel()
     log.debug("worker %d stopping: %s", spec.worker_id, reason)
-    await drain(runner, site, state, spec.graceful_timeout)
+    await drain(runner, site, spec.sock, state, spec.graceful_timeout)
     # The app's cleanup passes on the last usage records (of requests that finished
     # during the drain); then the numbers go, as the last word.
     await runner.cleanup()
@@ -154,15 +162,19 @@ async def serve(spec: WorkerSpec) -> None:
 
 
 async def drain(
-    runner: web.AppRunner, site: web.BaseSite, state: ProxyState, graceful: float
+    runner: web.AppRunner,
+    site: web.BaseSite,
+    listening: socket.socket,
+    state: ProxyState,
+    graceful: float,
 ) -> None:
     """Retire without dropping a request: stop accepting (new connections go to the other
     workers, or are refused when all stop), answer every request that still arrives with
     `Connection: close`, and wait until the clients have gone, the requests in flight are
     done and quiet for IDLE_GRACE, or `graceful` runs out. runner.cleanup() then closes
     what is left."""
-    await site.stop()
     state.draining = True
+    await stop_accepting(runner, site, listening)
     await close_operator_sockets(state)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + graceful
@@ -176,3 +188,29 @@ async def drain(
         elif loop.time() - quiet_since >= IDLE_GRACE:
             break
         await asyncio.sleep(0.05)
+
+
+async def stop_accepting(
+    runner: web.AppRunner, site: web.BaseSite, listening: socket.socket
+) -> None:
+    """Stop listening, then take in the connections already queued: when this worker
+    held the socket's last copy (the worker count went down, or llproxy stops), closing
+    it would reset them. Only one arriving in the instant of the close can still be."""
+    queued = listening.dup()
+    await site.stop()
+    queued.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(BACKLOG):
+            try:
+                connection, _ = queued.accept()
+            except OSError:  # nothing queued (BlockingIOError), or never listened
+                break
+            connection.setblocking(False)
+            assert runner.server is not None
+            try:
+                await loop.connect_accepted_socket(runner.server, connection)
+            except OSError:  # the client left meanwhile: not a reason to stop the drain
+                connection.close()
+    finally:
+        queued.close()

@@ -162,8 +162,14 @@ async def test_5000_idle_keep_alive_connections(
         )
         for _, writer in idle:
             writer.close()
-        await asyncio.sleep(1)
-        after = [rss_mb(pid) for pid in workers]
+        # Workers give back what the burst freed (malloc_trim) within a second or two.
+        deadline = time.monotonic() + 5
+        while True:
+            await asyncio.sleep(0.5)
+            after = [rss_mb(pid) for pid in workers]
+            gave_back = [d - a for d, a in zip(during, after, strict=True)]
+            if min(gave_back) >= 5 or time.monotonic() > deadline:
+                break
     report(
         "5000 idle keep-alives",
         worker_rss_mb=f"{before} → {during} with them → {after} after",
@@ -172,6 +178,9 @@ async def test_5000_idle_keep_alive_connections(
         all_closed_within_s=round(max(cut_after), 1),
     )
     assert max(cut_after) < 15
+    # What stays is Python's allocator's: arenas pinned by a few live objects, reused by
+    # the next burst (README, Processes).
+    assert min(gave_back) >= 5, (during, after)
 
 
 async def test_reloads_and_stop_under_load(
@@ -202,18 +211,18 @@ async def test_reloads_and_stop_under_load(
         outcomes=reloads,
         failed=sum(n for k, n in reloads.items() if k != "200"),
     )
-    not_served = ("200", "refused", "reset at connect")
     report(
         "SIGTERM under keep-alive load",
         outcomes=stop,
-        failed_mid_request=sum(n for k, n in stop.items() if k not in not_served),
+        failed=sum(n for k, n in stop.items() if k not in ("200", "refused")),
         slowest_ms=load.max_ms(),
         exit_after_s=round(exit_s, 2),
     )
     assert set(reloads) == {"200"}
-    # After the stop a client is refused (or, in the listen queue at the last instant,
-    # reset before anything was read): never dropped mid-request, never left hanging.
-    assert set(stop) <= set(not_served)
+    # After the stop a client is refused: never reset in a listen queue (a retiring
+    # worker takes in what is queued before its socket closes), never dropped
+    # mid-request, never left hanging.
+    assert set(stop) <= {"200", "refused"}
     assert load.max_ms() < 2000
 
 
