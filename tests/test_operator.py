@@ -391,3 +391,49 @@ async def test_an_operator_takes_their_claim_over_to_a_new_connection(desk: Desk
     assert answer.choices[0].message.content == "Before after."
     for operator in (old, new, bob):
         await operator.close()
+
+
+async def test_finish_and_tool_calls_are_checked_against_the_request(desk: Desk) -> None:
+    """The client must get what it asked for: no tool_calls finish without a call, no
+    tool call when tool_choice is none, no other tool than the one it names."""
+    alice = await desk.operator()
+    lookup: Any = {"type": "function", "function": {"name": "lookup", "parameters": {}}}
+    tools = [WEATHER, lookup]
+
+    async def ask(tool_choice: Any) -> tuple[asyncio.Future[Any], str]:
+        asking = asyncio.ensure_future(
+            desk.client().chat.completions.create(
+                model="human:support", messages=HELLO, tools=tools, tool_choice=tool_choice
+            )
+        )
+        request = (await alice.expect("added"))["request"]["id"]
+        await alice.ok("claim", request)
+        return asking, request
+
+    asking, request = await ask("auto")
+    refused = await alice.command("finish", request, reason="tool_calls")
+    assert "call a tool first" in refused["reason"], refused
+    await alice.ok("delta", request, text="No tools needed.")
+    await alice.ok("finish", request)
+    assert (await asyncio.wait_for(asking, 10)).choices[0].finish_reason == "stop"
+
+    asking, request = await ask("none")
+    refused = await alice.command("tool_call", request, name="lookup", arguments={})
+    assert "tool_choice is none" in refused["reason"], refused
+    await alice.ok("delta", request, text="Text only.")
+    await alice.ok("finish", request)
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.tool_calls is None
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    asking, request = await ask(named)
+    refused = await alice.command("finish", request)
+    assert "requires a tool call" in refused["reason"], refused
+    refused = await alice.command("tool_call", request, name="lookup", arguments={})
+    assert "names 'get_weather'" in refused["reason"], refused
+    await alice.ok("tool_call", request, name="get_weather", arguments={"city": "Oslo"})
+    assert (await alice.ok("finish", request))["reason"] == "tool_calls"
+    answer = await asyncio.wait_for(asking, 10)
+    calls = answer.choices[0].message.tool_calls or []
+    assert [c.function.name for c in calls] == ["get_weather"]  # type: ignore[union-attr]
+    await alice.close()

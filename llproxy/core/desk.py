@@ -82,6 +82,13 @@ class Ticket:
             "tool_calls": self.tool_calls,
         }
 
+    def chosen_tool(self) -> str | None:
+        """The one tool the request's tool_choice names, if it names one."""
+        choice = self.tool_choice
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        return name if isinstance(name, str) else None
+
     def tool_named(self, name: str) -> Mapping[str, Any] | None:
         for tool in self.tools:
             function = tool.get("function") if isinstance(tool, dict) else None
@@ -300,6 +307,11 @@ class Desk:
         if tool is None:
             offered = [t.get("function", {}).get("name") for t in ticket.tools]
             raise Refused(f"no tool {name!r} in this request; it offers {offered}")
+        if ticket.tool_choice == "none":
+            raise Refused("the request's tool_choice is none: answer with text")
+        chosen = ticket.chosen_tool()
+        if chosen is not None and name != chosen:
+            raise Refused(f"the request's tool_choice names {chosen!r}: call that tool")
         if not isinstance(arguments, dict):
             raise Refused("arguments: an object is needed")
         schema = tool.get("parameters")
@@ -321,6 +333,14 @@ class Desk:
         reason = command.get("reason") or ("tool_calls" if ticket.tool_calls else "stop")
         if reason not in FINISH_REASONS:
             raise Refused(f"reason: one of {', '.join(FINISH_REASONS)}")
+        # What the client is told must hold: tool_calls with no call, or a required tool
+        # call never made, would reach it as an answer that is not one.
+        if reason == "tool_calls" and not ticket.tool_calls:
+            raise Refused("reason tool_calls: call a tool first (or finish with stop)")
+        if not ticket.tool_calls and (
+            ticket.tool_choice == "required" or ticket.chosen_tool() is not None
+        ):
+            raise Refused("the request's tool_choice requires a tool call: call one first")
         self._end(ticket, {"type": "finish", "reason": reason}, "done", operator.name)
         return {"reason": reason}
 
