@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from llproxy.stores.sqlite import DATABASE, KeyStore
 
 from .conftest import ProxyFactory, UpstreamFactory, recorded
 from .operator_client import WEATHER, Desk, TestOperator, open_desk
-from .process import create_key
+from .process import create_key, run_cli
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -437,3 +438,77 @@ async def test_finish_and_tool_calls_are_checked_against_the_request(desk: Desk)
     calls = answer.choices[0].message.tool_calls or []
     assert [c.function.name for c in calls] == ["get_weather"]  # type: ignore[union-attr]
     await alice.close()
+
+
+async def _close_of(socket: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
+    """The close code and reason the server ends a socket with (other frames skipped)."""
+    async with asyncio.timeout(20):  # a revocation is seen within ~3 s: generous
+        while True:
+            message = await socket.receive()
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                return message.data, str(message.extra)
+            if message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                return socket.close_code, ""
+
+
+async def test_a_revoked_or_expired_key_closes_open_sockets_on_every_worker(
+    start_upstream: UpstreamFactory, start_llproxy: Any, tmp_path: Path
+) -> None:
+    """Revoked with `llproxy keys revoke`, a key's sockets close on every worker (4401,
+    the reason says why) and its claim goes back to the queue; an expiring key's socket
+    closes once it expires."""
+    upstream = await start_upstream()
+    state = tmp_path / "state"
+    with KeyStore(state) as store:
+        alice = store.create("alice", operator=True)
+        bob = store.create("bob", operator=True)
+        dave = store.create("dave", operator=True, expires=time.time() + 8)
+    config = tmp_path / "llproxy.json"
+    endpoints = [upstream.endpoint(), {"operator": "human", "tags": ["support"]}]
+    config.write_text(json.dumps({"endpoints": endpoints}))
+    process = await start_llproxy(
+        "--config", str(config), "--workers", "2", "--state-dir", str(state)
+    )
+    headers = {"Authorization": f"Bearer {alice}"}
+    async with aiohttp.ClientSession() as session:
+        expiring = await session.ws_connect(
+            f"{process.url}/operator/ws", headers={"Authorization": f"Bearer {dave}"}
+        )
+        sockets: dict[int, aiohttp.ClientWebSocketResponse] = {}
+        for _ in range(40):  # sockets land on either worker: open some until both hold one
+            socket = await session.ws_connect(f"{process.url}/operator/ws", headers=headers)
+            hello = await socket.receive_json(timeout=10)
+            await socket.receive_json(timeout=10)  # the snapshot
+            if hello["worker"] in sockets:
+                await socket.close()
+            else:
+                sockets[hello["worker"]] = socket
+            if len(sockets) == 2:
+                break
+        assert len(sockets) == 2, "every socket landed on one worker"
+        watcher = await TestOperator.connect(process.url, bob)
+        client = openai.AsyncOpenAI(base_url=f"{process.url}/v1", api_key="none", max_retries=0)
+        asking = asyncio.ensure_future(
+            client.chat.completions.create(model="human:support", messages=HELLO)
+        )
+        request = (await watcher.expect("added"))["request"]["id"]
+        claimer = next(iter(sockets.values()))
+        await claimer.send_json({"type": "claim", "request": request, "id": 1})
+        await watcher.expect("claimed", request=request, by="alice")
+        revoked = await asyncio.to_thread(run_cli, "keys", "revoke", "alice", state=state)
+        assert revoked.returncode == 0, revoked.stderr
+        closes = await asyncio.gather(*(_close_of(s) for s in sockets.values()))
+        assert closes == [(4401, "the operator key was revoked")] * 2
+        await watcher.expect("released", request=request, by="alice")
+        # A new socket is refused as well, and the request is still there to answer.
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await session.ws_connect(f"{process.url}/operator/ws", headers=headers)
+        await watcher.ok("claim", request)
+        await watcher.ok("delta", request, text="Bob here.")
+        await watcher.ok("finish", request)
+        answer = await asyncio.wait_for(asking, 10)
+        assert answer.choices[0].message.content == "Bob here."
+        await client.close()
+
+        assert await _close_of(expiring) == (4401, "the operator key expired")
+        await watcher.close()

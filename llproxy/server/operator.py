@@ -28,6 +28,9 @@ SOCKET_PATH = "/operator/ws"
 # send {"type": "auth", "token": …} as its first message.
 AUTH_SECONDS = 10.0
 HEARTBEAT_SECONDS = 20.0
+# How often an open socket's key is looked at again: a revocation reaches this process's
+# keys within KEY_REFRESH_SECONDS, an expiry is seen here; either closes the socket.
+KEY_CHECK_SECONDS = 1.0
 MAX_MESSAGE_BYTES = 1 << 20
 # Close codes (4000 to 4999 are the application's): no valid operator key; a retiring worker.
 UNAUTHORIZED = 4401
@@ -87,6 +90,7 @@ async def _serve(state: ProxyState, socket: web.WebSocketResponse, key: ApiKey) 
     state.operator_sockets.add(socket)
     desk.attach(conn, key.name, key.models, outbox.put_nowait)
     sender = asyncio.create_task(_send_all(socket, outbox), name=f"llproxy-operator-{conn}")
+    watcher = asyncio.create_task(_watch_key(state, socket, key), name=f"llproxy-key-{conn}")
     try:
         async for message in socket:
             if message.type != WSMsgType.TEXT:
@@ -99,11 +103,25 @@ async def _serve(state: ProxyState, socket: web.WebSocketResponse, key: ApiKey) 
             desk.command(conn, command)
     finally:
         desk.detach(conn)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
+        for task in (sender, watcher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         state.operator_sockets.discard(socket)
         log.info("operator %s left (%s)", key.name, conn)
+
+
+async def _watch_key(state: ProxyState, socket: web.WebSocketResponse, key: ApiKey) -> None:
+    """Close the socket once its key is revoked, expires or is deleted: the key opened
+    it, and every claim it holds goes back to the queue."""
+    while not socket.closed:
+        await asyncio.sleep(KEY_CHECK_SECONDS)
+        why = state.gateway.keys.lapsed(key)
+        if why is not None:
+            log.warning("operator %s: key %s, closing its socket", key.name, why)
+            said = "expired" if why == "expired" else f"was {why}"
+            await socket.close(code=UNAUTHORIZED, message=f"the operator key {said}".encode())
+            return
 
 
 async def _send_all(socket: web.WebSocketResponse, outbox: asyncio.Queue[Event]) -> None:

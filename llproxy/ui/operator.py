@@ -148,8 +148,8 @@ class OperatorTerminal:
         try:
             done, _ = await asyncio.wait({network, typing}, return_when=asyncio.FIRST_COMPLETED)
             return done.pop().result()
-        except NotAnOperator:
-            self._fail("the server refused the key: it is not an operator key")
+        except NotAnOperator as refused:
+            self._fail(f"the server refused the key: {refused or 'it is not an operator key'}")
             return EXIT_FAILED
         finally:
             for task in (network, typing):

@@ -21,8 +21,12 @@ CONNECT_SECONDS = 10.0
 HEARTBEAT_SECONDS = 20.0
 
 
+_ENDS = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+
+
 class NotAnOperator(Exception):
-    """The server refused the key: a 401 before the upgrade, or a close with 4401."""
+    """The server refused the key: a 401 before the upgrade, or a close with 4401 (its
+    reason, such as a key revoked while the socket was open, is the message)."""
 
 
 class OperatorSession:
@@ -68,7 +72,13 @@ class OperatorSession:
         """What the server sends, until the socket closes."""
         socket = self._socket
         assert socket is not None
-        async for message in socket:
+        reason = ""
+        while True:
+            message = await socket.receive()
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                reason = str(message.extra or "")
+            if message.type in _ENDS:
+                break
             if message.type != aiohttp.WSMsgType.TEXT:
                 continue
             try:
@@ -78,7 +88,7 @@ class OperatorSession:
             if isinstance(event, dict):
                 yield event
         if socket.close_code == UNAUTHORIZED:
-            raise NotAnOperator
+            raise NotAnOperator(reason)
 
     async def send(self, command: Event) -> int | None:
         """Sends a command with a fresh id, returned; None when there is no connection."""

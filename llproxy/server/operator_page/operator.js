@@ -135,7 +135,8 @@ function connectionClosed(closed) {
   state.pending.clear();
   renderAll();
   if (closed.code === CLOSE_UNAUTHORIZED) {
-    signOut("That is not an operator key.");
+    // The reason says why: no operator key, or one revoked or expired while open.
+    signOut(closed.reason ? `Signed out: ${closed.reason}.` : "That is not an operator key.");
     return;
   }
   if (state.token === null) return;
