@@ -212,3 +212,25 @@ def test_usage_errors_exit_2(args: list[str], says: str) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert says in done.stderr
+
+
+async def test_a_refused_key_fails_even_when_input_ends_at_once(desk: Desk) -> None:
+    """`llproxy operator --token BAD </dev/null`: the refusal, not the end of input,
+    decides the exit status."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [SOURCE, os.environ.get("PYTHONPATH")]))}
+    for token in ("llp-not-a-key-at-all", desk.keys["client"]):
+        process = LlproxyCommand(["operator", "--url", desk.proxy.url, "--token", token], env=env)
+        process.start()
+        try:
+            assert await process.wait_exit(WAIT) == 1
+            await process.wait_for("not an operator key")
+        finally:
+            process.kill()
+    good = LlproxyCommand(
+        ["operator", "--url", desk.proxy.url, "--token", desk.keys["alice"]], env=env
+    )
+    good.start()
+    try:
+        assert await good.wait_exit(WAIT) == 0  # a good key and no input: a clean leave
+    finally:
+        good.kill()

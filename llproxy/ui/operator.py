@@ -113,6 +113,7 @@ class OperatorTerminal:
         self.current: str | None = None  # the request typed lines go to
         self.pending: dict[int, Event] = {}  # commands sent, until acked or refused
         self.quitting = False
+        self.greeted = asyncio.Event()  # the server said hello: the key is an operator's
         self._redraw: asyncio.TimerHandle | None = None
         self._events: dict[str, Callable[[Event], Awaitable[None]]] = {
             "hello": self._on_hello,
@@ -149,7 +150,7 @@ class OperatorTerminal:
             done, _ = await asyncio.wait({network, typing}, return_when=asyncio.FIRST_COMPLETED)
             return done.pop().result()
         except NotAnOperator as refused:
-            self._fail(f"the server refused the key: {refused or 'it is not an operator key'}")
+            self._fail(f"the server refused the key: {str(refused) or 'it is not an operator key'}")
             return EXIT_FAILED
         finally:
             for task in (network, typing):
@@ -207,6 +208,7 @@ class OperatorTerminal:
     async def _on_hello(self, event: Event) -> None:
         first = self.me is None
         self.me = str(event.get("operator"))
+        self.greeted.set()
         worker = printable(event.get("worker"))
         self._say(f"connected to {self.url} as {printable(self.me)} (worker {worker})", "green")
         if first:
@@ -390,6 +392,9 @@ class OperatorTerminal:
     async def _take_lines(self, lines: asyncio.Queue[str | None]) -> int:
         while not self.quitting and (line := await lines.get()) is not None:
             await self._line(line)
+        # Input that ends at once (a pipe, /dev/null) must not hide a refused key or an
+        # unreachable server: their failure, not this, decides how the terminal exits.
+        await self.greeted.wait()
         if self.answers:
             self._say("leaving: the requests you hold go back to the queue")
         return EXIT_OK
