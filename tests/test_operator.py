@@ -512,3 +512,30 @@ async def test_a_revoked_or_expired_key_closes_open_sockets_on_every_worker(
 
         assert await _close_of(expiring) == (4401, "the operator key expired")
         await watcher.close()
+
+
+async def test_an_ollama_stream_gets_its_headers_while_the_operator_is_awaited(
+    desk: Desk,
+) -> None:
+    """NDJSON has no keepalive and the operator's opening chunk translates to no line:
+    the status and headers still go at once, so the client knows its request is taken."""
+    alice = await desk.operator()
+    body = {"model": "human:support", "messages": HELLO, "stream": True}
+    headers = {"Authorization": f"Bearer {desk.keys['client']}"}
+    async with aiohttp.ClientSession() as session:
+        # Nobody has claimed it: the headers come all the same (a bound on a hang).
+        response = await asyncio.wait_for(
+            session.post(f"{desk.proxy.url}/api/chat", json=body, headers=headers), 10
+        )
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/x-ndjson")
+        request = (await alice.expect("added"))["request"]["id"]
+        await alice.ok("claim", request)
+        await alice.ok("delta", request, text="Hej")
+        first = json.loads(await asyncio.wait_for(response.content.readline(), 10))
+        assert first["message"]["content"] == "Hej" and first["done"] is False
+        await alice.ok("finish", request)
+        last = json.loads((await response.read()).splitlines()[-1])
+        assert last["done"] is True and last["done_reason"] == "stop"
+        response.release()
+    await alice.close()

@@ -138,6 +138,9 @@ class Reply:
     stream: Stream | None = None
     headers: dict[str, str] = field(default_factory=dict)  # relayed as they are
     model_id: str = ""  # the id the replica knows the model by (set by the router)
+    # The rest may be minutes away (a person answers): the client's status and headers
+    # go at once, even when the first chunk translates to nothing (Ollama's NDJSON).
+    awaited: bool = False
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def on_close(self, closer: Callable[[], None]) -> None:

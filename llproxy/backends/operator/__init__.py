@@ -100,7 +100,7 @@ class OperatorBackend:
         self.desk.submit(ticket, answer.inbox.put_nowait)
         try:
             if call.stream:
-                return Reply(200, "text/event-stream", answer.opening(), answer)
+                return Reply(200, "text/event-stream", answer.opening(), answer, awaited=True)
             return await answer.whole()
         except BaseException:
             answer.close()
