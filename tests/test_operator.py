@@ -4,7 +4,9 @@ test operator on the operator WebSocket on the other, a real llproxy between the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -539,3 +541,70 @@ async def test_an_ollama_stream_gets_its_headers_while_the_operator_is_awaited(
         assert last["done"] is True and last["done_reason"] == "stop"
         response.release()
     await alice.close()
+
+
+async def test_a_waiting_request_does_not_outlive_the_graceful_timeout_of_a_reload(
+    start_upstream: UpstreamFactory, start_llproxy: Any, tmp_path: Path
+) -> None:
+    """SIGHUP with --graceful-timeout 2: requests still waiting for a person end with 503
+    operator_interrupted once the 2 s run out (a stream with an error event), an operator
+    on the new worker is told why, and the old worker exits."""
+    upstream = await start_upstream()
+    state = tmp_path / "state"
+    with KeyStore(state) as store:
+        key = store.create("alice", operator=True)
+    config = tmp_path / "llproxy.json"
+    endpoints = [upstream.endpoint(), {"operator": "human", "tags": ["support"]}]
+    config.write_text(json.dumps({"endpoints": endpoints}))
+    process = await start_llproxy(
+        "--config",
+        str(config),
+        "--workers",
+        "1",
+        "--state-dir",
+        str(state),
+        "--graceful-timeout",
+        "2",
+    )
+    client = openai.AsyncOpenAI(base_url=f"{process.url}/v1", api_key="none", max_retries=0)
+    asking = asyncio.ensure_future(
+        client.chat.completions.create(model="human:support", messages=HELLO)
+    )
+    stream = await client.chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    await anext(chunks)
+    before = await TestOperator.connect(process.url, key)
+    seen = {r["id"] for r in before.events[1]["requests"]}
+    while len(seen) < 2:  # both requests are on the desk
+        seen.add((await before.expect("added"))["request"]["id"])
+    mark = len(process.output)
+    process.signal(signal.SIGHUP)
+    await process.wait_for("reloaded", after=mark)
+    old_worker = before.events[0]["worker"]
+    for _ in range(40):  # the old worker may take a connection before it stops accepting
+        with contextlib.suppress(AssertionError):
+            after = await TestOperator.connect(process.url, key)
+            if after.events[0]["worker"] != old_worker:
+                break
+            await after.close()
+        await asyncio.sleep(0.1)
+    assert after.events[0]["worker"] != old_worker
+    assert len(after.events[1]["requests"]) == 2  # the desk (the master's) kept them
+    with pytest.raises(openai.APIStatusError) as failed:
+        await asyncio.wait_for(asking, 20)
+    assert failed.value.status_code == 503
+    assert failed.value.code == "operator_interrupted"  # type: ignore[attr-defined]
+    with pytest.raises(openai.APIError) as broken:
+        async with asyncio.timeout(20):
+            async for _ in chunks:
+                pass
+    assert "graceful timeout" in str(broken.value)
+    for _ in range(2):
+        cancelled = await after.expect("cancelled")
+        assert cancelled["reason"] == "the server holding the client's request restarted"
+    await process.wait_for("still waiting for an operator", after=mark)
+    await client.close()
+    await before.close()
+    await after.close()

@@ -127,7 +127,7 @@ class DeskPort(Protocol):
 
     def submit(self, ticket: Ticket, send: Send) -> None: ...
 
-    def withdraw(self, ticket_id: str) -> None: ...
+    def withdraw(self, ticket_id: str, reason: str = "client left") -> None: ...
 
     def attach(self, conn: str, name: str, models: tuple[str, ...], send: Send) -> None: ...
 
@@ -168,11 +168,12 @@ class Desk:
         self.clients[ticket.id] = send
         self._tell(ticket, {"type": "added", "request": ticket.public(self.clock())})
 
-    def withdraw(self, ticket_id: str) -> None:
-        """The client left: the request is gone, and its operator is told at once."""
+    def withdraw(self, ticket_id: str, reason: str = "client left") -> None:
+        """The client left (or its process retired): the request is gone, and its
+        operator is told at once."""
         ticket = self._remove(ticket_id)
         if ticket is not None:
-            self._tell(ticket, {"type": "cancelled", "request": ticket.id, "reason": "client left"})
+            self._tell(ticket, {"type": "cancelled", "request": ticket.id, "reason": reason})
 
     # --- the operators' side -------------------------------------------------------------
 

@@ -124,7 +124,6 @@ class KeyRing:
             return None
         return key if key.active(time.time()) else None
 
-
     def lapsed(self, key: ApiKey) -> str | None:
         """Why a key that opened something no longer holds (revoked, expired, deleted),
         or None while it does: an open operator socket is checked with it."""

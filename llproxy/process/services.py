@@ -43,17 +43,27 @@ class MasterServices:
         """Every serving worker's numbers (those that answer within STATS_TIMEOUT)."""
         asked = list(workers)
 
-        async def ask(calls: Calls) -> StatsReply | None:
+        async def ask(calls: Calls) -> StatsReply | str:
             try:
                 reply: StatsReply = await calls.call(StatsRequest, STATS_TIMEOUT)
-            except (TimeoutError, ConnectionError):
-                return None
+            except TimeoutError:
+                return "silent"
+            except ConnectionError:
+                return "gone"
             return reply
 
         answers = await asyncio.gather(*(ask(calls) for _, calls in asked))
-        replies = [reply for reply in answers if reply is not None]
-        if len(replies) < len(asked):
-            log.warning("only %d of %d workers answered", len(replies), len(asked))
+        replies = [reply for reply in answers if isinstance(reply, StatsReply)]
+        # A worker that exited while asked (retired by a reload, say) is no fault: its
+        # last word carries its numbers. One that stayed silent is busy or stuck.
+        silent = [worker for (worker, _), a in zip(asked, answers, strict=True) if a == "silent"]
+        if silent:
+            log.warning(
+                "worker %s sent no numbers within %g s (busy or stuck): their last "
+                "numbers stand in for them in stats and /metrics",
+                ", ".join(map(str, silent)),
+                STATS_TIMEOUT,
+            )
         for reply in replies:
             self.last_seen[reply.worker_id] = reply.telemetry
         return sorted(replies, key=lambda r: r.worker_id)
