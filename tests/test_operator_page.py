@@ -309,6 +309,49 @@ async def test_an_operator_answers_from_the_page(desk: Desk, page: Page) -> None
     assert await page.console() == []
 
 
+async def test_edits_inside_sent_text_send_nothing_and_leave_the_caret(
+    desk: Desk, page: Page
+) -> None:
+    """Typing inside the text already sent (a click into a typo, Ctrl+Home) is undone key
+    by key with the caret where the operator put it: nothing reaches the client, and only
+    what is then typed at the end is sent."""
+    await page.sign_in(desk.keys["alice"])
+    await page.shows("#connection", "Connected as alice")
+    stream = await desk.client().chat.completions.create(
+        model="human:support", messages=CONVERSATION, stream=True
+    )
+    received = Received(stream)
+    await page.click("#queue-list li.request button.primary")  # Claim
+    await page.until(
+        lambda d: d.find_element(By.ID, "answer-text").get_property("readOnly") is False,
+        "the answer box to open",
+    )
+    typed = "I will send teh parcel today"
+    await page.type("#answer-text", typed)
+    await received.until_text(typed)
+    caret = "return document.getElementById('answer-text').selectionStart"
+    # The caret after "te" of "teh", moved there by real arrow keys; then "the" typed.
+    inside = typed.index("teh") + 2
+    await page.type("#answer-text", Keys.ARROW_LEFT * (len(typed) - inside))
+    assert await page.script(caret) == inside
+    await page.type("#answer-text", "the")
+    assert await page.value("#answer-text") == typed
+    assert await page.script(caret) == inside  # left where it was
+    await page.shows("#answer-notice", "Sent text cannot be taken back")
+    await page.type("#answer-text", Keys.CONTROL + Keys.HOME + Keys.NULL + "x")
+    assert await page.value("#answer-text") == typed
+    assert await page.script(caret) == 0
+    # Only an addition at the end goes out: had "he" or "x" been sent, the client's text
+    # would no longer be a beginning of this.
+    await page.type("#answer-text", Keys.CONTROL + Keys.END + Keys.NULL + ", not Monday.")
+    typed += ", not Monday."
+    await received.until_text(typed)
+    await page.click("#finish-form button[type=submit]")
+    await asyncio.wait_for(received.reading, WAIT)
+    assert received.text == typed
+    assert await page.console() == []
+
+
 async def test_a_key_that_is_no_operator_key_is_told(desk: Desk, page: Page) -> None:
     for key in ("llp-not-a-key", desk.keys["client"]):
         await page.sign_in(key)

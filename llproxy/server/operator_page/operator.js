@@ -135,8 +135,9 @@ function connectionClosed(closed) {
   state.pending.clear();
   renderAll();
   if (closed.code === CLOSE_UNAUTHORIZED) {
-    // The reason says why: no operator key, or one revoked or expired while open.
-    signOut(closed.reason ? `Signed out: ${closed.reason}.` : "That is not an operator key.");
+    // A key revoked, expired or deleted while the socket was open: the reason says which.
+    const lapsed = closed.reason.startsWith("the operator key ");
+    signOut(lapsed ? `Signed out: ${closed.reason}.` : "That is not an operator key.");
     return;
   }
   if (state.token === null) return;
@@ -474,7 +475,11 @@ function heldCurrent() {
   return request && !request.ended && state.held.has(request.id) && connected() ? request : null;
 }
 
-// Deletions, undo, and typing inside the text already sent are stopped before they happen;
+const SENT_NOTICE = "Sent text cannot be taken back: it has reached the client. Type on after it (Ctrl+End).";
+
+// Only additions at the end are ever sent. Deletions, undo, and typing inside the text
+// already sent are stopped before they happen, the caret left where it was: moving it to
+// the end would send the next keys typed there, a word the operator meant for elsewhere.
 // `answerEdited` puts the sent text back should anything else change it.
 function answerBeforeInput(event) {
   const request = heldCurrent();
@@ -484,8 +489,7 @@ function answerBeforeInput(event) {
   const appending = event.inputType.startsWith("insert") && box.selectionStart >= sentUnits;
   if (!appending) {
     event.preventDefault();
-    moveCaretToEnd();
-    showAnswerNotice("Sent text cannot be taken back: it has reached the client. Type on after it.");
+    showAnswerNotice(SENT_NOTICE);
   }
 }
 
@@ -504,9 +508,11 @@ function answerEdited(event) {
       hideAnswerNotice();
     }
   } else {
+    // Undone, nothing sent; the caret goes back to where the change began.
+    const caret = Math.max(0, Math.min(box.selectionStart - (typed.length - request.text.length), request.text.length));
     box.value = request.text;
-    moveCaretToEnd();
-    showAnswerNotice("Sent text cannot be taken back: it has reached the client. Type on after it.");
+    box.setSelectionRange(caret, caret);
+    showAnswerNotice(SENT_NOTICE);
   }
   renderAnswerInfo(request);
 }
