@@ -16,6 +16,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llproxy.stores.sqlite import DATABASE, KeyStore
 
@@ -366,6 +367,12 @@ async def test_client_and_operator_on_different_workers(
     await client.close()
     rows = await recorded(state, "model", 1)
     assert rows[0]["model"] == "human:support"
+    # The desk's numbers are the master's, whichever worker answers the scrape.
+    samples = await _metrics(process.url)
+    support = (("model", "human:support"),)
+    assert samples[("llproxy_operator_finished_total", support)] == 1
+    assert samples[("llproxy_operator_claims_total", support)] == 1
+    assert samples[("llproxy_operators_online", ())] == 1
     for operator in [*operators.values(), *spare]:
         await operator.close()
 
@@ -608,3 +615,90 @@ async def test_a_waiting_request_does_not_outlive_the_graceful_timeout_of_a_relo
     await client.close()
     await before.close()
     await after.close()
+
+
+async def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as samples: (name, sorted labels) → value."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        return _samples(await response.text())
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_desk_metrics_equal_a_known_sequence(desk: Desk) -> None:
+    """/metrics after claims, a release, a finish, a reject, a handoff, a queue timeout
+    with a fallback and an idle timeout without one: every count as it happened."""
+    alice = await desk.operator()
+    client = desk.client()
+
+    def ask(model: str) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(client.chat.completions.create(model=model, messages=HELLO))
+
+    async def arrives(model: str) -> tuple[asyncio.Future[Any], str]:
+        asking = ask(model)
+        return asking, (await alice.expect("added"))["request"]["id"]
+
+    asking, request = await arrives("human:support")  # claimed and finished
+    await alice.ok("claim", request)
+    await alice.ok("delta", request, text="Hi")
+    await alice.ok("finish", request)
+    await asyncio.wait_for(asking, 10)
+    asking, request = await arrives("human:support")  # claimed twice, then rejected
+    await alice.ok("claim", request)
+    await alice.ok("release", request)
+    await alice.ok("claim", request)
+    await alice.ok("reject", request, message="no")
+    with pytest.raises(openai.BadRequestError):
+        await asyncio.wait_for(asking, 10)
+    asking, request = await arrives("human:support")  # handed off unclaimed
+    await alice.ok("handoff", request, model="fake-model")
+    await asyncio.wait_for(asking, 10)
+    asking, request = await arrives("human:quick")  # nobody claims: the fallback answers
+    await alice.expect("timed_out", request=request)
+    await asyncio.wait_for(asking, 10)
+    asking, request = await arrives("human:alone")  # claimed, then silence: a 504
+    await alice.ok("claim", request)
+    await alice.expect("timed_out", request=request)
+    with pytest.raises(openai.APIStatusError):
+        await asyncio.wait_for(asking, 10)
+    waiting, _ = await arrives("human:support")  # still in the queue at the scrape
+    bob = await desk.operator("bob")  # two people online; bob hears the numbers at once
+    stats = await bob.expect("stats")
+    assert (stats["waiting"], stats["operators_online"]) == (1, 2)
+    assert 0 <= stats["oldest_wait"] < 60
+
+    samples = await _metrics(desk.proxy.url)
+    support = (("model", "human:support"),)
+    quick, alone = (("model", "human:quick"),), (("model", "human:alone"),)
+    expected = {
+        ("llproxy_operator_queue_depth", support): 1,
+        ("llproxy_operators_online", ()): 2,
+        ("llproxy_operator_claims_total", support): 3,
+        ("llproxy_operator_claims_total", alone): 1,
+        ("llproxy_operator_finished_total", support): 1,
+        ("llproxy_operator_rejects_total", support): 1,
+        ("llproxy_operator_handoffs_total", support): 1,
+        ("llproxy_operator_fallbacks_total", quick): 1,
+        ("llproxy_operator_timeouts_total", (*quick, ("waited", "queue_timeout"))): 1,
+        ("llproxy_operator_timeouts_total", (*alone, ("waited", "idle_timeout"))): 1,
+        ("llproxy_operator_wait_until_claimed_seconds_count", support): 2,
+        ("llproxy_operator_wait_until_claimed_seconds_count", alone): 1,
+        ("llproxy_operator_wait_until_finished_seconds_count", support): 1,
+    }
+    operator_samples = {
+        key: value
+        for key, value in samples.items()
+        if key[0].startswith("llproxy_operator")
+        and not key[0].endswith(("_bucket", "_sum"))
+        and not key[0].endswith("_created")
+    }
+    assert operator_samples == expected
+    waiting.cancel()
+    for operator in (alice, bob):
+        await operator.close()

@@ -28,6 +28,7 @@ FINISH_REASONS = ("stop", "length", "tool_calls")
 # A deadline warning goes out this long before a deadline (or at a quarter of a short one).
 WARN_SECONDS = 30.0
 TICK_SECONDS = 0.5  # how often the holder's clock looks at the deadlines
+STATS_SECONDS = 5.0  # how often operators are told the queue's numbers
 
 Event = dict[str, Any]
 Send = Callable[[Event], None]
@@ -112,6 +113,15 @@ class Operator:
         return not self.models or any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
 
+class DeskObserver(Protocol):
+    """What counts the desk's work (the metrics): told of each claim and each end."""
+
+    def claimed(self, ticket: Ticket) -> None: ...
+
+    def ended(self, ticket: Ticket, outcome: str) -> None:
+        """outcome: done, rejected, handed off, timed out, cancelled."""
+
+
 class Refused(Exception):
     """A command the desk will not carry out; the message says why."""
 
@@ -144,9 +154,12 @@ class Desk:
         self,
         exists: Callable[[str], bool] = lambda name: True,
         clock: Callable[[], float] = time.monotonic,
+        observer: DeskObserver | None = None,
     ) -> None:
         self.exists = exists  # whether a model name can take a handoff
         self.clock = clock
+        self.observer = observer
+        self._stats_due = 0.0
         self.tickets: dict[str, Ticket] = {}
         self.clients: dict[str, Send] = {}
         self.operators: dict[str, Operator] = {}
@@ -173,6 +186,7 @@ class Desk:
         operator is told at once."""
         ticket = self._remove(ticket_id)
         if ticket is not None:
+            self._observe_end(ticket, "cancelled")
             self._tell(ticket, {"type": "cancelled", "request": ticket.id, "reason": reason})
 
     # --- the operators' side -------------------------------------------------------------
@@ -191,6 +205,7 @@ class Desk:
                 "claims": [t.id for t in visible if t.operator == name],
             }
         )
+        self._send_stats()
 
     def detach(self, conn: str) -> None:
         """An operator left: their claims go back to the queue; what they sent stays sent."""
@@ -226,6 +241,9 @@ class Desk:
 
     def tick(self) -> None:
         now = self.clock()
+        if now >= self._stats_due:
+            self._stats_due = now + STATS_SECONDS
+            self._send_stats()
         for ticket in list(self.tickets.values()):
             left = ticket.deadline - now
             if left <= 0:
@@ -252,6 +270,8 @@ class Desk:
             ticket.state = ANSWERING if ticket.text or ticket.tool_calls else CLAIMED
             ticket.operator, ticket.conn = operator.name, operator.conn
             self._renew(ticket)
+            if self.observer is not None:
+                self.observer.claimed(ticket)
             claimed = {"request": ticket.id, "by": operator.name, "deadline_in": self._left(ticket)}
             self._tell(ticket, {"type": "claimed", **claimed})
             self.clients[ticket.id]({"type": "claimed", "by": operator.name})
@@ -385,6 +405,7 @@ class Desk:
     def _end(self, ticket: Ticket, to_client: Event, outcome: str, by: str | None) -> None:
         send = self.clients.get(ticket.id)
         self._remove(ticket.id)
+        self._observe_end(ticket, outcome)
         if send is not None:
             send(to_client)
         self._tell(ticket, {"type": "removed", "request": ticket.id, "outcome": outcome, "by": by})
@@ -394,9 +415,37 @@ class Desk:
         event = {"waited": waited, "fallback": ticket.fallback}
         send = self.clients.get(ticket.id)
         self._remove(ticket.id)
+        self._observe_end(ticket, "timed out")
         if send is not None:
             send({"type": "timeout", **event, "text": ticket.text})
         self._tell(ticket, {"type": "timed_out", "request": ticket.id, **event})
+
+    def _observe_end(self, ticket: Ticket, outcome: str) -> None:
+        if self.observer is not None:
+            self.observer.ended(ticket, outcome)
+
+    def operators_online(self) -> int:
+        """People, not sockets: one operator on two tabs is one."""
+        return len({operator.name for operator in self.operators.values()})
+
+    def _send_stats(self) -> None:
+        """Each operator hears the numbers of the queue they see: how many wait unclaimed,
+        the oldest's wait (wall-clock seconds since it arrived), who is online."""
+        if not self.operators:
+            return
+        online, wall = self.operators_online(), time.time()
+        queued = [t for t in self.tickets.values() if t.state == QUEUED]
+        for operator in list(self.operators.values()):
+            seen = [t for t in queued if operator.sees(t.model)]
+            oldest = max((wall - t.created for t in seen), default=0.0)
+            operator.send(
+                {
+                    "type": "stats",
+                    "waiting": len(seen),
+                    "oldest_wait": round(max(0.0, oldest), 1),
+                    "operators_online": online,
+                }
+            )
 
     def _remove(self, ticket_id: str) -> Ticket | None:
         self.clients.pop(ticket_id, None)

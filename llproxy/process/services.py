@@ -12,6 +12,7 @@ from ..config import Config
 from ..core.desk import HeldDesk
 from ..stores.memory import DequeWindows
 from ..stores.sqlite import UsageWriter, state_dir
+from ..telemetry.desk import DeskTelemetry, desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .channel import (
     Calls,
@@ -36,7 +37,7 @@ class MasterServices:
         self.retired = Telemetry()
         self.last_seen: dict[int, Telemetry] = {}
         # The operators' desk of the whole host, and its ends in the workers.
-        self.desk = HeldDesk()
+        self.desk = HeldDesk(observer=DeskTelemetry())
         self.desks = DeskHost(self.desk)
 
     async def stats(self, workers: Iterable[tuple[int, Calls]]) -> list[StatsReply]:
@@ -78,7 +79,10 @@ class MasterServices:
         merged.merge(self.retired, live=False)
         for reply in await self.stats(workers):
             merged.merge(reply.telemetry)
-        return MetricsReply(token, render(merged, self.discovery_telemetry, self.usage.telemetry))
+        body = render(
+            merged, self.discovery_telemetry, self.usage.telemetry, desk_families(self.desk)
+        )
+        return MetricsReply(token, body)
 
     async def count(self, token: int, limit: str, client: str) -> RateLimitReply:
         try:
