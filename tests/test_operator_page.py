@@ -315,12 +315,15 @@ async def test_edits_inside_sent_text_send_nothing_and_leave_the_caret(
     """Typing inside the text already sent (a click into a typo, Ctrl+Home) is undone key
     by key with the caret where the operator put it: nothing reaches the client, and only
     what is then typed at the end is sent."""
-    await page.sign_in(desk.keys["alice"])
-    await page.shows("#connection", "Connected as alice")
     stream = await desk.client().chat.completions.create(
         model="human:support", messages=CONVERSATION, stream=True
     )
     received = Received(stream)
+    await page.sign_in(desk.keys["alice"])
+    await page.shows("#connection", "Connected as alice")
+    # The server's numbers of the queue come with the snapshot.
+    stats = await page.shows("#queue-stats", "1 waiting")
+    assert re.fullmatch(r"1 waiting · oldest 0:0\d · 1 operator online", stats), stats
     await page.click("#queue-list li.request button.primary")  # Claim
     await page.until(
         lambda d: d.find_element(By.ID, "answer-text").get_property("readOnly") is False,

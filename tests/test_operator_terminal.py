@@ -128,6 +128,15 @@ async def test_lines_reach_the_client_as_they_are_typed(desk: Desk, terminal: Te
     assert await alice.wait_exit(WAIT) == 0
 
 
+async def test_the_queue_shows_the_servers_numbers(desk: Desk, terminal: Terminal) -> None:
+    chunks = await streamed_question(desk)
+    assert (await next_chunk(chunks)).choices[0].delta.role == "assistant"
+    alice = await connected_operator(desk, terminal)
+    await alice.wait_for(r"1 waiting, the oldest for 0:0\d; 1 operator online")
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0
+
+
 async def test_a_key_that_is_no_operator_key_is_refused(desk: Desk, terminal: Terminal) -> None:
     for token in ("llp-not-a-key-at-all", desk.keys["client"]):
         process = terminal(desk.proxy.url, token)

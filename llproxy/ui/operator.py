@@ -113,6 +113,7 @@ class OperatorTerminal:
         self.current: str | None = None  # the request typed lines go to
         self.pending: dict[int, Event] = {}  # commands sent, until acked or refused
         self.quitting = False
+        self.stats: Event | None = None  # the server's latest numbers of the queue
         self.greeted = asyncio.Event()  # the server said hello: the key is an operator's
         self._redraw: asyncio.TimerHandle | None = None
         self._events: dict[str, Callable[[Event], Awaitable[None]]] = {
@@ -125,6 +126,7 @@ class OperatorTerminal:
             "removed": self._on_removed,
             "timed_out": self._on_timed_out,
             "deadline": self._on_deadline,
+            "stats": self._on_stats,
             "ack": self._on_ack,
             "refused": self._on_refused,
             "error": self._on_error,
@@ -280,6 +282,10 @@ class OperatorTerminal:
             self._say(f"{label}: {left:.0f}s left: send something or it times out", "bold yellow")
         elif self.current is None:
             self._say(f"{label} times out in {left:.0f}s unless someone claims it", "yellow")
+
+    async def _on_stats(self, event: Event) -> None:
+        # Kept for the next drawing of the queue: printed each time, they would bury it.
+        self.stats = event
 
     async def _on_ack(self, event: Event) -> None:
         command = self._answered(event)
@@ -532,7 +538,7 @@ class OperatorTerminal:
             self._redraw.cancel()
             self._redraw = None
         if self.current is None:
-            self.out.print(queue_table(self.requests.values(), self.me))
+            self.out.print(queue_table(self.requests.values(), self.me, self.stats))
 
     def _say(self, text: str, style: str = "") -> None:
         self.out.print(Text(text, style=style))

@@ -229,10 +229,23 @@ function handleServerEvent(event) {
     case "refused":
       commandRefused(event);
       break;
+    case "stats":
+      showStats(event);
+      break;
     case "error":
       notify(`The server says: ${event.message}`, "error");
       break;
   }
+}
+
+// The queue's numbers, as the server counts them every few seconds.
+function showStats(event) {
+  const waiting = Number(event.waiting) || 0;
+  const online = Number(event.operators_online) || 0;
+  const parts = [`${waiting} waiting`];
+  if (waiting) parts.push(`oldest ${formatSeconds(Number(event.oldest_wait) || 0)}`);
+  parts.push(`${online} operator${online === 1 ? "" : "s"} online`);
+  $("queue-stats").textContent = parts.join(" · ");
 }
 
 function loadSnapshot(requests) {
