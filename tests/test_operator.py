@@ -702,3 +702,40 @@ async def test_desk_metrics_equal_a_known_sequence(desk: Desk) -> None:
     waiting.cancel()
     for operator in (alice, bob):
         await operator.close()
+
+
+async def test_failed_sign_ins_are_limited_per_address(
+    start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Ten wrong keys a minute from one address; then it is refused (429 before the
+    upgrade, 4429 for a key sent in a message) whatever key it shows, while another
+    address signs in."""
+    state = tmp_path / "state"
+    endpoints = [{"operator": "human", "tags": ["support"]}]
+    with KeyStore(state) as store:
+        alice = store.create("alice", operator=True)
+    proxy = await start_proxy(endpoints, state_dir=str(state), trusted_proxies=["127.0.0.1/32"])
+    url = f"{proxy.url}/operator/ws"
+
+    def headers(key: str, address: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}", "X-Forwarded-For": address}
+
+    async with aiohttp.ClientSession() as session:
+        for _ in range(10):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(url, headers=headers("llp-guess", "10.0.0.1"))
+            assert refused.value.status == 401
+        for key in ("llp-guess", alice):  # one too many; then even the right key
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(url, headers=headers(key, "10.0.0.1"))
+            assert refused.value.status == 429
+            assert refused.value.headers is not None
+            assert 0 < int(refused.value.headers["Retry-After"]) <= 60
+        async with session.ws_connect(url, headers={"X-Forwarded-For": "10.0.0.1"}) as socket:
+            await socket.send_json({"type": "auth", "token": alice})
+            message = await socket.receive(timeout=10)
+            assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 4429
+            assert "failed operator sign-ins" in message.extra
+        other = await session.ws_connect(url, headers=headers(alice, "10.0.0.2"))
+        assert (await other.receive_json(timeout=10))["type"] == "hello"
+        await other.close()

@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 from ..core.desk import PROTOCOL, Event
 from ..core.errors import InvalidApiKey, RouteNotFound
 from ..core.keys import ApiKey
+from ..core.ratelimit import RateLimitExceeded
 from ..core.sse import json_document
 from ..gateway.credentials import presented_secret
 from .state import STATE, ProxyState
@@ -32,8 +33,10 @@ HEARTBEAT_SECONDS = 20.0
 # keys within KEY_REFRESH_SECONDS, an expiry is seen here; either closes the socket.
 KEY_CHECK_SECONDS = 1.0
 MAX_MESSAGE_BYTES = 1 << 20
-# Close codes (4000 to 4999 are the application's): no valid operator key; a retiring worker.
+# Close codes (4000 to 4999 are the application's): no valid operator key (or no longer
+# valid); too many failed sign-ins from the address; a retiring worker.
 UNAUTHORIZED = 4401
+TOO_MANY_SIGN_INS = 4429  # the address failed to sign in too often: wait
 GOING_AWAY = 1001
 _REFUSAL = "an operator key is needed"
 
@@ -49,17 +52,30 @@ _connections = itertools.count(1)
 
 async def operator_socket(request: web.Request) -> web.WebSocketResponse:
     state = request.app[STATE]
+    guard, address = state.gateway.sign_ins, state.gateway.address(request)
     secret = presented_secret(request.headers)
-    key = state.gateway.operator(secret) if secret else None
-    if secret and key is None:
-        raise InvalidApiKey(_REFUSAL)  # before the upgrade: a plain 401
+    key: ApiKey | None = None
+    if secret:
+        guard.check(address)  # an address that failed too often: a 429, whatever the key
+        key = state.gateway.operator(secret)
+        if key is None:
+            await guard.failed(address)
+            raise InvalidApiKey(_REFUSAL)  # before the upgrade: a plain 401
     socket = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=MAX_MESSAGE_BYTES)
     await socket.prepare(request)
-    if key is None:
-        key = await _key_from_first_message(state, socket)
-        if key is None:
-            await socket.close(code=UNAUTHORIZED, message=_REFUSAL.encode())
+    if not secret:
+        # A browser cannot read a refused upgrade's status: it is told in the close.
+        try:
+            guard.check(address)
+            key = await _key_from_first_message(state, socket)
+            if key is None:
+                await guard.failed(address)
+        except RateLimitExceeded as exceeded:
+            await socket.close(code=TOO_MANY_SIGN_INS, message=exceeded.message.encode())
             return socket
+    if key is None:
+        await socket.close(code=UNAUTHORIZED, message=_REFUSAL.encode())
+        return socket
     await _serve(state, socket, key)
     return socket
 

@@ -16,6 +16,7 @@ Event = dict[str, Any]
 
 SOCKET_PATH = "/operator/ws"
 UNAUTHORIZED = 4401  # the server's close code for a key that is no operator key
+TOO_MANY_SIGN_INS = 429  # the server's status for an address that failed too often
 CONNECT_SECONDS = 10.0
 # Pings find a server that vanished without closing (a dead network) within this long.
 HEARTBEAT_SECONDS = 20.0
@@ -66,6 +67,8 @@ class OperatorSession:
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403):
                 raise NotAnOperator from None
+            if exc.status == TOO_MANY_SIGN_INS:
+                raise NotAnOperator("too many failed sign-ins from this address: wait") from None
             raise
 
     async def events(self) -> AsyncIterator[Event]:

@@ -10,6 +10,7 @@ const RECONNECT_DELAYS_MS = [1000, 2000, 4000, 8000, 15000]; // the last one rep
 const URGENT_SECONDS = 30;
 const MAX_NOTICES = 6;
 const CLOSE_UNAUTHORIZED = 4401; // the server's: no valid operator key
+const CLOSE_TOO_MANY_SIGN_INS = 4429; // the server's: this address failed too often
 const CLOSE_GOING_AWAY = 1001; // the server's: this worker is retiring, reconnect
 const KNOWN_ROLES = ["system", "developer", "user", "assistant", "tool"];
 
@@ -134,6 +135,10 @@ function connectionClosed(closed) {
   state.held.clear();
   state.pending.clear();
   renderAll();
+  if (closed.code === CLOSE_TOO_MANY_SIGN_INS) {
+    signOut(`Too many failed sign-ins from this address: ${closed.reason}.`);
+    return;
+  }
   if (closed.code === CLOSE_UNAUTHORIZED) {
     // A key revoked, expired or deleted while the socket was open: the reason says which.
     const lapsed = closed.reason.startsWith("the operator key ");
