@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import openai
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -739,3 +740,35 @@ async def test_failed_sign_ins_are_limited_per_address(
         other = await session.ws_connect(url, headers=headers(alice, "10.0.0.2"))
         assert (await other.receive_json(timeout=10))["type"] == "hello"
         await other.close()
+
+
+async def test_a_flooding_socket_is_read_more_slowly(desk: Desk) -> None:
+    """Past its burst (200) a socket's messages are read at 100 a second: 400 take at
+    least 2 s to be answered, and another operator's claim is answered meanwhile."""
+    flooder = await desk.operator("bob")
+    alice = await desk.operator()
+    asking = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]["id"]
+    junk = [
+        orjson.dumps({"type": "claim", "request": "req_nothing", "id": f"f{i}"}).decode()
+        for i in range(400)
+    ]
+    started = time.monotonic()
+    for message in junk:
+        await flooder.socket.send_str(message)
+    await alice.ok("claim", request)
+
+    def answered() -> int:
+        return sum(1 for e in flooder.events if str(e.get("id", "")).startswith("f"))
+
+    assert answered() < 350, "the flood was read at full speed before the claim"
+    await alice.ok("finish", request, reason="stop")
+    await asyncio.wait_for(asking, 10)
+    async with asyncio.timeout(30):
+        while answered() < 400:
+            await asyncio.sleep(0.05)
+    assert time.monotonic() - started >= 1.5  # (400 - 200) / 100 s, less some slack
+    for operator in (alice, flooder):
+        await operator.close()

@@ -10,6 +10,7 @@ import contextlib
 import importlib.resources
 import itertools
 import logging
+import time
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -48,6 +49,27 @@ _PAGE_POLICY = (
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 _connections = itertools.count(1)
+# A socket may send this many messages a second, in bursts of up to COMMAND_BURST; past
+# that its messages are read more slowly (TCP holds the rest back), so one that floods
+# cannot queue thousands of commands ahead of another operator's claim. A person typing
+# fast sends some 20 deltas a second.
+COMMANDS_PER_SECOND = 100.0
+COMMAND_BURST = 200.0
+
+
+class Pace:
+    """A token bucket: how long to wait before the next message is read."""
+
+    def __init__(self, rate: float = COMMANDS_PER_SECOND, burst: float = COMMAND_BURST) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.last = burst, time.monotonic()
+
+    def take(self) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
 async def operator_socket(request: web.Request) -> web.WebSocketResponse:
@@ -107,8 +129,11 @@ async def _serve(state: ProxyState, socket: web.WebSocketResponse, key: ApiKey) 
     desk.attach(conn, key.name, key.models, outbox.put_nowait)
     sender = asyncio.create_task(_send_all(socket, outbox), name=f"llproxy-operator-{conn}")
     watcher = asyncio.create_task(_watch_key(state, socket, key), name=f"llproxy-key-{conn}")
+    pace = Pace()
     try:
         async for message in socket:
+            if (wait := pace.take()) > 0:
+                await asyncio.sleep(wait)
             if message.type != WSMsgType.TEXT:
                 await _send(socket, {"type": "error", "message": "messages are JSON text"})
                 continue
