@@ -666,8 +666,11 @@ async def test_desk_metrics_equal_a_known_sequence(desk: Desk) -> None:
     asking, request = await arrives("human:alone")  # claimed, then silence: a 504
     await alice.ok("claim", request)
     await alice.expect("timed_out", request=request)
-    with pytest.raises(openai.APIStatusError):
+    with pytest.raises(openai.APIStatusError) as idle:
         await asyncio.wait_for(asking, 10)
+    # Someone claimed it: the error does not say nobody came.
+    assert "the operator who claimed the request sent nothing for 0.6 s" in idle.value.message
+    assert "no operator" not in idle.value.message
     waiting, _ = await arrives("human:support")  # still in the queue at the scrape
     bob = await desk.operator("bob")  # two people online; bob hears the numbers at once
     stats = await bob.expect("stats")
@@ -772,3 +775,53 @@ async def test_a_flooding_socket_is_read_more_slowly(desk: Desk) -> None:
     assert time.monotonic() - started >= 1.5  # (400 - 200) / 100 s, less some slack
     for operator in (alice, flooder):
         await operator.close()
+
+
+async def test_a_message_over_1_mib_closes_the_socket(desk: Desk) -> None:
+    alice = await desk.operator()
+    await alice.socket.send_str(" " * ((1 << 20) + 1))
+    await asyncio.wait_for(alice._reader, 10)
+    assert alice.socket.close_code == 1009  # message too big
+    await alice.close()
+
+
+async def test_the_socket_follows_the_origin_rules(desk: Desk) -> None:
+    """A page of another origin cannot open the operators' socket (a key kept in a
+    browser's password manager must not be usable by any site); llproxy's own page can."""
+    url = f"{desk.proxy.url}/operator/ws"
+    headers = {"Authorization": f"Bearer {desk.keys['alice']}"}
+    async with aiohttp.ClientSession() as session:
+        for origin in ("http://evil.example", "null"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(url, headers={**headers, "Origin": origin})
+            assert refused.value.status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url, headers={**headers, "Sec-Fetch-Site": "cross-site"})
+        assert refused.value.status == 403
+        socket = await session.ws_connect(url, headers={**headers, "Origin": desk.proxy.url})
+        assert (await socket.receive_json(timeout=10))["type"] == "hello"
+        await socket.close()
+
+
+async def test_a_handoff_to_an_operator_model_queues_it_for_those_operators(desk: Desk) -> None:
+    alice = await desk.operator()
+    asking = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]["id"]
+    await alice.ok("claim", request)
+    await alice.ok("delta", request, text="Passing you on. ")
+    # No mode: replace, refused once text reached the client.
+    refused = await alice.command("handoff", request, model="human:quick")
+    assert "mode continue" in refused["reason"]
+    await alice.ok("handoff", request, model="human:quick", mode="continue")
+    queued = (await alice.expect("added"))["request"]
+    assert queued["model"] == "human:quick"
+    assert queued["messages"][-1] == {"role": "assistant", "content": "Passing you on. "}
+    await alice.ok("claim", queued["id"])
+    await alice.ok("delta", queued["id"], text="Quick desk here.")
+    await alice.ok("finish", queued["id"])
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.content == "Passing you on. Quick desk here."
+    assert answer.model == "human:support"
+    await alice.close()

@@ -242,10 +242,16 @@ class OperatorAnswer:
         if kind == "reject":
             raise OperatorRejected(f"the operator rejected the request: {event['message']}")
         if kind == "timeout" and not event.get("fallback"):
-            waited = "claim it" if event["waited"] == "queue_timeout" else "answer"
+            ticket = self.ticket
+            if event["waited"] == "queue_timeout":
+                what = f"no operator claimed the request within {ticket.queue_timeout:g} s"
+            else:  # someone claimed it, and may have typed: no "nobody came"
+                what = (
+                    f"the operator who claimed the request sent nothing for "
+                    f"{ticket.idle_timeout:g} s and did not finish"
+                )
             raise OperatorTimeout(
-                f"no operator came to {waited} in time ({event['waited']}), and "
-                f"{self.replica.upstream_id} has no fallback model"
+                f"{what} ({event['waited']}), and {self.replica.upstream_id} has no fallback model"
             )
         model = event["model"] if kind == "handoff" else event["fallback"]
         # The desk hands off with mode replace only while nothing reached the client.
