@@ -243,3 +243,37 @@ async def test_a_refused_key_fails_even_when_input_ends_at_once(desk: Desk) -> N
         assert await good.wait_exit(WAIT) == 0  # a good key and no input: a clean leave
     finally:
         good.kill()
+
+
+async def test_lines_after_a_surprise_are_not_commands_by_accident(
+    desk: Desk, terminal: Terminal
+) -> None:
+    """The client leaves while the operator types: the next line ("1") was meant for it,
+    so it is neither sent nor run; and in the queue "2 apples" claims nothing."""
+    alice = await connected_operator(desk, terminal)
+    stream = await desk.client().chat.completions.create(
+        model="human:support", messages=ASK, stream=True
+    )
+    await next_chunk(stream.__aiter__())
+    await claim_next(alice)
+    mark = len(alice.output)
+    other = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=ASK)
+    )
+    second = await alice.wait_for(r"new request #(\d+) for human:support", after=mark)
+    number = second.group(1)
+    await stream.close()  # the client leaves
+    await alice.wait_for(r"the client left", after=mark)
+    mark = len(alice.output)
+    alice.write(f"{number}\n")
+    await alice.wait_for(r"had ended: this line was not sent, nor taken as a command", after=mark)
+    alice.write(f"{number} apples\n")
+    await alice.wait_for(rf"unknown command '{number}'", after=mark)
+    assert "answering" not in alice.output[mark:]
+    alice.write(f"{number}\n")
+    await alice.wait_for(rf"answering #{number}", after=mark)
+    alice.write("/reject not today\n")
+    with pytest.raises(Exception, match="not today"):
+        await asyncio.wait_for(other, WAIT)
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0

@@ -111,6 +111,9 @@ class OperatorTerminal:
         self.answers: dict[str, Answer] = {}  # the requests held
         self.lost: set[str] = set()  # held when the connection dropped: to claim again
         self.current: str | None = None  # the request typed lines go to
+        # The request answered here that ended by itself (the client left, a timeout): the
+        # next line was likely typed for it, so it is neither sent nor taken as a command.
+        self.ended_under: str | None = None
         self.pending: dict[int, Event] = {}  # commands sent, until acked or refused
         self.quitting = False
         self.stats: Event | None = None  # the server's latest numbers of the queue
@@ -376,6 +379,8 @@ class OperatorTerminal:
         says so)."""
         self.requests.pop(request_id, None)
         if why is not None and request_id in self.answers:
+            if self.current == request_id:
+                self.ended_under = request_id
             self._drop(request_id)
             self._say(f"{self._label(request_id)}: {why}", "bold yellow")
         elif why is not None and self.current is None:
@@ -406,6 +411,15 @@ class OperatorTerminal:
         return EXIT_OK
 
     async def _line(self, line: str) -> None:
+        if self.current is None and self.ended_under is not None and line.strip():
+            label, self.ended_under = self._label(self.ended_under), None
+            self._say(
+                f"{label} had ended: this line was not sent, nor taken as a command "
+                "(type it again if it is one)",
+                "yellow",
+            )
+            return
+        self.ended_under = None
         if self.current is not None and not line.startswith("/"):
             await self._type(line)
         elif self.current is not None and line.startswith("//"):
@@ -434,7 +448,7 @@ class OperatorTerminal:
 
     async def _command(self, line: str) -> None:
         word, _, rest = line.partition(" ")
-        if word.isdigit():
+        if word.isdigit() and not rest.strip():  # "2 apples" is no command
             word, rest = "claim", word
         handler = self._commands.get(word.lower())
         if handler is not None:
