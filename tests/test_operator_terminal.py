@@ -277,3 +277,32 @@ async def test_lines_after_a_surprise_are_not_commands_by_accident(
         await asyncio.wait_for(other, WAIT)
     alice.write("/quit\n")
     assert await alice.wait_exit(WAIT) == 0
+
+
+async def test_the_prompt_shows_the_mode_and_notices_never_cut_a_half_typed_line(
+    desk: Desk, terminal: Terminal
+) -> None:
+    alice = await connected_operator(desk, terminal)
+    await alice.wait_for(r"queue · N \+ Enter claims #N, help lists commands > ")
+    chunks = await streamed_question(desk)
+    await next_chunk(chunks)
+    await claim_next(alice)
+    await alice.wait_for(r"answering #\d+ · Enter sends the line, /finish ends > ")
+    alice.write("half a li")  # no Enter yet: then a notice comes
+    mark = len(alice.output)
+    other = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=ASK)
+    )
+    # The notice goes above; the prompt and the half-typed text are drawn again below it.
+    await alice.wait_for(
+        r"new request #\d+ for human:support[^\n]*\n[^\n]*"
+        r"answering #\d+ · Enter sends the line, /finish ends > half a li",
+        after=mark,
+    )
+    alice.write("ne\n")
+    assert (await next_chunk(chunks)).choices[0].delta.content == "half a line"
+    alice.write("/finish\n")
+    await alice.wait_for(r"queue · N \+ Enter claims #N", after=mark)
+    other.cancel()
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0

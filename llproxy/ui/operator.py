@@ -17,10 +17,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from .operator_prompt import PromptedLines, interactive
 from .operator_session import Event, NotAnOperator, OperatorSession
 from .operator_view import QueuedRequest, answer_so_far, conversation, printable, queue_table
 
@@ -117,6 +118,7 @@ class OperatorTerminal:
         self.pending: dict[int, Event] = {}  # commands sent, until acked or refused
         self.quitting = False
         self.stats: Event | None = None  # the server's latest numbers of the queue
+        self.prompted: PromptedLines | None = None  # on a terminal: the input line
         self.greeted = asyncio.Event()  # the server said hello: the key is an operator's
         self._redraw: asyncio.TimerHandle | None = None
         self._events: dict[str, Callable[[Event], Awaitable[None]]] = {
@@ -148,7 +150,11 @@ class OperatorTerminal:
         }
 
     async def run(self) -> int:
-        lines = StdinLines()
+        lines: StdinLines | PromptedLines
+        if interactive():
+            lines = self.prompted = PromptedLines(self._prompt)
+        else:
+            lines = StdinLines()
         network = asyncio.create_task(self._stay_connected(), name="llproxy-operator-socket")
         typing = asyncio.create_task(self._take_lines(lines.queue), name="llproxy-operator-input")
         try:
@@ -162,6 +168,8 @@ class OperatorTerminal:
                 task.cancel()
             await asyncio.gather(network, typing, return_exceptions=True)
             await self.session.close()
+            if self.prompted is not None:
+                self.prompted.close()
 
     # --- the connection ----------------------------------------------------------------------
 
@@ -339,9 +347,9 @@ class OperatorTerminal:
         self.current = request_id
         request = self.requests.get(request_id)
         if request is not None:
-            self.out.print(conversation(request))
+            self._print(conversation(request))
         if ack.get("text") or ack.get("tool_calls"):
-            self.out.print(answer_so_far(str(ack.get("text") or ""), ack.get("tool_calls") or ()))
+            self._print(answer_so_far(str(ack.get("text") or ""), ack.get("tool_calls") or ()))
         self._say(
             f"answering {self._label(request_id)}: each line you type is sent at once; "
             "/finish when done, /help for the commands",
@@ -521,7 +529,7 @@ class OperatorTerminal:
         table = Table(show_header=False, box=None)
         for command, text in HELP:
             table.add_row(Text(command, style="bold"), text)
-        self.out.print(table)
+        self._print(table)
 
     async def _quit(self, args: str) -> None:
         self.quitting = True
@@ -552,10 +560,27 @@ class OperatorTerminal:
             self._redraw.cancel()
             self._redraw = None
         if self.current is None:
-            self.out.print(queue_table(self.requests.values(), self.me, self.stats))
+            self._print(queue_table(self.requests.values(), self.me, self.stats))
 
     def _say(self, text: str, style: str = "") -> None:
-        self.out.print(Text(text, style=style))
+        self._print(Text(text, style=style))
+
+    def _print(self, renderable: RenderableType) -> None:
+        """Output, above the line being typed on a terminal (never over it)."""
+        if self.prompted is None:
+            self.out.print(renderable)
+        else:
+            self.prompted.above(lambda: self.out.print(renderable))
+
+    def _prompt(self) -> str:
+        """The mode, and what Enter does in it."""
+        request_id = self.current
+        if request_id is None:
+            return "queue · N + Enter claims #N, help lists commands > "
+        label = self._label(request_id)
+        if request_id in self.lost:
+            return f"answering {label} · reconnecting: Enter keeps the line > "
+        return f"answering {label} · Enter sends the line, /finish ends > "
 
     def _fail(self, text: str) -> None:
         self.err.print(Text(f"llproxy: {text}", style="bold red"))
