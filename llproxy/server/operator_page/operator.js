@@ -9,6 +9,9 @@
 const RECONNECT_DELAYS_MS = [1000, 2000, 4000, 8000, 15000]; // the last one repeats
 const URGENT_SECONDS = 30;
 const MAX_NOTICES = 6;
+// How long a notice stays before it vanishes by itself, by kind (ms).
+const NOTICE_MS = { info: 6000, warning: 12000, error: 20000 };
+const CONFIRM_MS = 4000; // a second click within this long confirms a reject or hand-off
 const CLOSE_UNAUTHORIZED = 4401; // the server's: no valid operator key
 const CLOSE_TOO_MANY_SIGN_INS = 4429; // the server's: this address failed too often
 const CLOSE_GOING_AWAY = 1001; // the server's: this worker is retiring, reconnect
@@ -31,6 +34,9 @@ const state = {
   pending: new Map(), // command id → the command, until its ack or refusal
   nextCommandId: 1,
   toolInputs: [], // the inputs of the tool-call form, built from the tool's schema
+  ring: false, // ring (and notify when the tab is hidden) on each new request
+  audio: null, // the AudioContext made by the click that turned ringing on
+  rings: 0, // how many times it rang (for the tests)
 };
 
 // --- small helpers ----------------------------------------------------------------------
@@ -209,6 +215,7 @@ function handleServerEvent(event) {
     case "added":
       storeRequest(event.request);
       renderQueue();
+      ring(event.request);
       break;
     case "claimed":
       requestClaimed(event);
@@ -558,10 +565,33 @@ function finishAnswer(event) {
   sendCommand("finish", request.id, reason ? { reason } : {});
 }
 
+// A destructive button asks once more: the first click turns it into "Click again to …",
+// which goes back by itself after a few seconds.
+function confirmed(form, label) {
+  const button = form.querySelector("button[type=submit]");
+  if (button.classList.contains("confirming")) {
+    resetConfirm(button);
+    return true;
+  }
+  button.dataset.label = button.textContent;
+  button.textContent = `Click again to ${label}`;
+  button.classList.add("confirming");
+  button.dataset.timer = String(setTimeout(() => resetConfirm(button), CONFIRM_MS));
+  return false;
+}
+
+function resetConfirm(button) {
+  if (!button.classList.contains("confirming")) return;
+  clearTimeout(Number(button.dataset.timer));
+  button.textContent = button.dataset.label;
+  button.classList.remove("confirming");
+}
+
 function rejectRequest(event) {
   event.preventDefault();
   const request = state.current;
   if (!request || !canTriage(request)) return;
+  if (!confirmed($("reject-form"), "reject")) return;
   const message = $("reject-message").value.trim();
   sendCommand("reject", request.id, message ? { message } : {});
 }
@@ -576,6 +606,7 @@ function handOff(event) {
     $("handoff-model").focus();
     return;
   }
+  if (!confirmed($("handoff-form"), `hand off to ${model}`)) return;
   sendCommand("handoff", request.id, { model, mode: $("handoff-mode").value });
 }
 
@@ -783,9 +814,12 @@ function renderQueue() {
   const focused = document.activeElement;
   const focusKey = list.contains(focused) ? focused.dataset.focusKey : null;
   const requests = [...state.requests.values()].sort((a, b) => a.created - b.created);
-  list.replaceChildren(...requests.map(queueRow));
+  const filter = $("queue-filter").value.trim().toLowerCase();
+  const shown = filter ? requests.filter((r) => matches(r, filter)) : requests;
+  list.replaceChildren(...shown.map(queueRow));
   $("queue-empty").hidden = requests.length > 0;
-  $("queue-count").textContent = requests.length ? `(${requests.length})` : "";
+  const count = shown.length === requests.length ? `${requests.length}` : `${shown.length} of ${requests.length}`;
+  $("queue-count").textContent = requests.length ? `(${count})` : "";
   // The tab's title shows the requests waiting, for an operator working in another tab.
   const waiting = requests.filter((r) => r.state === "queued").length;
   document.title = waiting ? `(${waiting}) llproxy operator` : "llproxy operator";
@@ -794,6 +828,11 @@ function renderQueue() {
     if (again) again.focus();
   }
   tickCountdowns();
+}
+
+// The filter finds a request by its model, its client, or the text it asks.
+function matches(request, filter) {
+  return [request.model, request.client || "", lastUserText(request)].some((text) => text.toLowerCase().includes(filter));
 }
 
 function queueRow(request) {
@@ -818,9 +857,8 @@ function queueRow(request) {
       el("span", { class: "model" }, request.model),
       el("span", { class: "countdown", "data-countdown": request.id, "aria-label": "time left" }),
     ),
-    el("p", { class: "meta" }, `${request.client || "anonymous"} · ${request.dialect} · ${request.stream ? "stream" : "whole answer"}`),
-    snippet ? el("p", { class: "snippet" }, snippet) : null,
-    el("p", { class: "holder" }, `${request.state} · ${holderText(request)}`),
+    el("p", { class: "meta" }, `${request.client || "anonymous"} · ${request.dialect} · ${request.stream ? "stream" : "whole answer"} · ${holderText(request)}`),
+    el("p", { class: "snippet" }, snippet || "—"),
     el("div", { class: "row-actions" }, view, claim),
   );
 }
@@ -865,6 +903,14 @@ function renderCurrent() {
     return;
   }
   renderRequestHeader(request);
+  const panel = $("answer-panel");
+  if (panel.dataset.request !== request.id) {
+    // Another request: what was typed to reject or hand off the last one does not apply.
+    panel.dataset.request = request.id;
+    $("reject-message").value = "";
+    $("handoff-model").value = "";
+    for (const button of panel.querySelectorAll("button.confirming")) resetConfirm(button);
+  }
   if ($("messages").dataset.request !== request.id) renderMessages(request);
   renderAnswer(request);
 }
@@ -915,7 +961,9 @@ function renderMessages(request) {
     }
   }
   container.replaceChildren(...request.messages.map((message) => renderMessage(message, callNames)));
-  container.scrollTop = container.scrollHeight;
+  // A long conversation opens at its latest message: the one to answer.
+  const scroller = container.closest(".conversation");
+  scroller.scrollTop = scroller.scrollHeight;
 }
 
 function renderMessage(message, callNames) {
@@ -1029,8 +1077,38 @@ function notify(text, kind = "info") {
   const dismiss = el("button", { type: "button", class: "quiet", "aria-label": "Dismiss notice" }, "Dismiss");
   const item = el("li", { class: `notice ${kind}` }, el("span", { class: "time" }, time), el("span", { class: "text" }, text), dismiss);
   dismiss.addEventListener("click", () => item.remove());
+  setTimeout(() => item.remove(), NOTICE_MS[kind] || NOTICE_MS.info);
   list.prepend(item);
   while (list.children.length > MAX_NOTICES) list.lastElementChild.remove();
+}
+
+// Ringing is the operator's choice, made once with the button (browsers let a page play
+// sound and ask to notify only after a click).
+function toggleRing() {
+  state.ring = !state.ring;
+  const button = $("ring");
+  button.setAttribute("aria-pressed", String(state.ring));
+  button.textContent = state.ring ? "Ring: on" : "Ring: off";
+  if (!state.ring) return;
+  state.audio = state.audio || new AudioContext();
+  if ("Notification" in window && Notification.permission === "default") Notification.requestPermission();
+}
+
+function ring(request) {
+  if (!state.ring || !isObject(request)) return;
+  if (state.audio) {
+    const tone = state.audio.createOscillator();
+    const gain = state.audio.createGain();
+    gain.gain.value = 0.15;
+    tone.frequency.value = 880;
+    tone.connect(gain).connect(state.audio.destination);
+    tone.start();
+    tone.stop(state.audio.currentTime + 0.18);
+  }
+  if (document.hidden && "Notification" in window && Notification.permission === "granted") {
+    new Notification(`New request for ${request.model}`, { body: lastUserText(request), tag: "llproxy-operator" });
+  }
+  state.rings += 1;
 }
 
 function forgetDesk() {
@@ -1063,6 +1141,8 @@ function start() {
   $("reject-form").addEventListener("submit", rejectRequest);
   $("handoff-form").addEventListener("submit", handOff);
   $("release").addEventListener("click", releaseRequest);
+  $("queue-filter").addEventListener("input", renderQueue);
+  $("ring").addEventListener("click", toggleRing);
   setInterval(tickCountdowns, 1000);
   $("token").focus();
 }
