@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import sqlite3
 import time
@@ -825,3 +826,30 @@ async def test_a_handoff_to_an_operator_model_queues_it_for_those_operators(desk
     assert answer.choices[0].message.content == "Passing you on. Quick desk here."
     assert answer.model == "human:support"
     await alice.close()
+
+
+async def test_a_key_revoked_on_another_host_closes_its_socket_here(
+    start_proxy: ProxyFactory, tmp_path: Path, redis_url: str
+) -> None:
+    """Two hosts share Redis, not their key databases: a key revoked on one closes its
+    open socket on the other once that host reads the revocations again."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    with KeyStore(there) as store:
+        alice = store.create("alice", operator=True)
+    here.mkdir()
+    for database in there.glob(f"{DATABASE}*"):  # the same key, in a database of its own
+        shutil.copy(database, here / database.name)
+    endpoints = [{"operator": "human", "tags": ["support"]}]
+    proxy = await start_proxy(endpoints, state_dir=str(here), redis_url=redis_url)
+    config = tmp_path / "there.json"
+    config.write_text(json.dumps({"endpoints": endpoints, "redis_url": redis_url}))
+    async with aiohttp.ClientSession() as session:
+        socket = await session.ws_connect(
+            f"{proxy.url}/operator/ws", headers={"Authorization": f"Bearer {alice}"}
+        )
+        assert (await socket.receive_json(timeout=10))["type"] == "hello"
+        revoked = await asyncio.to_thread(
+            run_cli, "keys", "revoke", "alice", "--config", str(config), state=there
+        )
+        assert revoked.returncode == 0, revoked.stderr
+        assert await _close_of(socket) == (4401, "the operator key was revoked")
