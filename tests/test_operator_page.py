@@ -429,14 +429,12 @@ def long_conversation(turns: int) -> list[Any]:
     return messages
 
 
-async def test_a_full_queue_and_a_long_conversation_at_1400_by_900(
-    desk: Desk, page: Page
-) -> None:
+async def test_a_full_queue_and_a_long_conversation_at_1400_by_900(desk: Desk, page: Page) -> None:
     """15 requests waiting: at least 12 show at once, the filter finds them by model or
     text; a long conversation opens at its latest message; reject and hand off ask once
     more, and their fields clear for another request; notices vanish by themselves; a
     new request rings once ringing is on. Screenshots in tests/artifacts."""
-    # The page's own viewport at 1400 × 900, whatever the browser window's frame takes.
+    # The page's own viewport at 1400 by 900, whatever the browser window's frame takes.
     metrics = {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False}
     await page.run(page.driver.execute_cdp_cmd, "Emulation.setDeviceMetricsOverride", metrics)
     try:
