@@ -306,3 +306,26 @@ async def test_the_prompt_shows_the_mode_and_notices_never_cut_a_half_typed_line
     other.cancel()
     alice.write("/quit\n")
     assert await alice.wait_exit(WAIT) == 0
+
+
+async def test_the_queue_is_drawn_again_in_place_with_moving_countdowns(
+    desk: Desk, terminal: Terminal
+) -> None:
+    chunks = await streamed_question(desk)
+    await next_chunk(chunks)
+    alice = await connected_operator(desk, terminal)
+    first = await alice.wait_for(r"│\s+(\d+)s │")
+    # Each second the table is drawn over itself: the cursor goes up its height and the
+    # screen is cleared from there, and the countdown has moved.
+    again = await alice.wait_for(r"\x1b\[(\d+)A\r\x1b\[J", raw=True)
+    table_height = int(again.group(1))
+    assert 5 <= table_height <= 12
+    at, left = first.end(), int(first.group(1))
+    for _ in range(30):  # each drawing after the first second shows less time left
+        later = await alice.wait_for(r"│\s+(\d+)s │", after=at)
+        at += later.end()  # a match's offsets count from `after`
+        if int(later.group(1)) < left:
+            break
+    assert int(later.group(1)) < left
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0

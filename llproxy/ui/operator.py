@@ -119,6 +119,9 @@ class OperatorTerminal:
         self.quitting = False
         self.stats: Event | None = None  # the server's latest numbers of the queue
         self.prompted: PromptedLines | None = None  # on a terminal: the input line
+        # The queue table's height while it is the last thing printed: it is drawn again
+        # in place (its countdowns move); 0 once anything else was printed below it.
+        self._table_lines = 0
         self.greeted = asyncio.Event()  # the server said hello: the key is an operator's
         self._redraw: asyncio.TimerHandle | None = None
         self._events: dict[str, Callable[[Event], Awaitable[None]]] = {
@@ -157,6 +160,7 @@ class OperatorTerminal:
             lines = StdinLines()
         network = asyncio.create_task(self._stay_connected(), name="llproxy-operator-socket")
         typing = asyncio.create_task(self._take_lines(lines.queue), name="llproxy-operator-input")
+        ticking = asyncio.create_task(self._tick(), name="llproxy-operator-countdowns")
         try:
             done, _ = await asyncio.wait({network, typing}, return_when=asyncio.FIRST_COMPLETED)
             return done.pop().result()
@@ -164,9 +168,9 @@ class OperatorTerminal:
             self._fail(f"the server refused the key: {str(refused) or 'it is not an operator key'}")
             return EXIT_FAILED
         finally:
-            for task in (network, typing):
+            for task in (network, typing, ticking):
                 task.cancel()
-            await asyncio.gather(network, typing, return_exceptions=True)
+            await asyncio.gather(network, typing, ticking, return_exceptions=True)
             await self.session.close()
             if self.prompted is not None:
                 self.prompted.close()
@@ -410,6 +414,7 @@ class OperatorTerminal:
 
     async def _take_lines(self, lines: asyncio.Queue[str | None]) -> int:
         while not self.quitting and (line := await lines.get()) is not None:
+            self._table_lines = 0  # the line typed is echoed below the table
             await self._line(line)
         # Input that ends at once (a pipe, /dev/null) must not hide a refused key or an
         # unreachable server: their failure, not this, decides how the terminal exits.
@@ -560,13 +565,38 @@ class OperatorTerminal:
             self._redraw.cancel()
             self._redraw = None
         if self.current is None:
-            self._print(queue_table(self.requests.values(), self.me, self.stats))
+            self._print_table(queue_table(self.requests.values(), self.me, self.stats))
+
+    def _print_table(self, table: Table) -> None:
+        """The queue on a terminal: in place of the last one when nothing came after it
+        and it fits the screen; else printed below, as on a pipe."""
+        if self.prompted is None:
+            self.out.print(table)
+            return
+        with self.out.capture() as captured:
+            self.out.print(table)
+        text = captured.get()
+        replacing = self._table_lines if self._table_lines < self.out.height - 2 else 0
+        self.prompted.above(lambda: self._write(text), replacing)
+        self._table_lines = text.count("\n")
+
+    def _write(self, text: str) -> None:
+        self.out.file.write(text)
+        self.out.file.flush()
+
+    async def _tick(self) -> None:
+        """Once a second the queue on screen is drawn again: its countdowns move."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.prompted is not None and self.current is None and self._table_lines:
+                self._draw_queue()
 
     def _say(self, text: str, style: str = "") -> None:
         self._print(Text(text, style=style))
 
     def _print(self, renderable: RenderableType) -> None:
         """Output, above the line being typed on a terminal (never over it)."""
+        self._table_lines = 0  # the table is no longer the last thing on screen
         if self.prompted is None:
             self.out.print(renderable)
         else:

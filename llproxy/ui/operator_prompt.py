@@ -49,10 +49,13 @@ class PromptedLines:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the terminal left
             self._loop.call_soon_threadsafe(self.queue.put_nowait, line)
 
-    def above(self, write: Callable[[], None]) -> None:
-        """Print with `write` above the line being typed, then draw that line again."""
+    def above(self, write: Callable[[], None], replacing: int = 0) -> None:
+        """Print with `write` above the line being typed, then draw that line again;
+        `replacing` lines printed just before (a table drawn again) are overwritten."""
         with self._lock:
             self.out.write(_CLEAR_LINE)
+            if replacing:
+                self.out.write(f"\x1b[{replacing}A\r\x1b[J")  # up, and clear to the end
             self.out.flush()
             write()
             self.out.write(self.prompt() + self._readline.get_line_buffer())
