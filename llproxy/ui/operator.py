@@ -588,7 +588,8 @@ class OperatorTerminal:
         """Once a second the queue on screen is drawn again: its countdowns move."""
         while True:
             await asyncio.sleep(1.0)
-            if self.prompted is not None and self.current is None and self._table_lines:
+            fits = 0 < self._table_lines < self.out.height - 2  # else it would scroll
+            if self.prompted is not None and self.current is None and fits:
                 self._draw_queue()
 
     def _say(self, text: str, style: str = "") -> None:
