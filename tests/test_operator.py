@@ -853,3 +853,29 @@ async def test_a_key_revoked_on_another_host_closes_its_socket_here(
         )
         assert revoked.returncode == 0, revoked.stderr
         assert await _close_of(socket) == (4401, "the operator key was revoked")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "first"),
+    [
+        ("/v1/chat/completions", {"messages": HELLO}, b'"role":"assistant"'),
+        ("/v1/messages", {"messages": HELLO, "max_tokens": 50}, b"event: message_start"),
+        ("/v1/responses", {"input": "hello"}, b"event: response.created"),
+    ],
+)
+async def test_each_dialect_hears_at_once_that_its_request_waits(
+    desk: Desk, path: str, body: dict[str, Any], first: bytes
+) -> None:
+    """What the README promises each dialect while an operator is awaited: its first
+    event at once, before anyone claims the request."""
+    headers = {"Authorization": f"Bearer {desk.keys['client']}", "anthropic-version": "2023-06-01"}
+    request = {"model": "human:support", "stream": True, **body}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{desk.proxy.url}{path}", json=request, headers=headers) as response,
+    ):
+        assert response.status == 200
+        seen = b""
+        async with asyncio.timeout(10):  # nobody claims it: a bound on a hang
+            while first not in seen:
+                seen += await response.content.readany()
