@@ -16,6 +16,7 @@ import pytest
 
 import llproxy
 from llproxy.server.operator import close_operator_sockets
+from llproxy.stores.sqlite import KeyStore
 
 from .conftest import ProxyFactory, UpstreamFactory
 from .operator_client import WEATHER, Desk, open_desk
@@ -329,3 +330,13 @@ async def test_the_queue_is_drawn_again_in_place_with_moving_countdowns(
     assert int(later.group(1)) < left
     alice.write("/quit\n")
     assert await alice.wait_exit(WAIT) == 0
+
+
+async def test_a_key_revoked_while_connected_ends_the_terminal_with_the_reason(
+    desk: Desk, terminal: Terminal
+) -> None:
+    alice = await connected_operator(desk, terminal)
+    with KeyStore(desk.state) as store:
+        assert store.revoke("alice") is not None
+    assert await alice.wait_exit(WAIT) == 1
+    await alice.wait_for("the server refused the key: the operator key was revoked")
