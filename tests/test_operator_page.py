@@ -29,6 +29,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from llproxy.server.operator import close_operator_sockets
+from llproxy.stores.sqlite import KeyStore
 
 from .conftest import ProxyFactory
 from .operator_client import WEATHER, Desk, open_desk
@@ -525,3 +526,14 @@ async def full_queue_and_long_conversation(desk: Desk, page: Page) -> None:
     assert await page.console() == []
     for each in asking:
         each.cancel()
+
+
+async def test_a_key_revoked_while_signed_in_signs_out_with_the_reason(
+    desk: Desk, page: Page
+) -> None:
+    await page.sign_in(desk.keys["alice"])
+    await page.shows("#connection", "Connected as alice")
+    with KeyStore(desk.state) as store:
+        assert store.revoke("alice") is not None
+    await page.shows("#login-error", "Signed out: the operator key was revoked.")
+    assert await page.console() == []
