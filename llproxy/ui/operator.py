@@ -614,7 +614,11 @@ class OperatorTerminal:
         return f"answering {label} · Enter sends the line, /finish ends > "
 
     def _fail(self, text: str) -> None:
-        self.err.print(Text(f"llproxy: {text}", style="bold red"))
+        message = Text(f"llproxy: {text}", style="bold red")
+        if self.prompted is None:
+            self.err.print(message)
+        else:  # the last words: on a line of their own, no prompt after them
+            self.prompted.above(lambda: self.err.print(message), redraw=False)
 
 
 def _describe(exc: BaseException) -> str:

@@ -31,6 +31,7 @@ class PromptedLines:
         # readline holds the terminal in its own mode while it waits for a line: what
         # it was is put back when the terminal leaves in the middle of one.
         self._saved = _terminal_mode()
+        self._left = False  # the last words are printed: no prompt after them
         reader = threading.Thread(target=self._read, name="llproxy-operator-prompt", daemon=True)
         reader.start()
 
@@ -49,26 +50,30 @@ class PromptedLines:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the terminal left
             self._loop.call_soon_threadsafe(self.queue.put_nowait, line)
 
-    def above(self, write: Callable[[], None], replacing: int = 0) -> None:
-        """Print with `write` above the line being typed, then draw that line again;
-        `replacing` lines printed just before (a table drawn again) are overwritten."""
+    def above(self, write: Callable[[], None], replacing: int = 0, redraw: bool = True) -> None:
+        """Print with `write` above the line being typed, then draw that line again
+        (unless the terminal is leaving); `replacing` lines printed just before (a table
+        drawn again) are overwritten."""
         with self._lock:
             self.out.write(_CLEAR_LINE)
             if replacing:
                 self.out.write(f"\x1b[{replacing}A\r\x1b[J")  # up, and clear to the end
             self.out.flush()
             write()
-            self.out.write(self.prompt() + self._readline.get_line_buffer())
+            if redraw:
+                self.out.write(self.prompt() + self._readline.get_line_buffer())
             self.out.flush()
+            self._left = not redraw
 
     def close(self) -> None:
         """The terminal as it was, the cursor on a line of its own."""
         if self._saved is not None:
             with contextlib.suppress(termios.error, OSError):
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved)
-        with contextlib.suppress(OSError, ValueError):
-            self.out.write("\n")
-            self.out.flush()
+        if not self._left:  # the cursor is after the prompt
+            with contextlib.suppress(OSError, ValueError):
+                self.out.write("\n")
+                self.out.flush()
 
 
 def _terminal_mode() -> list[Any] | None:
