@@ -492,7 +492,7 @@ async def full_queue_and_long_conversation(desk: Desk, page: Page) -> None:
     # Reject asks once more; its message clears when another request is chosen.
     await page.type("#reject-message", "Wrong desk")
     await page.click("#reject-form button[type=submit]")
-    await page.shows("#reject-form button", "Click again to reject")
+    await page.shows("#reject-form button", "Confirm reject")
     assert len(desk.proxy.state.services.desk.tickets) == 15  # type: ignore[attr-defined]
     await page.run(lambda: page.driver.find_element(By.ID, "queue-filter").clear())
     await page.type("#queue-filter", "parcel 3")
@@ -502,11 +502,15 @@ async def full_queue_and_long_conversation(desk: Desk, page: Page) -> None:
     assert await page.text("#reject-form button") == "Reject"
     await page.type("#handoff-model", "fake-model")
     await page.click("#handoff-form button[type=submit]")
-    await page.shows("#handoff-form button", "Click again to hand off to fake-model")
+    await page.shows("#handoff-form button", "Confirm hand-off")
+    button = await page.find("#handoff-form button")
+    title = await page.run(button.get_attribute, "title")
+    assert title == "Click again to hand the request off to fake-model"
     await page.type("#reject-message", "Not ours")
     await page.click("#reject-form button[type=submit]")
     await page.click("#reject-form button[type=submit]")  # confirmed
     await page.shows("#notices", "rejected")
+    await page.screenshot("operator-notice.png")
     with pytest.raises(openai.BadRequestError):
         await asyncio.wait_for(asking[3], WAIT)
     # Notices vanish by themselves.

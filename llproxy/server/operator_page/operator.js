@@ -565,16 +565,17 @@ function finishAnswer(event) {
   sendCommand("finish", request.id, reason ? { reason } : {});
 }
 
-// A destructive button asks once more: the first click turns it into "Click again to …",
-// which goes back by itself after a few seconds.
-function confirmed(form, label) {
+// A destructive button asks once more: the first click turns it into "Confirm …" (its
+// title says what exactly), which goes back by itself after a few seconds.
+function confirmed(form, label, what) {
   const button = form.querySelector("button[type=submit]");
   if (button.classList.contains("confirming")) {
     resetConfirm(button);
     return true;
   }
   button.dataset.label = button.textContent;
-  button.textContent = `Click again to ${label}`;
+  button.textContent = `Confirm ${label}`;
+  button.title = `Click again to ${what}`;
   button.classList.add("confirming");
   button.dataset.timer = String(setTimeout(() => resetConfirm(button), CONFIRM_MS));
   return false;
@@ -584,6 +585,7 @@ function resetConfirm(button) {
   if (!button.classList.contains("confirming")) return;
   clearTimeout(Number(button.dataset.timer));
   button.textContent = button.dataset.label;
+  button.title = "";
   button.classList.remove("confirming");
 }
 
@@ -591,7 +593,7 @@ function rejectRequest(event) {
   event.preventDefault();
   const request = state.current;
   if (!request || !canTriage(request)) return;
-  if (!confirmed($("reject-form"), "reject")) return;
+  if (!confirmed($("reject-form"), "reject", "reject the request")) return;
   const message = $("reject-message").value.trim();
   sendCommand("reject", request.id, message ? { message } : {});
 }
@@ -606,7 +608,7 @@ function handOff(event) {
     $("handoff-model").focus();
     return;
   }
-  if (!confirmed($("handoff-form"), `hand off to ${model}`)) return;
+  if (!confirmed($("handoff-form"), "hand-off", `hand the request off to ${model}`)) return;
   sendCommand("handoff", request.id, { model, mode: $("handoff-mode").value });
 }
 
@@ -1030,7 +1032,10 @@ function renderAnswer(request) {
   renderSentCalls(request);
   renderToolForm(request);
   for (const id of ["tool-form", "finish-form"]) setFormEnabled(id, mine);
-  for (const id of ["reject-form", "handoff-form"]) setFormEnabled(id, canTriage(request));
+  for (const id of ["reject-form", "handoff-form"]) {
+    setFormEnabled(id, canTriage(request));
+    if (!canTriage(request)) resetConfirm($(id).querySelector("button[type=submit]"));
+  }
   $("release").disabled = !mine;
   // Once text reached the client a model can only continue it.
   const mode = $("handoff-mode");
