@@ -510,6 +510,7 @@ async def full_queue_and_long_conversation(desk: Desk, page: Page) -> None:
     await page.click("#reject-form button[type=submit]")
     await page.click("#reject-form button[type=submit]")  # confirmed
     await page.shows("#notices", "rejected")
+    await page.shows("#queue-unmatched", "No request matches the filter")
     await page.screenshot("operator-notice.png")
     with pytest.raises(openai.BadRequestError):
         await asyncio.wait_for(asking[3], WAIT)

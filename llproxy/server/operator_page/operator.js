@@ -820,6 +820,7 @@ function renderQueue() {
   const shown = filter ? requests.filter((r) => matches(r, filter)) : requests;
   list.replaceChildren(...shown.map(queueRow));
   $("queue-empty").hidden = requests.length > 0;
+  $("queue-unmatched").hidden = !requests.length || shown.length > 0;
   const count = shown.length === requests.length ? `${requests.length}` : `${shown.length} of ${requests.length}`;
   $("queue-count").textContent = requests.length ? `(${count})` : "";
   // The tab's title shows the requests waiting, for an operator working in another tab.
