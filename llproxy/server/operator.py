@@ -32,7 +32,7 @@ AUTH_SECONDS = 10.0
 HEARTBEAT_SECONDS = 20.0
 # How often an open socket's key is looked at again: a revocation reaches this process's
 # keys within KEY_REFRESH_SECONDS, an expiry is seen here; either closes the socket.
-KEY_CHECK_SECONDS = 1.0
+KEY_CHECK_SECONDS = 0.5
 MAX_MESSAGE_BYTES = 1 << 20
 # Close codes (4000 to 4999 are the application's): no valid operator key (or no longer
 # valid); too many failed sign-ins from the address; a retiring worker.
