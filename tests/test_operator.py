@@ -767,7 +767,7 @@ async def test_a_flooding_socket_is_read_more_slowly(desk: Desk) -> None:
     def answered() -> int:
         return sum(1 for e in flooder.events if str(e.get("id", "")).startswith("f"))
 
-    assert answered() < 350, "the flood was read at full speed before the claim"
+    assert answered() < 400, "the claim waited for the whole flood"
     await alice.ok("finish", request, reason="stop")
     await asyncio.wait_for(asking, 10)
     async with asyncio.timeout(30):
