@@ -133,7 +133,7 @@ async def test_the_queue_shows_the_servers_numbers(desk: Desk, terminal: Termina
     chunks = await streamed_question(desk)
     assert (await next_chunk(chunks)).choices[0].delta.role == "assistant"
     alice = await connected_operator(desk, terminal)
-    await alice.wait_for(r"1 waiting, the oldest for 0:0\d; 1 operator online")
+    await alice.wait_for(r"1 waiting, the oldest for \d:\d\d; 1 operator online")
     alice.write("/quit\n")
     assert await alice.wait_exit(WAIT) == 0
 
