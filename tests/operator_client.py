@@ -63,8 +63,12 @@ class TestOperator:
         if not in_header:
             await socket.send_str(orjson.dumps({"type": "auth", "token": token}).decode())
         operator = cls(session, socket)
-        await operator.expect("hello")
-        await operator.expect("snapshot")
+        try:
+            await operator.expect("hello")
+            await operator.expect("snapshot")
+        except BaseException:  # a retiring worker may close it at once
+            await operator.close()
+            raise
         return operator
 
     async def _read(self) -> None:

@@ -4,21 +4,27 @@ test operator on the operator WebSocket on the other, a real llproxy between the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
+import signal
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anthropic
 import openai
+import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llproxy.stores.sqlite import DATABASE, KeyStore
 
 from .conftest import ProxyFactory, UpstreamFactory, recorded
 from .operator_client import WEATHER, Desk, TestOperator, open_desk
-from .process import create_key
+from .process import create_key, run_cli
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -363,6 +369,12 @@ async def test_client_and_operator_on_different_workers(
     await client.close()
     rows = await recorded(state, "model", 1)
     assert rows[0]["model"] == "human:support"
+    # The desk's numbers are the master's, whichever worker answers the scrape.
+    samples = await _metrics(process.url)
+    support = (("model", "human:support"),)
+    assert samples[("llproxy_operator_finished_total", support)] == 1
+    assert samples[("llproxy_operator_claims_total", support)] == 1
+    assert samples[("llproxy_operators_online", ())] == 1
     for operator in [*operators.values(), *spare]:
         await operator.close()
 
@@ -391,3 +403,479 @@ async def test_an_operator_takes_their_claim_over_to_a_new_connection(desk: Desk
     assert answer.choices[0].message.content == "Before after."
     for operator in (old, new, bob):
         await operator.close()
+
+
+async def test_finish_and_tool_calls_are_checked_against_the_request(desk: Desk) -> None:
+    """The client must get what it asked for: no tool_calls finish without a call, no
+    tool call when tool_choice is none, no other tool than the one it names."""
+    alice = await desk.operator()
+    lookup: Any = {"type": "function", "function": {"name": "lookup", "parameters": {}}}
+    tools = [WEATHER, lookup]
+
+    async def ask(tool_choice: Any) -> tuple[asyncio.Future[Any], str]:
+        asking = asyncio.ensure_future(
+            desk.client().chat.completions.create(
+                model="human:support", messages=HELLO, tools=tools, tool_choice=tool_choice
+            )
+        )
+        request = (await alice.expect("added"))["request"]["id"]
+        await alice.ok("claim", request)
+        return asking, request
+
+    asking, request = await ask("auto")
+    refused = await alice.command("finish", request, reason="tool_calls")
+    assert "call a tool first" in refused["reason"], refused
+    await alice.ok("delta", request, text="No tools needed.")
+    await alice.ok("finish", request)
+    assert (await asyncio.wait_for(asking, 10)).choices[0].finish_reason == "stop"
+
+    asking, request = await ask("none")
+    refused = await alice.command("tool_call", request, name="lookup", arguments={})
+    assert "tool_choice is none" in refused["reason"], refused
+    await alice.ok("delta", request, text="Text only.")
+    await alice.ok("finish", request)
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.tool_calls is None
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    asking, request = await ask(named)
+    refused = await alice.command("finish", request)
+    assert "requires a tool call" in refused["reason"], refused
+    refused = await alice.command("tool_call", request, name="lookup", arguments={})
+    assert "names 'get_weather'" in refused["reason"], refused
+    await alice.ok("tool_call", request, name="get_weather", arguments={"city": "Oslo"})
+    assert (await alice.ok("finish", request))["reason"] == "tool_calls"
+    answer = await asyncio.wait_for(asking, 10)
+    calls = answer.choices[0].message.tool_calls or []
+    assert [c.function.name for c in calls] == ["get_weather"]  # type: ignore[union-attr]
+    await alice.close()
+
+
+async def _close_of(socket: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
+    """The close code and reason the server ends a socket with (other frames skipped)."""
+    async with asyncio.timeout(20):  # a revocation is seen within ~3 s: generous
+        while True:
+            message = await socket.receive()
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                return message.data, str(message.extra)
+            if message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                return socket.close_code, ""
+
+
+async def test_a_revoked_or_expired_key_closes_open_sockets_on_every_worker(
+    start_upstream: UpstreamFactory, start_llproxy: Any, tmp_path: Path
+) -> None:
+    """Revoked with `llproxy keys revoke`, a key's sockets close on every worker (4401,
+    the reason says why) and its claim goes back to the queue; an expiring key's socket
+    closes once it expires."""
+    upstream = await start_upstream()
+    state = tmp_path / "state"
+    with KeyStore(state) as store:
+        alice = store.create("alice", operator=True)
+        bob = store.create("bob", operator=True)
+        dave = store.create("dave", operator=True, expires=time.time() + 8)
+    config = tmp_path / "llproxy.json"
+    endpoints = [upstream.endpoint(), {"operator": "human", "tags": ["support"]}]
+    config.write_text(json.dumps({"endpoints": endpoints}))
+    process = await start_llproxy(
+        "--config", str(config), "--workers", "2", "--state-dir", str(state)
+    )
+    headers = {"Authorization": f"Bearer {alice}"}
+    async with aiohttp.ClientSession() as session:
+        expiring = await session.ws_connect(
+            f"{process.url}/operator/ws", headers={"Authorization": f"Bearer {dave}"}
+        )
+        sockets: dict[int, aiohttp.ClientWebSocketResponse] = {}
+        for _ in range(40):  # sockets land on either worker: open some until both hold one
+            socket = await session.ws_connect(f"{process.url}/operator/ws", headers=headers)
+            hello = await socket.receive_json(timeout=10)
+            await socket.receive_json(timeout=10)  # the snapshot
+            if hello["worker"] in sockets:
+                await socket.close()
+            else:
+                sockets[hello["worker"]] = socket
+            if len(sockets) == 2:
+                break
+        assert len(sockets) == 2, "every socket landed on one worker"
+        watcher = await TestOperator.connect(process.url, bob)
+        client = openai.AsyncOpenAI(base_url=f"{process.url}/v1", api_key="none", max_retries=0)
+        asking = asyncio.ensure_future(
+            client.chat.completions.create(model="human:support", messages=HELLO)
+        )
+        request = (await watcher.expect("added"))["request"]["id"]
+        claimer = next(iter(sockets.values()))
+        await claimer.send_json({"type": "claim", "request": request, "id": 1})
+        await watcher.expect("claimed", request=request, by="alice")
+        revoked = await asyncio.to_thread(run_cli, "keys", "revoke", "alice", state=state)
+        assert revoked.returncode == 0, revoked.stderr
+        closes = await asyncio.gather(*(_close_of(s) for s in sockets.values()))
+        assert closes == [(4401, "the operator key was revoked")] * 2
+        await watcher.expect("released", request=request, by="alice")
+        # A new socket is refused as well, and the request is still there to answer.
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await session.ws_connect(f"{process.url}/operator/ws", headers=headers)
+        await watcher.ok("claim", request)
+        await watcher.ok("delta", request, text="Bob here.")
+        await watcher.ok("finish", request)
+        answer = await asyncio.wait_for(asking, 10)
+        assert answer.choices[0].message.content == "Bob here."
+        await client.close()
+
+        assert await _close_of(expiring) == (4401, "the operator key expired")
+        await watcher.close()
+
+
+async def test_an_ollama_stream_gets_its_headers_while_the_operator_is_awaited(
+    desk: Desk,
+) -> None:
+    """NDJSON has no keepalive and the operator's opening chunk translates to no line:
+    the status and headers still go at once, so the client knows its request is taken."""
+    alice = await desk.operator()
+    body = {"model": "human:support", "messages": HELLO, "stream": True}
+    headers = {"Authorization": f"Bearer {desk.keys['client']}"}
+    async with aiohttp.ClientSession() as session:
+        # Nobody has claimed it: the headers come all the same (a bound on a hang).
+        response = await asyncio.wait_for(
+            session.post(f"{desk.proxy.url}/api/chat", json=body, headers=headers), 10
+        )
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/x-ndjson")
+        request = (await alice.expect("added"))["request"]["id"]
+        await alice.ok("claim", request)
+        await alice.ok("delta", request, text="Hej")
+        first = json.loads(await asyncio.wait_for(response.content.readline(), 10))
+        assert first["message"]["content"] == "Hej" and first["done"] is False
+        await alice.ok("finish", request)
+        last = json.loads((await response.read()).splitlines()[-1])
+        assert last["done"] is True and last["done_reason"] == "stop"
+        response.release()
+    await alice.close()
+
+
+async def test_a_waiting_request_does_not_outlive_the_graceful_timeout_of_a_reload(
+    start_upstream: UpstreamFactory, start_llproxy: Any, tmp_path: Path
+) -> None:
+    """SIGHUP with --graceful-timeout 2: requests still waiting for a person end with 503
+    operator_interrupted once the 2 s run out (a stream with an error event), an operator
+    on the new worker is told why, and the old worker exits."""
+    upstream = await start_upstream()
+    state = tmp_path / "state"
+    with KeyStore(state) as store:
+        key = store.create("alice", operator=True)
+    config = tmp_path / "llproxy.json"
+    endpoints = [upstream.endpoint(), {"operator": "human", "tags": ["support"]}]
+    config.write_text(json.dumps({"endpoints": endpoints}))
+    process = await start_llproxy(
+        "--config",
+        str(config),
+        "--workers",
+        "1",
+        "--state-dir",
+        str(state),
+        "--graceful-timeout",
+        "2",
+    )
+    client = openai.AsyncOpenAI(base_url=f"{process.url}/v1", api_key="none", max_retries=0)
+    asking = asyncio.ensure_future(
+        client.chat.completions.create(model="human:support", messages=HELLO)
+    )
+    stream = await client.chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    await anext(chunks)
+    before = await TestOperator.connect(process.url, key)
+    seen = {r["id"] for r in before.events[1]["requests"]}
+    while len(seen) < 2:  # both requests are on the desk
+        seen.add((await before.expect("added"))["request"]["id"])
+    mark = len(process.output)
+    process.signal(signal.SIGHUP)
+    await process.wait_for("reloaded", after=mark)
+    old_worker = before.events[0]["worker"]
+    for _ in range(40):  # the old worker may take a connection before it stops accepting
+        with contextlib.suppress(AssertionError):
+            after = await TestOperator.connect(process.url, key)
+            if after.events[0]["worker"] != old_worker:
+                break
+            await after.close()
+        await asyncio.sleep(0.1)
+    assert after.events[0]["worker"] != old_worker
+    assert len(after.events[1]["requests"]) == 2  # the desk (the master's) kept them
+    with pytest.raises(openai.APIStatusError) as failed:
+        await asyncio.wait_for(asking, 20)
+    assert failed.value.status_code == 503
+    assert failed.value.code == "operator_interrupted"  # type: ignore[attr-defined]
+    with pytest.raises(openai.APIError) as broken:
+        async with asyncio.timeout(20):
+            async for _ in chunks:
+                pass
+    assert "graceful timeout" in str(broken.value)
+    for _ in range(2):
+        cancelled = await after.expect("cancelled")
+        assert cancelled["reason"] == "the server holding the client's request restarted"
+    await process.wait_for("still waiting for an operator", after=mark)
+    await client.close()
+    await before.close()
+    await after.close()
+
+
+async def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as samples: (name, sorted labels) → value."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        return _samples(await response.text())
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_desk_metrics_equal_a_known_sequence(desk: Desk) -> None:
+    """/metrics after claims, a release, a finish, a reject, a handoff, a queue timeout
+    with a fallback and an idle timeout without one: every count as it happened."""
+    alice = await desk.operator()
+    client = desk.client()
+
+    def ask(model: str) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(client.chat.completions.create(model=model, messages=HELLO))
+
+    async def arrives(model: str) -> tuple[asyncio.Future[Any], str]:
+        asking = ask(model)
+        return asking, (await alice.expect("added"))["request"]["id"]
+
+    asking, request = await arrives("human:support")  # claimed and finished
+    await alice.ok("claim", request)
+    await alice.ok("delta", request, text="Hi")
+    await alice.ok("finish", request)
+    await asyncio.wait_for(asking, 10)
+    asking, request = await arrives("human:support")  # claimed twice, then rejected
+    await alice.ok("claim", request)
+    await alice.ok("release", request)
+    await alice.ok("claim", request)
+    await alice.ok("reject", request, message="no")
+    with pytest.raises(openai.BadRequestError):
+        await asyncio.wait_for(asking, 10)
+    asking, request = await arrives("human:support")  # handed off unclaimed
+    await alice.ok("handoff", request, model="fake-model")
+    await asyncio.wait_for(asking, 10)
+    asking, request = await arrives("human:quick")  # nobody claims: the fallback answers
+    await alice.expect("timed_out", request=request)
+    await asyncio.wait_for(asking, 10)
+    asking, request = await arrives("human:alone")  # claimed, then silence: a 504
+    await alice.ok("claim", request)
+    await alice.expect("timed_out", request=request)
+    with pytest.raises(openai.APIStatusError) as idle:
+        await asyncio.wait_for(asking, 10)
+    # Someone claimed it: the error does not say nobody came.
+    assert "the operator who claimed the request sent nothing for 0.6 s" in idle.value.message
+    assert "no operator" not in idle.value.message
+    waiting, _ = await arrives("human:support")  # still in the queue at the scrape
+    bob = await desk.operator("bob")  # two people online; bob hears the numbers at once
+    stats = await bob.expect("stats")
+    assert (stats["waiting"], stats["operators_online"]) == (1, 2)
+    assert 0 <= stats["oldest_wait"] < 60
+
+    samples = await _metrics(desk.proxy.url)
+    support = (("model", "human:support"),)
+    quick, alone = (("model", "human:quick"),), (("model", "human:alone"),)
+    expected = {
+        ("llproxy_operator_queue_depth", support): 1,
+        ("llproxy_operators_online", ()): 2,
+        ("llproxy_operator_claims_total", support): 3,
+        ("llproxy_operator_claims_total", alone): 1,
+        ("llproxy_operator_finished_total", support): 1,
+        ("llproxy_operator_rejects_total", support): 1,
+        ("llproxy_operator_handoffs_total", support): 1,
+        ("llproxy_operator_fallbacks_total", quick): 1,
+        ("llproxy_operator_timeouts_total", (*quick, ("waited", "queue_timeout"))): 1,
+        ("llproxy_operator_timeouts_total", (*alone, ("waited", "idle_timeout"))): 1,
+        ("llproxy_operator_wait_until_claimed_seconds_count", support): 2,
+        ("llproxy_operator_wait_until_claimed_seconds_count", alone): 1,
+        ("llproxy_operator_wait_until_finished_seconds_count", support): 1,
+    }
+    operator_samples = {
+        key: value
+        for key, value in samples.items()
+        if key[0].startswith("llproxy_operator")
+        and not key[0].endswith(("_bucket", "_sum"))
+        and not key[0].endswith("_created")
+    }
+    assert operator_samples == expected
+    waiting.cancel()
+    for operator in (alice, bob):
+        await operator.close()
+
+
+async def test_failed_sign_ins_are_limited_per_address(
+    start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Ten wrong keys a minute from one address; then it is refused (429 before the
+    upgrade, 4429 for a key sent in a message) whatever key it shows, while another
+    address signs in."""
+    state = tmp_path / "state"
+    endpoints = [{"operator": "human", "tags": ["support"]}]
+    with KeyStore(state) as store:
+        alice = store.create("alice", operator=True)
+    proxy = await start_proxy(endpoints, state_dir=str(state), trusted_proxies=["127.0.0.1/32"])
+    url = f"{proxy.url}/operator/ws"
+
+    def headers(key: str, address: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}", "X-Forwarded-For": address}
+
+    async with aiohttp.ClientSession() as session:
+        for _ in range(10):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(url, headers=headers("llp-guess", "10.0.0.1"))
+            assert refused.value.status == 401
+        for key in ("llp-guess", alice):  # one too many; then even the right key
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(url, headers=headers(key, "10.0.0.1"))
+            assert refused.value.status == 429
+            assert refused.value.headers is not None
+            assert 0 < int(refused.value.headers["Retry-After"]) <= 60
+        async with session.ws_connect(url, headers={"X-Forwarded-For": "10.0.0.1"}) as socket:
+            await socket.send_json({"type": "auth", "token": alice})
+            message = await socket.receive(timeout=10)
+            assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 4429
+            assert "failed operator sign-ins" in message.extra
+        other = await session.ws_connect(url, headers=headers(alice, "10.0.0.2"))
+        assert (await other.receive_json(timeout=10))["type"] == "hello"
+        await other.close()
+
+
+async def test_a_flooding_socket_is_read_more_slowly(desk: Desk) -> None:
+    """Past its burst (200) a socket's messages are read at 100 a second: 400 take at
+    least 2 s to be answered, and another operator's claim is answered meanwhile."""
+    flooder = await desk.operator("bob")
+    alice = await desk.operator()
+    asking = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]["id"]
+    junk = [
+        orjson.dumps({"type": "claim", "request": "req_nothing", "id": f"f{i}"}).decode()
+        for i in range(400)
+    ]
+    started = time.monotonic()
+    for message in junk:
+        await flooder.socket.send_str(message)
+    await alice.ok("claim", request)
+
+    def answered() -> int:
+        return sum(1 for e in flooder.events if str(e.get("id", "")).startswith("f"))
+
+    assert answered() < 400, "the claim waited for the whole flood"
+    await alice.ok("finish", request, reason="stop")
+    await asyncio.wait_for(asking, 10)
+    async with asyncio.timeout(30):
+        while answered() < 400:
+            await asyncio.sleep(0.05)
+    assert time.monotonic() - started >= 1.5  # (400 - 200) / 100 s, less some slack
+    for operator in (alice, flooder):
+        await operator.close()
+
+
+async def test_a_message_over_1_mib_closes_the_socket(desk: Desk) -> None:
+    alice = await desk.operator()
+    await alice.socket.send_str(" " * ((1 << 20) + 1))
+    await asyncio.wait_for(alice._reader, 10)
+    assert alice.socket.close_code == 1009  # message too big
+    await alice.close()
+
+
+async def test_the_socket_follows_the_origin_rules(desk: Desk) -> None:
+    """A page of another origin cannot open the operators' socket (a key kept in a
+    browser's password manager must not be usable by any site); llproxy's own page can."""
+    url = f"{desk.proxy.url}/operator/ws"
+    headers = {"Authorization": f"Bearer {desk.keys['alice']}"}
+    async with aiohttp.ClientSession() as session:
+        for origin in ("http://evil.example", "null"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(url, headers={**headers, "Origin": origin})
+            assert refused.value.status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url, headers={**headers, "Sec-Fetch-Site": "cross-site"})
+        assert refused.value.status == 403
+        socket = await session.ws_connect(url, headers={**headers, "Origin": desk.proxy.url})
+        assert (await socket.receive_json(timeout=10))["type"] == "hello"
+        await socket.close()
+
+
+async def test_a_handoff_to_an_operator_model_queues_it_for_those_operators(desk: Desk) -> None:
+    alice = await desk.operator()
+    asking = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]["id"]
+    await alice.ok("claim", request)
+    await alice.ok("delta", request, text="Passing you on. ")
+    # No mode: replace, refused once text reached the client.
+    refused = await alice.command("handoff", request, model="human:quick")
+    assert "mode continue" in refused["reason"]
+    await alice.ok("handoff", request, model="human:quick", mode="continue")
+    queued = (await alice.expect("added"))["request"]
+    assert queued["model"] == "human:quick"
+    assert queued["messages"][-1] == {"role": "assistant", "content": "Passing you on. "}
+    await alice.ok("claim", queued["id"])
+    await alice.ok("delta", queued["id"], text="Quick desk here.")
+    await alice.ok("finish", queued["id"])
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.content == "Passing you on. Quick desk here."
+    assert answer.model == "human:support"
+    await alice.close()
+
+
+async def test_a_key_revoked_on_another_host_closes_its_socket_here(
+    start_proxy: ProxyFactory, tmp_path: Path, redis_url: str
+) -> None:
+    """Two hosts share Redis, not their key databases: a key revoked on one closes its
+    open socket on the other once that host reads the revocations again."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    with KeyStore(there) as store:
+        alice = store.create("alice", operator=True)
+    here.mkdir()
+    for database in there.glob(f"{DATABASE}*"):  # the same key, in a database of its own
+        shutil.copy(database, here / database.name)
+    endpoints = [{"operator": "human", "tags": ["support"]}]
+    proxy = await start_proxy(endpoints, state_dir=str(here), redis_url=redis_url)
+    config = tmp_path / "there.json"
+    config.write_text(json.dumps({"endpoints": endpoints, "redis_url": redis_url}))
+    async with aiohttp.ClientSession() as session:
+        socket = await session.ws_connect(
+            f"{proxy.url}/operator/ws", headers={"Authorization": f"Bearer {alice}"}
+        )
+        assert (await socket.receive_json(timeout=10))["type"] == "hello"
+        revoked = await asyncio.to_thread(
+            run_cli, "keys", "revoke", "alice", "--config", str(config), state=there
+        )
+        assert revoked.returncode == 0, revoked.stderr
+        assert await _close_of(socket) == (4401, "the operator key was revoked")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "first"),
+    [
+        ("/v1/chat/completions", {"messages": HELLO}, b'"role":"assistant"'),
+        ("/v1/messages", {"messages": HELLO, "max_tokens": 50}, b"event: message_start"),
+        ("/v1/responses", {"input": "hello"}, b"event: response.created"),
+    ],
+)
+async def test_each_dialect_hears_at_once_that_its_request_waits(
+    desk: Desk, path: str, body: dict[str, Any], first: bytes
+) -> None:
+    """What the README promises each dialect while an operator is awaited: its first
+    event at once, before anyone claims the request."""
+    headers = {"Authorization": f"Bearer {desk.keys['client']}", "anthropic-version": "2023-06-01"}
+    request = {"model": "human:support", "stream": True, **body}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{desk.proxy.url}{path}", json=request, headers=headers) as response,
+    ):
+        assert response.status == 200
+        seen = b""
+        async with asyncio.timeout(10):  # nobody claims it: a bound on a hang
+            while first not in seen:
+                seen += await response.content.readany()

@@ -29,6 +29,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from llproxy.server.operator import close_operator_sockets
+from llproxy.stores.sqlite import KeyStore
 
 from .conftest import ProxyFactory
 from .operator_client import WEATHER, Desk, open_desk
@@ -309,6 +310,52 @@ async def test_an_operator_answers_from_the_page(desk: Desk, page: Page) -> None
     assert await page.console() == []
 
 
+async def test_edits_inside_sent_text_send_nothing_and_leave_the_caret(
+    desk: Desk, page: Page
+) -> None:
+    """Typing inside the text already sent (a click into a typo, Ctrl+Home) is undone key
+    by key with the caret where the operator put it: nothing reaches the client, and only
+    what is then typed at the end is sent."""
+    stream = await desk.client().chat.completions.create(
+        model="human:support", messages=CONVERSATION, stream=True
+    )
+    received = Received(stream)
+    await page.sign_in(desk.keys["alice"])
+    await page.shows("#connection", "Connected as alice")
+    # The server's numbers of the queue come with the snapshot.
+    stats = await page.shows("#queue-stats", "1 waiting")
+    assert re.fullmatch(r"1 waiting · oldest \d:\d\d · 1 operator online", stats), stats
+    await page.click("#queue-list li.request button.primary")  # Claim
+    await page.until(
+        lambda d: d.find_element(By.ID, "answer-text").get_property("readOnly") is False,
+        "the answer box to open",
+    )
+    typed = "I will send teh parcel today"
+    await page.type("#answer-text", typed)
+    await received.until_text(typed)
+    caret = "return document.getElementById('answer-text').selectionStart"
+    # The caret after "te" of "teh", moved there by real arrow keys; then "the" typed.
+    inside = typed.index("teh") + 2
+    await page.type("#answer-text", Keys.ARROW_LEFT * (len(typed) - inside))
+    assert await page.script(caret) == inside
+    await page.type("#answer-text", "the")
+    assert await page.value("#answer-text") == typed
+    assert await page.script(caret) == inside  # left where it was
+    await page.shows("#answer-notice", "Sent text cannot be taken back")
+    await page.type("#answer-text", Keys.CONTROL + Keys.HOME + Keys.NULL + "x")
+    assert await page.value("#answer-text") == typed
+    assert await page.script(caret) == 0
+    # Only an addition at the end goes out: had "he" or "x" been sent, the client's text
+    # would no longer be a beginning of this.
+    await page.type("#answer-text", Keys.CONTROL + Keys.END + Keys.NULL + ", not Monday.")
+    typed += ", not Monday."
+    await received.until_text(typed)
+    await page.click("#finish-form button[type=submit]")
+    await asyncio.wait_for(received.reading, WAIT)
+    assert received.text == typed
+    assert await page.console() == []
+
+
 async def test_a_key_that_is_no_operator_key_is_told(desk: Desk, page: Page) -> None:
     for key in ("llp-not-a-key", desk.keys["client"]):
         await page.sign_in(key)
@@ -372,3 +419,126 @@ async def test_the_page_reconnects_and_tells_when_the_client_left(desk: Desk, pa
     box = await page.find("#answer-text")
     assert await page.run(box.get_property, "readOnly") is True
     assert await page.value("#answer-text") == "Hi there"
+
+
+def long_conversation(turns: int) -> list[Any]:
+    messages: list[Any] = [{"role": "system", "content": "You are the support desk."}]
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"Question {turn}: " + "words " * 30})
+        messages.append({"role": "assistant", "content": f"Answer {turn}: " + "more " * 30})
+    messages.append({"role": "user", "content": "The latest question, to answer now."})
+    return messages
+
+
+async def test_a_full_queue_and_a_long_conversation_at_1400_by_900(desk: Desk, page: Page) -> None:
+    """15 requests waiting: at least 12 show at once, the filter finds them by model or
+    text; a long conversation opens at its latest message; reject and hand off ask once
+    more, and their fields clear for another request; notices vanish by themselves; a
+    new request rings once ringing is on. Screenshots in tests/artifacts."""
+    # The page's own viewport at 1400 by 900, whatever the browser window's frame takes.
+    metrics = {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False}
+    await page.run(page.driver.execute_cdp_cmd, "Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        await full_queue_and_long_conversation(desk, page)
+    finally:
+        await page.run(page.driver.execute_cdp_cmd, "Emulation.clearDeviceMetricsOverride", {})
+
+
+async def full_queue_and_long_conversation(desk: Desk, page: Page) -> None:
+    client = desk.client()
+    asking = [
+        asyncio.ensure_future(
+            client.chat.completions.create(
+                model="human:support",
+                messages=[{"role": "user", "content": f"Parcel {n} is late, where is it?"}],
+            )
+        )
+        for n in range(14)
+    ]
+    asking.append(
+        asyncio.ensure_future(
+            client.chat.completions.create(model="human:support", messages=long_conversation(25))
+        )
+    )
+    await page.sign_in(desk.keys["alice"])
+    await page.shows("#queue-count", "(15)")
+    visible = """
+        const height = window.innerHeight;
+        return [...document.querySelectorAll('#queue-list li.request')]
+            .filter((row) => row.getBoundingClientRect().bottom <= height).length;
+    """
+    await page.screenshot("operator-queue-15.png")
+    assert await page.script(visible) >= 12
+
+    # The filter: by text, then by model.
+    await page.type("#queue-filter", "parcel 1")
+    await page.shows("#queue-count", "(5 of 15)")  # parcels 1 and 10 to 13
+    await page.run(lambda: page.driver.find_element(By.ID, "queue-filter").clear())
+    await page.type("#queue-filter", "latest question")
+    await page.shows("#queue-count", "(1 of 15)")
+    await page.click("#queue-list li.request button.quiet")  # View the long one
+
+    # It opens at its latest message.
+    latest = await page.shows("#messages .role-user", "The latest question")
+    assert latest
+    in_view = """
+        const messages = document.querySelectorAll('#messages > *');
+        const last = messages[messages.length - 1].getBoundingClientRect();
+        return last.top >= 0 && last.bottom <= window.innerHeight + 1;
+    """
+    assert await page.script(in_view)
+    await page.screenshot("operator-long-conversation.png")
+
+    # Reject asks once more; its message clears when another request is chosen.
+    await page.type("#reject-message", "Wrong desk")
+    await page.click("#reject-form button[type=submit]")
+    await page.shows("#reject-form button", "Confirm reject")
+    assert len(desk.proxy.state.services.desk.tickets) == 15  # type: ignore[attr-defined]
+    await page.run(lambda: page.driver.find_element(By.ID, "queue-filter").clear())
+    await page.type("#queue-filter", "parcel 3")
+    await page.click("#queue-list li.request button.quiet")
+    await page.shows("#request-title", "")
+    assert await page.value("#reject-message") == ""
+    assert await page.text("#reject-form button") == "Reject"
+    await page.type("#handoff-model", "fake-model")
+    await page.click("#handoff-form button[type=submit]")
+    await page.shows("#handoff-form button", "Confirm hand-off")
+    button = await page.find("#handoff-form button")
+    title = await page.run(button.get_attribute, "title")
+    assert title == "Click again to hand the request off to fake-model"
+    await page.type("#reject-message", "Not ours")
+    await page.click("#reject-form button[type=submit]")
+    await page.click("#reject-form button[type=submit]")  # confirmed
+    await page.shows("#notices", "rejected")
+    await page.shows("#queue-unmatched", "No request matches the filter")
+    await page.screenshot("operator-notice.png")
+    with pytest.raises(openai.BadRequestError):
+        await asyncio.wait_for(asking[3], WAIT)
+    # Notices vanish by themselves.
+    await page.until(
+        lambda d: not d.find_elements(By.CSS_SELECTOR, "#notices li"), "the notices to vanish"
+    )
+
+    # Ringing, once turned on, rings for a new request.
+    await page.click("#ring")
+    await page.shows("#ring", "Ring: on")
+    asking.append(
+        asyncio.ensure_future(
+            client.chat.completions.create(model="human:support", messages=CONVERSATION)
+        )
+    )
+    await page.until(lambda d: d.execute_script("return state.rings") == 1, "a ring")
+    assert await page.console() == []
+    for each in asking:
+        each.cancel()
+
+
+async def test_a_key_revoked_while_signed_in_signs_out_with_the_reason(
+    desk: Desk, page: Page
+) -> None:
+    await page.sign_in(desk.keys["alice"])
+    await page.shows("#connection", "Connected as alice")
+    with KeyStore(desk.state) as store:
+        assert store.revoke("alice") is not None
+    await page.shows("#login-error", "Signed out: the operator key was revoked.")
+    assert await page.console() == []

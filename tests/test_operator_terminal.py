@@ -16,6 +16,7 @@ import pytest
 
 import llproxy
 from llproxy.server.operator import close_operator_sockets
+from llproxy.stores.sqlite import KeyStore
 
 from .conftest import ProxyFactory, UpstreamFactory
 from .operator_client import WEATHER, Desk, open_desk
@@ -128,6 +129,15 @@ async def test_lines_reach_the_client_as_they_are_typed(desk: Desk, terminal: Te
     assert await alice.wait_exit(WAIT) == 0
 
 
+async def test_the_queue_shows_the_servers_numbers(desk: Desk, terminal: Terminal) -> None:
+    chunks = await streamed_question(desk)
+    assert (await next_chunk(chunks)).choices[0].delta.role == "assistant"
+    alice = await connected_operator(desk, terminal)
+    await alice.wait_for(r"1 waiting, the oldest for \d:\d\d; 1 operator online")
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0
+
+
 async def test_a_key_that_is_no_operator_key_is_refused(desk: Desk, terminal: Terminal) -> None:
     for token in ("llp-not-a-key-at-all", desk.keys["client"]):
         process = terminal(desk.proxy.url, token)
@@ -212,3 +222,121 @@ def test_usage_errors_exit_2(args: list[str], says: str) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert says in done.stderr
+
+
+async def test_a_refused_key_fails_even_when_input_ends_at_once(desk: Desk) -> None:
+    """`llproxy operator --token BAD </dev/null`: the refusal, not the end of input,
+    decides the exit status."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [SOURCE, os.environ.get("PYTHONPATH")]))}
+    for token in ("llp-not-a-key-at-all", desk.keys["client"]):
+        process = LlproxyCommand(["operator", "--url", desk.proxy.url, "--token", token], env=env)
+        process.start()
+        try:
+            assert await process.wait_exit(WAIT) == 1
+            await process.wait_for("not an operator key")
+        finally:
+            process.kill()
+    good = LlproxyCommand(
+        ["operator", "--url", desk.proxy.url, "--token", desk.keys["alice"]], env=env
+    )
+    good.start()
+    try:
+        assert await good.wait_exit(WAIT) == 0  # a good key and no input: a clean leave
+    finally:
+        good.kill()
+
+
+async def test_lines_after_a_surprise_are_not_commands_by_accident(
+    desk: Desk, terminal: Terminal
+) -> None:
+    """The client leaves while the operator types: the next line ("1") was meant for it,
+    so it is neither sent nor run; and in the queue "2 apples" claims nothing."""
+    alice = await connected_operator(desk, terminal)
+    stream = await desk.client().chat.completions.create(
+        model="human:support", messages=ASK, stream=True
+    )
+    await next_chunk(stream.__aiter__())
+    await claim_next(alice)
+    mark = len(alice.output)
+    other = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=ASK)
+    )
+    second = await alice.wait_for(r"new request #(\d+) for human:support", after=mark)
+    number = second.group(1)
+    await stream.close()  # the client leaves
+    await alice.wait_for(r"the client left", after=mark)
+    mark = len(alice.output)
+    alice.write(f"{number}\n")
+    await alice.wait_for(r"had ended: this line was not sent, nor taken as a command", after=mark)
+    alice.write(f"{number} apples\n")
+    await alice.wait_for(rf"unknown command '{number}'", after=mark)
+    assert "answering" not in alice.output[mark:]
+    alice.write(f"{number}\n")
+    await alice.wait_for(rf"answering #{number}", after=mark)
+    alice.write("/reject not today\n")
+    with pytest.raises(Exception, match="not today"):
+        await asyncio.wait_for(other, WAIT)
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0
+
+
+async def test_the_prompt_shows_the_mode_and_notices_never_cut_a_half_typed_line(
+    desk: Desk, terminal: Terminal
+) -> None:
+    alice = await connected_operator(desk, terminal)
+    await alice.wait_for(r"queue · N \+ Enter claims #N, help lists commands > ")
+    chunks = await streamed_question(desk)
+    await next_chunk(chunks)
+    await claim_next(alice)
+    await alice.wait_for(r"answering #\d+ · Enter sends the line, /finish ends > ")
+    alice.write("half a li")  # no Enter yet: then a notice comes
+    mark = len(alice.output)
+    other = asyncio.ensure_future(
+        desk.client().chat.completions.create(model="human:support", messages=ASK)
+    )
+    # The notice goes above; the prompt and the half-typed text are drawn again below it.
+    await alice.wait_for(
+        r"new request #\d+ for human:support[^\n]*\n[^\n]*"
+        r"answering #\d+ · Enter sends the line, /finish ends > half a li",
+        after=mark,
+    )
+    alice.write("ne\n")
+    assert (await next_chunk(chunks)).choices[0].delta.content == "half a line"
+    alice.write("/finish\n")
+    await alice.wait_for(r"queue · N \+ Enter claims #N", after=mark)
+    other.cancel()
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0
+
+
+async def test_the_queue_is_drawn_again_in_place_with_moving_countdowns(
+    desk: Desk, terminal: Terminal
+) -> None:
+    chunks = await streamed_question(desk)
+    await next_chunk(chunks)
+    alice = await connected_operator(desk, terminal)
+    first = await alice.wait_for(r"│\s+(\d+)s │")
+    # Each second the table is drawn over itself: the cursor goes up its height and the
+    # screen is cleared from there, and the countdown has moved.
+    again = await alice.wait_for(r"\x1b\[(\d+)A\r\x1b\[J", raw=True)
+    table_height = int(again.group(1))
+    assert 5 <= table_height <= 12
+    at, left = first.end(), int(first.group(1))
+    for _ in range(30):  # each drawing after the first second shows less time left
+        later = await alice.wait_for(r"│\s+(\d+)s │", after=at)
+        at += later.end()  # a match's offsets count from `after`
+        if int(later.group(1)) < left:
+            break
+    assert int(later.group(1)) < left
+    alice.write("/quit\n")
+    assert await alice.wait_exit(WAIT) == 0
+
+
+async def test_a_key_revoked_while_connected_ends_the_terminal_with_the_reason(
+    desk: Desk, terminal: Terminal
+) -> None:
+    alice = await connected_operator(desk, terminal)
+    with KeyStore(desk.state) as store:
+        assert store.revoke("alice") is not None
+    assert await alice.wait_exit(WAIT) == 1
+    await alice.wait_for("the server refused the key: the operator key was revoked")

@@ -527,3 +527,25 @@ async def test_a_failing_master_task_is_restarted_or_stops_the_daemon(tmp_path: 
         supervisor._own(broken(), critical=True)
         assert await asyncio.wait_for(supervisor.events.get(), 10) == "TERM"
         assert supervisor.exit_code == EX_SOFTWARE
+
+
+async def test_a_silent_worker_is_named_when_numbers_are_gathered(
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path
+) -> None:
+    """The master's numbers from its workers: a stopped worker is named as silent (its
+    last numbers stand in), not "only 1 of 2 workers answered"."""
+    upstream = await start_upstream()
+    config = write_config(tmp_path / "c.json", [upstream])
+    daemon = await start_llproxy("--config", str(config), "--workers", "2")
+    pids = await worker_pids(daemon, 2)
+    stopped = min(pids)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        mark = len(daemon.output)
+        # The master asks every worker every few seconds; a stopped one cannot answer.
+        await daemon.wait_for(
+            r"worker \d+ sent no numbers within 2 s \(busy or stuck\)", after=mark
+        )
+        assert "workers answered" not in daemon.output
+    finally:
+        os.kill(stopped, signal.SIGCONT)

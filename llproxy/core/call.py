@@ -207,6 +207,9 @@ class Reply:
     model_id: str = ""  # the id the replica knows the model by (set by the router)
     # A whole answer's JSON, once core.answer has checked its shape: what dialects read.
     document: Any = None
+    # The rest may be minutes away (a person answers): the client's status and headers
+    # go at once, even when the first chunk translates to nothing (Ollama's NDJSON).
+    awaited: bool = False
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def on_close(self, closer: Callable[[], None]) -> None:

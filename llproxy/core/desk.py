@@ -32,6 +32,7 @@ FINISH_REASONS = ("stop", "length", "tool_calls")
 # A deadline warning goes out this long before a deadline (or at a quarter of a short one).
 WARN_SECONDS = 30.0
 TICK_SECONDS = 0.5  # how often the holder's clock looks at the deadlines
+STATS_SECONDS = 5.0  # how often operators are told the queue's numbers
 
 Event = dict[str, Any]
 Send = Callable[[Event], None]
@@ -111,6 +112,13 @@ class Ticket:
             "tool_calls": self.tool_calls,
         }
 
+    def chosen_tool(self) -> str | None:
+        """The one tool the request's tool_choice names, if it names one."""
+        choice = self.tool_choice
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        return name if isinstance(name, str) else None
+
     def tool_named(self, name: str) -> Mapping[str, Any] | None:
         for tool in self.tools:
             function = tool.get("function") if isinstance(tool, dict) else None
@@ -134,6 +142,15 @@ class Operator:
         return not self.models or any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
 
+class DeskObserver(Protocol):
+    """What counts the desk's work (the metrics): told of each claim and each end."""
+
+    def claimed(self, ticket: Ticket) -> None: ...
+
+    def ended(self, ticket: Ticket, outcome: str) -> None:
+        """outcome: done, rejected, handed off, timed out, cancelled."""
+
+
 class Refused(Exception):
     """A command the desk will not carry out; the message says why."""
 
@@ -149,7 +166,7 @@ class DeskPort(Protocol):
 
     def submit(self, ticket: Ticket, send: Send) -> None: ...
 
-    def withdraw(self, ticket_id: str) -> None: ...
+    def withdraw(self, ticket_id: str, reason: str = "client left") -> None: ...
 
     def attach(self, conn: str, name: str, models: tuple[str, ...], send: Send) -> None: ...
 
@@ -166,9 +183,12 @@ class Desk:
         self,
         exists: Callable[[str], bool] = lambda name: True,
         clock: Callable[[], float] = time.monotonic,
+        observer: DeskObserver | None = None,
     ) -> None:
         self.exists = exists  # whether a model name can take a handoff
         self.clock = clock
+        self.observer = observer
+        self._stats_due = 0.0
         self.tickets: dict[str, Ticket] = {}
         self.clients: dict[str, Send] = {}
         self.operators: dict[str, Operator] = {}
@@ -190,11 +210,13 @@ class Desk:
         self.clients[ticket.id] = send
         self._tell(ticket, {"type": "added", "request": ticket.public(self.clock())})
 
-    def withdraw(self, ticket_id: str) -> None:
-        """The client left: the request is gone, and its operator is told at once."""
+    def withdraw(self, ticket_id: str, reason: str = "client left") -> None:
+        """The client left (or its process retired): the request is gone, and its
+        operator is told at once."""
         ticket = self._remove(ticket_id)
         if ticket is not None:
-            self._tell(ticket, {"type": "cancelled", "request": ticket.id, "reason": "client left"})
+            self._observe_end(ticket, "cancelled")
+            self._tell(ticket, {"type": "cancelled", "request": ticket.id, "reason": reason})
 
     # --- the operators' side -------------------------------------------------------------
 
@@ -212,6 +234,7 @@ class Desk:
                 "claims": [t.id for t in visible if t.operator == name],
             }
         )
+        self._send_stats()
 
     def detach(self, conn: str) -> None:
         """An operator left: their claims go back to the queue; what they sent stays sent."""
@@ -254,6 +277,9 @@ class Desk:
 
     def tick(self) -> None:
         now = self.clock()
+        if now >= self._stats_due:
+            self._stats_due = now + STATS_SECONDS
+            self._send_stats()
         for ticket in list(self.tickets.values()):
             left = ticket.deadline - now
             if left <= 0:
@@ -280,6 +306,8 @@ class Desk:
             ticket.state = ANSWERING if ticket.length or ticket.tool_calls else CLAIMED
             ticket.operator, ticket.conn = operator.name, operator.conn
             self._renew(ticket)
+            if self.observer is not None:
+                self.observer.claimed(ticket)
             claimed = {"request": ticket.id, "by": operator.name, "deadline_in": self._left(ticket)}
             self._tell(ticket, {"type": "claimed", **claimed})
             self.clients[ticket.id]({"type": "claimed", "by": operator.name})
@@ -342,6 +370,11 @@ class Desk:
                 if isinstance(t, dict) and isinstance(t.get("function"), dict)
             ]
             raise Refused(f"no tool {name!r} in this request; it offers {offered}")
+        if ticket.tool_choice == "none":
+            raise Refused("the request's tool_choice is none: answer with text")
+        chosen = ticket.chosen_tool()
+        if chosen is not None and name != chosen:
+            raise Refused(f"the request's tool_choice names {chosen!r}: call that tool")
         if not isinstance(arguments, dict):
             raise Refused("arguments: an object is needed")
         if name in ticket.tool_problems:
@@ -364,6 +397,14 @@ class Desk:
         reason = command.get("reason") or ("tool_calls" if ticket.tool_calls else "stop")
         if reason not in FINISH_REASONS:
             raise Refused(f"reason: one of {', '.join(FINISH_REASONS)}")
+        # What the client is told must hold: tool_calls with no call, or a required tool
+        # call never made, would reach it as an answer that is not one.
+        if reason == "tool_calls" and not ticket.tool_calls:
+            raise Refused("reason tool_calls: call a tool first (or finish with stop)")
+        if not ticket.tool_calls and (
+            ticket.tool_choice == "required" or ticket.chosen_tool() is not None
+        ):
+            raise Refused("the request's tool_choice requires a tool call: call one first")
         self._end(ticket, {"type": "finish", "reason": reason}, "done", operator.name)
         return {"reason": reason}
 
@@ -407,6 +448,7 @@ class Desk:
     def _end(self, ticket: Ticket, to_client: Event, outcome: str, by: str | None) -> None:
         send = self.clients.get(ticket.id)
         self._remove(ticket.id)
+        self._observe_end(ticket, outcome)
         if send is not None:
             send(to_client)
         self._tell(ticket, {"type": "removed", "request": ticket.id, "outcome": outcome, "by": by})
@@ -416,9 +458,37 @@ class Desk:
         event = {"waited": waited, "fallback": ticket.fallback}
         send = self.clients.get(ticket.id)
         self._remove(ticket.id)
+        self._observe_end(ticket, "timed out")
         if send is not None:
             send({"type": "timeout", **event, "text": ticket.text})
         self._tell(ticket, {"type": "timed_out", "request": ticket.id, **event})
+
+    def _observe_end(self, ticket: Ticket, outcome: str) -> None:
+        if self.observer is not None:
+            self.observer.ended(ticket, outcome)
+
+    def operators_online(self) -> int:
+        """People, not sockets: one operator on two tabs is one."""
+        return len({operator.name for operator in self.operators.values()})
+
+    def _send_stats(self) -> None:
+        """Each operator hears the numbers of the queue they see: how many wait unclaimed,
+        the oldest's wait (wall-clock seconds since it arrived), who is online."""
+        if not self.operators:
+            return
+        online, wall = self.operators_online(), time.time()
+        queued = [t for t in self.tickets.values() if t.state == QUEUED]
+        for operator in list(self.operators.values()):
+            seen = [t for t in queued if operator.sees(t.model)]
+            oldest = max((wall - t.created for t in seen), default=0.0)
+            operator.send(
+                {
+                    "type": "stats",
+                    "waiting": len(seen),
+                    "oldest_wait": round(max(0.0, oldest), 1),
+                    "operators_online": online,
+                }
+            )
 
     def _remove(self, ticket_id: str) -> Ticket | None:
         self.clients.pop(ticket_id, None)

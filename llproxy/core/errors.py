@@ -194,6 +194,15 @@ class OperatorTimeout(OperatorFailed):
     code = "operator_timeout"
 
 
+class OperatorInterrupted(OperatorFailed):
+    """The serving process holding the client's request retired (a reload or a stop)
+    before an operator finished it, and its graceful timeout ran out."""
+
+    status = 503
+    type = "server_error"
+    code = "operator_interrupted"
+
+
 class OperatorKeyRefused(ProxyError):
     status = 403
     type = "invalid_request_error"

@@ -124,6 +124,16 @@ class KeyRing:
             return None
         return key if key.active(time.time()) else None
 
+    def lapsed(self, key: ApiKey) -> str | None:
+        """Why a key that opened something no longer holds (revoked, expired, deleted),
+        or None while it does: an open operator socket is checked with it."""
+        current = self.keys.get(key.key_hash)
+        if current is None:
+            return "deleted"
+        if current.revoked is not None or key.key_hash in self.revoked_elsewhere:
+            return "revoked"
+        return None if current.active(time.time()) else "expired"
+
 
 def key_status(key: ApiKey, now: float) -> str:
     if key.revoked is not None:

@@ -18,6 +18,7 @@ from ..stores import RateCounter
 from .credentials import presented_secret
 from .hardening import accepted_hosts, check_host, check_origin, response_headers
 from .limits import applicable_limit, check_limit, client_address
+from .signin import SignInGuard
 
 
 class Gateway:
@@ -29,6 +30,7 @@ class Gateway:
         self.trusted_proxies = parse_networks(config.trusted_proxies)
         self.instance_header = {INSTANCE_HEADER: config.instance} if config.instance else {}
         self.via_name = via_name(config.instance) if config.instance else ""
+        self.sign_ins = SignInGuard(counter)
 
     def headers(self, request: web.Request) -> Mapping[str, str]:
         """What every answer to this request carries: security and CORS headers, and the
@@ -84,3 +86,7 @@ class Gateway:
         revoked, expired or unknown one), told apart nowhere."""
         key = self.keys.authenticate(secret) if secret else None
         return key if key is not None and key.operator else None
+
+    def address(self, request: web.Request) -> str:
+        """The client's address, as its rate limit counts it."""
+        return client_address(request, self.trusted_proxies)

@@ -115,6 +115,7 @@ class DeskSubmit:
 @dataclass(frozen=True, slots=True)
 class DeskWithdraw:
     ticket_id: str
+    reason: str = "client left"
 
 
 @dataclass(frozen=True, slots=True)

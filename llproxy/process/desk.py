@@ -44,9 +44,9 @@ class ChannelDesk:
             self.clients.pop(ticket.id, None)
             send({"type": "timeout", "waited": "queue_timeout", "fallback": None, "text": ""})
 
-    def withdraw(self, ticket_id: str) -> None:
+    def withdraw(self, ticket_id: str, reason: str = "client left") -> None:
         if self.clients.pop(ticket_id, None) is not None:
-            self.send(DeskWithdraw(ticket_id))
+            self.send(DeskWithdraw(ticket_id, reason))
 
     def attach(self, conn: str, name: str, models: tuple[str, ...], send: Send) -> None:
         self.operators[conn] = send
@@ -93,9 +93,9 @@ class DeskHost:
                     send(DeskToClient(ticket_id, event))
 
                 self.desk.submit(ticket, to_client)
-            case DeskWithdraw(ticket_id):
+            case DeskWithdraw(ticket_id, reason):
                 tickets.discard(ticket_id)
-                self.desk.withdraw(ticket_id)
+                self.desk.withdraw(ticket_id, reason)
             case DeskAttach(conn, name, models):
                 conns.add(conn)
 
@@ -111,6 +111,6 @@ class DeskHost:
 
     def worker_gone(self, worker_id: int) -> None:
         for ticket_id in self.tickets.pop(worker_id, set()):
-            self.desk.withdraw(ticket_id)
+            self.desk.withdraw(ticket_id, "the process holding the client's request exited")
         for conn in self.conns.pop(worker_id, set()):
             self.desk.detach(conn)

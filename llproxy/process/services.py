@@ -12,6 +12,7 @@ from ..config import Config
 from ..core.desk import HeldDesk
 from ..stores.memory import DequeWindows
 from ..stores.sqlite import UsageWriter, state_dir
+from ..telemetry.desk import DeskTelemetry, desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .channel import (
     Calls,
@@ -36,24 +37,34 @@ class MasterServices:
         self.retired = Telemetry()
         self.last_seen: dict[int, Telemetry] = {}
         # The operators' desk of the whole host, and its ends in the workers.
-        self.desk = HeldDesk()
+        self.desk = HeldDesk(observer=DeskTelemetry())
         self.desks = DeskHost(self.desk)
 
     async def stats(self, workers: Iterable[tuple[int, Calls]]) -> list[StatsReply]:
         """Every serving worker's numbers (those that answer within STATS_TIMEOUT)."""
         asked = list(workers)
 
-        async def ask(calls: Calls) -> StatsReply | None:
+        async def ask(calls: Calls) -> StatsReply | str:
             try:
                 reply: StatsReply = await calls.call(StatsRequest, STATS_TIMEOUT)
-            except (TimeoutError, ConnectionError):
-                return None
+            except TimeoutError:
+                return "silent"
+            except ConnectionError:
+                return "gone"
             return reply
 
         answers = await asyncio.gather(*(ask(calls) for _, calls in asked))
-        replies = [reply for reply in answers if reply is not None]
-        if len(replies) < len(asked):
-            log.warning("only %d of %d workers answered", len(replies), len(asked))
+        replies = [reply for reply in answers if isinstance(reply, StatsReply)]
+        # A worker that exited while asked (retired by a reload, say) is no fault: its
+        # last word carries its numbers. One that stayed silent is busy or stuck.
+        silent = [worker for (worker, _), a in zip(asked, answers, strict=True) if a == "silent"]
+        if silent:
+            log.warning(
+                "worker %s sent no numbers within %g s (busy or stuck): their last "
+                "numbers stand in for them in stats and /metrics",
+                ", ".join(map(str, silent)),
+                STATS_TIMEOUT,
+            )
         for reply in replies:
             self.last_seen[reply.worker_id] = reply.telemetry
         return sorted(replies, key=lambda r: r.worker_id)
@@ -68,7 +79,10 @@ class MasterServices:
         merged.merge(self.retired, live=False)
         for reply in await self.stats(workers):
             merged.merge(reply.telemetry)
-        return MetricsReply(token, render(merged, self.discovery_telemetry, self.usage.telemetry))
+        body = render(
+            merged, self.discovery_telemetry, self.usage.telemetry, desk_families(self.desk)
+        )
+        return MetricsReply(token, body)
 
     async def count(self, token: int, limit: str, client: str) -> RateLimitReply:
         try:

@@ -188,6 +188,17 @@ async def drain(
         elif loop.time() - quiet_since >= IDLE_GRACE:
             break
         await asyncio.sleep(0.05)
+    # A request waiting for a person may wait far longer than any model: it does not
+    # outlive the graceful timeout, its client gets an error (the operator is told) and
+    # the connection closes: cleanup waits for those handlers to write their error.
+    interrupted = state.operators.interrupt()
+    if interrupted:
+        log.warning(
+            "graceful timeout (%g s) ran out: %d request(s) still waiting for an operator "
+            "end with 503 operator_interrupted",
+            graceful,
+            interrupted,
+        )
 
 
 async def stop_accepting(

@@ -149,7 +149,7 @@ async def answer_or_stream(
         whole = as_stream(reply, translation.target) if reply.stream is None else None
         transform = translation.stream_transform(record, reply)
         client = ClientStream(request, transform, delivery)
-        await client.open(reply.status, reply.headers)
+        await client.open(reply.status, reply.headers, at_once=reply.awaited)
         if whole is not None:
             await client.end(transform.feed(whole) + transform.finish())
         else:
@@ -177,11 +177,19 @@ class ClientStream:
         self._timer: asyncio.TimerHandle | None = None
         self._ping: asyncio.Future[None] | None = None
 
-    async def open(self, status: int, relayed: Mapping[str, str], announce: bool = False) -> None:
+    async def open(
+        self,
+        status: int,
+        relayed: Mapping[str, str],
+        announce: bool = False,
+        at_once: bool = False,
+    ) -> None:
         """Headers set; with `announce`, they go now with the transform's opening (a model
-        still silent); else both leave with the first chunk's translation, in one send
-        (a translated stream's own opening alone cost a send and a wake-up, measured)."""
+        still silent); with `at_once` they go now alone (a person will answer); else both
+        leave with the first chunk's translation, in one send (a translated stream's own
+        opening alone cost a send and a wake-up, measured)."""
         response = self.response
+        response._send_headers_immediately = at_once
         response.set_status(status)
         response.headers.update(
             {

@@ -29,6 +29,7 @@ from ..dialects.responses import ResponsesDialect
 from ..gateway import Gateway
 from ..gateway.accounting import Accounting
 from ..stores import Services
+from ..telemetry.desk import desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .respond import Delivery
 
@@ -101,7 +102,9 @@ class ProxyState:
         self.set_registry(result.registry)
 
     async def _own_metrics(self) -> bytes:
-        return render(self.telemetry, self.discovery_telemetry, self.services.usage.telemetry)
+        desk = self.services.desk
+        held = desk_families(desk) if isinstance(desk, Desk) else ()
+        return render(self.telemetry, self.discovery_telemetry, self.services.usage.telemetry, held)
 
 
 STATE = web.AppKey("llproxy_state", ProxyState)

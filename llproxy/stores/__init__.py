@@ -26,6 +26,7 @@ from ..core.desk import DeskPort, HeldDesk
 from ..core.keys import KeyRing
 from ..core.ratelimit import Verdict
 from ..core.usage import UsageRecord
+from ..telemetry.desk import DeskTelemetry
 from .memory import TABLE_BYTES, DequeWindows, HostCounter, ProcessLock, WindowTable
 from .redis import RedisCounter, Revocations
 from .sqlite import FLUSH_SECONDS, KeyStore, StoredKeys, UsageWriter, WriterTelemetry, state_dir
@@ -200,7 +201,11 @@ def build_services(
         share = host or HostShare.private()
         rate = HostCounter(WindowTable(share.memory, share.lock), overflow or DequeWindows().hit)
     return Services(
-        keys, KeySync(keys, StoredKeys(directory), revocations), usage, rate, desk or HeldDesk()
+        keys,
+        KeySync(keys, StoredKeys(directory), revocations),
+        usage,
+        rate,
+        desk or HeldDesk(observer=DeskTelemetry()),
     )
 
 

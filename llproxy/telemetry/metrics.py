@@ -259,7 +259,10 @@ def render(
     requests: Telemetry,
     discovery: DiscoveryTelemetry | None = None,
     usage: WriterTelemetry | None = None,
+    more: Iterable[Metric] = (),
 ) -> bytes:
+    """Prometheus text; `more` adds the families of what only this process holds (the
+    operators' desk)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(_families(requests, discovery, usage)))
+    registry.register(_Snapshot([*_families(requests, discovery, usage), *more]))
     return generate_latest(registry)

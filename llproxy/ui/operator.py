@@ -17,10 +17,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from .operator_prompt import PromptedLines, interactive
 from .operator_session import Event, NotAnOperator, OperatorSession
 from .operator_view import QueuedRequest, answer_so_far, conversation, printable, queue_table
 
@@ -111,8 +112,17 @@ class OperatorTerminal:
         self.answers: dict[str, Answer] = {}  # the requests held
         self.lost: set[str] = set()  # held when the connection dropped: to claim again
         self.current: str | None = None  # the request typed lines go to
+        # The request answered here that ended by itself (the client left, a timeout): the
+        # next line was likely typed for it, so it is neither sent nor taken as a command.
+        self.ended_under: str | None = None
         self.pending: dict[int, Event] = {}  # commands sent, until acked or refused
         self.quitting = False
+        self.stats: Event | None = None  # the server's latest numbers of the queue
+        self.prompted: PromptedLines | None = None  # on a terminal: the input line
+        # The queue table's height while it is the last thing printed: it is drawn again
+        # in place (its countdowns move); 0 once anything else was printed below it.
+        self._table_lines = 0
+        self.greeted = asyncio.Event()  # the server said hello: the key is an operator's
         self._redraw: asyncio.TimerHandle | None = None
         self._events: dict[str, Callable[[Event], Awaitable[None]]] = {
             "hello": self._on_hello,
@@ -124,6 +134,7 @@ class OperatorTerminal:
             "removed": self._on_removed,
             "timed_out": self._on_timed_out,
             "deadline": self._on_deadline,
+            "stats": self._on_stats,
             "ack": self._on_ack,
             "refused": self._on_refused,
             "error": self._on_error,
@@ -142,20 +153,27 @@ class OperatorTerminal:
         }
 
     async def run(self) -> int:
-        lines = StdinLines()
+        lines: StdinLines | PromptedLines
+        if interactive():
+            lines = self.prompted = PromptedLines(self._prompt)
+        else:
+            lines = StdinLines()
         network = asyncio.create_task(self._stay_connected(), name="llproxy-operator-socket")
         typing = asyncio.create_task(self._take_lines(lines.queue), name="llproxy-operator-input")
+        ticking = asyncio.create_task(self._tick(), name="llproxy-operator-countdowns")
         try:
             done, _ = await asyncio.wait({network, typing}, return_when=asyncio.FIRST_COMPLETED)
             return done.pop().result()
-        except NotAnOperator:
-            self._fail("the server refused the key: it is not an operator key")
+        except NotAnOperator as refused:
+            self._fail(f"the server refused the key: {str(refused) or 'it is not an operator key'}")
             return EXIT_FAILED
         finally:
-            for task in (network, typing):
+            for task in (network, typing, ticking):
                 task.cancel()
-            await asyncio.gather(network, typing, return_exceptions=True)
+            await asyncio.gather(network, typing, ticking, return_exceptions=True)
             await self.session.close()
+            if self.prompted is not None:
+                self.prompted.close()
 
     # --- the connection ----------------------------------------------------------------------
 
@@ -207,6 +225,7 @@ class OperatorTerminal:
     async def _on_hello(self, event: Event) -> None:
         first = self.me is None
         self.me = str(event.get("operator"))
+        self.greeted.set()
         worker = printable(event.get("worker"))
         self._say(f"connected to {self.url} as {printable(self.me)} (worker {worker})", "green")
         if first:
@@ -279,6 +298,10 @@ class OperatorTerminal:
         elif self.current is None:
             self._say(f"{label} times out in {left:.0f}s unless someone claims it", "yellow")
 
+    async def _on_stats(self, event: Event) -> None:
+        # Kept for the next drawing of the queue: printed each time, they would bury it.
+        self.stats = event
+
     async def _on_ack(self, event: Event) -> None:
         command = self._answered(event)
         request_id = str(event.get("request"))
@@ -328,9 +351,9 @@ class OperatorTerminal:
         self.current = request_id
         request = self.requests.get(request_id)
         if request is not None:
-            self.out.print(conversation(request))
+            self._print(conversation(request))
         if ack.get("text") or ack.get("tool_calls"):
-            self.out.print(answer_so_far(str(ack.get("text") or ""), ack.get("tool_calls") or ()))
+            self._print(answer_so_far(str(ack.get("text") or ""), ack.get("tool_calls") or ()))
         self._say(
             f"answering {self._label(request_id)}: each line you type is sent at once; "
             "/finish when done, /help for the commands",
@@ -368,6 +391,8 @@ class OperatorTerminal:
         says so)."""
         self.requests.pop(request_id, None)
         if why is not None and request_id in self.answers:
+            if self.current == request_id:
+                self.ended_under = request_id
             self._drop(request_id)
             self._say(f"{self._label(request_id)}: {why}", "bold yellow")
         elif why is not None and self.current is None:
@@ -389,12 +414,25 @@ class OperatorTerminal:
 
     async def _take_lines(self, lines: asyncio.Queue[str | None]) -> int:
         while not self.quitting and (line := await lines.get()) is not None:
+            self._table_lines = 0  # the line typed is echoed below the table
             await self._line(line)
+        # Input that ends at once (a pipe, /dev/null) must not hide a refused key or an
+        # unreachable server: their failure, not this, decides how the terminal exits.
+        await self.greeted.wait()
         if self.answers:
             self._say("leaving: the requests you hold go back to the queue")
         return EXIT_OK
 
     async def _line(self, line: str) -> None:
+        if self.current is None and self.ended_under is not None and line.strip():
+            label, self.ended_under = self._label(self.ended_under), None
+            self._say(
+                f"{label} had ended: this line was not sent, nor taken as a command "
+                "(type it again if it is one)",
+                "yellow",
+            )
+            return
+        self.ended_under = None
         if self.current is not None and not line.startswith("/"):
             await self._type(line)
         elif self.current is not None and line.startswith("//"):
@@ -423,7 +461,7 @@ class OperatorTerminal:
 
     async def _command(self, line: str) -> None:
         word, _, rest = line.partition(" ")
-        if word.isdigit():
+        if word.isdigit() and not rest.strip():  # "2 apples" is no command
             word, rest = "claim", word
         handler = self._commands.get(word.lower())
         if handler is not None:
@@ -496,7 +534,7 @@ class OperatorTerminal:
         table = Table(show_header=False, box=None)
         for command, text in HELP:
             table.add_row(Text(command, style="bold"), text)
-        self.out.print(table)
+        self._print(table)
 
     async def _quit(self, args: str) -> None:
         self.quitting = True
@@ -527,13 +565,60 @@ class OperatorTerminal:
             self._redraw.cancel()
             self._redraw = None
         if self.current is None:
-            self.out.print(queue_table(self.requests.values(), self.me))
+            self._print_table(queue_table(self.requests.values(), self.me, self.stats))
+
+    def _print_table(self, table: Table) -> None:
+        """The queue on a terminal: in place of the last one when nothing came after it
+        and it fits the screen; else printed below, as on a pipe."""
+        if self.prompted is None:
+            self.out.print(table)
+            return
+        with self.out.capture() as captured:
+            self.out.print(table)
+        text = captured.get()
+        replacing = self._table_lines if self._table_lines < self.out.height - 2 else 0
+        self.prompted.above(lambda: self._write(text), replacing)
+        self._table_lines = text.count("\n")
+
+    def _write(self, text: str) -> None:
+        self.out.file.write(text)
+        self.out.file.flush()
+
+    async def _tick(self) -> None:
+        """Once a second the queue on screen is drawn again: its countdowns move."""
+        while True:
+            await asyncio.sleep(1.0)
+            fits = 0 < self._table_lines < self.out.height - 2  # else it would scroll
+            if self.prompted is not None and self.current is None and fits:
+                self._draw_queue()
 
     def _say(self, text: str, style: str = "") -> None:
-        self.out.print(Text(text, style=style))
+        self._print(Text(text, style=style))
+
+    def _print(self, renderable: RenderableType) -> None:
+        """Output, above the line being typed on a terminal (never over it)."""
+        self._table_lines = 0  # the table is no longer the last thing on screen
+        if self.prompted is None:
+            self.out.print(renderable)
+        else:
+            self.prompted.above(lambda: self.out.print(renderable))
+
+    def _prompt(self) -> str:
+        """The mode, and what Enter does in it."""
+        request_id = self.current
+        if request_id is None:
+            return "queue · N + Enter claims #N, help lists commands > "
+        label = self._label(request_id)
+        if request_id in self.lost:
+            return f"answering {label} · reconnecting: Enter keeps the line > "
+        return f"answering {label} · Enter sends the line, /finish ends > "
 
     def _fail(self, text: str) -> None:
-        self.err.print(Text(f"llproxy: {text}", style="bold red"))
+        message = Text(f"llproxy: {text}", style="bold red")
+        if self.prompted is None:
+            self.err.print(message)
+        else:  # the last words: on a line of their own, no prompt after them
+            self.prompted.above(lambda: self.err.print(message), redraw=False)
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,13 +16,18 @@ Event = dict[str, Any]
 
 SOCKET_PATH = "/operator/ws"
 UNAUTHORIZED = 4401  # the server's close code for a key that is no operator key
+TOO_MANY_SIGN_INS = 429  # the server's status for an address that failed too often
 CONNECT_SECONDS = 10.0
 # Pings find a server that vanished without closing (a dead network) within this long.
 HEARTBEAT_SECONDS = 20.0
 
 
+_ENDS = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+
+
 class NotAnOperator(Exception):
-    """The server refused the key: a 401 before the upgrade, or a close with 4401."""
+    """The server refused the key: a 401 before the upgrade, or a close with 4401 (its
+    reason, such as a key revoked while the socket was open, is the message)."""
 
 
 class OperatorSession:
@@ -62,13 +67,21 @@ class OperatorSession:
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403):
                 raise NotAnOperator from None
+            if exc.status == TOO_MANY_SIGN_INS:
+                raise NotAnOperator("too many failed sign-ins from this address: wait") from None
             raise
 
     async def events(self) -> AsyncIterator[Event]:
         """What the server sends, until the socket closes."""
         socket = self._socket
         assert socket is not None
-        async for message in socket:
+        reason = ""
+        while True:
+            message = await socket.receive()
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                reason = str(message.extra or "")
+            if message.type in _ENDS:
+                break
             if message.type != aiohttp.WSMsgType.TEXT:
                 continue
             try:
@@ -78,7 +91,7 @@ class OperatorSession:
             if isinstance(event, dict):
                 yield event
         if socket.close_code == UNAUTHORIZED:
-            raise NotAnOperator
+            raise NotAnOperator(reason)
 
     async def send(self, command: Event) -> int | None:
         """Sends a command with a fresh id, returned; None when there is no connection."""

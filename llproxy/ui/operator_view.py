@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,9 +86,14 @@ def preview(request: QueuedRequest) -> str:
     return text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…"
 
 
-def queue_table(requests: Iterable[QueuedRequest], me: str | None) -> Table:
+def queue_table(
+    requests: Iterable[QueuedRequest], me: str | None, stats: Mapping[str, Any] | None = None
+) -> Table:
     shown = sorted(requests, key=lambda r: r.number)
-    table = Table(title=f"queue: {len(shown)} requests (type a number to claim it)")
+    table = Table(
+        title=f"queue: {len(shown)} requests (type a number to claim it)",
+        caption=stats_line(stats) if stats else None,
+    )
     for column in ("#", "model", "client", "dialect", "state", "held by", "deadline", "asks"):
         table.add_column(column, justify="right" if column in ("#", "deadline") else "left")
     for request in shown:
@@ -105,6 +110,17 @@ def queue_table(requests: Iterable[QueuedRequest], me: str | None) -> Table:
             Text(preview(request), style="dim"),
         )
     return table
+
+
+def stats_line(stats: Mapping[str, Any]) -> str:
+    """The server's `stats`: 3 waiting, the oldest for 1:20; 2 operators online."""
+    waiting, oldest = stats.get("waiting"), stats.get("oldest_wait")
+    online = stats.get("operators_online")
+    line = f"{printable(waiting)} waiting"
+    if waiting and isinstance(oldest, int | float):
+        line += f", the oldest for {int(oldest) // 60}:{int(oldest) % 60:02d}"
+    people = "operator" if online == 1 else "operators"
+    return f"{line}; {printable(online)} {people} online"
 
 
 def _state_style(state: Any) -> str:

@@ -20,6 +20,7 @@ from ...core.call import Call, JsonPayload, Reply, encode_client
 from ...core.desk import DeskPort, Event, Ticket, new_ticket_id, tool_problems
 from ...core.errors import (
     InvalidRequest,
+    OperatorInterrupted,
     OperatorRejected,
     OperatorTimeout,
     ProxyError,
@@ -34,6 +35,8 @@ OWNED_BY = "llproxy-operator"
 
 # What hands a call to a model (the router): the call names the model to answer it.
 Handoff = Callable[[Call, RequestRecord], Awaitable[Reply]]
+# The event a retiring process gives its own waiting answers (never from the desk).
+INTERRUPTED = "interrupted"
 
 
 def operator_models(endpoints: Iterable[Endpoint]) -> list[FoundModel]:
@@ -68,6 +71,16 @@ class OperatorBackend:
         self.keepalive = keepalive
         self.worker_id = worker_id
         self.handoff: Handoff | None = None  # set once the router exists
+        self.waiting: set[OperatorAnswer] = set()  # the answers still on the desk
+
+    def interrupt(self) -> int:
+        """This process retires and its graceful timeout ran out: every request still
+        waiting for an operator ends now (the client gets an error, the operator is told)
+        rather than outliving it. How many there were."""
+        waiting, self.waiting = self.waiting, set()
+        for answer in waiting:
+            answer.inbox.put_nowait({"type": INTERRUPTED})
+        return len(waiting)
 
     async def send(self, call: Call, replica: Replica, record: RequestRecord) -> Reply:
         endpoint = self.settings.get(replica.upstream_id)
@@ -104,10 +117,11 @@ class OperatorBackend:
         ticket.tool_problems = tool_problems(ticket.tools)
         answer = OperatorAnswer(self, ticket, call, replica, record)
         record.upstream = "operator:-"
+        self.waiting.add(answer)
         self.desk.submit(ticket, answer.inbox.put_nowait)
         try:
             if call.stream:
-                return Reply(200, "text/event-stream", answer.opening(), answer)
+                return Reply(200, "text/event-stream", answer.opening(), answer, awaited=True)
             return await answer.whole()
         except BaseException:
             answer.close()
@@ -190,9 +204,7 @@ class OperatorAnswer:
         return self._renamed(chunk)
 
     def close(self) -> None:
-        if self.on_desk:
-            self.on_desk = False
-            self.backend.desk.withdraw(self.ticket.id)
+        self._off_desk("client left")
         if self.handed is not None:
             self.handed.close()
         self.ended = True
@@ -226,15 +238,27 @@ class OperatorAnswer:
     async def _redirect(self, event: Event) -> bytes | None:
         """A reject, a handoff or a timeout: an error, or a model answers from here on
         (its first chunk is returned)."""
-        self._off_desk()
         kind = event["type"]
+        if kind == INTERRUPTED:
+            self._off_desk("the server holding the client's request restarted")
+            raise OperatorInterrupted(
+                "llproxy restarted before an operator finished this request (its "
+                "graceful timeout ran out): send it again"
+            )
+        self._off_desk()
         if kind == "reject":
             raise OperatorRejected(f"the operator rejected the request: {event['message']}")
         if kind == "timeout" and not event.get("fallback"):
-            waited = "claim it" if event["waited"] == "queue_timeout" else "answer"
+            ticket = self.ticket
+            if event["waited"] == "queue_timeout":
+                what = f"no operator claimed the request within {ticket.queue_timeout:g} s"
+            else:  # someone claimed it, and may have typed: no "nobody came"
+                what = (
+                    f"the operator who claimed the request sent nothing for "
+                    f"{ticket.idle_timeout:g} s and did not finish"
+                )
             raise OperatorTimeout(
-                f"no operator came to {waited} in time ({event['waited']}), and "
-                f"{self.replica.upstream_id} has no fallback model"
+                f"{what} ({event['waited']}), and {self.replica.upstream_id} has no fallback model"
             )
         model = event["model"] if kind == "handoff" else event["fallback"]
         # The desk hands off with mode replace only while nothing reached the client.
@@ -268,8 +292,13 @@ class OperatorAnswer:
     def _renamed(self, data: bytes) -> bytes:
         return self.rename.apply(data) if self.rename is not None else data
 
-    def _off_desk(self) -> None:
+    def _off_desk(self, withdraw: str | None = None) -> None:
+        """The ticket left the desk; with a reason, this side takes it off (the operator
+        is told the reason)."""
+        if self.on_desk and withdraw is not None:
+            self.backend.desk.withdraw(self.ticket.id, withdraw)
         self.on_desk = False
+        self.backend.waiting.discard(self)
 
     # --- shapes -------------------------------------------------------------------------------
 

@@ -9,7 +9,11 @@
 const RECONNECT_DELAYS_MS = [1000, 2000, 4000, 8000, 15000]; // the last one repeats
 const URGENT_SECONDS = 30;
 const MAX_NOTICES = 6;
+// How long a notice stays before it vanishes by itself, by kind (ms).
+const NOTICE_MS = { info: 6000, warning: 12000, error: 20000 };
+const CONFIRM_MS = 4000; // a second click within this long confirms a reject or hand-off
 const CLOSE_UNAUTHORIZED = 4401; // the server's: no valid operator key
+const CLOSE_TOO_MANY_SIGN_INS = 4429; // the server's: this address failed too often
 const CLOSE_GOING_AWAY = 1001; // the server's: this worker is retiring, reconnect
 const KNOWN_ROLES = ["system", "developer", "user", "assistant", "tool"];
 
@@ -30,6 +34,9 @@ const state = {
   pending: new Map(), // command id → the command, until its ack or refusal
   nextCommandId: 1,
   toolInputs: [], // the inputs of the tool-call form, built from the tool's schema
+  ring: false, // ring (and notify when the tab is hidden) on each new request
+  audio: null, // the AudioContext made by the click that turned ringing on
+  rings: 0, // how many times it rang (for the tests)
 };
 
 // --- small helpers ----------------------------------------------------------------------
@@ -134,8 +141,14 @@ function connectionClosed(closed) {
   state.held.clear();
   state.pending.clear();
   renderAll();
+  if (closed.code === CLOSE_TOO_MANY_SIGN_INS) {
+    signOut(`Too many failed sign-ins from this address: ${closed.reason}.`);
+    return;
+  }
   if (closed.code === CLOSE_UNAUTHORIZED) {
-    signOut("That is not an operator key.");
+    // A key revoked, expired or deleted while the socket was open: the reason says which.
+    const lapsed = closed.reason.startsWith("the operator key ");
+    signOut(lapsed ? `Signed out: ${closed.reason}.` : "That is not an operator key.");
     return;
   }
   if (state.token === null) return;
@@ -202,6 +215,7 @@ function handleServerEvent(event) {
     case "added":
       storeRequest(event.request);
       renderQueue();
+      ring(event.request);
       break;
     case "claimed":
       requestClaimed(event);
@@ -227,10 +241,23 @@ function handleServerEvent(event) {
     case "refused":
       commandRefused(event);
       break;
+    case "stats":
+      showStats(event);
+      break;
     case "error":
       notify(`The server says: ${event.message}`, "error");
       break;
   }
+}
+
+// The queue's numbers, as the server counts them every few seconds.
+function showStats(event) {
+  const waiting = Number(event.waiting) || 0;
+  const online = Number(event.operators_online) || 0;
+  const parts = [`${waiting} waiting`];
+  if (waiting) parts.push(`oldest ${formatSeconds(Number(event.oldest_wait) || 0)}`);
+  parts.push(`${online} operator${online === 1 ? "" : "s"} online`);
+  $("queue-stats").textContent = parts.join(" · ");
 }
 
 function loadSnapshot(requests) {
@@ -473,7 +500,11 @@ function heldCurrent() {
   return request && !request.ended && state.held.has(request.id) && connected() ? request : null;
 }
 
-// Deletions, undo, and typing inside the text already sent are stopped before they happen;
+const SENT_NOTICE = "Sent text cannot be taken back: it has reached the client. Type on after it (Ctrl+End).";
+
+// Only additions at the end are ever sent. Deletions, undo, and typing inside the text
+// already sent are stopped before they happen, the caret left where it was: moving it to
+// the end would send the next keys typed there, a word the operator meant for elsewhere.
 // `answerEdited` puts the sent text back should anything else change it.
 function answerBeforeInput(event) {
   const request = heldCurrent();
@@ -483,8 +514,7 @@ function answerBeforeInput(event) {
   const appending = event.inputType.startsWith("insert") && box.selectionStart >= sentUnits;
   if (!appending) {
     event.preventDefault();
-    moveCaretToEnd();
-    showAnswerNotice("Sent text cannot be taken back: it has reached the client. Type on after it.");
+    showAnswerNotice(SENT_NOTICE);
   }
 }
 
@@ -503,9 +533,11 @@ function answerEdited(event) {
       hideAnswerNotice();
     }
   } else {
+    // Undone, nothing sent; the caret goes back to where the change began.
+    const caret = Math.max(0, Math.min(box.selectionStart - (typed.length - request.text.length), request.text.length));
     box.value = request.text;
-    moveCaretToEnd();
-    showAnswerNotice("Sent text cannot be taken back: it has reached the client. Type on after it.");
+    box.setSelectionRange(caret, caret);
+    showAnswerNotice(SENT_NOTICE);
   }
   renderAnswerInfo(request);
 }
@@ -533,10 +565,35 @@ function finishAnswer(event) {
   sendCommand("finish", request.id, reason ? { reason } : {});
 }
 
+// A destructive button asks once more: the first click turns it into "Confirm …" (its
+// title says what exactly), which goes back by itself after a few seconds.
+function confirmed(form, label, what) {
+  const button = form.querySelector("button[type=submit]");
+  if (button.classList.contains("confirming")) {
+    resetConfirm(button);
+    return true;
+  }
+  button.dataset.label = button.textContent;
+  button.textContent = `Confirm ${label}`;
+  button.title = `Click again to ${what}`;
+  button.classList.add("confirming");
+  button.dataset.timer = String(setTimeout(() => resetConfirm(button), CONFIRM_MS));
+  return false;
+}
+
+function resetConfirm(button) {
+  if (!button.classList.contains("confirming")) return;
+  clearTimeout(Number(button.dataset.timer));
+  button.textContent = button.dataset.label;
+  button.title = "";
+  button.classList.remove("confirming");
+}
+
 function rejectRequest(event) {
   event.preventDefault();
   const request = state.current;
   if (!request || !canTriage(request)) return;
+  if (!confirmed($("reject-form"), "reject", "reject the request")) return;
   const message = $("reject-message").value.trim();
   sendCommand("reject", request.id, message ? { message } : {});
 }
@@ -551,6 +608,7 @@ function handOff(event) {
     $("handoff-model").focus();
     return;
   }
+  if (!confirmed($("handoff-form"), "hand-off", `hand the request off to ${model}`)) return;
   sendCommand("handoff", request.id, { model, mode: $("handoff-mode").value });
 }
 
@@ -758,9 +816,13 @@ function renderQueue() {
   const focused = document.activeElement;
   const focusKey = list.contains(focused) ? focused.dataset.focusKey : null;
   const requests = [...state.requests.values()].sort((a, b) => a.created - b.created);
-  list.replaceChildren(...requests.map(queueRow));
+  const filter = $("queue-filter").value.trim().toLowerCase();
+  const shown = filter ? requests.filter((r) => matches(r, filter)) : requests;
+  list.replaceChildren(...shown.map(queueRow));
   $("queue-empty").hidden = requests.length > 0;
-  $("queue-count").textContent = requests.length ? `(${requests.length})` : "";
+  $("queue-unmatched").hidden = !requests.length || shown.length > 0;
+  const count = shown.length === requests.length ? `${requests.length}` : `${shown.length} of ${requests.length}`;
+  $("queue-count").textContent = requests.length ? `(${count})` : "";
   // The tab's title shows the requests waiting, for an operator working in another tab.
   const waiting = requests.filter((r) => r.state === "queued").length;
   document.title = waiting ? `(${waiting}) llproxy operator` : "llproxy operator";
@@ -769,6 +831,11 @@ function renderQueue() {
     if (again) again.focus();
   }
   tickCountdowns();
+}
+
+// The filter finds a request by its model, its client, or the text it asks.
+function matches(request, filter) {
+  return [request.model, request.client || "", lastUserText(request)].some((text) => text.toLowerCase().includes(filter));
 }
 
 function queueRow(request) {
@@ -793,9 +860,8 @@ function queueRow(request) {
       el("span", { class: "model" }, request.model),
       el("span", { class: "countdown", "data-countdown": request.id, "aria-label": "time left" }),
     ),
-    el("p", { class: "meta" }, `${request.client || "anonymous"} · ${request.dialect} · ${request.stream ? "stream" : "whole answer"}`),
-    snippet ? el("p", { class: "snippet" }, snippet) : null,
-    el("p", { class: "holder" }, `${request.state} · ${holderText(request)}`),
+    el("p", { class: "meta" }, `${request.client || "anonymous"} · ${request.dialect} · ${request.stream ? "stream" : "whole answer"} · ${holderText(request)}`),
+    el("p", { class: "snippet" }, snippet || "—"),
     el("div", { class: "row-actions" }, view, claim),
   );
 }
@@ -840,6 +906,14 @@ function renderCurrent() {
     return;
   }
   renderRequestHeader(request);
+  const panel = $("answer-panel");
+  if (panel.dataset.request !== request.id) {
+    // Another request: what was typed to reject or hand off the last one does not apply.
+    panel.dataset.request = request.id;
+    $("reject-message").value = "";
+    $("handoff-model").value = "";
+    for (const button of panel.querySelectorAll("button.confirming")) resetConfirm(button);
+  }
   if ($("messages").dataset.request !== request.id) renderMessages(request);
   renderAnswer(request);
 }
@@ -890,7 +964,9 @@ function renderMessages(request) {
     }
   }
   container.replaceChildren(...request.messages.map((message) => renderMessage(message, callNames)));
-  container.scrollTop = container.scrollHeight;
+  // A long conversation opens at its latest message: the one to answer.
+  const scroller = container.closest(".conversation");
+  scroller.scrollTop = scroller.scrollHeight;
 }
 
 function renderMessage(message, callNames) {
@@ -957,7 +1033,10 @@ function renderAnswer(request) {
   renderSentCalls(request);
   renderToolForm(request);
   for (const id of ["tool-form", "finish-form"]) setFormEnabled(id, mine);
-  for (const id of ["reject-form", "handoff-form"]) setFormEnabled(id, canTriage(request));
+  for (const id of ["reject-form", "handoff-form"]) {
+    setFormEnabled(id, canTriage(request));
+    if (!canTriage(request)) resetConfirm($(id).querySelector("button[type=submit]"));
+  }
   $("release").disabled = !mine;
   // Once text reached the client a model can only continue it.
   const mode = $("handoff-mode");
@@ -1004,8 +1083,38 @@ function notify(text, kind = "info") {
   const dismiss = el("button", { type: "button", class: "quiet", "aria-label": "Dismiss notice" }, "Dismiss");
   const item = el("li", { class: `notice ${kind}` }, el("span", { class: "time" }, time), el("span", { class: "text" }, text), dismiss);
   dismiss.addEventListener("click", () => item.remove());
+  setTimeout(() => item.remove(), NOTICE_MS[kind] || NOTICE_MS.info);
   list.prepend(item);
   while (list.children.length > MAX_NOTICES) list.lastElementChild.remove();
+}
+
+// Ringing is the operator's choice, made once with the button (browsers let a page play
+// sound and ask to notify only after a click).
+function toggleRing() {
+  state.ring = !state.ring;
+  const button = $("ring");
+  button.setAttribute("aria-pressed", String(state.ring));
+  button.textContent = state.ring ? "Ring: on" : "Ring: off";
+  if (!state.ring) return;
+  state.audio = state.audio || new AudioContext();
+  if ("Notification" in window && Notification.permission === "default") Notification.requestPermission();
+}
+
+function ring(request) {
+  if (!state.ring || !isObject(request)) return;
+  if (state.audio) {
+    const tone = state.audio.createOscillator();
+    const gain = state.audio.createGain();
+    gain.gain.value = 0.15;
+    tone.frequency.value = 880;
+    tone.connect(gain).connect(state.audio.destination);
+    tone.start();
+    tone.stop(state.audio.currentTime + 0.18);
+  }
+  if (document.hidden && "Notification" in window && Notification.permission === "granted") {
+    new Notification(`New request for ${request.model}`, { body: lastUserText(request), tag: "llproxy-operator" });
+  }
+  state.rings += 1;
 }
 
 function forgetDesk() {
@@ -1038,6 +1147,8 @@ function start() {
   $("reject-form").addEventListener("submit", rejectRequest);
   $("handoff-form").addEventListener("submit", handOff);
   $("release").addEventListener("click", releaseRequest);
+  $("queue-filter").addEventListener("input", renderQueue);
+  $("ring").addEventListener("click", toggleRing);
   setInterval(tickCountdowns, 1000);
   $("token").focus();
 }
