@@ -94,6 +94,13 @@ def added_text(choice: dict[str, Any]) -> str | None:
     return added[1] if added is not None and added[0] == "content" and added[1] else None
 
 
+def kept_headers(reply: Reply) -> dict[str, str]:
+    """What an upstream's error answer keeps in every client's dialect: its Retry-After
+    (a 429's or an overloaded server's), so clients wait as long as it asked."""
+    value = reply.headers.get("Retry-After")
+    return {"Retry-After": value} if value else {}
+
+
 class ChoiceStream:
     """What every stream translated from a model's chat chunks shares: the chunks read
     into their first choices, each turned into the client's events by `_choice`, and an

@@ -23,7 +23,7 @@ from ..core.call import JsonPayload, Reply, estimate_tokens, json_object
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls, json_document
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, kept_headers
 
 _PREFIXES = ("/v1", "/anthropic/v1")
 _ERROR_TYPES = {
@@ -422,7 +422,8 @@ class AnthropicTranslation:
 
     def upstream_error(self, reply: Reply) -> Answer:
         failed = UpstreamFailed(reply.status, reply.body)
-        return Answer(reply.status, error_body(reply.status, failed.message))
+        body = error_body(reply.status, failed.message)
+        return Answer(reply.status, body, headers=kept_headers(reply))
 
     def stream_transform(self, record: RequestRecord, reply: Reply | None) -> AnthropicStream:
         return AnthropicStream(record, self.stops, self.input_estimate)

@@ -8,6 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..backends.anthropic import BACKEND as ANTHROPIC_BACKEND
+from ..backends.anthropic import AnthropicBackend
 from ..backends.openai_http import OpenAIHttpBackend
 from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..backends.openai_http.transport import response_bounds
@@ -57,7 +59,11 @@ class ProxyState:
         )
         self.router = Router(
             lambda: self.registry,
-            {"openai_http": self.backend, OPERATOR_BACKEND: self.operators},
+            {
+                "openai_http": self.backend,
+                OPERATOR_BACKEND: self.operators,
+                ANTHROPIC_BACKEND: AnthropicBackend(self.backend),
+            },
             config.aliases,
         )
         self.operators.handoff = self._hand_off

@@ -34,7 +34,11 @@ TOKENIZER_RETRY = 300.0
 UPSTREAM_KEEPALIVE = 4.0
 # Upstream response headers worth relaying; everything else is hop-by-hop or describes a
 # body encoding already undone.
-_RELAYED = (("Content-Type", "content-type"), ("X-Request-Id", "x-request-id"))
+_RELAYED = (
+    ("Content-Type", "content-type"),
+    ("X-Request-Id", "x-request-id"),
+    ("Retry-After", "retry-after"),  # a 429's or 529's: when the client may try again
+)
 
 
 class OpenAIHttpBackend:

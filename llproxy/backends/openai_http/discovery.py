@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ from ...config import Config, Endpoint
 from ...core.call import INSTANCE_HEADER
 from ...core.encoding import BodyEncodingError, decode_body
 from ...core.registry import FoundModel, Registry, Upstream, final_names
+from ..cloud import CLOUD_LISTINGS, backend_of, dialect_field
 from ..operator import operator_models
 
 log = logging.getLogger("llproxy.discovery")
@@ -76,6 +78,7 @@ def _targets(endpoints: Sequence[Endpoint]) -> list[_Target]:
                 port=port,
                 tags=endpoint.tags,
                 apikey=endpoint.apikey,
+                dialect=endpoint.dialect,
             )
             targets.append(_Target(endpoint, upstream))
     return targets
@@ -208,8 +211,14 @@ async def _probe(
     endpoint, upstream = target.endpoint, target.upstream
     if endpoint.models is not None:
         entries: list[dict[str, Any]] = [
-            {"id": m, "object": "model", "owned_by": upstream.hostname} for m in endpoint.models
+            {"id": m, "object": "model", "owned_by": upstream.hostname} | dialect_field(upstream)
+            for m in endpoint.models
         ]
+    elif (listing := CLOUD_LISTINGS.get(endpoint.dialect)) is not None:
+        try:
+            entries = await listing(partial(_get_json, session), upstream, timeout)
+        except (_Refused, ValueError) as exc:
+            return ServerProblem(upstream.base_url, f"refused the model list: {exc}")
     else:
         hosts = addresses.get(upstream.hostname, [])
         if endpoint.url is None and not await _port_open(hosts, upstream.port, timeout):
@@ -240,7 +249,9 @@ async def _probe(
 
     server = await _llama_props(session, upstream, timeout) if _llama(entries) else {}
     models = [
-        FoundModel(name, upstream, entry["id"], entry, *_abilities(entry, server))
+        FoundModel(
+            name, upstream, entry["id"], entry, *_abilities(entry, server), backend_of(upstream)
+        )
         for entry in entries
         for name in final_names(entry["id"], upstream.tags)
         if endpoint.filter is None or endpoint.filter in name
