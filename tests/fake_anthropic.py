@@ -4,9 +4,10 @@ translators.
 
 What it answers depends on a marker in the last user text: `[tool]` asks for a tool call
 (answered in text once a tool_result comes back), `[think]` thinks first, `[429]` and
-`[529]` fail with those statuses, `[midfail]` fails after the stream started, `[slow]`
-streams slowly (a client leaving is seen as `disconnected`). Every answer's usage is
-USAGE, so a test can compare a usage record with the back-end's own numbers.
+`[529]` fail with those statuses, `[midfail]` fails after the stream started, `[late]`
+sends its first event after 0.6 s, `[slow]` streams slowly (a client leaving is seen as
+`disconnected`). Every answer's usage is USAGE, so a test can compare a usage record with
+the back-end's own numbers; `answers` keeps the bytes of every answer sent.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class FakeAnthropic:
     key: str = KEY
     delay: float = 0.005
     received: list[Received] = field(default_factory=list)
+    answers: list[bytearray] = field(default_factory=list)  # the bytes of each answer sent
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     server: TestServer | None = None
 
@@ -145,7 +147,11 @@ class FakeAnthropic:
             "usage": USAGE,
         }
         if body.get("stream") is not True:
-            return web.json_response(message, headers={"request-id": "req_fake"})
+            raw = orjson.dumps(message)
+            self.answers.append(bytearray(raw))
+            return web.Response(
+                body=raw, content_type="application/json", headers={"request-id": "req_fake"}
+            )
         return await self.stream(request, message, marker)
 
     def blocks(self, body: dict[str, Any], marker: str) -> list[dict[str, Any]]:
@@ -179,17 +185,24 @@ class FakeAnthropic:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "request-id": "req_fake"}
         )
+        if "[late]" in marker:  # a long prefill: nothing for a while
+            await asyncio.sleep(0.6)
         await response.prepare(request)
         delay = 0.5 if "[slow]" in marker else self.delay
 
+        sent = bytearray()
+        self.answers.append(sent)
+
         async def send(name: str, data: dict[str, Any]) -> None:
-            await response.write(
+            event = (
                 b"event: "
                 + name.encode()
                 + b"\ndata: "
                 + orjson.dumps({"type": name, **data})
                 + b"\n\n"
             )
+            sent.extend(event)
+            await response.write(event)
             await asyncio.sleep(delay)
 
         start_usage = {**USAGE, "output_tokens": 1}

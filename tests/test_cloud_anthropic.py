@@ -21,6 +21,7 @@ import pytest
 from llproxy.config import ConfigError, parse_config
 
 from .conftest import ProxyFactory, RunningProxy, recorded
+from .dialect_validators import validate_anthropic_stream
 from .fake_anthropic import KEY, USAGE, FakeAnthropic
 
 SECRET = "sk-up-7"
@@ -221,31 +222,60 @@ async def test_openai_client(cloud: RunningProxy, fake: FakeAnthropic, tmp_path:
     ]
 
 
-async def test_anthropic_client(cloud: RunningProxy, fake: FakeAnthropic, tmp_path: Path) -> None:
+async def test_anthropic_client_is_passed_through(
+    cloud: RunningProxy, fake: FakeAnthropic, tmp_path: Path
+) -> None:
+    """Same dialect: the request goes on as it came but for the model, with its
+    anthropic-version and anthropic-beta; the answer comes back byte for byte but for the
+    model; the usage record holds Anthropic's own numbers (cached input included)."""
+    headers = {
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "prompt-caching-2024-07-31,interleaved-thinking-2025-05-14",
+        "x-api-key": "client",
+    }
+    system = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    asked = {
+        "model": MODEL,
+        "max_tokens": 50,
+        "system": system,
+        "messages": [{"role": "user", "content": "[think] hi"}],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "metadata": {"user_id": "u-1"},
+    }
+    async with httpx.AsyncClient(base_url=cloud.url) as raw:
+        for stream in (False, True):
+            answer = await raw.post(
+                "/v1/messages", json={**asked, "stream": stream}, headers=headers
+            )
+            assert answer.status_code == 200
+            received = fake.received[-1]
+            assert received.body == {**asked, "stream": stream, "model": "claude-fake-large"}
+            for name in ("anthropic-version", "anthropic-beta"):
+                assert received.headers[name] == headers[name]
+            assert received.headers["x-api-key"] == SECRET
+            upstream = bytes(fake.answers[-1])
+            assert answer.content == upstream.replace(
+                b'"model":"claude-fake-large"', b'"model":"claude-fake-large:cloud"'
+            )
+
     sdk = anthropic.AsyncAnthropic(base_url=cloud.url, api_key="client", max_retries=0)
     made = await sdk.messages.create(
         model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "hi"}]
     )
     assert made.content[0].text == "Hello from Claude."  # type: ignore[union-attr]
-    assert made.usage.input_tokens == PROMPT and made.usage.output_tokens == 7
-    async with sdk.messages.stream(
-        model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "[think] hi"}]
-    ) as stream:
-        final = await stream.get_final_message()
-    assert [b.type for b in final.content] == ["thinking", "text"]
-    assert final.content[0].thinking == "Let me think."  # type: ignore[union-attr]
-
+    assert made.usage.input_tokens == 11 and made.usage.cache_read_input_tokens == 5
     tool = {"name": "get_weather", "input_schema": WEATHER_SCHEMA}
-    ask = [{"role": "user", "content": "[tool] weather?"}]
+    ask = [{"role": "user", "content": "[think] [tool] weather?"}]
     async with sdk.messages.stream(
         model=MODEL,
         max_tokens=50,
-        messages=ask,
-        tools=[tool],  # type: ignore[arg-type, list-item]
+        messages=ask,  # type: ignore[arg-type]
+        tools=[tool],  # type: ignore[list-item]
     ) as stream:
         called = await stream.get_final_message()
-    use = called.content[-1]
+    thought, use = called.content[0], called.content[-1]
     assert called.stop_reason == "tool_use" and use.type == "tool_use"
+    assert thought.type == "thinking" and thought.signature == "sig-fake"
     assert use.input == {"city": "Paris"}
     answered = await sdk.messages.create(
         model=MODEL,
@@ -261,6 +291,9 @@ async def test_anthropic_client(cloud: RunningProxy, fake: FakeAnthropic, tmp_pa
         ],
     )
     assert answered.content[0].text == "The weather: rain"  # type: ignore[union-attr]
+    # The thinking block went back with its signature, as Anthropic requires.
+    history = fake.received[-1].body["messages"][1]["content"]  # type: ignore[index]
+    assert history[0]["type"] == "thinking" and history[0]["signature"] == "sig-fake"
 
     with pytest.raises(anthropic.RateLimitError) as limited:
         await sdk.messages.create(
@@ -274,13 +307,13 @@ async def test_anthropic_client(cloud: RunningProxy, fake: FakeAnthropic, tmp_pa
     assert overloaded.value.status_code == 529
     assert overloaded.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
     await sdk.close()
-    rows = await recorded(tmp_path / "st", "dialect", 6)
+    rows = await recorded(tmp_path / "st", "dialect", 7)
     assert rows == [
         {
             "dialect": "anthropic",
-            "requests": 6,
-            "prompt_tokens": 4 * PROMPT,
-            "completion_tokens": 28,
+            "requests": 7,
+            "prompt_tokens": 5 * PROMPT,
+            "completion_tokens": 35,
         }
     ]
 
@@ -380,3 +413,26 @@ async def test_the_backends_key_is_nowhere_but_its_header(
     for where in (caplog.text, metrics, *bodies):
         assert SECRET not in where
     assert all(SECRET not in r.path for r in fake.received)
+
+
+async def test_a_passed_through_stream_opened_early_has_one_message_start(
+    start_proxy: ProxyFactory, fake: FakeAnthropic
+) -> None:
+    fake.key = SECRET
+    proxy = await start_proxy([endpoint(fake)], timeouts={"stream_keepalive": 0.2})
+    await proxy.rescan()
+    body = {
+        "model": "claude-fake-large",
+        "max_tokens": 50,
+        "stream": True,
+        "messages": [{"role": "user", "content": "[late] [tool] hi"}],
+    }
+    async with httpx.AsyncClient(base_url=proxy.url) as raw:
+        answer = await raw.post("/v1/messages", json=body, headers={"anthropic-version": "x"})
+    events = validate_anthropic_stream(answer.content)
+    names = [name for name, _ in events]
+    assert names.count("message_start") == 1 and names[1] == "ping"
+    assert names[-1] == "message_stop"
+    # After the stream's own opening, the back-end's events as they came.
+    upstream = bytes(fake.answers[-1])
+    assert answer.content.endswith(upstream[upstream.index(b"event: ping") :])

@@ -7,7 +7,7 @@ client's own answer. Nothing here knows HTTP servers, clients or terminals.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,13 +39,24 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True, slots=True)
+class Native:
+    """A client's request as it sent it, beside its translation: a backend that speaks the
+    client's dialect passes this on instead, unchanged but for the model."""
+
+    dialect: str
+    body: dict[str, Any]
+    headers: Mapping[str, str]  # the dialect's own request headers worth forwarding
+
+
 class JsonPayload:
     """A JSON body; each replica gets it with its own model id."""
 
     content_type = JSON
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, body: dict[str, Any], native: Native | None = None) -> None:
         self.body = body
+        self.native = native
 
     @property
     def model(self) -> str | None:
@@ -99,7 +110,7 @@ def within_context(payload: Payload, context_length: int | None) -> Payload:
     lowered = {name: room for name, value in asked.items() if value > room}
     if room < 1 or not lowered:
         return payload  # nothing fits or nothing to lower: the upstream's own answer
-    return JsonPayload({**body, **lowered})
+    return JsonPayload({**body, **lowered}, payload.native)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +122,9 @@ class Call:
     payload: Payload
     stream: bool = False
     via: str = ""  # the proxies it passed through before this one (the client's Via)
+    # Request headers of the upstream's own dialect, beside its fixed ones (a passed-on
+    # Anthropic request's anthropic-version and anthropic-beta).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class Stream(Protocol):

@@ -1,7 +1,8 @@
 """The backend for Anthropic's Messages API (api.anthropic.com, or a server speaking it):
 the internal chat call goes out as a Messages request over the same per-worker pools as
 OpenAI servers, and its answer, stream or error comes back as the internal OpenAI one,
-so every client dialect reaches these models unchanged."""
+so every client dialect reaches these models unchanged. An Anthropic client's own request
+is passed on untranslated (its anthropic-version and anthropic-beta with it)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,24 @@ class AnthropicBackend:
             raise InvalidRequest(
                 f"'{call.model}' is served by an Anthropic API, which answers chat only"
             )
+        native = call.payload.native
+        if native is not None and native.dialect == BACKEND:
+            # The client speaks Anthropic too: its request goes on as it came, and the
+            # answer comes back as Anthropic's (the client's dialect passes it on).
+            passed = Call(
+                MESSAGES,
+                call.model,
+                JsonPayload(native.body),
+                call.stream,
+                call.via,
+                native.headers,
+            )
+            reply = await self.http.send(passed, replica, record)
+            record.answered_in = BACKEND
+            return reply
         body = to_messages(call.payload.body, replica.upstream_id)
-        native = Call(MESSAGES, call.model, JsonPayload(body), call.stream, call.via)
-        reply = await self.http.send(native, replica, record)
+        translated = Call(MESSAGES, call.model, JsonPayload(body), call.stream, call.via)
+        reply = await self.http.send(translated, replica, record)
         if reply.status >= 400:
             reply.body = chat_error(reply.status, reply.body)
             reply.media_type = "application/json"

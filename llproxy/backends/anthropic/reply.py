@@ -4,7 +4,7 @@ A stream is translated event by event as it arrives: text and thinking deltas be
 content and reasoning deltas, a tool_use block becomes a tool call whose arguments come in
 the fragments Anthropic sends, `message_delta` becomes the finish chunk and the usage
 chunk, `message_stop` the `[DONE]`. Usage counts the prompt as OpenAI does, cached tokens
-included: input + cache read + cache creation, the read part also as `cached_tokens`.
+included (core.usage.from_anthropic).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from ...core.sse import EventSplitter, event_document, json_document
+from ...core.usage import from_anthropic
 from .request import object_of
 
 FINISH_REASONS = {
@@ -27,25 +28,6 @@ FINISH_REASONS = {
     "refusal": "content_filter",
 }
 _DONE = b"data: [DONE]\n\n"
-
-
-def usage(native: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's usage for Anthropic's, its numbers kept besides."""
-
-    def count(name: str) -> int:
-        value = native.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-    read, created = count("cache_read_input_tokens"), count("cache_creation_input_tokens")
-    prompt = count("input_tokens") + read + created
-    completion = count("output_tokens")
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": read},
-        "cache_creation_input_tokens": created,
-    }
 
 
 def _finish(stop_reason: Any, stop_sequence: Any) -> dict[str, Any]:
@@ -89,7 +71,7 @@ def chat_answer(raw: bytes) -> bytes:
         "created": int(time.time()),
         "model": str(message.get("model") or ""),
         "choices": [choice],
-        "usage": usage(native if isinstance(native, dict) else {}),
+        "usage": from_anthropic(native if isinstance(native, dict) else {}),
     }
     return orjson.dumps(answer)
 
@@ -172,7 +154,7 @@ class ChatChunks:
             delta = object_of(event.get("delta"))
             finish = _finish(delta.get("stop_reason"), delta.get("stop_sequence"))
             return self._chunk({}, **finish) + self._data(
-                {"choices": [], "usage": usage(self.native_usage)}
+                {"choices": [], "usage": from_anthropic(self.native_usage)}
             )
         if kind == "message_stop":
             self.ended = True

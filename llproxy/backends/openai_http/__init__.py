@@ -68,7 +68,12 @@ class OpenAIHttpBackend:
             with self.watchdog.deadline(self.timeouts.first_byte) as deadline:
                 try:
                     response = await self.pool.post(
-                        upstream, request_path(call.route), body, call.payload.content_type, via
+                        upstream,
+                        request_path(call.route),
+                        body,
+                        call.payload.content_type,
+                        via,
+                        headers=call.headers,
                     )
                 except ConnectFailed as exc:
                     raise ReplicaUnavailable(f"{upstream.address} ({exc})") from None
