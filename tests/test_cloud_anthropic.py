@@ -7,7 +7,10 @@ back-end's key is looked for everywhere it must not be."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -436,3 +439,42 @@ async def test_a_passed_through_stream_opened_early_has_one_message_start(
     # After the stream's own opening, the back-end's events as they came.
     upstream = bytes(fake.answers[-1])
     assert answer.content.endswith(upstream[upstream.index(b"event: ping") :])
+
+
+async def scan_cli(config: Path, state: Path) -> tuple[int, str, str]:
+    """`llproxy scan --json` as a process, while the fake answers in this event loop."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llproxy",
+        "scan",
+        "--json",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LLPROXY_STATE_DIR": str(state), "ANTHROPIC_API_KEY": SECRET},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_scan_shows_the_dialect_and_a_bad_one_exits_78(
+    fake: FakeAnthropic, tmp_path: Path
+) -> None:
+    fake.key = SECRET
+    config = tmp_path / "llproxy.json"
+    cloud = {"url": fake.url, "dialect": "anthropic", "apikey": "env:ANTHROPIC_API_KEY"}
+    config.write_text(json.dumps({"endpoints": [{**cloud, "tags": ["cloud"]}]}))
+    status, out, err = await scan_cli(config, tmp_path)
+    assert status == 0, err
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows[MODEL]["dialect"] == "anthropic" and rows[MODEL]["id"] == "claude-fake-large"
+    fake.key = "another"  # refused: the warning names the server, never the key
+    status, out, err = await scan_cli(config, tmp_path)
+    assert status == 0 and "refused the model list: HTTP 401" in err
+    assert SECRET not in out + err
+    config.write_text(json.dumps({"endpoints": [{**cloud, "dialect": "gemini-ish"}]}))
+    status, _, err = await scan_cli(config, tmp_path)
+    assert status == 78 and "endpoints[0].dialect: must be one of openai, anthropic" in err

@@ -119,7 +119,7 @@ class OpenAIHttpBackend:
         time. A server without one is not asked again for TOKENIZER_RETRY seconds."""
         replica = model.replicas[0]
         upstream = replica.upstream
-        if self._no_tokenizer.get(upstream, 0.0) > time.monotonic():
+        if upstream.dialect != "openai" or self._no_tokenizer.get(upstream, 0.0) > time.monotonic():
             return None
         # llama.cpp reads `content`, vLLM `model` and `prompt`.
         body = orjson.dumps({"model": replica.upstream_id, "prompt": text, "content": text})
