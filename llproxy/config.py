@@ -291,7 +291,7 @@ _ENDPOINT_KEYS = _OPERATOR_KEYS | {
     "dialect",
 }
 # Back-end dialects besides OpenAI's, each answered by a backend of its own.
-DIALECTS = ("openai", "anthropic")
+DIALECTS = ("openai", "anthropic", "gemini")
 
 
 def _operator(path: str, obj: dict[str, Any], common: dict[str, Any]) -> Endpoint:
@@ -365,7 +365,7 @@ def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
         dialect = _optional(obj, "dialect", lambda v: _dialect(f"{path}.dialect", v), "openai")
         if dialect != "openai":
             # The cloud APIs' own paths (/v1/messages) start at the server's root.
-            url = url.removesuffix("/v1")
+            url = url.removesuffix("/v1").removesuffix("/v1beta")
         return Endpoint(url=url, models=models, dialect=dialect, **common)
 
     if "dialect" in obj:

@@ -8,13 +8,17 @@ from typing import Any
 
 from ..core.registry import Upstream
 from .anthropic.listing import anthropic_entries
+from .gemini.listing import gemini_entries
 
 # GET a bounded JSON document from a URL with the upstream's headers; raises when there is
 # none (discovery's own getter, so bounds and timeouts are the same for every dialect).
 GetJson = Callable[[str, Upstream, float], Awaitable[Any]]
 Listing = Callable[[GetJson, Upstream, float], Awaitable[list[dict[str, Any]]]]
 
-CLOUD_LISTINGS: Mapping[str, Listing] = {"anthropic": anthropic_entries}
+CLOUD_LISTINGS: Mapping[str, Listing] = {
+    "anthropic": anthropic_entries,
+    "gemini": gemini_entries,
+}
 
 
 def dialect_field(upstream: Upstream) -> dict[str, str]:

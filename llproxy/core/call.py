@@ -125,6 +125,9 @@ class Call:
     # Request headers of the upstream's own dialect, beside its fixed ones (a passed-on
     # Anthropic request's anthropic-version and anthropic-beta).
     headers: Mapping[str, str] = field(default_factory=dict)
+    # A query string a backend's own route needs ("?alt=sse" for Gemini's SSE stream);
+    # never a client's (a client's path cannot carry one upstream).
+    query: str = ""
 
 
 class Stream(Protocol):

@@ -31,7 +31,7 @@ def final_names(upstream_id: str, tags: Iterable[str]) -> list[str]:
 
 # What a server of each dialect is sent with every request: the header its key goes in
 # (never the URL), and the fixed headers its API asks for.
-_KEY_HEADERS = {"anthropic": "x-api-key"}
+_KEY_HEADERS = {"anthropic": "x-api-key", "gemini": "x-goog-api-key"}
 _FIXED_HEADERS = {"anthropic": {"anthropic-version": "2023-06-01"}}
 
 

@@ -10,6 +10,8 @@ from aiohttp import web
 
 from ..backends.anthropic import BACKEND as ANTHROPIC_BACKEND
 from ..backends.anthropic import AnthropicBackend
+from ..backends.gemini import BACKEND as GEMINI_BACKEND
+from ..backends.gemini import GeminiBackend
 from ..backends.openai_http import OpenAIHttpBackend
 from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..backends.openai_http.transport import response_bounds
@@ -63,6 +65,7 @@ class ProxyState:
                 "openai_http": self.backend,
                 OPERATOR_BACKEND: self.operators,
                 ANTHROPIC_BACKEND: AnthropicBackend(self.backend),
+                GEMINI_BACKEND: GeminiBackend(self.backend),
             },
             config.aliases,
         )

@@ -11,6 +11,7 @@ from ...core.errors import InvalidRequest
 from ...core.record import RequestRecord
 from ...core.registry import Replica
 from ..openai_http import OpenAIHttpBackend
+from ..translated import send_translated
 from .reply import ChatChunks, chat_answer, chat_error
 from .request import to_messages
 
@@ -44,52 +45,6 @@ class AnthropicBackend:
             return reply
         body = to_messages(call.payload.body, replica.upstream_id)
         translated = Call(MESSAGES, call.model, JsonPayload(body), call.stream, call.via)
-        reply = await self.http.send(translated, replica, record)
-        if reply.status >= 400:
-            reply.body = chat_error(reply.status, reply.body)
-            reply.media_type = "application/json"
-            reply.headers["Content-Type"] = "application/json"
-            return reply
-        if reply.stream is None:
-            reply.body = chat_answer(reply.body)
-            return reply
-        try:
-            stream = MessagesStream(reply, ChatChunks())
-            reply.body = await stream.first()
-        except BaseException:
-            reply.close()
-            raise
-        reply.stream = stream
-        return reply
-
-
-class MessagesStream:
-    """The rest of an Anthropic stream, as OpenAI chunks: each read of the upstream is
-    translated as it comes; a read that completes no event is skipped."""
-
-    def __init__(self, reply: Reply, chunks: ChatChunks) -> None:
-        assert reply.stream is not None
-        self.inner = reply.stream
-        self.chunks = chunks
-        self.ended = False
-        self._opening = reply.body
-
-    async def first(self) -> bytes:
-        """The first chunks (message_start gives one at once, so this rarely waits)."""
-        out = self.chunks.feed(self._opening)
-        return out or await self.next()
-
-    async def next(self) -> bytes:
-        while not self.ended:
-            raw = await self.inner.next()
-            out = self.chunks.feed(raw) if raw else b""
-            if not raw or self.inner.ended:
-                self.ended = True
-                out += self.chunks.finish()
-            if out:
-                return out
-        return b""
-
-    def close(self) -> None:
-        self.ended = True
-        self.inner.close()
+        return await send_translated(
+            self.http, translated, replica, record, chat_answer, chat_error, ChatChunks()
+        )

@@ -16,7 +16,7 @@ import orjson
 
 from ...core.sse import EventSplitter, event_document, json_document
 from ...core.usage import from_anthropic
-from .request import object_of
+from ..translated import object_of
 
 FINISH_REASONS = {
     "end_turn": "stop",

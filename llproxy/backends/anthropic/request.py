@@ -14,6 +14,7 @@ import orjson
 
 from ...core.errors import InvalidRequest
 from ...core.sse import json_document
+from ..translated import object_of
 
 # Anthropic requires max_tokens; every Claude model allows at least this many.
 DEFAULT_MAX_TOKENS = 4096
@@ -55,10 +56,6 @@ def to_messages(chat: dict[str, Any], model_id: str) -> dict[str, Any]:
     if isinstance(user, str) and user:
         body["metadata"] = {"user_id": user}
     return body
-
-
-def object_of(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def _append(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:

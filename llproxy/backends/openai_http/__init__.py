@@ -69,7 +69,7 @@ class OpenAIHttpBackend:
                 try:
                     response = await self.pool.post(
                         upstream,
-                        request_path(call.route),
+                        request_path(call.route) + call.query,
                         body,
                         call.payload.content_type,
                         via,

@@ -1,0 +1,56 @@
+"""The backend for Google's Gemini API (generativelanguage.googleapis.com): the internal
+chat call goes out as `generateContent` (or `streamGenerateContent?alt=sse`) over the same
+per-worker pools as OpenAI servers, and its answer, stream or error comes back as the
+internal OpenAI one, so every client dialect reaches these models."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import orjson
+
+from ...core.call import Call, JsonPayload, Reply
+from ...core.errors import InvalidRequest
+from ...core.record import RequestRecord
+from ...core.registry import Replica
+from ..openai_http import OpenAIHttpBackend
+from ..translated import send_translated
+from .reply import ChatChunks, chat_answer, chat_error
+from .request import to_gemini
+
+BACKEND = "gemini"
+
+
+class GeminiBackend:
+    def __init__(self, http: OpenAIHttpBackend) -> None:
+        self.http = http  # its pools, deadlines and failure handling serve this one too
+
+    async def send(self, call: Call, replica: Replica, record: RequestRecord) -> Reply:
+        if call.route != "chat/completions" or not isinstance(call.payload, JsonPayload):
+            raise InvalidRequest(
+                f"'{call.model}' is served by a Gemini API, which answers chat only"
+            )
+        body = to_gemini(call.payload.body)
+        # The model is named in the path (the transport escapes what must be).
+        model = replica.upstream_id
+        method = "streamGenerateContent" if call.stream else "generateContent"
+        query = "?alt=sse" if call.stream else ""
+        path = f"v1beta/models/{model}:{method}"
+        translated = Call(path, call.model, GeminiPayload(body), call.stream, call.via, query=query)
+        answer = partial(chat_answer, model=replica.upstream_id)
+        return await send_translated(
+            self.http,
+            translated,
+            replica,
+            record,
+            answer,
+            chat_error,
+            ChatChunks(replica.upstream_id),
+        )
+
+
+class GeminiPayload(JsonPayload):
+    """A Gemini body: the model is named in the path, not in the body."""
+
+    def encode(self, model_id: str) -> bytes:
+        return orjson.dumps(self.body)
