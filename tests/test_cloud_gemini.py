@@ -198,7 +198,12 @@ async def test_openai_client(cloud: RunningProxy, fake: FakeGemini, tmp_path: Pa
     contents = fake.received[-1].body["contents"]  # type: ignore[index]
     assert contents[1] == {
         "role": "model",
-        "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}],
+        "parts": [
+            {
+                "functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                "thoughtSignature": "c2lnLWZha2U=",  # back with the call, from its id
+            }
+        ],
     }
     assert contents[2] == {
         "role": "user",

@@ -57,8 +57,17 @@ def _finish(reason: Any, called: bool) -> str:
     return FINISH_REASONS.get(reason, "stop")
 
 
-def _call_id() -> str:
-    return "call_" + secrets.token_hex(8)
+# A function call's thoughtSignature rides in its tool call id, after this mark (not a
+# base64 character), so the call comes back with it in the history (Gemini 3 asks that).
+SIGNATURE_MARK = "~"
+
+
+def _call_id(part: dict[str, Any] | None = None) -> str:
+    made = "call_" + secrets.token_hex(8)
+    signature = part.get("thoughtSignature") if part is not None else None
+    return (
+        f"{made}{SIGNATURE_MARK}{signature}" if isinstance(signature, str) and signature else made
+    )
 
 
 def _parts(document: dict[str, Any]) -> tuple[list[dict[str, Any]], Any]:
@@ -87,7 +96,7 @@ def chat_answer(raw: bytes, model: str) -> bytes:
     calls: list[dict[str, Any]] = []
     for part in parts:
         if (function := _function(part)) is not None:
-            calls.append({"id": _call_id(), "type": "function", "function": function})
+            calls.append({"id": _call_id(part), "type": "function", "function": function})
         elif isinstance(part.get("text"), str):
             (thoughts if part.get("thought") is True else texts).append(part["text"])
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
@@ -192,7 +201,7 @@ class ChatChunks:
             if (function := _function(part)) is not None:
                 call = {
                     "index": self.calls,
-                    "id": _call_id(),
+                    "id": _call_id(part),
                     "type": "function",
                     "function": function,
                 }

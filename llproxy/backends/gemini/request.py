@@ -13,6 +13,7 @@ from typing import Any
 from ...core.errors import InvalidRequest
 from ...core.sse import json_document
 from ..translated import object_of
+from .reply import SIGNATURE_MARK
 
 # OpenAI's reasoning efforts as thinking budgets.
 _BUDGETS = {"minimal": 512, "low": 2048, "medium": 8192, "high": 24576}
@@ -100,10 +101,15 @@ def _model_parts(message: dict[str, Any], names: dict[str, str]) -> list[dict[st
             continue
         function = object_of(call.get("function"))
         name = str(function.get("name") or "")
-        names[str(call.get("id") or "")] = name
+        call_id = str(call.get("id") or "")
+        names[call_id] = name
         arguments = function.get("arguments")
         parsed = json_document(arguments.encode()) if isinstance(arguments, str) else arguments
-        parts.append({"functionCall": {"name": name, "args": object_of(parsed)}})
+        part: dict[str, Any] = {"functionCall": {"name": name, "args": object_of(parsed)}}
+        _, mark, signature = call_id.partition(SIGNATURE_MARK)
+        if mark and signature:
+            part["thoughtSignature"] = signature
+        parts.append(part)
     return parts
 
 
