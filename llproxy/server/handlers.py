@@ -88,7 +88,7 @@ async def answer_locally(spec: RouteSpec, request: web.Request) -> web.StreamRes
 
 
 def incoming(request: web.Request, body: bytes) -> Incoming:
-    return Incoming(request.headers, body)
+    return Incoming(request.headers, body, request.match_info, request.query_string)
 
 
 class Catalog:

@@ -26,6 +26,7 @@ from ..core.registry import Registry
 from ..core.router import Router
 from ..dialects import Dialect, Route
 from ..dialects.anthropic import AnthropicDialect
+from ..dialects.gemini import GeminiDialect
 from ..dialects.ollama import OllamaDialect
 from ..dialects.openai import OpenAIDialect
 from ..dialects.responses import ResponsesDialect
@@ -81,6 +82,7 @@ class ProxyState:
             AnthropicDialect(),
             ResponsesDialect(),
             OllamaDialect(),
+            GeminiDialect(),
         )
 
     async def _hand_off(self, call: Call, record: RequestRecord) -> Reply:
