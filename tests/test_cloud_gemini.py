@@ -394,3 +394,57 @@ async def test_the_backends_key_is_nowhere_but_its_header(
     for where in (caplog.text, metrics, *bodies):
         assert SECRET not in where
     assert all(SECRET not in r.path for r in fake.received)  # never ?key=
+
+
+async def test_gemini_client_is_passed_through(
+    cloud: RunningProxy, fake: FakeGemini, tmp_path: Path
+) -> None:
+    """Same dialect: the body goes on as it came (the model is in the path), the answer
+    comes back byte for byte but for the model's name; usage from Gemini's own fields."""
+    asked = {
+        "contents": [{"role": "user", "parts": [{"text": "[think] [tool] hi"}]}],
+        "systemInstruction": {"parts": [{"text": "Be brief."}]},
+        "safetySettings": [{"category": "HARM_CATEGORY_HATE_SPEECH", "threshold": "BLOCK_NONE"}],
+        "generationConfig": {"thinkingConfig": {"includeThoughts": True}},
+    }
+    rename = (b'"modelVersion":"gemini-fake-flash"', b'"modelVersion":"gemini-fake-flash:cloud"')
+    async with httpx.AsyncClient(base_url=cloud.url) as raw:
+        for method in (":generateContent", ":streamGenerateContent?alt=sse"):
+            answer = await raw.post(
+                f"/v1beta/models/{MODEL}{method}", json=asked, headers={"x-goog-api-key": "c"}
+            )
+            assert answer.status_code == 200
+            assert fake.received[-1].body == asked
+            assert fake.received[-1].path == f"/v1beta/models/gemini-fake-flash{method}"
+            assert answer.content == bytes(fake.answers[-1]).replace(*rename)
+        array = await raw.post(
+            f"/v1beta/models/{MODEL}:streamGenerateContent",
+            json=asked,
+            headers={"x-goog-api-key": "c"},
+        )
+    frames = [
+        json.loads(e.removeprefix(b"data: "))
+        for e in bytes(fake.answers[-1]).replace(*rename).split(b"\r\n\r\n")
+        if e
+    ]
+    assert json.loads(array.content) == frames
+
+    client = genai.Client(api_key="c", http_options=types.HttpOptions(base_url=cloud.url))
+    sdk = client.aio
+    said = await sdk.models.generate_content(model=MODEL, contents="[tool] weather?")
+    part = said.candidates[0].content.parts[-1]  # type: ignore[index, union-attr]
+    assert part.function_call.args == {"city": "Paris"}  # type: ignore[union-attr]
+    assert part.thought_signature == b"sig-fake"  # intact
+    with pytest.raises(errors.ClientError) as limited:
+        await sdk.models.generate_content(model=MODEL, contents="[429]")
+    assert limited.value.code == 429 and limited.value.status == "RESOURCE_EXHAUSTED"
+    await sdk.aclose()
+    rows = await recorded(tmp_path / "st", "dialect", 5)
+    assert rows == [
+        {
+            "dialect": "gemini",
+            "requests": 5,
+            "prompt_tokens": 4 * PROMPT,
+            "completion_tokens": 4 * COMPLETION,
+        }
+    ]

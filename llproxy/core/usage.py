@@ -44,3 +44,23 @@ def from_anthropic(native: Mapping[str, Any]) -> dict[str, Any]:
         "prompt_tokens_details": {"cached_tokens": read},
         "cache_creation_input_tokens": created,
     }
+
+
+def from_gemini(native: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage for Gemini's `usageMetadata`: the completion counts the thoughts too
+    (as OpenAI's counts reasoning), which are also given as `reasoning_tokens`."""
+
+    def count(name: str) -> int:
+        value = native.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    thoughts = count("thoughtsTokenCount")
+    prompt = count("promptTokenCount")
+    completion = count("candidatesTokenCount") + thoughts
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": count("cachedContentTokenCount")},
+        "completion_tokens_details": {"reasoning_tokens": thoughts},
+    }

@@ -18,10 +18,18 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from ..core.call import JsonPayload, Reply, estimate_tokens, json_object
+from ..core.call import JsonPayload, Native, Reply, estimate_tokens, json_object
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
-from ..core.sse import ChoiceReader, ToolCalls, json_document
+from ..core.sse import (
+    EVENT_END,
+    ChoiceReader,
+    EventSplitter,
+    ToolCalls,
+    event_data,
+    json_document,
+)
+from ..core.usage import from_gemini
 from . import Answer, Catalog, ChoiceStream, Incoming, Route, kept_headers
 
 _PREFIXES = ("/v1beta", "/v1")
@@ -121,12 +129,13 @@ class GeminiDialect:
             payload = JsonPayload({"model": model, "input": text})
             return GeminiTranslation("embeddings", payload, model, False, False)
         chat = to_chat(body, model)
+        native = Native(self.name, body, {})  # what a Gemini back-end is given instead
         stream = route.path.endswith(":streamGenerateContent")
         if stream:
             chat["stream"] = True
             chat["stream_options"] = {"include_usage": True}
         sse = parse_qs(incoming.query).get("alt") == ["sse"]
-        return GeminiTranslation("chat/completions", JsonPayload(chat), model, stream, sse)
+        return GeminiTranslation("chat/completions", JsonPayload(chat, native), model, stream, sse)
 
     def error(self, error: ProxyError) -> Answer:
         return Answer(
@@ -416,6 +425,15 @@ class GeminiTranslation:
         self.sse = sse
 
     def answer(self, reply: Reply, record: RequestRecord) -> Answer:
+        if record.answered_in == "gemini":
+            body = _renamed(reply.body, reply.model_id, record)
+
+            def read_usage() -> dict[str, Any]:
+                metadata = _dict(_dict(json_document(body)).get("usageMetadata"))
+                return {"usage": from_gemini(metadata)}
+
+            record.read_usage = read_usage
+            return Answer(reply.status, body, headers=kept_headers(reply))
         document = _dict(json_document(reply.body))
         record.take_usage(document)
         if self.target == "embeddings":
@@ -441,10 +459,10 @@ class GeminiTranslation:
                 }
             )
         reason = _FINISH_REASONS.get(str(choice.get("finish_reason")), "STOP")
-        body = _response(
+        answer = _response(
             parts, record, _response_id(), finishReason=reason, usageMetadata=_usage(record)
         )
-        return Answer(200, orjson.dumps(body))
+        return Answer(200, orjson.dumps(answer))
 
     def upstream_error(self, reply: Reply) -> Answer:
         failed = UpstreamFailed(reply.status, reply.body)
@@ -453,7 +471,19 @@ class GeminiTranslation:
         )
 
     def stream_transform(self, record: RequestRecord, reply: Reply | None) -> GeminiStream:
-        return GeminiStream(record, self.sse)
+        return GeminiStream(record, self.sse, reply.model_id if reply is not None else "")
+
+
+def _renamed(data: bytes, model_id: str, record: RequestRecord) -> bytes:
+    """A Gemini back-end's bytes with the name the client asked for as `modelVersion`
+    where the back-end wrote the model's own id."""
+    name = record.model or ""
+    if not model_id or model_id == name:
+        return data
+    old, new = orjson.dumps(model_id), orjson.dumps(name)
+    for gap in (b"", b" "):
+        data = data.replace(b'"modelVersion":' + gap + old, b'"modelVersion":' + gap + new)
+    return data
 
 
 def _response_id() -> str:
@@ -469,8 +499,10 @@ class GeminiStream(ChoiceStream):
     started; streaming (tool calls gathered, sent whole at the end); ended or failed
     (an error response sent): nothing follows."""
 
-    def __init__(self, record: RequestRecord, sse: bool) -> None:
+    def __init__(self, record: RequestRecord, sse: bool, model_id: str = "") -> None:
         self.record = record
+        self.model_id = model_id
+        self.passed: EventSplitter | None = None  # a Gemini back-end's own frames
         self.sse = sse
         self.media_type = "text/event-stream" if sse else "application/json"
         self.choices = ChoiceReader(record)
@@ -481,12 +513,49 @@ class GeminiStream(ChoiceStream):
         self.calls = ToolCalls()
         self.finish_reason: Any = None
 
-    def _frame(self, document: dict[str, Any]) -> bytes:
-        data = orjson.dumps(document)
+    def feed(self, chunk: bytes) -> bytes:
+        if self.record.answered_in == "gemini":
+            return self._pass_on(chunk)
+        return super().feed(chunk)
+
+    def finish(self) -> bytes:
+        if self.record.answered_in == "gemini" and not self.done:
+            self.done = True
+            return self._pass_on(b"", last=True) + (b"" if self.sse else b"]")
+        return super().finish()
+
+    def _pass_on(self, chunk: bytes, last: bool = False) -> bytes:
+        """A Gemini back-end's SSE frames as they came (the model renamed): as they are to
+        an SSE client, as array elements to another; the usage read from each."""
+        if self.passed is None:
+            self.passed = EventSplitter()
+        complete = self.passed.feed(chunk) if chunk else b""
+        if last and (rest := self.passed.rest()).strip():
+            complete += rest + b"\r\n\r\n"
+        if not complete:
+            return b""
+        complete = _renamed(complete, self.model_id, self.record)
+        events = [e for e in EVENT_END.split(complete) if e.strip()]
+        for event in events:
+            if b'"usageMetadata"' in event:
+                metadata = _dict(_dict(json_document(event_data(event))).get("usageMetadata"))
+                self.record.take_usage({"usage": from_gemini(metadata)})
+        if self.sse:
+            self.started = True
+            return complete
+        out = self.start()
+        for event in events:
+            out += self._raw_frame(event_data(event))
+        return out
+
+    def _raw_frame(self, data: bytes) -> bytes:
         self.frames += 1
         if self.sse:
             return b"data: " + data + b"\r\n\r\n"
         return (b"" if self.frames == 1 else b",\r\n") + data
+
+    def _frame(self, document: dict[str, Any]) -> bytes:
+        return self._raw_frame(orjson.dumps(document))
 
     def start(self) -> bytes:
         if self.started:

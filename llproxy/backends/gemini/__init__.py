@@ -1,7 +1,8 @@
 """The backend for Google's Gemini API (generativelanguage.googleapis.com): the internal
 chat call goes out as `generateContent` (or `streamGenerateContent?alt=sse`) over the same
 per-worker pools as OpenAI servers, and its answer, stream or error comes back as the
-internal OpenAI one, so every client dialect reaches these models."""
+internal OpenAI one, so every client dialect reaches these models. A Gemini client's own
+request is passed on untranslated."""
 
 from __future__ import annotations
 
@@ -30,12 +31,21 @@ class GeminiBackend:
             raise InvalidRequest(
                 f"'{call.model}' is served by a Gemini API, which answers chat only"
             )
-        body = to_gemini(call.payload.body)
         # The model is named in the path (the transport escapes what must be).
-        model = replica.upstream_id
         method = "streamGenerateContent" if call.stream else "generateContent"
         query = "?alt=sse" if call.stream else ""
-        path = f"v1beta/models/{model}:{method}"
+        path = f"v1beta/models/{replica.upstream_id}:{method}"
+        native = call.payload.native
+        if native is not None and native.dialect == BACKEND:
+            # The client speaks Gemini too: its request goes on as it came, and the answer
+            # comes back as Gemini's (the client's dialect passes it on).
+            passed = Call(
+                path, call.model, GeminiPayload(native.body), call.stream, call.via, query=query
+            )
+            reply = await self.http.send(passed, replica, record)
+            record.answered_in = BACKEND
+            return reply
+        body = to_gemini(call.payload.body)
         translated = Call(path, call.model, GeminiPayload(body), call.stream, call.via, query=query)
         answer = partial(chat_answer, model=replica.upstream_id)
         return await send_translated(

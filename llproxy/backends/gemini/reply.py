@@ -3,8 +3,8 @@
 Each streamed `GenerateContentResponse` (an SSE frame) becomes chunks as it arrives: text
 parts become content deltas, parts marked `thought` reasoning deltas, each `functionCall`
 part (which Gemini sends whole) a tool call with an id of llproxy's making. The frame
-with a `finishReason` gives the finish chunk, and the last usage the usage chunk. Usage
-counts as OpenAI does: the completion is candidates + thoughts tokens.
+with a `finishReason` gives the finish chunk, and the last usage the usage chunk (as
+core.usage.from_gemini counts it).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from ...core.sse import EventSplitter, event_document, json_document
+from ...core.usage import from_gemini
 from ..translated import object_of
 
 FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length"}
@@ -30,23 +31,6 @@ _FILTERED = {
     "IMAGE_RECITATION",
 }
 _DONE = b"data: [DONE]\n\n"
-
-
-def from_gemini_usage(native: dict[str, Any]) -> dict[str, Any]:
-    def count(name: str) -> int:
-        value = native.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-    thoughts = count("thoughtsTokenCount")
-    prompt = count("promptTokenCount")
-    completion = count("candidatesTokenCount") + thoughts
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": count("cachedContentTokenCount")},
-        "completion_tokens_details": {"reasoning_tokens": thoughts},
-    }
 
 
 def _finish(reason: Any, called: bool) -> str:
@@ -112,7 +96,7 @@ def chat_answer(raw: bytes, model: str) -> bytes:
         "choices": [
             {"index": 0, "message": message, "finish_reason": _finish(reason, bool(calls))}
         ],
-        "usage": from_gemini_usage(object_of(document.get("usageMetadata"))),
+        "usage": from_gemini(object_of(document.get("usageMetadata"))),
     }
     return orjson.dumps(answer)
 
@@ -161,7 +145,7 @@ class ChatChunks:
             return out
         self.ended = True
         reason = _finish(self.reason, self.calls > 0)
-        usage = {"choices": [], "usage": from_gemini_usage(self.usage)}
+        usage = {"choices": [], "usage": from_gemini(self.usage)}
         return out + self._chunk({}, finish_reason=reason) + self._data(usage) + _DONE
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
