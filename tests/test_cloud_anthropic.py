@@ -478,3 +478,75 @@ async def test_scan_shows_the_dialect_and_a_bad_one_exits_78(
     config.write_text(json.dumps({"endpoints": [{**cloud, "dialect": "gemini-ish"}]}))
     status, _, err = await scan_cli(config, tmp_path)
     assert status == 78 and "endpoints[0].dialect: must be one of openai, anthropic" in err
+
+
+async def test_responses_client(cloud: RunningProxy, tmp_path: Path) -> None:
+    client = cloud.client()
+    made = await client.responses.create(model=MODEL, input="hi", max_output_tokens=50)
+    assert made.output_text == "Hello from Claude."
+    assert made.usage is not None and made.usage.input_tokens == PROMPT
+    async with client.responses.stream(
+        model=MODEL,
+        input="[think] [tool] weather?",
+        tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA}],
+    ) as stream:
+        final = await stream.get_final_response()
+    call = [item for item in final.output if item.type == "function_call"][0]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    with pytest.raises(openai.InternalServerError) as overloaded:
+        await client.responses.create(model=MODEL, input="[529]")
+    assert overloaded.value.status_code == 529
+    rows = await recorded(tmp_path / "st", "dialect", 3)
+    assert rows == [
+        {
+            "dialect": "responses",
+            "requests": 3,
+            "prompt_tokens": 2 * PROMPT,
+            "completion_tokens": 14,
+        }
+    ]
+
+
+# google-genai's async client subclasses aiohttp's ClientSession, which aiohttp discourages.
+@pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
+async def test_gemini_client(cloud: RunningProxy, fake: FakeAnthropic, tmp_path: Path) -> None:
+    from google import genai
+    from google.genai import errors, types
+
+    client = genai.Client(api_key="c", http_options=types.HttpOptions(base_url=cloud.url))
+    sdk = client.aio
+    said = await sdk.models.generate_content(model=MODEL, contents="hi")
+    assert said.text == "Hello from Claude."
+    assert said.usage_metadata.prompt_token_count == PROMPT  # type: ignore[union-attr]
+    pieces = [
+        f.text async for f in await sdk.models.generate_content_stream(model=MODEL, contents="hi")
+    ]
+    assert "".join(p or "" for p in pieces) == "Hello from Claude."
+    weather = types.FunctionDeclaration(name="get_weather", parameters_json_schema=WEATHER_SCHEMA)
+    config = types.GenerateContentConfig(
+        tools=[types.Tool(function_declarations=[weather])],
+        automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+    )
+    called = await sdk.models.generate_content(
+        model=MODEL, contents="[tool] weather?", config=config
+    )
+    calls = called.function_calls or []
+    assert calls and calls[0].name == "get_weather" and calls[0].args == {"city": "Paris"}
+    history = [
+        types.Content(role="user", parts=[types.Part(text="[tool] weather?")]),
+        called.candidates[0].content,  # type: ignore[index]
+        types.Content(
+            role="user",
+            parts=[types.Part.from_function_response(name="get_weather", response={"sky": "hail"})],
+        ),
+    ]
+    answered = await sdk.models.generate_content(model=MODEL, contents=history, config=config)
+    assert answered.text == 'The weather: {"sky":"hail"}'
+    with pytest.raises(errors.APIError) as overloaded:
+        await sdk.models.generate_content(model=MODEL, contents="[529]")
+    assert overloaded.value.code == 529 and overloaded.value.status == "UNAVAILABLE"
+    await sdk.aclose()
+    rows = await recorded(tmp_path / "st", "dialect", 5)
+    assert rows == [
+        {"dialect": "gemini", "requests": 5, "prompt_tokens": 4 * PROMPT, "completion_tokens": 28}
+    ]

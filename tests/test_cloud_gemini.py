@@ -448,3 +448,30 @@ async def test_gemini_client_is_passed_through(
             "completion_tokens": 4 * COMPLETION,
         }
     ]
+
+
+async def test_responses_client(cloud: RunningProxy, tmp_path: Path) -> None:
+    client = cloud.client()
+    made = await client.responses.create(model=MODEL, input="hi")
+    assert made.output_text == "Hello from Gemini."
+    async with client.responses.stream(
+        model=MODEL,
+        input="[tool] weather?",
+        tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA}],
+    ) as stream:
+        final = await stream.get_final_response()
+    call = [item for item in final.output if item.type == "function_call"][0]
+    assert call.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    with pytest.raises(openai.RateLimitError) as limited:
+        await client.responses.create(model=MODEL, input="[429]")
+    assert limited.value.response.headers["retry-after"] == "7"
+    rows = await recorded(tmp_path / "st", "dialect", 3)
+    assert rows == [
+        {
+            "dialect": "responses",
+            "requests": 3,
+            "prompt_tokens": 2 * PROMPT,
+            "completion_tokens": 2 * COMPLETION,
+        }
+    ]

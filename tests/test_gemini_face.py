@@ -237,3 +237,19 @@ async def test_keys_by_header_query_or_bearer_and_never_logged(
     assert "request POST /v1beta/models/fake-model:generateContent" in ours  # bodies logged
     assert secret not in ours
     assert all(secret not in json.dumps(r["body"]) for r in scenario.requests)
+
+
+async def test_embed_content(gemini: Any, proxy: RunningProxy, scenario: ScenarioUpstream) -> None:
+    embedded = await gemini.models.embed_content(model=MODEL, contents="some text")
+    values = embedded.embeddings[0].values
+    assert len(values) == scenario.embedding_dims
+    # The SDK asks :batchEmbedContents, one request per text.
+    assert scenario.bodies("/v1/embeddings")[-1] == {"model": "fake-model", "input": ["some text"]}
+    async with httpx.AsyncClient(base_url=proxy.url) as raw:
+        one = await raw.post(
+            f"/v1beta/models/{MODEL}:embedContent",
+            json={"content": {"parts": [{"text": "one"}]}},
+            headers={"x-goog-api-key": "k"},
+        )
+    assert len(one.json()["embedding"]["values"]) == scenario.embedding_dims
+    assert scenario.bodies("/v1/embeddings")[-1] == {"model": "fake-model", "input": "one"}

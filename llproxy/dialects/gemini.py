@@ -57,7 +57,6 @@ _STATUS_NAMES = {
 }
 _FINISH_REASONS = {"stop": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP"}
 _FINISH_REASONS |= {"function_call": "STOP", "content_filter": "SAFETY"}
-_METHODS = ("generateContent", "streamGenerateContent", "countTokens", "embedContent")
 
 
 def status_name(status: int) -> str:
@@ -93,6 +92,8 @@ class GeminiDialect:
                     key_param="key",
                 ),
                 Route("POST", f"{calls}:embedContent", "call", "embeddings", key_param="key"),
+                # The SDK's embed_content asks this one, with one request per text.
+                Route("POST", f"{calls}:batchEmbedContents", "call", "embeddings", key_param="key"),
                 Route("POST", f"{calls}:countTokens", "local", key_param="key"),
             ]
             if prefix == "/v1beta":  # Gemini's own paths: no other dialect has them
@@ -120,14 +121,13 @@ class GeminiDialect:
             raise InvalidRequest("the model is named in the path: models/{model}:method")
         body = json_object(incoming.body)
         if route.target == "embeddings":
-            content = _dict(body.get("content"))
-            text = "".join(
-                p["text"]
-                for p in content.get("parts") or ()
-                if isinstance(p, dict) and isinstance(p.get("text"), str)
-            )
-            payload = JsonPayload({"model": model, "input": text})
-            return GeminiTranslation("embeddings", payload, model, False, False)
+            batch = route.path.endswith(":batchEmbedContents")
+            requests = body.get("requests") if batch else [body]
+            if not isinstance(requests, list):
+                raise InvalidRequest("requests: must be a list", param="requests")
+            texts = [_texts(_dict(_dict(r).get("content")).get("parts")) for r in requests]
+            payload = JsonPayload({"model": model, "input": texts if batch else texts[0]})
+            return GeminiTranslation("embeddings", payload, model, False, False, batch)
         chat = to_chat(body, model)
         native = Native(self.name, body, {})  # what a Gemini back-end is given instead
         stream = route.path.endswith(":streamGenerateContent")
@@ -416,8 +416,15 @@ class GeminiTranslation:
     relays_as_is = False
 
     def __init__(
-        self, target: str, payload: JsonPayload, model: str, stream: bool, sse: bool
+        self,
+        target: str,
+        payload: JsonPayload,
+        model: str,
+        stream: bool,
+        sse: bool,
+        batch: bool = False,  # batchEmbedContents: several texts, several embeddings
     ) -> None:
+        self.batch = batch
         self.target = target
         self.payload = payload
         self.model = model
@@ -437,10 +444,13 @@ class GeminiTranslation:
         document = _dict(json_document(reply.body))
         record.take_usage(document)
         if self.target == "embeddings":
-            first = _dict((document.get("data") or [{}])[0])
-            return Answer(
-                200, orjson.dumps({"embedding": {"values": first.get("embedding") or []}})
-            )
+            vectors = [
+                {"values": _dict(item).get("embedding") or []}
+                for item in document.get("data") or ()
+            ]
+            if self.batch:
+                return Answer(200, orjson.dumps({"embeddings": vectors}))
+            return Answer(200, orjson.dumps({"embedding": (vectors or [{"values": []}])[0]}))
         choice = _dict((document.get("choices") or [{}])[0])
         message = _dict(choice.get("message"))
         parts: list[dict[str, Any]] = []
