@@ -491,7 +491,7 @@ async def test_responses_client(cloud: RunningProxy, tmp_path: Path) -> None:
         tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA}],
     ) as stream:
         final = await stream.get_final_response()
-    call = [item for item in final.output if item.type == "function_call"][0]
+    call = next(item for item in final.output if item.type == "function_call")
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
     with pytest.raises(openai.InternalServerError) as overloaded:
         await client.responses.create(model=MODEL, input="[529]")
