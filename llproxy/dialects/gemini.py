@@ -81,38 +81,19 @@ class GeminiDialect:
         for prefix in _PREFIXES:
             calls = f"{prefix}/models/{{name}}"
             routes += [
-                Route(
-                    "POST", f"{calls}:generateContent", "call", "chat/completions", key_param="key"
-                ),
-                Route(
-                    "POST",
-                    f"{calls}:streamGenerateContent",
-                    "call",
-                    "chat/completions",
-                    key_param="key",
-                ),
-                Route("POST", f"{calls}:embedContent", "call", "embeddings", key_param="key"),
+                _route("POST", f"{calls}:generateContent", "call", "chat/completions"),
+                _route("POST", f"{calls}:streamGenerateContent", "call", "chat/completions"),
+                _route("POST", f"{calls}:embedContent", "call", "embeddings"),
                 # The SDK's embed_content asks this one, with one request per text.
-                Route("POST", f"{calls}:batchEmbedContents", "call", "embeddings", key_param="key"),
-                Route("POST", f"{calls}:countTokens", "local", key_param="key"),
+                _route("POST", f"{calls}:batchEmbedContents", "call", "embeddings"),
+                _route("POST", f"{calls}:countTokens", "local"),
             ]
-            if prefix == "/v1beta":  # Gemini's own paths: no other dialect has them
+            # /v1beta/ is Gemini's own; /v1/models is OpenAI's too, claimed by a header.
+            for claim in (None,) if prefix == "/v1beta" else _CLAIMS:
                 routes += [
-                    Route("GET", f"{prefix}/models", "models", key_param="key"),
-                    Route("GET", f"{prefix}/models/{{name}}", "model", key_param="key"),
+                    _route("GET", f"{prefix}/models", "models", header=claim),
+                    _route("GET", f"{prefix}/models/{{name}}", "model", header=claim),
                 ]
-            else:
-                for claim in _CLAIMS:
-                    routes += [
-                        Route("GET", f"{prefix}/models", "models", header=claim, key_param="key"),
-                        Route(
-                            "GET",
-                            f"{prefix}/models/{{name}}",
-                            "model",
-                            header=claim,
-                            key_param="key",
-                        ),
-                    ]
         self.routes = tuple(routes)
 
     def translate(self, route: Route, incoming: Incoming) -> GeminiTranslation:
@@ -153,13 +134,7 @@ class GeminiDialect:
         model = incoming.params.get("name", "").removeprefix("models/")
         body = json_object(incoming.body)
         inner = _dict(body.get("generateContentRequest")) or body
-        chat = to_chat(
-            {
-                "contents": inner.get("contents") or [],
-                **{k: v for k, v in inner.items() if k != "contents"},
-            },
-            model,
-        )
+        chat = to_chat({**inner, "contents": inner.get("contents") or []}, model)
         text = orjson.dumps([chat.get("messages"), chat.get("tools")]).decode()
         counted = None
         try:
@@ -169,6 +144,11 @@ class GeminiDialect:
         if resolved is not None:
             counted = await catalog.count_tokens(resolved, text)
         return Answer(200, orjson.dumps({"totalTokens": counted or estimate_tokens(text)}))
+
+
+def _route(method: str, path: str, kind: str, target: str = "", header: str | None = None) -> Route:
+    """A Gemini route: its key may come as `?key=` too."""
+    return Route(method, path, kind, target, header=header, key_param="key")
 
 
 def _model_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
