@@ -30,7 +30,7 @@ from ..core.sse import (
     json_document,
 )
 from ..core.usage import from_gemini
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, kept_headers
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, kept_headers
 
 _PREFIXES = ("/v1beta", "/v1")
 # The SDK lists models at `GET /v1/models`, OpenAI's path: these headers claim it.
@@ -502,6 +502,9 @@ class GeminiStream(ChoiceStream):
         self.id = _response_id()
         self.calls = ToolCalls()
         self.finish_reason: Any = None
+        # A response that only adds text, cut around its text once: most chunks are that.
+        head, _, tail = orjson.dumps(_response([{"text": ""}], record, self.id)).partition(b'""')
+        self.text_head, self.text_tail = head, tail
 
     def feed(self, chunk: bytes) -> bytes:
         if self.record.answered_in == "gemini":
@@ -557,6 +560,8 @@ class GeminiStream(ChoiceStream):
         return b""
 
     def _choice(self, choice: dict[str, Any]) -> bytes:
+        if (text := added_text(choice)) is not None:
+            return self._raw_frame(self.text_head + orjson.dumps(text) + self.text_tail)
         delta = _dict(choice.get("delta"))
         parts: list[dict[str, Any]] = []
         if thought := _reasoning(delta):
