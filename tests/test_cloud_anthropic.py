@@ -121,6 +121,9 @@ def test_config_names_the_dialect_field() -> None:
     assert config.endpoints[0].dialect == "anthropic"
     assert config.endpoints[0].base_urls() == ["https://api.anthropic.com"]
     assert parse_config({"endpoints": [{"url": "http://h/v1"}]}).endpoints[0].dialect == "openai"
+    gemini = {"url": "https://generativelanguage.googleapis.com/v1beta", "dialect": "gemini"}
+    root = parse_config({"endpoints": [gemini]}).endpoints[0].base_urls()
+    assert root == ["https://generativelanguage.googleapis.com"]
 
 
 async def test_listing_reads_the_providers_models_with_their_limits(
@@ -550,3 +553,12 @@ async def test_gemini_client(cloud: RunningProxy, fake: FakeAnthropic, tmp_path:
     assert rows == [
         {"dialect": "gemini", "requests": 5, "prompt_tokens": 4 * PROMPT, "completion_tokens": 28}
     ]
+
+
+async def test_routes_other_than_chat_are_refused_before_going_upstream(
+    cloud: RunningProxy, fake: FakeAnthropic
+) -> None:
+    asked = len(fake.received)
+    with pytest.raises(openai.BadRequestError, match="answers chat only"):
+        await cloud.client().embeddings.create(model=MODEL, input="hi")
+    assert len(fake.received) == asked
