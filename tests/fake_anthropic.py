@@ -29,6 +29,7 @@ USAGE = {
     "output_tokens": 7,
 }
 TEXT = ["Hello", " from", " Claude."]
+COUNTED = 42  # every count_tokens answer
 THOUGHT = ["Let me ", "think."]
 MODELS = [
     {
@@ -72,6 +73,7 @@ class FakeAnthropic:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/v1/models", self.models)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
@@ -115,6 +117,13 @@ class FakeAnthropic:
             "last_id": page[-1]["id"] if page else None,
         }
         return web.json_response(body)
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        self.received.append(Received(request.path, dict(request.headers), body))
+        if (refused := self.refused(request)) is not None:
+            return refused
+        return web.json_response({"input_tokens": COUNTED})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()

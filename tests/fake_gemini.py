@@ -28,6 +28,7 @@ USAGE = {
     "totalTokenCount": 23,
 }
 TEXT = ["Hello", " from", " Gemini."]
+COUNTED = 42  # every countTokens answer
 THOUGHT = "Thinking it over."
 MODELS = [
     {
@@ -113,6 +114,8 @@ class FakeGemini:
         if (refused := self.refused(request)) is not None:
             return refused
         model, _, method = request.match_info["tail"].rpartition(":")
+        if method == "countTokens":
+            return web.json_response({"totalTokens": COUNTED})
         if method not in ("generateContent", "streamGenerateContent"):
             return self.error(404, "NOT_FOUND", f"unknown method {method}")
         if not isinstance(body.get("contents"), list) or not body["contents"]:

@@ -25,7 +25,7 @@ from llproxy.config import ConfigError, parse_config
 
 from .conftest import ProxyFactory, RunningProxy, recorded
 from .dialect_validators import validate_anthropic_stream
-from .fake_anthropic import KEY, USAGE, FakeAnthropic
+from .fake_anthropic import COUNTED, KEY, USAGE, FakeAnthropic
 
 SECRET = "sk-up-7"
 MODEL = "claude-fake-large:cloud"
@@ -562,3 +562,15 @@ async def test_routes_other_than_chat_are_refused_before_going_upstream(
     with pytest.raises(openai.BadRequestError, match="answers chat only"):
         await cloud.client().embeddings.create(model=MODEL, input="hi")
     assert len(fake.received) == asked
+
+
+async def test_count_tokens_asks_anthropic(cloud: RunningProxy, fake: FakeAnthropic) -> None:
+    sdk = anthropic.AsyncAnthropic(base_url=cloud.url, api_key="client", max_retries=0)
+    counted = await sdk.messages.count_tokens(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert counted.input_tokens == COUNTED
+    asked = fake.received[-1]
+    assert asked.path == "/v1/messages/count_tokens" and asked.headers["x-api-key"] == SECRET
+    assert asked.body["model"] == "claude-fake-large"  # type: ignore[index]
+    await sdk.close()

@@ -22,7 +22,7 @@ from google import genai
 from google.genai import errors, types
 
 from .conftest import ProxyFactory, RunningProxy, recorded
-from .fake_gemini import KEY, MODELS, USAGE, FakeGemini
+from .fake_gemini import COUNTED, KEY, MODELS, USAGE, FakeGemini
 
 # google-genai's async client subclasses aiohttp's ClientSession, which aiohttp discourages.
 pytestmark = pytest.mark.filterwarnings(
@@ -475,3 +475,13 @@ async def test_responses_client(cloud: RunningProxy, tmp_path: Path) -> None:
             "completion_tokens": 2 * COMPLETION,
         }
     ]
+
+
+async def test_count_tokens_asks_gemini(cloud: RunningProxy, fake: FakeGemini) -> None:
+    client = genai.Client(api_key="c", http_options=types.HttpOptions(base_url=cloud.url))
+    counted = await client.aio.models.count_tokens(model=MODEL, contents="hello")
+    assert counted.total_tokens == COUNTED
+    asked = fake.received[-1]
+    assert asked.path == "/v1beta/models/gemini-fake-flash:countTokens"
+    assert asked.headers["x-goog-api-key"] == SECRET
+    await client.aio.aclose()

@@ -16,7 +16,7 @@ import orjson
 from .errors import InvalidRequest
 from .multipart import FormBody
 from .record import RequestRecord
-from .registry import Replica
+from .registry import Model, Replica
 
 JSON = b"application/json"
 # Every answer of an llproxy names its running instance, and every request it sends names
@@ -175,4 +175,12 @@ class Backend(Protocol):
     async def send(self, call: Call, replica: Replica, record: RequestRecord) -> Reply:
         """The replica's answer once its first byte is in. ReplicaUnavailable when it
         was sent nothing (another replica may be tried); other ProxyErrors else."""
+        ...
+
+
+class TokenCounter(Protocol):
+    """What counts tokens with a model's own server, for a kind of replica."""
+
+    async def count_tokens(self, model: Model, text: str) -> int | None:
+        """The count of `text`; None when the server cannot say (then it is estimated)."""
         ...

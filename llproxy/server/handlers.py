@@ -105,7 +105,8 @@ class Catalog:
         return self.state.router.resolve(name, self.key)
 
     async def count_tokens(self, model: Model, text: str) -> int | None:
-        return await self.state.backend.count_tokens(model, text)
+        counter = self.state.counters.get(model.replicas[0].backend)
+        return await counter.count_tokens(model, text) if counter is not None else None
 
 
 async def list_models(spec: RouteSpec, request: web.Request) -> web.StreamResponse:

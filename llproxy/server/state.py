@@ -18,7 +18,7 @@ from ..backends.openai_http.transport import response_bounds
 from ..backends.operator import BACKEND as OPERATOR_BACKEND
 from ..backends.operator import OperatorBackend
 from ..config import Config
-from ..core.call import Call, Reply
+from ..core.call import Call, Reply, TokenCounter
 from ..core.desk import Desk
 from ..core.errors import ProxyError
 from ..core.record import RequestRecord
@@ -60,13 +60,20 @@ class ProxyState:
         self.operators = OperatorBackend(
             config.endpoints, services.desk, config.timeouts.stream_keepalive, worker_id
         )
+        anthropic, gemini = AnthropicBackend(self.backend), GeminiBackend(self.backend)
+        # What counts tokens with a model's own server, by the backend that serves it.
+        self.counters: dict[str, TokenCounter] = {
+            "openai_http": self.backend,
+            ANTHROPIC_BACKEND: anthropic,
+            GEMINI_BACKEND: gemini,
+        }
         self.router = Router(
             lambda: self.registry,
             {
                 "openai_http": self.backend,
                 OPERATOR_BACKEND: self.operators,
-                ANTHROPIC_BACKEND: AnthropicBackend(self.backend),
-                GEMINI_BACKEND: GeminiBackend(self.backend),
+                ANTHROPIC_BACKEND: anthropic,
+                GEMINI_BACKEND: gemini,
             },
             config.aliases,
         )

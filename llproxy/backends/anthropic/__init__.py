@@ -9,14 +9,15 @@ from __future__ import annotations
 from ...core.call import Call, JsonPayload, Reply
 from ...core.errors import InvalidRequest
 from ...core.record import RequestRecord
-from ...core.registry import Replica
+from ...core.registry import Model, Replica
 from ..openai_http import OpenAIHttpBackend
-from ..translated import send_translated
+from ..translated import object_of, send_translated
 from .reply import ChatChunks, chat_answer, chat_error
 from .request import to_messages
 
 BACKEND = "anthropic"
 MESSAGES = "v1/messages"  # below the server's root, its base URL
+COUNT = "v1/messages/count_tokens"
 
 
 class AnthropicBackend:
@@ -48,3 +49,10 @@ class AnthropicBackend:
         return await send_translated(
             self.http, translated, replica, record, chat_answer, chat_error, ChatChunks()
         )
+
+    async def count_tokens(self, model: Model, text: str) -> int | None:
+        """Anthropic's own count of `text` as one user message."""
+        replica = model.replicas[0]
+        body = {"model": replica.upstream_id, "messages": [{"role": "user", "content": text}]}
+        counted = object_of(await self.http.ask(replica.upstream, COUNT, body)).get("input_tokens")
+        return counted if isinstance(counted, int) else None

@@ -13,9 +13,9 @@ import orjson
 from ...core.call import Call, JsonPayload, Reply
 from ...core.errors import InvalidRequest
 from ...core.record import RequestRecord
-from ...core.registry import Replica
+from ...core.registry import Model, Replica
 from ..openai_http import OpenAIHttpBackend
-from ..translated import send_translated
+from ..translated import object_of, send_translated
 from .reply import ChatChunks, chat_answer, chat_error
 from .request import to_gemini
 
@@ -57,6 +57,14 @@ class GeminiBackend:
             chat_error,
             ChatChunks(replica.upstream_id),
         )
+
+    async def count_tokens(self, model: Model, text: str) -> int | None:
+        """Gemini's own count of `text` (`countTokens`)."""
+        replica = model.replicas[0]
+        path = f"v1beta/models/{replica.upstream_id}:countTokens"
+        body = {"contents": [{"role": "user", "parts": [{"text": text}]}]}
+        counted = object_of(await self.http.ask(replica.upstream, path, body)).get("totalTokens")
+        return counted if isinstance(counted, int) else None
 
 
 class GeminiPayload(JsonPayload):

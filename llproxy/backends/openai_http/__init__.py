@@ -122,19 +122,8 @@ class OpenAIHttpBackend:
         if upstream.dialect != "openai" or self._no_tokenizer.get(upstream, 0.0) > time.monotonic():
             return None
         # llama.cpp reads `content`, vLLM `model` and `prompt`.
-        body = orjson.dumps({"model": replica.upstream_id, "prompt": text, "content": text})
-        counted: Any = None
-        try:
-            with self.watchdog.deadline(TOKENIZE_TIMEOUT):
-                response = await self.pool.post(upstream, "tokenize", body, from_root=True)
-                try:
-                    raw = await response.read(MAX_ERROR_BODY * 16)
-                finally:
-                    _finish(response)
-            if response.status == 200:
-                counted = json_document(raw)
-        except (TimeoutError, ConnectFailed, UpstreamBroken):
-            pass
+        body = {"model": replica.upstream_id, "prompt": text, "content": text}
+        counted = await self.ask(upstream, "tokenize", body, from_root=True)
         if isinstance(counted, dict):
             if isinstance(counted.get("count"), int):
                 return int(counted["count"])
@@ -142,6 +131,24 @@ class OpenAIHttpBackend:
                 return len(counted["tokens"])
         self._no_tokenizer[upstream] = time.monotonic() + TOKENIZER_RETRY
         return None
+
+    async def ask(
+        self, upstream: Upstream, path: str, body: dict[str, Any], from_root: bool = False
+    ) -> Any:
+        """The JSON a server answers a small POST with, within TOKENIZE_TIMEOUT; None when
+        it answers anything but a 200 in time (a token count is only ever an extra)."""
+        try:
+            with self.watchdog.deadline(TOKENIZE_TIMEOUT):
+                response = await self.pool.post(
+                    upstream, path, orjson.dumps(body), from_root=from_root
+                )
+                try:
+                    raw = await response.read(MAX_ERROR_BODY * 16)
+                finally:
+                    _finish(response)
+        except (TimeoutError, ConnectFailed, UpstreamBroken):
+            return None
+        return json_document(raw) if response.status == 200 else None
 
 
 def _finish(response: UpstreamResponse) -> None:
