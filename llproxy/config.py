@@ -91,10 +91,13 @@ class Endpoint:
     fallback: str | None = None  # the model that answers when a timeout runs out
     # One answer's text and tool calls: the master's desk holds each whole until it ends.
     max_answer_bytes: int = 4 * 1024 * 1024
+    # The protocol the server at `url` speaks: "openai" (chat completions) or a cloud
+    # API's own ("anthropic"), which a backend of its own translates to and from.
+    dialect: str = "openai"
 
     def base_urls(self) -> list[str]:
-        """The OpenAI base URLs (ending in /v1) this endpoint stands for (none for an
-        operator, who is not scanned)."""
+        """The base URLs this endpoint stands for: OpenAI's end in /v1, a cloud dialect's
+        is the server's root; none for an operator, who is not scanned."""
         if self.operator is not None:
             return []
         if self.url is not None:
@@ -331,7 +334,10 @@ _ENDPOINT_KEYS = _OPERATOR_KEYS | {
     "models",
     "tags",
     "enable",
+    "dialect",
 }
+# Back-end dialects besides OpenAI's, each answered by a backend of its own.
+DIALECTS = ("openai", "anthropic", "gemini")
 
 
 def _operator(path: str, obj: dict[str, Any], common: dict[str, Any]) -> Endpoint:
@@ -360,6 +366,13 @@ def _operator(path: str, obj: dict[str, Any], common: dict[str, Any]) -> Endpoin
         ),
         **common,
     )
+
+
+def _dialect(path: str, value: Any) -> str:
+    name = _nonempty_str(path, value)
+    if name not in DIALECTS:
+        raise ConfigError(f"{path}: must be one of {', '.join(DIALECTS)}, got {name[:80]!r}")
+    return name
 
 
 def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
@@ -401,8 +414,14 @@ def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
         except ValueError:
             raise ConfigError(f"{path}.url: invalid port in {url!r}") from None
         models = _optional(obj, "models", lambda v: _string_list(f"{path}.models", v), None)
-        return Endpoint(url=url, models=models, **common)
+        dialect = _optional(obj, "dialect", lambda v: _dialect(f"{path}.dialect", v), "openai")
+        if dialect != "openai":
+            # The cloud APIs' own paths (/v1/messages) start at the server's root.
+            url = url.removesuffix("/v1").removesuffix("/v1beta")
+        return Endpoint(url=url, models=models, dialect=dialect, **common)
 
+    if "dialect" in obj:
+        raise ConfigError(f"{path}.dialect: only allowed together with url")
     if "models" in obj:
         raise ConfigError(f"{path}.models: only allowed together with url")
     if "hostname" not in obj:

@@ -98,9 +98,17 @@ async def test_scan_json(start_upstream: UpstreamFactory, tmp_path: Path) -> Non
             "id": "org/m.gguf",
             "hostname": "127.0.0.1",
             "port": upstream.port,
+            "dialect": "openai",
             "tags": ["t"],
         },
-        {"name": "n:t", "id": "n", "hostname": "127.0.0.1", "port": upstream.port, "tags": ["t"]},
+        {
+            "name": "n:t",
+            "id": "n",
+            "hostname": "127.0.0.1",
+            "port": upstream.port,
+            "dialect": "openai",
+            "tags": ["t"],
+        },
     ]
 
 

@@ -106,6 +106,8 @@ def test_the_optional_parts_in_the_readme_are_valid() -> None:
         data,
         environ={
             "EXAMPLE_API_KEY": "sk-x",
+            "ANTHROPIC_API_KEY": "sk-ant-x",
+            "GEMINI_API_KEY": "AIza-x",
             "LLPROXY_STATIC_KEY": "a-static-key-0123456789",
             "LLPROXY_REDIS_URL": "redis://127.0.0.1:6379/0",
             "LLPROXY_ADMIN_KEY": "an-admin-key-0123456789",

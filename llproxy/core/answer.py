@@ -31,7 +31,9 @@ async def as_asked(
     """The reply in the form the client asked for, its shape checked: a whole answer gets
     its `document`; a stream to a request for a whole answer is collected into one (a
     stream asked for is checked chunk by chunk as its dialect reads it)."""
-    if reply.status >= 400 or route not in READ_ROUTES:
+    # An answer passed on in the client's own dialect (a cloud back-end of that dialect)
+    # is not an OpenAI answer: that dialect reads it as it came.
+    if reply.status >= 400 or route not in READ_ROUTES or record.answered_in != "openai":
         return
     if reply.stream is not None:
         if stream or route not in (CHAT, COMPLETIONS):

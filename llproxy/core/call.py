@@ -16,7 +16,7 @@ import orjson
 from .errors import InvalidRequest
 from .multipart import FormBody
 from .record import RequestRecord
-from .registry import Replica
+from .registry import Model, Replica
 
 JSON = b"application/json"
 # Every answer of an llproxy names its running instance, and every request it sends names
@@ -63,13 +63,24 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True, slots=True)
+class Native:
+    """A client's request as it sent it, beside its translation: a backend that speaks the
+    client's dialect passes this on instead, unchanged but for the model."""
+
+    dialect: str
+    body: dict[str, Any]
+    headers: Mapping[str, str]  # the dialect's own request headers worth forwarding
+
+
 class JsonPayload:
     """A JSON body; each replica gets it with its own model id."""
 
     content_type = JSON
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, body: dict[str, Any], native: Native | None = None) -> None:
         self.body = body
+        self.native = native
         self._encoded: tuple[str, bytes] | None = None  # for which model id
 
     def prepare(self, model_id: str) -> None:
@@ -166,7 +177,7 @@ def within_context(payload: Payload, context_length: int | None) -> Payload:
     lowered = {name: room for name, value in asked.items() if value > room}
     if room < 1 or not lowered:
         return payload  # nothing fits or nothing to lower: the upstream's own answer
-    return JsonPayload({**body, **lowered})
+    return JsonPayload({**body, **lowered}, payload.native)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +189,12 @@ class Call:
     payload: Payload
     stream: bool = False
     via: str = ""  # the proxies it passed through before this one (the client's Via)
+    # Request headers of the upstream's own dialect, beside its fixed ones (a passed-on
+    # Anthropic request's anthropic-version and anthropic-beta).
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # A query string a backend's own route needs ("?alt=sse" for Gemini's SSE stream);
+    # never a client's (a client's path cannot carry one upstream).
+    query: str = ""
 
 
 class Stream(Protocol):
@@ -230,4 +247,13 @@ class Backend(Protocol):
     async def send(self, call: Call, replica: Replica, record: RequestRecord) -> Reply:
         """The replica's answer once its first byte is in. ReplicaUnavailable when it
         was sent nothing (another replica may be tried); other ProxyErrors else."""
+        ...
+
+
+class TokenCounter(Protocol):
+    """What counts tokens with a model's own server, for a kind of replica."""
+
+    async def count_tokens(self, model: Model, chat: Mapping[str, Any]) -> int | None:
+        """The tokens of a chat's prompt (its messages and tools); None when the server
+        cannot say (then it is estimated)."""
         ...

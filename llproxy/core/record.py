@@ -25,6 +25,9 @@ class RequestRecord:
     cached_tokens: int | None = None  # of the prompt's, read from the upstream's cache
     upstream_error: str | None = None  # refused | timeout | failed | too_large | malformed
     dropped_chunks: int = 0  # stream events that were not JSON, dropped
+    # The dialect the answer came in: "openai" (the internal form), or the client's own
+    # when a backend in that dialect passed the request on untranslated.
+    answered_in: str = "openai"
     # Reads the answer's usage at accounting time, from what the answer kept for it: after
     # the client has its bytes, so parsing a long completion does not delay them. It
     # holds no reference back to the record: no cycle to collect.

@@ -29,23 +29,39 @@ def final_names(upstream_id: str, tags: Iterable[str]) -> list[str]:
     return tagged or [name]
 
 
+# What a server of each dialect is sent with every request: the header its key goes in
+# (never the URL), and the fixed headers its API asks for.
+_KEY_HEADERS = {"anthropic": "x-api-key", "gemini": "x-goog-api-key"}
+_FIXED_HEADERS = {"anthropic": {"anthropic-version": "2023-06-01"}}
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """One OpenAI-compatible server. The apikey is an upstream secret and never leaves here."""
+    """One model server: OpenAI-compatible, or a cloud API in its own dialect. The apikey
+    is an upstream secret and never leaves here."""
 
     base_url: str
     hostname: str
     port: int
     tags: tuple[str, ...] = ()
     apikey: str | None = field(default=None, repr=False, compare=False)
+    dialect: str = "openai"
 
     @property
     def address(self) -> str:
         return f"{self.hostname}:{self.port}"
 
     def auth_headers(self) -> dict[str, str]:
-        """What every request to this upstream carries to authenticate, if anything."""
-        return {"Authorization": f"Bearer {self.apikey}"} if self.apikey else {}
+        """What every request to this upstream carries: the key in its dialect's header,
+        and that dialect's fixed headers."""
+        headers = dict(_FIXED_HEADERS.get(self.dialect, {}))
+        if self.apikey:
+            name = _KEY_HEADERS.get(self.dialect)
+            if name is None:
+                headers["Authorization"] = f"Bearer {self.apikey}"
+            else:
+                headers[name] = self.apikey
+        return headers
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,9 @@ class Route:
     # The route is this dialect's only for requests carrying this header (two dialects
     # share `GET /v1/models`; Anthropic's clients send `anthropic-version`).
     header: str | None = None
+    # A query parameter that may carry the client's key (Gemini's `?key=`); it is never
+    # logged (the access log has the path only) nor forwarded.
+    key_param: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,8 @@ class Incoming:
 
     headers: Mapping[str, str]
     body: bytes
+    params: Mapping[str, str] = field(default_factory=dict)  # the path's ({name})
+    query: str = ""  # the raw query string
 
     @property
     def media_type(self) -> str:
@@ -104,6 +109,13 @@ def added_text(choice: dict[str, Any]) -> str | None:
     (measured: about half the time of the general path)."""
     added = only_text(choice)
     return added[1] if added is not None and added[0] == "content" and added[1] else None
+
+
+def kept_headers(reply: Reply) -> dict[str, str]:
+    """What an upstream's error answer keeps in every client's dialect: its Retry-After
+    (a 429's or an overloaded server's), so clients wait as long as it asked."""
+    value = reply.headers.get("Retry-After")
+    return {"Retry-After": value} if value else {}
 
 
 class ChoiceStream:

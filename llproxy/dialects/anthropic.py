@@ -19,11 +19,28 @@ from typing import Any
 
 import orjson
 
-from ..core.call import JsonPayload, Reply, encode_client, estimate_tokens, json_object, prompt_text
+from ..core.call import (
+    JsonPayload,
+    Native,
+    Reply,
+    encode_client,
+    estimate_tokens,
+    json_object,
+    prompt_text,
+)
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
-from ..core.sse import ChoiceReader, ToolCalls, json_document
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, list_field
+from ..core.sse import (
+    ChoiceReader,
+    EventSplitter,
+    ToolCalls,
+    event_document,
+    json_document,
+    model_rename,
+    split_events,
+)
+from ..core.usage import from_anthropic
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, kept_headers, list_field
 
 _PREFIXES = ("/v1", "/anthropic/v1")
 _ERROR_TYPES = {
@@ -60,6 +77,7 @@ def _event(name: str, data: Mapping[str, Any]) -> bytes:
 
 
 _PING = _event("ping", {})
+_FORWARDED = ("anthropic-version", "anthropic-beta")
 
 
 class AnthropicDialect:
@@ -93,8 +111,12 @@ class AnthropicDialect:
             chat["stream"] = True
             chat["stream_options"] = {"include_usage": True}
         stops = body.get("stop_sequences")
+        # An Anthropic back-end is given the request as it came, with these headers.
+        forwarded = {
+            name: incoming.headers[name] for name in _FORWARDED if name in incoming.headers
+        }
         return AnthropicTranslation(
-            JsonPayload(chat),
+            JsonPayload(chat, Native(self.name, body, forwarded)),
             chat["model"],
             stream,
             tuple(s for s in stops if isinstance(s, str)) if isinstance(stops, list) else (),
@@ -388,6 +410,8 @@ class AnthropicTranslation:
         self.input_estimate = input_estimate
 
     def answer(self, reply: Reply, record: RequestRecord) -> Answer:
+        if record.answered_in == "anthropic":
+            return _passed_on(reply, record)
         document = _dict(reply.document)  # its shape checked by core.answer
         record.take_usage(document)
         choices = document.get("choices") or [{}]
@@ -427,10 +451,28 @@ class AnthropicTranslation:
 
     def upstream_error(self, reply: Reply) -> Answer:
         failed = UpstreamFailed(reply.status, reply.body)
-        return Answer(reply.status, error_body(reply.status, failed.message))
+        body = error_body(reply.status, failed.message)
+        return Answer(reply.status, body, headers=kept_headers(reply))
 
     def stream_transform(self, record: RequestRecord, reply: Reply | None) -> AnthropicStream:
         return AnthropicStream(record, self.stops, self.input_estimate)
+
+
+def _passed_on(reply: Reply, record: RequestRecord) -> Answer:
+    """An Anthropic back-end's own answer, as it came but for the model's name; its usage
+    read from Anthropic's fields once the client has it."""
+    body = reply.body
+    rename = model_rename(reply.model_id, record.model or "")
+    if rename is not None:
+        body = rename.apply(body)
+
+    def read_usage() -> dict[str, Any]:
+        document = json_document(body)
+        native = document.get("usage") if isinstance(document, dict) else None
+        return {"usage": from_anthropic(native if isinstance(native, dict) else {})}
+
+    record.read_usage = read_usage
+    return Answer(reply.status, body, headers=kept_headers(reply))
 
 
 def _usage(record: RequestRecord, input_estimate: int | None = None) -> dict[str, int]:
@@ -468,6 +510,25 @@ class AnthropicStream(ChoiceStream):
         self.calls = ToolCalls()
         self.finish_reason: Any = None
         self.matched: Any = None
+        self.passed_on: PassedOn | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.record.answered_in == "anthropic":
+            return self._pass_on(chunk)
+        return super().feed(chunk)
+
+    def finish(self) -> bytes:
+        if self.record.answered_in == "anthropic" and not self.done:
+            self.done = True
+            return self._pass_on(b"", last=True)
+        return super().finish()
+
+    def _pass_on(self, chunk: bytes, last: bool = False) -> bytes:
+        if self.passed_on is None:
+            self.passed_on = PassedOn(self.record)
+        out = self.passed_on.feed(chunk, self.started, last)
+        self.started = self.started or self.passed_on.started
+        return out
 
     def start(self) -> bytes:
         if self.started:
@@ -563,3 +624,49 @@ class AnthropicStream(ChoiceStream):
     def _error(self, error: ProxyError) -> bytes:
         kind = _ERROR_TYPES.get(error.status, "api_error")
         return _event("error", {"error": {"type": kind, "message": error.message}})
+
+
+class PassedOn:
+    """An Anthropic back-end's own stream, passed on event by event: the model renamed in
+    message_start (which is left out when this stream opened with one of its own while
+    the model was silent), and the usage recorded from message_start and message_delta."""
+
+    def __init__(self, record: RequestRecord) -> None:
+        self.record = record
+        self.events = EventSplitter()
+        self.usage: dict[str, Any] = {}
+        self.started = False
+
+    def feed(self, chunk: bytes, opened: bool, last: bool) -> bytes:
+        complete = self.events.feed(chunk) if chunk else b""
+        if last and (rest := self.events.rest()).strip():
+            complete += rest + b"\n\n"
+        if b'"message_start"' not in complete and b'"message_delta"' not in complete:
+            return complete  # most reads: text passed on as it came
+        out = []
+        for event in split_events(complete):
+            if b'"message_start"' in event or b'"message_delta"' in event:
+                document = event_document(event)
+                kind = document.get("type") if isinstance(document, dict) else None
+                if kind == "message_start":
+                    message = document.get("message")
+                    self._count(message.get("usage") if isinstance(message, dict) else None)
+                    if opened:
+                        continue
+                    self.started = True
+                    rename = model_rename(_model_of(message), self.record.model or "")
+                    event = rename.apply(event) if rename is not None else event
+                elif kind == "message_delta":
+                    self._count(document.get("usage"))
+            out.append(event)
+        return b"".join(out)
+
+    def _count(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.usage.update({k: v for k, v in usage.items() if v is not None})
+            self.record.take_usage({"usage": from_anthropic(self.usage)})
+
+
+def _model_of(message: Any) -> str:
+    model = message.get("model") if isinstance(message, dict) else None
+    return model if isinstance(model, str) else ""

@@ -11,6 +11,7 @@ managing models (pull, push, create, copy, delete, blobs) is not llproxy's: 501.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import secrets
@@ -26,7 +27,7 @@ from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFai
 from ..core.record import RequestRecord
 from ..core.registry import Model
 from ..core.sse import ChoiceReader, ToolCalls, json_document
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, list_field
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, kept_headers, list_field
 
 VERSION = "0.12.3"  # clients compare it: Copilot needs at least 0.6.4
 NDJSON = "application/x-ndjson"
@@ -472,7 +473,8 @@ class OllamaTranslation:
         return Answer(200, orjson.dumps(body))
 
     def upstream_error(self, reply: Reply) -> Answer:
-        return _error(reply.status, UpstreamFailed(reply.status, reply.body).message)
+        answer = _error(reply.status, UpstreamFailed(reply.status, reply.body).message)
+        return dataclasses.replace(answer, headers=kept_headers(reply))
 
     def stream_transform(self, record: RequestRecord, reply: Reply | None) -> OllamaStream:
         return OllamaStream(self, record)

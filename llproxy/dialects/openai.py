@@ -27,7 +27,7 @@ from ..core.sse import (
     model_rename,
     usage_of_json_answer,
 )
-from . import JSON_TYPE, Answer, Catalog, Incoming, Route
+from . import JSON_TYPE, Answer, Catalog, Incoming, Route, kept_headers
 
 # The routes below /v1/ forwarded to a model (the config's `forward_paths` adds to them).
 INFERENCE_PATHS = (
@@ -154,12 +154,13 @@ class OpenAITranslation:
         """An OpenAI-shaped error passes as it is; anything else is wrapped so it is."""
         parsed = json_document(reply.body)
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            return Answer(reply.status, reply.body)
+            return Answer(reply.status, reply.body, headers=kept_headers(reply))
         message: Any = parsed.get("message") if isinstance(parsed, dict) else None
         if not isinstance(message, str):
             text = reply.body[:1000].decode("utf-8", "replace").strip()
             message = text or f"upstream status {reply.status}"
-        return Answer(reply.status, error_body(message, "upstream_error", None, reply.status))
+        body = error_body(message, "upstream_error", None, reply.status)
+        return Answer(reply.status, body, headers=kept_headers(reply))
 
     def stream_transform(self, record: RequestRecord, reply: Reply | None) -> OpenAIStream:
         assert reply is not None  # an OpenAI stream never opens before the model answers

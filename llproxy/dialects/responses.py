@@ -22,7 +22,7 @@ from ..core.call import JsonPayload, Reply, encode_client, json_object
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import ChoiceReader, ToolCalls
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, list_field
+from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, kept_headers, list_field
 from .openai import OpenAIDialect, error_of
 
 # Input fields that need state or tools llproxy does not have: a 400 that names them.
@@ -376,7 +376,7 @@ class ResponsesTranslation:
 
     def upstream_error(self, reply: Reply) -> Answer:
         failed = UpstreamFailed(reply.status, reply.body)
-        return Answer(reply.status, error_of(failed))
+        return Answer(reply.status, error_of(failed), headers=kept_headers(reply))
 
     def stream_transform(self, record: RequestRecord, reply: Reply | None) -> ResponsesStream:
         return ResponsesStream(self, record)

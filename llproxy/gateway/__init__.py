@@ -39,7 +39,11 @@ class Gateway:
         return {**headers, **self.instance_header} if self.instance_header else headers
 
     async def admit(
-        self, request: web.Request, record: RequestRecord, needs_key: bool
+        self,
+        request: web.Request,
+        record: RequestRecord,
+        needs_key: bool,
+        key_param: str | None = None,
     ) -> Mapping[str, str]:
         """Raise the ProxyError a request must get instead of an answer; else the headers
         its rate limit adds (none for routes that need no key)."""
@@ -52,7 +56,7 @@ class Gateway:
         if not needs_key:
             return {}
         if self.keys.enabled:
-            record.key = self.authenticate(request)
+            record.key = self.authenticate(request, key_param)
         # Who the client is, for its rate limit and its usage records.
         record.client = (
             record.key.name
@@ -65,8 +69,10 @@ class Gateway:
         verdict = await check_limit(self.counter, limit, record.client, record.key is not None)
         return verdict.headers()
 
-    def authenticate(self, request: web.Request) -> ApiKey:
+    def authenticate(self, request: web.Request, key_param: str | None = None) -> ApiKey:
         secret = presented_secret(request.headers)
+        if not secret and key_param is not None:
+            secret = request.query.get(key_param, "").strip()
         key = self.keys.authenticate(secret) if secret else None
         if key is None:
             raise InvalidApiKey(

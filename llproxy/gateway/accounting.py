@@ -17,7 +17,14 @@ from ..telemetry.metrics import Telemetry
 access_log = logging.getLogger("llproxy.access")
 
 BODY_LOG_LIMIT = 2000
-_SECRET_HEADERS = {"authorization", "x-api-key", "apikey", "api-key", "proxy-authorization"}
+_SECRET_HEADERS = {
+    "authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "apikey",
+    "api-key",
+    "proxy-authorization",
+}
 _SECRET_FIELDS = re.compile(
     rb'("(?:api_?key|authorization|x-api-key|password|secret)"\s*:\s*)"(?:[^"\\]|\\.)*"',
     re.IGNORECASE,

@@ -1,5 +1,6 @@
 """The one reading of credentials from a request's headers, for clients, the admin and
-operators alike: `Authorization: Bearer <secret>`, or `x-api-key: <secret>`."""
+operators alike: `Authorization: Bearer <secret>`, `x-api-key: <secret>` or (Gemini's
+clients) `x-goog-api-key: <secret>`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ def presented_secret(headers: Mapping[str, str], *, x_api_key: bool = True) -> s
     scheme, _, token = headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return headers.get("x-api-key", "").strip() if x_api_key else ""
+    if not x_api_key:
+        return ""
+    return (headers.get("x-api-key") or headers.get("x-goog-api-key") or "").strip()
 
 
 def matches(secret: str, expected_hash: str) -> bool:

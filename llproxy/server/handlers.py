@@ -113,7 +113,7 @@ async def answer_locally(spec: RouteSpec, request: web.Request) -> web.StreamRes
 
 
 def incoming(request: web.Request, body: bytes) -> Incoming:
-    return Incoming(request.headers, body)
+    return Incoming(request.headers, body, request.match_info, request.query_string)
 
 
 class Catalog:
@@ -130,7 +130,8 @@ class Catalog:
         return self.state.router.resolve(name, self.key)
 
     async def count_tokens(self, model: Model, chat: Mapping[str, Any]) -> int | None:
-        return await self.state.backend.count_tokens(model, chat)
+        counter = self.state.counters.get(model.replicas[0].backend)
+        return await counter.count_tokens(model, chat) if counter is not None else None
 
 
 async def list_models(spec: RouteSpec, request: web.Request) -> web.StreamResponse:

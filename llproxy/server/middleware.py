@@ -93,7 +93,10 @@ async def _answer(
     request[DELIVERY] = Delivery(headers, state.draining, every)
     try:
         limit_headers = await state.gateway.admit(
-            request, record, spec is not None and spec.route.needs_key
+            request,
+            record,
+            spec is not None and spec.route.needs_key,
+            spec.route.key_param if spec is not None else None,
         )
         if limit_headers:
             request[DELIVERY] = Delivery({**headers, **limit_headers}, state.draining, every)

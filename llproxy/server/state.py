@@ -9,13 +9,17 @@ from typing import Any
 
 from aiohttp import web
 
+from ..backends.anthropic import BACKEND as ANTHROPIC_BACKEND
+from ..backends.anthropic import AnthropicBackend
+from ..backends.gemini import BACKEND as GEMINI_BACKEND
+from ..backends.gemini import GeminiBackend
 from ..backends.openai_http import OpenAIHttpBackend
 from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..backends.openai_http.transport import response_bounds
 from ..backends.operator import BACKEND as OPERATOR_BACKEND
 from ..backends.operator import OperatorBackend
 from ..config import Config
-from ..core.call import Call, Reply
+from ..core.call import Call, Reply, TokenCounter
 from ..core.desk import Desk
 from ..core.errors import ProxyError
 from ..core.record import RequestRecord
@@ -23,6 +27,7 @@ from ..core.registry import Registry
 from ..core.router import Router
 from ..dialects import Dialect, Route
 from ..dialects.anthropic import AnthropicDialect
+from ..dialects.gemini import GeminiDialect
 from ..dialects.ollama import OllamaDialect
 from ..dialects.openai import OpenAIDialect
 from ..dialects.responses import ResponsesDialect
@@ -57,9 +62,21 @@ class ProxyState:
         self.operators = OperatorBackend(
             config.endpoints, services.desk, config.timeouts.stream_keepalive, worker_id
         )
+        anthropic, gemini = AnthropicBackend(self.backend), GeminiBackend(self.backend)
+        # What counts tokens with a model's own server, by the backend that serves it.
+        self.counters: dict[str, TokenCounter] = {
+            "openai_http": self.backend,
+            ANTHROPIC_BACKEND: anthropic,
+            GEMINI_BACKEND: gemini,
+        }
         self.router = Router(
             lambda: self.registry,
-            {"openai_http": self.backend, OPERATOR_BACKEND: self.operators},
+            {
+                "openai_http": self.backend,
+                OPERATOR_BACKEND: self.operators,
+                ANTHROPIC_BACKEND: anthropic,
+                GEMINI_BACKEND: gemini,
+            },
             config.aliases,
             config.discovery.reexport,
         )
@@ -75,6 +92,7 @@ class ProxyState:
             AnthropicDialect(),
             ResponsesDialect(),
             OllamaDialect(),
+            GeminiDialect(),
         )
         self.paths = DialectPaths(self.dialects)
 

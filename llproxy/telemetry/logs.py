@@ -23,6 +23,7 @@ _CREDENTIALS = re.compile(
     r"|(?P<field>\b(?:proxy-)?(?:authorization|x-api-key|api[-_]?key|admin[-_]key)['\"]?"
     r"\s*[:=]\s*['\"]?)(?!bearer\b)[^\s'\",;\\]+"
     r"|\bllp-[A-Za-z0-9_-]{8,}"
+    r"|(?P<query>[?&]key=)[^\s&'\"]+"  # Gemini's key in a query string
 )
 
 
@@ -36,7 +37,11 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         text = _CREDENTIALS.sub(
-            lambda match: (match.group("bearer") or match.group("field") or "") + "***", text
+            lambda match: (
+                (match.group("bearer") or match.group("field") or match.group("query") or "")
+                + "***"
+            ),
+            text,
         )
         for secret in self.secrets:
             text = text.replace(secret, "***")

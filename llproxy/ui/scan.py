@@ -22,6 +22,7 @@ def scan_rows(result: ScanResult) -> list[dict[str, Any]]:
             "id": replica.upstream_id,
             "hostname": replica.upstream.hostname,
             "port": replica.upstream.port,
+            "dialect": replica.upstream.dialect,
             "tags": list(replica.upstream.tags),
         }
         for model in result.registry.models.values()

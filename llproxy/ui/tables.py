@@ -30,9 +30,10 @@ def print_table(table: Table) -> None:
 
 
 def models_table(registry: Registry) -> Table:
-    """Every model with each of its replicas: name, upstream id, host:port, tags."""
+    """Every model with each of its replicas: name, upstream id, host:port, its server's
+    dialect, tags."""
     table = Table(title=f"{len(registry.models)} models on {registry.servers} servers")
-    for column in ("name", "upstream id", "host:port", "tags"):
+    for column in ("name", "upstream id", "host:port", "dialect", "tags"):
         table.add_column(column)
     for model in registry.models.values():
         for replica in model.replicas:
@@ -40,6 +41,7 @@ def models_table(registry: Registry) -> Table:
                 model.name,
                 replica.upstream_id,
                 replica.upstream.address,
+                replica.upstream.dialect,
                 ", ".join(replica.upstream.tags),
             )
     return table

@@ -13,8 +13,8 @@ from ...core.call import RETRY_HEADERS, Call, Reply, via_name
 from ...core.deadlines import Deadline, Watchdog
 from ...core.errors import ProxyError, ReplicaUnavailable, UpstreamTimeout, UpstreamUnreachable
 from ...core.record import RequestRecord
-from ...core.registry import Model, Replica
-from .tokens import TokenCounter
+from ...core.registry import Model, Replica, Upstream
+from .tokens import TOKENIZE_TIMEOUT, TokenCounter
 from .transport import (
     ConnectFailed,
     ResponseBounds,
@@ -31,7 +31,11 @@ MAX_ERROR_BODY = 64 * 1024
 UPSTREAM_KEEPALIVE = 4.0
 # Upstream response headers worth relaying; everything else is hop-by-hop or describes a
 # body encoding already undone.
-_RELAYED = (("Content-Type", "content-type"), ("X-Request-Id", "x-request-id"))
+_RELAYED = (
+    ("Content-Type", "content-type"),
+    ("X-Request-Id", "x-request-id"),
+    ("Retry-After", "retry-after"),  # a 429's or 529's: when the client may try again
+)
 
 
 class OpenAIHttpBackend:
@@ -60,7 +64,12 @@ class OpenAIHttpBackend:
             with self.watchdog.deadline(self.timeouts.first_byte) as deadline:
                 try:
                     response = await self.pool.post(
-                        upstream, request_path(call.route), body, call.payload.content_type, via
+                        upstream,
+                        request_path(call.route) + call.query,
+                        body,
+                        call.payload.content_type,
+                        via,
+                        headers=call.headers,
                     )
                 except ConnectFailed as exc:
                     raise ReplicaUnavailable(f"{upstream.address} ({exc})") from None
@@ -108,6 +117,17 @@ class OpenAIHttpBackend:
         """The tokens of a chat's prompt as the model will see it, counted by the model's
         own server (llama.cpp, vLLM); None when it cannot or does not answer in time."""
         return await self.tokens.count(model.replicas[0], chat)
+
+    async def ask(
+        self, upstream: Upstream, path: str, body: dict[str, Any], from_root: bool = False
+    ) -> Any:
+        """The JSON a server answers a small POST with, within TOKENIZE_TIMEOUT; None when
+        it answers anything but a 200 in time (a token count is only ever an extra)."""
+        try:
+            with self.watchdog.deadline(TOKENIZE_TIMEOUT):
+                return await self.tokens.post(upstream, path, body, from_root=from_root)
+        except TimeoutError:
+            return None
 
 
 def _finish(response: UpstreamResponse) -> None:

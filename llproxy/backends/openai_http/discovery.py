@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from ...config import Config, Endpoint
 from ...core.call import INSTANCE_HEADER, via_name
 from ...core.encoding import BodyEncodingError, decode_body
 from ...core.registry import FoundModel, Registry, Upstream, final_names
+from ..cloud import CLOUD_LISTINGS, backend_of, dialect_field
 from ..operator import operator_models
 
 log = logging.getLogger("llproxy.discovery")
@@ -79,6 +81,7 @@ def _targets(endpoints: Sequence[Endpoint]) -> list[_Target]:
                 port=port,
                 tags=endpoint.tags,
                 apikey=endpoint.apikey,
+                dialect=endpoint.dialect,
             )
             targets.append(_Target(endpoint, upstream))
     return targets
@@ -253,8 +256,14 @@ async def _probe(
     instance = ""
     if endpoint.models is not None:
         entries: list[dict[str, Any]] = [
-            {"id": m, "object": "model", "owned_by": upstream.hostname} for m in endpoint.models
+            {"id": m, "object": "model", "owned_by": upstream.hostname} | dialect_field(upstream)
+            for m in endpoint.models
         ]
+    elif (cloud_listing := CLOUD_LISTINGS.get(endpoint.dialect)) is not None:
+        try:
+            entries = await cloud_listing(partial(_get_json, session), upstream, timeout)
+        except (_Refused, ValueError) as exc:
+            return _Failed(f"refused the model list: {exc}", True, isinstance(exc, _Unreachable))
     else:
         hosts = addresses.get(upstream.hostname, [])
         if endpoint.url is None:
@@ -293,6 +302,7 @@ async def _probe(
             *_abilities(entry, server or {}),
             instance=instance,
             aliases=_aliases(entry, upstream.tags),
+            backend=backend_of(upstream),
         )
         for entry in entries
         for name in final_names(entry["id"], upstream.tags)

@@ -59,27 +59,29 @@ class TokenCounter:
         """llama.cpp: the template rendered, then that text tokenized as its completion
         route does (special tokens such as `<|im_start|>` parsed as the tokens they are,
         BOS added where the model wants one): the count it bills."""
-        rendered = await self._post(upstream, "apply-template", prompt)
+        rendered = await self.post(upstream, "apply-template", prompt)
         text = rendered.get("prompt") if isinstance(rendered, dict) else None
         if not isinstance(text, str):
             return None
         body = {"content": text, "add_special": True}
-        return _length(await self._post(upstream, "tokenize", body))
+        return _length(await self.post(upstream, "tokenize", body))
 
     async def _tokenized(self, replica: Replica, prompt: Mapping[str, Any]) -> int | None:
         """vLLM: the messages tokenized with the model's template (a llama.cpp server reads
         only `content` here, and answers no tokens)."""
         body = {"model": replica.upstream_id, **prompt}
-        return _length(await self._post(replica.upstream, "tokenize", body))
+        return _length(await self.post(replica.upstream, "tokenize", body))
 
-    async def _post(self, upstream: Upstream, path: str, body: Mapping[str, Any]) -> Any:
-        """The JSON a 200 answer carries, else None."""
+    async def post(
+        self, upstream: Upstream, path: str, body: Mapping[str, Any], from_root: bool = True
+    ) -> Any:
+        """The JSON a 200 answer to a small POST carries, else None."""
         try:
             payload = orjson.dumps(body)
         except orjson.JSONEncodeError:  # nested past orjson's depth: not for the server
             return None
         try:
-            response = await self.pool.post(upstream, path, payload, from_root=True)
+            response = await self.pool.post(upstream, path, payload, from_root=from_root)
             try:
                 raw = await response.read(MAX_ANSWER)
             finally:  # the connection back to its pool only when read to its end

@@ -14,6 +14,7 @@ import functools
 import ssl
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import quote, urlsplit
@@ -110,6 +111,22 @@ class _Route:
             path_prefix=quote(parts.path.rstrip("/"), safe=_PATH_SAFE + "%"),
             head_fields="".join(f"{field}\r\n" for field in fields).encode(),
         )
+
+    def fields_with(self, extra: Mapping[str, str]) -> bytes:
+        """The fixed fields with `extra` in place of those of the same names (a value with
+        a line break or other control character is left out: it would split the head)."""
+        names = {name.lower() for name in extra}
+        kept = [
+            line
+            for line in self.head_fields.split(b"\r\n")
+            if line and line.split(b":", 1)[0].decode("latin-1").lower() not in names
+        ]
+        kept += [
+            f"{name}: {value}".encode("latin-1", "replace")
+            for name, value in extra.items()
+            if value.isprintable()
+        ]
+        return b"".join(line + b"\r\n" for line in kept)
 
 
 class UpstreamResponse:
@@ -449,6 +466,7 @@ class UpstreamPool:
         content_type: bytes = JSON,
         via: str = "",
         from_root: bool = False,
+        headers: Mapping[str, str] | None = None,
     ) -> UpstreamResponse:
         """Send the request and wait for the response's status and headers.
 
@@ -468,7 +486,7 @@ class UpstreamPool:
             + content_type
             + b"\r\n"
             + (b"Via: " + via.encode("latin-1", "replace") + b"\r\n" if via else b"")
-            + route.head_fields
+            + (route.fields_with(headers) if headers else route.head_fields)
             + b"\r\n"
         )
         connection = self._take_idle(route.key)
