@@ -62,7 +62,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check llproxy tests scripts
 	$(BIN)/mypy
 
-# Installs wrk and nginx-light with apt-get when missing (as root). About 22 minutes on 2 cores (README, Benchmark).
+# Installs wrk and nginx-light with apt-get when missing (as root). About 22 minutes on 2
+# cores, then the streaming capacity run, about 5 more (README, Benchmark).
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench.py --capacity
