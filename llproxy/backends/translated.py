@@ -10,12 +10,37 @@ from typing import Any, Protocol
 from ..core.call import Call, Reply
 from ..core.record import RequestRecord
 from ..core.registry import Replica
+from ..core.sse import EventSplitter, event_document
 from .openai_http import OpenAIHttpBackend
 
 
 def object_of(value: Any) -> dict[str, Any]:
     """A JSON object, or an empty one for anything else (a field of the wrong shape)."""
     return value if isinstance(value, dict) else {}
+
+
+def content_text(content: Any) -> str:
+    """An OpenAI message's content as plain text: a string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def append_turn(turns: list[dict[str, Any]], role: str, key: str, items: list[Any]) -> None:
+    """Add a turn's items (Anthropic's content blocks, Gemini's parts) to the conversation:
+    both APIs want turns of one role merged, where OpenAI's messages may repeat a role."""
+    if not items:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1][key] += items
+    else:
+        turns.append({"role": role, key: items})
 
 
 class Chunks(Protocol):
@@ -26,6 +51,38 @@ class Chunks(Protocol):
     def finish(self) -> bytes:
         """What the upstream's end brings (an unterminated last event, a held finish)."""
         ...
+
+
+class EventChunks:
+    """The part of a stream's translator both cloud dialects share: the upstream's SSE
+    events split and decoded, each object handed to `event`, nothing after the end."""
+
+    def __init__(self) -> None:
+        self.events = EventSplitter()
+        self.ended = False
+
+    def event(self, document: dict[str, Any]) -> bytes:
+        """The OpenAI chunks one upstream event becomes."""
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        for event in self.events.bodies(data):
+            if self.ended:
+                break
+            document = event_document(event)
+            if isinstance(document, dict):
+                out.append(self.event(document))
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """What ends a stream the upstream closed: its last event, if unterminated."""
+        return self.feed_rest()
+
+    def feed_rest(self) -> bytes:
+        """The upstream's last event, when its stream ended without terminating it."""
+        rest = self.events.rest()
+        return self.feed(rest + b"\n\n") if rest.strip() else b""
 
 
 async def send_translated(

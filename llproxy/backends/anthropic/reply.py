@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
-from ...core.sse import EventSplitter, event_document, json_document
+from ...core.sse import json_document
 from ...core.usage import from_anthropic
-from ..translated import object_of
+from ..translated import EventChunks, object_of
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -89,35 +89,19 @@ def chat_error(status: int, raw: bytes) -> bytes:
     )
 
 
-class ChatChunks:
+class ChatChunks(EventChunks):
     """Anthropic's stream events → OpenAI chat chunks. States: before message_start;
     streaming (a block open or not; tool_use blocks are numbered as tool calls); ended
     (message_stop or an error event): nothing follows."""
 
     def __init__(self) -> None:
-        self.events = EventSplitter()
+        super().__init__()
         self.id = ""
         self.model = ""
         self.created = int(time.time())
         self.native_usage: dict[str, Any] = {}
         self.calls = 0  # tool_use blocks so far
         self.call_of: dict[int, int] = {}  # block index → tool call index
-        self.ended = False
-
-    def feed(self, data: bytes) -> bytes:
-        out = []
-        for event in self.events.bodies(data):
-            if self.ended:
-                break
-            document = event_document(event)
-            if isinstance(document, dict):
-                out.append(self._event(document))
-        return b"".join(out)
-
-    def finish(self) -> bytes:
-        """What ends a stream the upstream closed: its last event, if unterminated."""
-        rest = self.events.rest()
-        return self.feed(rest + b"\n\n") if rest.strip() else b""
 
     def _chunk(self, delta: dict[str, Any], **more: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": None} | more
@@ -133,7 +117,7 @@ class ChatChunks:
         }
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    def _event(self, event: dict[str, Any]) -> bytes:
+    def event(self, event: dict[str, Any]) -> bytes:
         kind = event.get("type")
         if kind == "content_block_delta":
             return self._delta(event)

@@ -14,7 +14,7 @@ import orjson
 
 from ...core.errors import InvalidRequest
 from ...core.sse import json_document
-from ..translated import object_of
+from ..translated import append_turn, content_text, object_of
 
 # Anthropic requires max_tokens; every Claude model allows at least this many.
 DEFAULT_MAX_TOKENS = 4096
@@ -35,14 +35,14 @@ def to_messages(chat: dict[str, Any], model_id: str) -> dict[str, Any]:
             raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = message.get("role")
         if role in ("system", "developer"):
-            system.append(_text(message.get("content")))
+            system.append(content_text(message.get("content")))
             continue
         if role == "tool":
-            _append(turns, "user", [_tool_result(message)])
+            append_turn(turns, "user", "content", [_tool_result(message)])
         elif role == "user":
-            _append(turns, "user", _user_blocks(message.get("content")))
+            append_turn(turns, "user", "content", _user_blocks(message.get("content")))
         elif role == "assistant":
-            _append(turns, "assistant", _assistant_blocks(message))
+            append_turn(turns, "assistant", "content", _assistant_blocks(message))
         else:
             raise InvalidRequest(f"messages[{i}].role: unknown role {role!r}", param="messages")
     body: dict[str, Any] = {"model": model_id, "messages": turns, "max_tokens": _max_tokens(chat)}
@@ -56,27 +56,6 @@ def to_messages(chat: dict[str, Any], model_id: str) -> dict[str, Any]:
     if isinstance(user, str) and user:
         body["metadata"] = {"user_id": user}
     return body
-
-
-def _append(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
-    if not blocks:
-        return
-    if turns and turns[-1]["role"] == role:
-        turns[-1]["content"] += blocks
-    else:
-        turns.append({"role": role, "content": blocks})
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def _user_blocks(content: Any) -> list[dict[str, Any]]:
@@ -107,7 +86,7 @@ def _image(image_url: Any) -> dict[str, Any] | None:
 def _assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
     # Earlier thinking is not sent back: Anthropic takes it only with the signature it
     # made, which an OpenAI-shaped history does not carry.
-    text = _text(message.get("content"))
+    text = content_text(message.get("content"))
     blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
     for call in message.get("tool_calls") or ():
         if not isinstance(call, dict):

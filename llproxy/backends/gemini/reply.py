@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
-from ...core.sse import EventSplitter, event_document, json_document
+from ...core.sse import json_document
 from ...core.usage import from_gemini
-from ..translated import object_of
+from ..translated import EventChunks, object_of
 
 FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length"}
 _FILTERED = {
@@ -111,13 +111,13 @@ def chat_error(status: int, raw: bytes) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "code": str(status)}})
 
 
-class ChatChunks:
+class ChatChunks(EventChunks):
     """Gemini's SSE frames → OpenAI chat chunks. States: before the first frame (which
     adds the role); streaming; finished (a finishReason came: the finish and usage chunks
     are sent at the stream's end, after any frame that only brings usage); ended."""
 
     def __init__(self, model: str) -> None:
-        self.events = EventSplitter()
+        super().__init__()
         self.id = _call_id()
         self.model = model
         self.created = int(time.time())
@@ -125,22 +125,10 @@ class ChatChunks:
         self.calls = 0
         self.reason: Any = None
         self.usage: dict[str, Any] = {}
-        self.ended = False
-
-    def feed(self, data: bytes) -> bytes:
-        out = []
-        for event in self.events.bodies(data):
-            if self.ended:
-                break
-            document = event_document(event)
-            if isinstance(document, dict):
-                out.append(self._frame(document))
-        return b"".join(out)
 
     def finish(self) -> bytes:
         """The end of the upstream's stream: its last frame, the finish, the usage."""
-        rest = self.events.rest()
-        out = self.feed(rest + b"\n\n") if rest.strip() else b""
+        out = self.feed_rest()
         if self.ended:
             return out
         self.ended = True
@@ -162,7 +150,7 @@ class ChatChunks:
         }
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    def _frame(self, document: dict[str, Any]) -> bytes:
+    def event(self, document: dict[str, Any]) -> bytes:
         if isinstance(document.get("error"), dict):
             self.ended = True
             error = document["error"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from ...core.errors import InvalidRequest
 from ...core.sse import json_document
-from ..translated import object_of
+from ..translated import append_turn, content_text, object_of
 from .reply import SIGNATURE_MARK
 
 # OpenAI's reasoning efforts as thinking budgets.
@@ -31,16 +31,16 @@ def to_gemini(chat: dict[str, Any]) -> dict[str, Any]:
             raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = message.get("role")
         if role in ("system", "developer"):
-            system.append(_text(message.get("content")))
+            system.append(content_text(message.get("content")))
         elif role == "user":
-            _append(contents, "user", _user_parts(message.get("content")))
+            append_turn(contents, "user", "parts", _user_parts(message.get("content")))
         elif role == "assistant":
-            _append(contents, "model", _model_parts(message, names))
+            append_turn(contents, "model", "parts", _model_parts(message, names))
         elif role == "tool":
             call_id = str(message.get("tool_call_id") or "")
             name = names.get(call_id) or str(message.get("name") or "")
             response = {"name": name, "response": _result(message.get("content"))}
-            _append(contents, "user", [{"functionResponse": response}])
+            append_turn(contents, "user", "parts", [{"functionResponse": response}])
         else:
             raise InvalidRequest(f"messages[{i}].role: unknown role {role!r}", param="messages")
     body: dict[str, Any] = {"contents": contents}
@@ -50,27 +50,6 @@ def to_gemini(chat: dict[str, Any]) -> dict[str, Any]:
     if config := _generation(chat):
         body["generationConfig"] = config
     return body
-
-
-def _append(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
-    if not parts:
-        return
-    if contents and contents[-1]["role"] == role:
-        contents[-1]["parts"] += parts
-    else:
-        contents.append({"role": role, "parts": parts})
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def _user_parts(content: Any) -> list[dict[str, Any]]:
@@ -94,7 +73,7 @@ def _user_parts(content: Any) -> list[dict[str, Any]]:
 
 
 def _model_parts(message: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
-    text = _text(message.get("content"))
+    text = content_text(message.get("content"))
     parts: list[dict[str, Any]] = [{"text": text}] if text else []
     for call in message.get("tool_calls") or ():
         if not isinstance(call, dict):
@@ -116,7 +95,7 @@ def _model_parts(message: dict[str, Any], names: dict[str, str]) -> list[dict[st
 def _result(content: Any) -> dict[str, Any]:
     """A tool's result as the object Gemini takes: a JSON object as it is, anything else
     under `result`."""
-    text = _text(content)
+    text = content_text(content)
     parsed = json_document(text.encode()) if text.startswith("{") else None
     return parsed if isinstance(parsed, dict) else {"result": text}
 
