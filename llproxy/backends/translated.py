@@ -4,8 +4,11 @@ into the internal OpenAI one by the dialect's translators."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
+
+import orjson
 
 from ..core.call import Call, Reply
 from ..core.record import RequestRecord
@@ -57,9 +60,29 @@ class EventChunks:
     """The part of a stream's translator both cloud dialects share: the upstream's SSE
     events split and decoded, each object handed to `event`, nothing after the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "") -> None:
         self.events = EventSplitter()
         self.ended = False
+        # What every chunk names: the upstream's message id and model, once it says them.
+        self.id = ""
+        self.model = model
+        self.created = int(time.time())
+
+    def chunk(self, delta: dict[str, Any], **choice: Any) -> bytes:
+        """An OpenAI chunk of one choice: its delta, and `finish_reason` when it ends."""
+        return self.data(
+            {"choices": [{"index": 0, "delta": delta, "finish_reason": None} | choice]}
+        )
+
+    def data(self, fields: dict[str, Any]) -> bytes:
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            **fields,
+        }
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def event(self, document: dict[str, Any]) -> bytes:
         """The OpenAI chunks one upstream event becomes."""

@@ -96,26 +96,9 @@ class ChatChunks(EventChunks):
 
     def __init__(self) -> None:
         super().__init__()
-        self.id = ""
-        self.model = ""
-        self.created = int(time.time())
         self.native_usage: dict[str, Any] = {}
         self.calls = 0  # tool_use blocks so far
         self.call_of: dict[int, int] = {}  # block index → tool call index
-
-    def _chunk(self, delta: dict[str, Any], **more: Any) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": None} | more
-        return self._data({"choices": [choice]})
-
-    def _data(self, fields: dict[str, Any]) -> bytes:
-        chunk = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            **fields,
-        }
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def event(self, event: dict[str, Any]) -> bytes:
         kind = event.get("type")
@@ -128,7 +111,7 @@ class ChatChunks(EventChunks):
             self.model = str(message.get("model") or "")
             if isinstance(message.get("usage"), dict):
                 self.native_usage.update(message["usage"])
-            return self._chunk({"role": "assistant", "content": ""})
+            return self.chunk({"role": "assistant", "content": ""})
         if kind == "content_block_start":
             return self._block_start(event)
         if kind == "message_delta":
@@ -137,7 +120,7 @@ class ChatChunks(EventChunks):
                 self.native_usage.update({k: v for k, v in event["usage"].items() if v is not None})
             delta = object_of(event.get("delta"))
             finish = _finish(delta.get("stop_reason"), delta.get("stop_sequence"))
-            return self._chunk({}, **finish) + self._data(
+            return self.chunk({}, **finish) + self.data(
                 {"choices": [], "usage": from_anthropic(self.native_usage)}
             )
         if kind == "message_stop":
@@ -168,11 +151,11 @@ class ChatChunks(EventChunks):
                 "type": "function",
                 "function": {"name": str(block.get("name") or ""), "arguments": ""},
             }
-            return self._chunk({"tool_calls": [call]})
+            return self.chunk({"tool_calls": [call]})
         if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
-            return self._chunk({"content": block["text"]})
+            return self.chunk({"content": block["text"]})
         if kind == "thinking" and isinstance(block.get("thinking"), str) and block["thinking"]:
-            return self._chunk({"reasoning_content": block["thinking"]})
+            return self.chunk({"reasoning_content": block["thinking"]})
         return b""
 
     def _delta(self, event: dict[str, Any]) -> bytes:
@@ -180,15 +163,15 @@ class ChatChunks(EventChunks):
         delta = object_of(delta)
         kind = delta.get("type")
         if kind == "text_delta" and isinstance(delta.get("text"), str):
-            return self._chunk({"content": delta["text"]})
+            return self.chunk({"content": delta["text"]})
         if kind == "thinking_delta" and isinstance(delta.get("thinking"), str):
-            return self._chunk({"reasoning_content": delta["thinking"]})
+            return self.chunk({"reasoning_content": delta["thinking"]})
         if kind == "input_json_delta" and isinstance(delta.get("partial_json"), str):
             call = self.call_of.get(_index(event))
             if call is None or not delta["partial_json"]:
                 return b""
             fragment = {"index": call, "function": {"arguments": delta["partial_json"]}}
-            return self._chunk({"tool_calls": [fragment]})
+            return self.chunk({"tool_calls": [fragment]})
         return b""  # signatures, citations
 
 

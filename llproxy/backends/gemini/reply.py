@@ -117,10 +117,8 @@ class ChatChunks(EventChunks):
     are sent at the stream's end, after any frame that only brings usage); ended."""
 
     def __init__(self, model: str) -> None:
-        super().__init__()
+        super().__init__(model)
         self.id = _call_id()
-        self.model = model
-        self.created = int(time.time())
         self.started = False
         self.calls = 0
         self.reason: Any = None
@@ -134,21 +132,7 @@ class ChatChunks(EventChunks):
         self.ended = True
         reason = _finish(self.reason, self.calls > 0)
         usage = {"choices": [], "usage": from_gemini(self.usage)}
-        return out + self._chunk({}, finish_reason=reason) + self._data(usage) + _DONE
-
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return self._data({"choices": [choice]})
-
-    def _data(self, fields: dict[str, Any]) -> bytes:
-        chunk = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            **fields,
-        }
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return out + self.chunk({}, finish_reason=reason) + self.data(usage) + _DONE
 
     def event(self, document: dict[str, Any]) -> bytes:
         if isinstance(document.get("error"), dict):
@@ -165,7 +149,7 @@ class ChatChunks(EventChunks):
             self.started = True
             if isinstance(document.get("responseId"), str):
                 self.id = document["responseId"]
-            out.append(self._chunk({"role": "assistant", "content": ""}))
+            out.append(self.chunk({"role": "assistant", "content": ""}))
         if isinstance(document.get("usageMetadata"), dict):
             self.usage = document["usageMetadata"]  # each frame's is the total so far
         parts, reason = _parts(document)
@@ -178,10 +162,10 @@ class ChatChunks(EventChunks):
                     "function": function,
                 }
                 self.calls += 1
-                out.append(self._chunk({"tool_calls": [call]}))
+                out.append(self.chunk({"tool_calls": [call]}))
             elif isinstance(part.get("text"), str) and part["text"]:
                 member = "reasoning_content" if part.get("thought") is True else "content"
-                out.append(self._chunk({member: part["text"]}))
+                out.append(self.chunk({member: part["text"]}))
         if reason:
             self.reason = reason
         return b"".join(out)
