@@ -16,7 +16,7 @@ from ..core.call import Payload, Reply
 from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed, UpstreamMalformed
 from ..core.record import RequestRecord
 from ..core.registry import Model
-from ..core.sse import ChoiceReader, only_text
+from ..core.sse import ChoiceReader, json_document, only_text
 
 JSON_TYPE = "application/json"
 
@@ -261,3 +261,17 @@ class Dialect(Protocol):
     async def local(self, route: Route, incoming: Incoming, catalog: Catalog) -> Answer:
         """The answer to a route the dialect answers itself."""
         ...
+
+
+def reasoning_text(part: Mapping[str, Any]) -> str:
+    """A message's or delta's reasoning, as servers name it (`reasoning_content`, vLLM's
+    and llama.cpp's; `reasoning`, others')."""
+    value = part.get("reasoning_content") or part.get("reasoning")
+    return value if isinstance(value, str) else ""
+
+
+def arguments_object(arguments: Any) -> dict[str, Any]:
+    """A tool call's arguments (JSON text, or already an object) as an object; {} when
+    they are not one (the dialects that take an object cannot carry anything else)."""
+    parsed = json_document(arguments.encode()) if isinstance(arguments, str) else arguments
+    return parsed if isinstance(parsed, dict) else {}

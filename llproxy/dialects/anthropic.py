@@ -40,7 +40,18 @@ from ..core.sse import (
     split_events,
 )
 from ..core.usage import from_anthropic
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, kept_headers, list_field
+from . import (
+    Answer,
+    Catalog,
+    ChoiceStream,
+    Incoming,
+    Route,
+    added_text,
+    arguments_object,
+    kept_headers,
+    list_field,
+    reasoning_text,
+)
 
 _PREFIXES = ("/v1", "/anthropic/v1")
 _ERROR_TYPES = {
@@ -372,16 +383,6 @@ def _stop(finish_reason: Any, matched: Any, stops: tuple[str, ...]) -> tuple[str
     return _STOP_REASONS.get(finish_reason, "end_turn"), None
 
 
-def _reasoning(part: Mapping[str, Any]) -> str:
-    value = part.get("reasoning_content") or part.get("reasoning")
-    return value if isinstance(value, str) else ""
-
-
-def _tool_input(arguments: Any) -> dict[str, Any]:
-    parsed = json_document(arguments.encode()) if isinstance(arguments, str) else arguments
-    return parsed if isinstance(parsed, dict) else {}
-
-
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -418,7 +419,7 @@ class AnthropicTranslation:
         choice = _dict(choices[0])
         message = _dict(choice.get("message"))
         content: list[dict[str, Any]] = []
-        if thought := _reasoning(message):
+        if thought := reasoning_text(message):
             content.append({"type": "thinking", "thinking": thought, "signature": ""})
         if isinstance(message.get("content"), str) and message["content"]:
             content.append({"type": "text", "text": message["content"]})
@@ -429,7 +430,7 @@ class AnthropicTranslation:
                     "type": "tool_use",
                     "id": call.get("id") or f"toolu_{secrets.token_hex(8)}",
                     "name": function.get("name") or "",
-                    "input": _tool_input(function.get("arguments")),
+                    "input": arguments_object(function.get("arguments")),
                 }
             )
         stop_reason, stop_sequence = _stop(
@@ -554,7 +555,7 @@ class AnthropicStream(ChoiceStream):
             return _TEXT_DELTA % (self.index, orjson.dumps(text))
         delta = _dict(choice.get("delta"))
         out = []
-        if thought := _reasoning(delta):
+        if thought := reasoning_text(delta):
             out.append(self._into("thinking", {"type": "thinking_delta", "thinking": thought}))
         if isinstance(delta.get("content"), str) and delta["content"]:
             out.append(self._into("text", {"type": "text_delta", "text": delta["content"]}))
@@ -601,7 +602,7 @@ class AnthropicStream(ChoiceStream):
                 "name": call.name,
                 "input": {},
             }
-            arguments = orjson.dumps(_tool_input(call.arguments)).decode()
+            arguments = orjson.dumps(arguments_object(call.arguments)).decode()
             delta = {"type": "input_json_delta", "partial_json": arguments}
             out += [
                 _event("content_block_start", {"index": self.index, "content_block": block}),

@@ -30,7 +30,17 @@ from ..core.sse import (
     json_document,
 )
 from ..core.usage import from_gemini
-from . import Answer, Catalog, ChoiceStream, Incoming, Route, added_text, kept_headers
+from . import (
+    Answer,
+    Catalog,
+    ChoiceStream,
+    Incoming,
+    Route,
+    added_text,
+    arguments_object,
+    kept_headers,
+    reasoning_text,
+)
 
 _PREFIXES = ("/v1beta", "/v1")
 # The SDK lists models at `GET /v1/models`, OpenAI's path: these headers claim it.
@@ -359,16 +369,6 @@ def _generation(config: dict[str, Any], chat: dict[str, Any]) -> None:
 # --- answer ------------------------------------------------------------------------------
 
 
-def _reasoning(part: Mapping[str, Any]) -> str:
-    value = part.get("reasoning_content") or part.get("reasoning")
-    return value if isinstance(value, str) else ""
-
-
-def _args(arguments: Any) -> dict[str, Any]:
-    parsed = json_document(arguments.encode()) if isinstance(arguments, str) else arguments
-    return parsed if isinstance(parsed, dict) else {}
-
-
 def _usage(record: RequestRecord) -> dict[str, int]:
     prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
     return {
@@ -434,7 +434,7 @@ class GeminiTranslation:
         choice = _dict((document.get("choices") or [{}])[0])
         message = _dict(choice.get("message"))
         parts: list[dict[str, Any]] = []
-        if thought := _reasoning(message):
+        if thought := reasoning_text(message):
             parts.append({"text": thought, "thought": True})
         if isinstance(message.get("content"), str) and message["content"]:
             parts.append({"text": message["content"]})
@@ -444,7 +444,7 @@ class GeminiTranslation:
                 {
                     "functionCall": {
                         "name": function.get("name") or "",
-                        "args": _args(function.get("arguments")),
+                        "args": arguments_object(function.get("arguments")),
                     }
                 }
             )
@@ -564,7 +564,7 @@ class GeminiStream(ChoiceStream):
             return self._raw_frame(self.text_head + orjson.dumps(text) + self.text_tail)
         delta = _dict(choice.get("delta"))
         parts: list[dict[str, Any]] = []
-        if thought := _reasoning(delta):
+        if thought := reasoning_text(delta):
             parts.append({"text": thought, "thought": True})
         if isinstance(delta.get("content"), str) and delta["content"]:
             parts.append({"text": delta["content"]})
@@ -576,7 +576,7 @@ class GeminiStream(ChoiceStream):
 
     def _end(self) -> bytes:
         parts = [
-            {"functionCall": {"name": call.name, "args": _args(call.arguments)}}
+            {"functionCall": {"name": call.name, "args": arguments_object(call.arguments)}}
             for call in self.calls.in_order()
         ]
         reason = _FINISH_REASONS.get(str(self.finish_reason), "STOP")
