@@ -476,6 +476,9 @@ def validate_error(dialect: str, raw: bytes) -> str:
     elif dialect == "ollama":
         error = _shape(doc, "ollama error", error=str)
         _check(set(error) == {"error"}, f"ollama error fields: {sorted(error)}")
+    elif dialect == "gemini":  # Google's error: a code, a message and a status name
+        error = _shape(doc.get("error"), "gemini error.error", code=int, message=str, status=str)
+        _check(error["status"].isupper(), f"gemini error status: {error['status']!r}")
     else:
         error = _shape(doc.get("error"), f"{dialect} error.error", type=NONEMPTY, message=str)
         _check(

@@ -212,6 +212,19 @@ def test_any_host_header_parses_or_is_refused(header: str) -> None:
 USER = [{"role": "user", "content": "hi"}]
 # Per route: the dialect whose error shape it answers in, and a body using most of the
 # fields its translator reads; the fuzz changes some of them.
+# A Gemini request using most of what the face reads.
+GEMINI_BODY: dict[str, Any] = {
+    "contents": [
+        {"role": "user", "parts": [{"text": "hi"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {"a": 1}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"r": 2}}}]},
+    ],
+    "systemInstruction": {"parts": [{"text": "be brief"}]},
+    "tools": [{"functionDeclarations": [{"name": "f", "parameters": {"type": "object"}}]}],
+    "toolConfig": {"functionCallingConfig": {"mode": "AUTO"}},
+    "generationConfig": {"temperature": 1, "maxOutputTokens": 5, "stopSequences": ["x"]},
+}
+
 DIALECT_ROUTES: list[tuple[str, str, dict[str, Any]]] = [
     (
         "/v1/messages",
@@ -328,6 +341,10 @@ DIALECT_ROUTES: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("/v1/completions", "openai", {"model": "fake-model", "prompt": "p", "max_tokens": 5}),
     ("/v1/embeddings", "openai", {"model": "fake-model", "input": "x"}),
+    *(
+        (f"/v1beta/models/fake-model:{method}", "gemini", GEMINI_BODY)
+        for method in ("generateContent", "streamGenerateContent?alt=sse", "countTokens")
+    ),
 ]
 # Field names the translators read, for the fuzz to put anywhere.
 FIELDS = sorted(
