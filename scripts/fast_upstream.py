@@ -112,7 +112,7 @@ ANTHROPIC_USAGE = {
     "cache_read_input_tokens": 0,
     "output_tokens": 1,
 }
-ANTHROPIC_MESSAGE = {
+ANTHROPIC_MESSAGE: dict[str, object] = {
     "id": "msg_bench",
     "type": "message",
     "role": "assistant",
