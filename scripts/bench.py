@@ -770,14 +770,22 @@ before and after them (the ratios' spread over the repetitions in brackets)."""
 
 def dialects_markdown(data: dict[str, Any], verdicts: list[str]) -> str:
     args = data["args"]
+    machine = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
     return f"""<!-- dialects -->
 ## Dialect streams (`--only dialects`)
 
 Made by `scripts/bench.py --only dialects` on {time.strftime("%Y-%m-%d")}: {args["reps"]}
-repetitions of `wrk -t1 -c32 -d{args["duration"]:g}s`; {DIALECTS_METHOD} A full run
-replaces this section with the same lines among its own.
+repetitions of `wrk -t1 -c32 -d{args["duration"]:g}s` per stream. The OpenAI stream is 20
+SSE chunks in llama.cpp's shape from `fast_upstream.py`; {DIALECTS_METHOD} The upstreams
+write their 20 pieces at once, so a translated stream reads them in one go and sends its
+client one text event where the OpenAI stream relays 20 chunks: a ratio above 1 comes
+from that. Everything shares the machine's cores with wrk and with other work: a
+ratio's spread is the machine's noise as much as the code's. A full run replaces this
+section with the same lines among its own.
 
 {chr(10).join(f"- {v}" for v in verdicts)}
+
+Machine: {machine}.
 <!-- /dialects -->
 """
 
