@@ -35,13 +35,30 @@ LIMIT_NEVER_REACHED = "1000000000 per 15 minutes"
 PYTHON = sys.executable
 CHAT_PATH = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Say hello."}]
-# The same streamed answer asked for in the other dialects, through the same llproxy and
-# upstream as the OpenAI stream: what translating a stream costs.
-DIALECT_STREAMS: dict[str, tuple[str, dict[str, Any]]] = {
-    "anthropic": ("/v1/messages", {"max_tokens": 256, "messages": HELLO}),
-    "responses": ("/v1/responses", {"input": "Say hello."}),
-    "ollama": ("/api/chat", {"messages": HELLO}),
+ANTHROPIC_MODEL = "claude-bench"  # the model of the managed Anthropic endpoint
+# A stream asked for in another dialect, through the same llproxy as the OpenAI stream:
+# name → (path, body, model). Without a model of its own it is the OpenAI stream's, from
+# the same upstream (what translating a stream costs); `{model}` in a path is that model,
+# and such a body is sent as it is (Gemini names the model and the stream in the URL).
+# With ANTHROPIC_MODEL, an Anthropic client meets an Anthropic back-end: passed on as is.
+DIALECT_STREAMS: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "anthropic": ("/v1/messages", {"max_tokens": 256, "messages": HELLO}, None),
+    "responses": ("/v1/responses", {"input": "Say hello."}, None),
+    "ollama": ("/api/chat", {"messages": HELLO}, None),
+    "gemini": (
+        "/v1beta/models/{model}:streamGenerateContent?alt=sse",
+        {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+        None,
+    ),
+    "anthropic-passthrough": (
+        "/v1/messages",
+        {"max_tokens": 256, "messages": HELLO},
+        ANTHROPIC_MODEL,
+    ),
 }
+# `--only dialects` writes its figures here in BENCHMARKS.md; a full run, which has them
+# among its own, drops the section.
+DIALECTS_SECTION = re.compile(r"\n?<!-- dialects -->.*<!-- /dialects -->\n?", re.S)
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -164,8 +181,13 @@ def wrk(url: str, lua: Path, connections: int, seconds: float) -> WrkResult:
     return WrkResult(rps, p50, p99, total, errors)
 
 
-def lua_script(path: Path, model: str, stream: bool, fields: dict[str, Any] | None = None) -> Path:
-    body = json.dumps({"model": model, "stream": stream, **(fields or {"messages": HELLO})})
+def lua_script(
+    path: Path, model: str | None, stream: bool, fields: dict[str, Any] | None = None
+) -> Path:
+    """A POST of `fields` (a chat by default) with the model and stream flag, or without
+    them when `model` is None (a route that takes them from its URL)."""
+    named = {} if model is None else {"model": model, "stream": stream}
+    body = json.dumps({**named, **(fields or {"messages": HELLO})})
     path.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(body)}\n"
@@ -331,12 +353,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     procs = Processes(workdir)
     bench = Bench(args, workdir, procs)
     cores = os.cpu_count() or 1
+    only_dialects = args.only == "dialects"
     try:
-        fast, slow = free_port(), free_port()
-        procs.start(
-            "upstream-fast",
-            [PYTHON, str(ROOT / "scripts/fast_upstream.py"), "--port", str(fast), "--chunks", "20"],
-        )
+        fast, slow, anthropic = free_port(), free_port(), free_port()
+        upstream = [PYTHON, str(ROOT / "scripts/fast_upstream.py"), "--chunks", "20"]
+        procs.start("upstream-fast", [*upstream, "--port", str(fast)])
+        procs.start("upstream-anthropic", [*upstream, "--port", str(anthropic), "--anthropic"])
         procs.start(
             "upstream-slow",
             [
@@ -375,6 +397,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "port_end": slow,
                             "tags": ["slow"],
                         },
+                        {
+                            "url": f"http://127.0.0.1:{anthropic}",
+                            "dialect": "anthropic",
+                            "apikey": "sk-ant-bench",
+                            "models": [ANTHROPIC_MODEL],
+                        },
                     ],
                 }
             )
@@ -406,6 +434,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             return port, proc
 
+        # `--only dialects` starts them all too (idle, they cost nothing measurable).
         llproxies = {
             workers: start_llproxy(f"llproxy-{workers}", workers, config)
             for workers in sorted({1, cores})
@@ -414,6 +443,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for port in (
             fast,
             slow,
+            anthropic,
             nginx_fast,
             nginx_slow,
             limited_port,
@@ -436,8 +466,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for stream in (False, True)
         }
         top_port, top_model = targets[f"llproxy-{cores}w"]
+
+        def compare_dialects() -> None:
+            # The dialects between two runs of the OpenAI stream, measured right before
+            # and after them: minutes apart from the grid's, its figure drifted with the
+            # machine (ratios from 0.61 to 1.06 in two runs of the same code).
+            openai_stream = scripts[(f"llproxy-{cores}w", True)]
+            url = f"http://127.0.0.1:{top_port}{CHAT_PATH}"
+            bench.record(
+                f"llproxy-{cores}w|openai-stream|before", wrk(url, openai_stream, 32, args.duration)
+            )
+            for dialect, (path, fields, own_model) in DIALECT_STREAMS.items():
+                model = own_model or top_model
+                lua = workdir / f"{dialect}.lua"
+                if "{model}" in path:
+                    path, lua = path.format(model=model), lua_script(lua, None, True, fields)
+                else:
+                    lua = lua_script(lua, model, True, fields)
+                result = wrk(f"http://127.0.0.1:{top_port}{path}", lua, 32, args.duration)
+                bench.record(f"llproxy-{cores}w|{dialect}-stream|32", result)
+            bench.record(
+                f"llproxy-{cores}w|openai-stream|after", wrk(url, openai_stream, 32, args.duration)
+            )
+
         for rep in range(args.reps):
             print(f"repetition {rep + 1}/{args.reps}", flush=True)
+            if only_dialects:
+                compare_dialects()
+                continue
             for stream in (False, True):
                 for conns in (32, 128):
                     for name, (port, _) in targets.items():
@@ -458,21 +514,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     kind = "stream" if stream else "json"
                     bench.record(f"llproxy-{cores}w|{kind}|{conns}|again", result)
-            # The dialects between two runs of the OpenAI stream, measured right before
-            # and after them: minutes apart from the grid's, its figure drifted with the
-            # machine (ratios from 0.61 to 1.06 in two runs of the same code).
-            openai_stream = scripts[(f"llproxy-{cores}w", True)]
-            url = f"http://127.0.0.1:{top_port}{CHAT_PATH}"
-            bench.record(
-                f"llproxy-{cores}w|openai-stream|before", wrk(url, openai_stream, 32, args.duration)
-            )
-            for dialect, (path, fields) in DIALECT_STREAMS.items():
-                lua = lua_script(workdir / f"{dialect}.lua", top_model, True, fields)
-                result = wrk(f"http://127.0.0.1:{top_port}{path}", lua, 32, args.duration)
-                bench.record(f"llproxy-{cores}w|{dialect}-stream|32", result)
-            bench.record(
-                f"llproxy-{cores}w|openai-stream|after", wrk(url, openai_stream, 32, args.duration)
-            )
+            compare_dialects()
             for name, (port, _) in targets.items():
                 bench.record(
                     f"{name}|json|1",
@@ -494,7 +536,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             w: [rss_mb(pid) for pid in workers_of(proc.pid)] for w, (_, proc) in llproxies.items()
         }
         soak = None
-        if args.soak_requests:
+        if args.soak_requests and not only_dialects:
             port, proc = llproxies[cores]
             before = [rss_mb(pid) for pid in workers_of(proc.pid)]
             print(
@@ -553,6 +595,23 @@ def bracket(before: list[Any], after: list[Any]) -> list[float]:
     return [(b.rps + a.rps) / 2 for b, a in zip(before, after, strict=True)]
 
 
+def dialect_verdicts(results: dict[str, list[Any]], top: str) -> list[str]:
+    """Each dialect stream's requests/s as a ratio of the OpenAI stream's around it."""
+    openai_stream = bracket(
+        results[f"{top}|openai-stream|before"], results[f"{top}|openai-stream|after"]
+    )
+    verdicts = []
+    for dialect in DIALECT_STREAMS:
+        translated = [r.rps for r in results[f"{top}|{dialect}-stream|32"]]
+        ratios = [x / y for x, y in zip(translated, openai_stream, strict=True) if y]
+        spread = f" (runs: {min(ratios):.2f}x to {max(ratios):.2f}x)" if len(ratios) > 1 else ""
+        verdicts.append(
+            f"{top} {dialect} stream c32: {statistics.median(translated):,.0f} req/s, "
+            f"{statistics.median(ratios):.2f}x the OpenAI stream{spread} (target ≥ 0.75x)"
+        )
+    return verdicts
+
+
 def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list[str]]:
     results: dict[str, list[Any]] = data["results"]
     cores = data["cores"]
@@ -605,15 +664,7 @@ def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list
         verdicts.append(
             f"{top} with a rate limit on, {key}: {limited:.2f}x of limits off (target ≥ 0.90x)"
         )
-    openai_stream = bracket(
-        results[f"{top}|openai-stream|before"], results[f"{top}|openai-stream|after"]
-    )
-    for dialect in DIALECT_STREAMS:
-        translated = [r.rps for r in results[f"{top}|{dialect}-stream|32"]]
-        verdicts.append(
-            f"{top} {dialect} stream c32: {statistics.median(translated):,.0f} req/s, "
-            f"{median_ratio(translated, openai_stream):.2f}x the OpenAI stream (target ≥ 0.75x)"
-        )
+    verdicts += dialect_verdicts(results, top)
     ttfb_rows = []
     for n in timed:
         samples = results[f"{n}|ttfb"]
@@ -652,14 +703,18 @@ def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list
             f"{soak['seconds']:.0f} s; worker RSS "
             f"{mb(soak['rss_before'])} → {mb(soak['rss_after'])}"
         )
+    verdicts.append(errors_verdict(results))
+    return rows, timing, verdicts
+
+
+def errors_verdict(results: dict[str, list[Any]]) -> str:
     errors = sum(
         r.errors
         for key, rs in results.items()
         if "|" in key and not key.endswith("ttfb")
         for r in rs
     )
-    verdicts.append(f"wrk errors (non-2xx or socket) over all runs: {errors}")
-    return rows, timing, verdicts
+    return f"wrk errors (non-2xx or socket) over all runs: {errors}"
 
 
 def markdown(
@@ -683,11 +738,9 @@ as a plain reverse proxy (`proxy_buffering off`, upstream keep-alive), and llpro
 1 worker and one per core (no rate limit, no verbose log), and one per core with a rate
 limit too high to refuse (`+limit`: what limiting costs). Streaming: 20 SSE chunks in
 the shape llama.cpp's server writes them (since 2026-12-02; before, each carried a
-timestamp of its own, which the translated streams' reader cannot cut by template); the
-same stream is also asked for as Anthropic Messages, OpenAI Responses and Ollama chat
-(c32, through llproxy with one worker per core) and compared with the mean of two runs of
-the OpenAI stream right before and after them; `+limit` likewise with the mean of the
-limits-off runs right before and after it.
+timestamp of its own, which the translated streams' reader cannot cut by template);
+{DIALECTS_METHOD} `+limit` likewise with the mean of the limits-off runs right before and
+after it.
 Stream timing: the upstream's delay mode (first chunk after 100 ms, then one every 10 ms),
 {args["stream_samples"]} sequential requests per target. Everything on 127.0.0.1 of one
 machine: wrk, the upstream, nginx and llproxy share its cores.
@@ -706,6 +759,37 @@ machine: wrk, the upstream, nginx and llproxy share its cores.
 """
 
 
+DIALECTS_METHOD = """the same stream is also asked for as Anthropic Messages, OpenAI Responses,
+Ollama chat and Gemini `streamGenerateContent?alt=sse` (c32, through llproxy with one
+worker per core), and an Anthropic client's stream from an Anthropic back-end
+(`anthropic-passthrough`: a managed endpoint with `"dialect": "anthropic"` in front of
+`fast_upstream.py --anthropic`, the same 20 text pieces as Messages events, passed on
+untranslated); each is compared with the mean of two runs of the OpenAI stream right
+before and after them (the ratios' spread over the repetitions in brackets)."""
+
+
+def dialects_markdown(data: dict[str, Any], verdicts: list[str]) -> str:
+    args = data["args"]
+    machine = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
+    return f"""<!-- dialects -->
+## Dialect streams (`--only dialects`)
+
+Made by `scripts/bench.py --only dialects` on {time.strftime("%Y-%m-%d")}: {args["reps"]}
+repetitions of `wrk -t1 -c32 -d{args["duration"]:g}s` per stream. The OpenAI stream is 20
+SSE chunks in llama.cpp's shape from `fast_upstream.py`; {DIALECTS_METHOD} The upstreams
+write their 20 pieces at once, so a translated stream reads them in one go and sends its
+client one text event where the OpenAI stream relays 20 chunks: a ratio above 1 comes
+from that. Everything shares the machine's cores with wrk and with other work: a
+ratio's spread is the machine's noise as much as the code's. A full run replaces this
+section with the same lines among its own.
+
+{chr(10).join(f"- {v}" for v in verdicts)}
+
+Machine: {machine}.
+<!-- /dialects -->
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
@@ -715,6 +799,11 @@ def main() -> None:
     parser.add_argument("--soak-max-seconds", type=float, default=300.0)
     parser.add_argument("--quick", action="store_true", help="1 repetition, 2 s runs, short soak")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument(
+        "--only",
+        choices=["dialects"],
+        help="only the dialect streams against the OpenAI stream (a section of its own)",
+    )
     parser.add_argument(
         "--capacity",
         action="store_true",
@@ -734,11 +823,25 @@ def main() -> None:
         args.reps, args.duration, args.stream_samples = 1, 2.0, 3
         args.soak_requests, args.soak_max_seconds = 50_000, 20.0
     data = run(args)
-    rows, timing, verdicts = report(data)
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=max(Console().width, 180))
+    output = Path(args.output)
+    if args.only == "dialects":
+        results = data["results"]
+        verdicts = [
+            *dialect_verdicts(results, f"llproxy-{data['cores']}w"),
+            errors_verdict(results),
+        ]
+        for verdict in verdicts:
+            console.print(f"• {verdict}", highlight=False)
+        from capacity import put_section
+
+        put_section(DIALECTS_SECTION, dialects_markdown(data, verdicts), output)
+        console.print(f"written to {args.output}")
+        return
+    rows, timing, verdicts = report(data)
     for title, content in (("llproxy benchmark (medians)", rows), ("stream timing", timing)):
         table = Table(title=title)
         for column in content[0]:
@@ -751,7 +854,6 @@ def main() -> None:
     # The capacity run (`--capacity`) writes a section of its own: kept.
     from capacity import keep_section
 
-    output = Path(args.output)
     kept = keep_section(output.read_text()) if output.exists() else ""
     output.write_text(markdown(data, rows, timing, verdicts) + kept)
     console.print(f"written to {args.output}")

@@ -336,14 +336,18 @@ def keep_section(old: str) -> str:
     return "\n" + match.group(0).strip("\n") + "\n" if match else ""
 
 
-def write(data: dict[str, Any], output: Path) -> None:
-    section = markdown(data)
+def put_section(pattern: re.Pattern[str], section: str, output: Path) -> None:
+    """Replace the section `pattern` finds in `output` with `section`, or append it."""
     old = output.read_text() if output.exists() else ""
-    if SECTION.search(old):
-        text = SECTION.sub(lambda _: "\n" + section, old, count=1)
+    if pattern.search(old):
+        text = pattern.sub(lambda _: "\n" + section, old, count=1)
     else:
         text = old.rstrip("\n") + "\n\n" + section
     output.write_text(text)
+
+
+def write(data: dict[str, Any], output: Path) -> None:
+    put_section(SECTION, markdown(data), output)
 
 
 def main(argv: list[str] | None = None) -> None:

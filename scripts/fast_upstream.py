@@ -6,7 +6,9 @@ stream's first chunk comes after --first-ms and every next one after --gap-ms, t
 whether a proxy forwards chunks as they arrive; with --paced too, one timer (every
 --tick-ms) writes the chunks of every stream that is due, so thousands of streams cost
 no timer each. It must never be the bottleneck, so it parses only what it needs: the
-request line, Content-Length and the stream flag.
+request line, Content-Length and the stream flag. With --anthropic it is a Messages API
+instead (`POST /v1/messages`): the same N text pieces as the events the real API streams;
+it lists no models, so an endpoint in front of it names them (`claude-bench`).
 """
 
 from __future__ import annotations
@@ -96,6 +98,71 @@ STREAM_HEAD = (
 STREAM_END = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
+def _anthropic_event(name: str, **data: object) -> bytes:
+    # The real API's framing: `event:` then `data:`, the `type` inside naming the event.
+    return _chunk(
+        f"event: {name}\ndata: ".encode() + orjson.dumps({"type": name, **data}) + b"\n\n"
+    )
+
+
+ANTHROPIC_MODEL = "claude-bench"
+ANTHROPIC_USAGE = {
+    "input_tokens": 9,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
+    "output_tokens": 1,
+}
+ANTHROPIC_MESSAGE: dict[str, object] = {
+    "id": "msg_bench",
+    "type": "message",
+    "role": "assistant",
+    "model": ANTHROPIC_MODEL,
+    "content": [],
+    "stop_reason": None,
+    "stop_sequence": None,
+    "usage": ANTHROPIC_USAGE,
+}
+
+
+def anthropic_stream(chunks: int) -> bytes:
+    """A whole Messages stream of `chunks` text deltas, in the order tests/fake_anthropic.py
+    and the real API send them: start, ping, one text block, the stop reason, the end."""
+    deltas = (
+        _anthropic_event(
+            "content_block_delta", index=0, delta={"type": "text_delta", "text": f"tok{i} "}
+        )
+        for i in range(chunks)
+    )
+    return b"".join(
+        (
+            _anthropic_event("message_start", message=ANTHROPIC_MESSAGE),
+            _anthropic_event("ping"),
+            _anthropic_event(
+                "content_block_start", index=0, content_block={"type": "text", "text": ""}
+            ),
+            *deltas,
+            _anthropic_event("content_block_stop", index=0),
+            _anthropic_event(
+                "message_delta",
+                delta={"stop_reason": "end_turn", "stop_sequence": None},
+                usage={"output_tokens": chunks},
+            ),
+            _anthropic_event("message_stop"),
+            b"0\r\n\r\n",
+        )
+    )
+
+
+ANTHROPIC_COMPLETION = orjson.dumps(
+    {
+        **ANTHROPIC_MESSAGE,
+        "content": [{"type": "text", "text": "Hello from the fast upstream."}],
+        "stop_reason": "end_turn",
+        "usage": {**ANTHROPIC_USAGE, "output_tokens": 6},
+    }
+)
+
+
 class Settings:
     chunks = 20
     delay = False
@@ -103,6 +170,7 @@ class Settings:
     gap_ms = 10.0
     tick_ms = 0.0
     pacer: Pacer | None = None
+    anthropic_stream = b""  # with --anthropic: the whole stream, made once
 
 
 class Pacer:
@@ -178,7 +246,14 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _respond(self, request_line: bytes, body: bytes) -> None:
         assert self.transport is not None
-        if request_line.startswith(b"get /v1/models"):
+        if self.settings.anthropic_stream:
+            if not request_line.startswith(b"post /v1/messages"):
+                self.transport.write(NOT_FOUND)
+            elif b'"stream":true' in body or b'"stream": true' in body:
+                self.transport.write(STREAM_HEAD + self.settings.anthropic_stream)
+            else:
+                self.transport.write(_json_response(ANTHROPIC_COMPLETION))
+        elif request_line.startswith(b"get /v1/models"):
             self.transport.write(_json_response(MODELS))
         elif request_line.startswith(b"post "):
             if b'"stream":true' in body or b'"stream": true' in body:
@@ -257,11 +332,20 @@ def main() -> None:
         help="with --delay: one timer for all streams instead of one per stream",
     )
     parser.add_argument("--tick-ms", type=float, default=1.0, help="the --paced timer's period")
+    parser.add_argument(
+        "--anthropic",
+        action="store_true",
+        help="answer as Anthropic's Messages API (POST /v1/messages), not OpenAI's; no --delay",
+    )
     args = parser.parse_args()
+    if args.anthropic and args.delay:
+        parser.error("--anthropic streams without --delay")
     settings = Settings()
     settings.chunks, settings.delay = args.chunks, args.delay
     settings.first_ms, settings.gap_ms = args.first_ms, args.gap_ms
     settings.tick_ms = args.tick_ms if args.paced else 0.0
+    if args.anthropic:
+        settings.anthropic_stream = anthropic_stream(args.chunks)
     uvloop.run(serve(args.host, args.port, settings))
 
 
