@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from . import __version__
 from .config import (
     EX_CONFIG,
     SECRET_GROUPS,
+    Capture,
     Config,
     ConfigError,
     resolve_config,
@@ -33,7 +35,15 @@ def build_config(
     aihostport = changes.pop("aihostport", None)
     if (aihost is None) != (aihostport is None):
         raise ConfigError("--aihost and --aihostport must be given together")
+    capture_dir = changes.pop("capture_dir", None)
     config = resolve_config(config_path, needs=needs)
+    if capture_dir is not None:
+        # --capture DIR: the config's capture settings, written there (or the defaults).
+        changes["capture"] = (
+            Capture(capture_dir)
+            if config.capture is None
+            else dataclasses.replace(config.capture, dir=capture_dir)
+        )
     if aihost is not None:
         changes["endpoints"] = single_server_endpoints(aihost, aihostport)
     return config.with_overrides(**changes)
@@ -171,6 +181,14 @@ def refuse_open_bind(config: Config, allow_open: bool) -> None:
     help="Serve a non-loopback address even though no API key exists.",
 )
 @env_option(
+    "--capture",
+    "capture_dir",
+    env="CAPTURE",
+    metavar="DIR",
+    help="Write every exchange (secrets masked) to DIR/capture-<worker>.jsonl; "
+    "see `capture` in the config. Read with `llproxy capture show`.",
+)
+@env_option(
     "-v",
     "--verbose",
     env="VERBOSE",
@@ -189,6 +207,7 @@ def serve(
     log_format: str,
     state_dir: str | None,
     allow_open: bool,
+    capture_dir: str | None,
     verbose: int,
 ) -> None:
     """Discover models and serve them on one OpenAI-compatible endpoint.
@@ -203,6 +222,7 @@ def serve(
         aihostport=aihostport,
         interval_ms=None if scan_interval is None else int(scan_interval * 1000),
         state_dir=state_dir,
+        capture_dir=capture_dir,
     )
     # A name for this running llproxy, so it never serves itself (see core.call.via_name).
     overrides["instance"] = secrets.token_hex(6)
@@ -414,3 +434,49 @@ def usage_command(
     since_time = since.timestamp() if since else None
     rows = usage_sums(state_directory(config_path, state_dir), since_time, by)
     show_usage(rows, by, as_json)
+
+
+@main.group()
+def capture() -> None:
+    """Read the wire capture (`capture` in the config, or `serve --capture DIR`)."""
+
+
+@capture.command("show")
+@config_option
+@click.option(
+    "--dir",
+    "directory",
+    metavar="DIR",
+    help="The capture directory [default: capture.dir of the config].",
+)
+@click.option(
+    "--last",
+    metavar="N",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="Show the last N exchanges (after the filters).",
+)
+@click.option("--model", "model_glob", metavar="GLOB", help="Only exchanges of these models.")
+@click.option("--failed", is_flag=True, help="Only exchanges answered with a status >= 400.")
+@click.option("--json", "as_json", is_flag=True, help="Print the captured lines as a JSON array.")
+def capture_show(
+    config_path: str | None,
+    directory: str | None,
+    last: int,
+    model_glob: str | None,
+    failed: bool,
+    as_json: bool,
+) -> None:
+    """Print captured exchanges: request and answer side by side, streams folded to text."""
+    from .telemetry.capture import select_exchanges
+    from .ui.capture import show_exchanges
+
+    if directory is None:
+        config = load_or_exit(config_path, frozenset())
+        if config.capture is None:
+            raise click.ClickException("no capture in the config: give --dir DIR")
+        directory = config.capture.dir
+    if not Path(directory).is_dir():
+        raise click.ClickException(f"no capture directory {directory}")
+    show_exchanges(select_exchanges(Path(directory), last, model_glob, failed), as_json)

@@ -109,6 +109,18 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class Capture:
+    """Where and what the wire capture writes (telemetry/capture.py); absent: off."""
+
+    dir: str
+    max_bytes: int = 100 * 1024 * 1024  # one file's size before it rotates
+    files: int = 10  # files kept per worker, the one being written included
+    models: tuple[str, ...] = ()  # globs of the model asked for or served; empty: all
+    keys: tuple[str, ...] = ()  # key names; empty: every client
+    failed_only: bool = False  # only exchanges answered with a status >= 400
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     bindip: str = "127.0.0.1"
     port: int = 42069
@@ -141,6 +153,7 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     redis_url: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # enables /admin/
+    capture: Capture | None = None
     source: str = "<built-in default>"
     # This running llproxy's name on the wire (Via, its model listing), so it never
     # discovers itself nor serves a request that went round through it. Set at start.
@@ -465,6 +478,7 @@ _TOP_KEYS = {
     "trusted_proxies",
     "redis_url",
     "admin_key",
+    "capture",
 }
 MIN_STATIC_KEY_LENGTH = 16
 # Positive whole numbers that bound what a client or an upstream may send.
@@ -534,7 +548,31 @@ def parse_config(
         admin_key=_optional(
             obj, "admin_key", lambda v: _long_secret("admin_key", v, env, "admin_key"), None
         ),
+        capture=_optional(obj, "capture", lambda v: _capture("capture", v), None),
         source=source,
+    )
+
+
+def _capture(path: str, value: Any) -> Capture:
+    obj = _expect(path, value, dict, "a JSON object")
+    _check_keys(path, obj, {"dir", "max_bytes", "files", "models", "keys", "failed_only"})
+    if "dir" not in obj:
+        raise ConfigError(f"{path}.dir: required")
+    defaults = Capture("")
+    return Capture(
+        dir=_nonempty_str(f"{path}.dir", obj["dir"]),
+        max_bytes=_optional(
+            obj, "max_bytes", partial(_positive_int, f"{path}.max_bytes"), defaults.max_bytes
+        ),
+        files=_optional(obj, "files", partial(_positive_int, f"{path}.files"), defaults.files),
+        models=_optional(obj, "models", partial(_string_list, f"{path}.models"), ()),
+        keys=_optional(obj, "keys", partial(_string_list, f"{path}.keys"), ()),
+        failed_only=_optional(
+            obj,
+            "failed_only",
+            lambda v: _expect(f"{path}.failed_only", v, bool, "a boolean"),
+            False,
+        ),
     )
 
 

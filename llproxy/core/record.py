@@ -32,9 +32,11 @@ class RequestRecord:
     # the client has its bytes, so parsing a long completion does not delay them. It
     # holds no reference back to the record: no cycle to collect.
     read_usage: Callable[[], Any] | None = None
-    # Kept only when bodies are logged (-vv).
+    # Kept only when bodies are logged (-vv) or captured.
     request_body: bytes | None = None
     response_body: bytes | None = None
+    # A streamed answer's bytes as the client got them, kept only for the wire capture.
+    response_chunks: list[bytes] | None = None
 
     def take_usage(self, document: Any) -> bool:
         """Record the `usage` of a decoded answer or chunk; False when it has none."""

@@ -12,6 +12,7 @@ from aiohttp import web
 from ..core.record import RequestRecord
 from ..core.usage import UsageRecord
 from ..stores import UsageSink
+from ..telemetry.capture import CaptureWriter, Exchange
 from ..telemetry.metrics import Telemetry
 
 access_log = logging.getLogger("llproxy.access")
@@ -32,10 +33,17 @@ _SECRET_FIELDS = re.compile(
 
 
 class Accounting:
-    def __init__(self, telemetry: Telemetry, usage: UsageSink, worker_id: int) -> None:
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        usage: UsageSink,
+        worker_id: int,
+        capture: CaptureWriter | None = None,
+    ) -> None:
         self.telemetry = telemetry
         self.usage = usage
         self.worker_id = worker_id
+        self.capture = capture  # None: the wire capture is off
 
     def resolved(self, record: RequestRecord, model: str) -> None:
         """The request is for this registry model: under way until `account`."""
@@ -90,6 +98,47 @@ class Accounting:
             errors[key] = errors.get(key, 0) + record.dropped_chunks
         if access_log.isEnabledFor(logging.INFO):
             self._log(request, record, status, duration, first_byte)
+        if self.capture is not None:
+            self._capture(self.capture, request, record, status, duration, first_byte)
+
+    def _capture(
+        self,
+        capture: CaptureWriter,
+        request: web.Request,
+        record: RequestRecord,
+        status: int,
+        duration: float,
+        first_byte: float | None,
+    ) -> None:
+        """The exchange handed to the capture's thread, unformatted: formatting, redaction
+        and the disk are the thread's, off this loop."""
+        key = None if record.key is None else record.key.name
+        if not capture.wants(status, record.model, record.served, key):
+            return
+        exchange = Exchange(
+            time.time() - duration,
+            first_byte,
+            duration,
+            request.method,
+            request.path_qs,
+            tuple(request.headers.items()),
+            record.request_body,
+            status,
+            record.response_body
+            if record.response_chunks is None
+            else b"".join(record.response_chunks),
+            record.dialect,
+            record.answered_in,
+            record.model,
+            record.served,
+            record.upstream,
+            key,
+            record.upstream_error,
+        )
+        if capture.offer(exchange):
+            self.telemetry.captured += 1
+        else:
+            self.telemetry.capture_dropped += 1
 
     def _log(
         self,

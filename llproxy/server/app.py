@@ -8,6 +8,7 @@ Every request passes the boundary middleware first.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -90,7 +91,13 @@ def serve_alone(config: Config) -> web.Application:
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     state.services.start()
+    capture = state.accounting.capture
+    if capture is not None:
+        capture.start()
     yield
+    if capture is not None:
+        # The last exchanges written; in a thread, since the disk may be slow.
+        await asyncio.get_running_loop().run_in_executor(None, capture.close)
     await state.backend.close()
     await state.services.close()
 

@@ -42,7 +42,10 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
     state = request.app[STATE]
     record = request[RECORD]
     raw = await read_body(request, state.config)
-    if access_log.isEnabledFor(logging.DEBUG):
+    if state.accounting.capture is not None:
+        record.request_body = raw
+        record.response_chunks = []
+    elif access_log.isEnabledFor(logging.DEBUG):
         record.request_body = raw
     translation = spec.dialect.translate(spec.route, incoming(request, raw))
     if isinstance(translation, Answer):

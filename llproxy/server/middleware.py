@@ -52,6 +52,11 @@ async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         response = await _answer(request, handler, state, spec, dialect, record)
         status = response.status
+        if state.accounting.capture is not None and isinstance(response, web.Response):
+            # A whole answer (an error too) as the client gets it, for the wire capture.
+            record.response_chunks = None
+            if isinstance(response.body, bytes):
+                record.response_body = response.body
         try:
             await finish(request, response, request[DELIVERY])
         except ConnectionResetError:

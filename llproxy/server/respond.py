@@ -91,7 +91,8 @@ async def stream_early(
     opened: list[tuple[ClientStream, asyncio.Future[None]]] = []
 
     def open_now() -> None:
-        client = ClientStream(request, translation.stream_transform(record, None), delivery)
+        transform = translation.stream_transform(record, None)
+        client = ClientStream(request, transform, delivery, record.response_chunks)
         opened.append((client, asyncio.ensure_future(client.open(200, {}, announce=True))))
 
     # A timer, not a task beside every request: most models answer before it fires.
@@ -148,7 +149,7 @@ async def answer_or_stream(
         # a status here, nothing is sent yet.
         whole = as_stream(reply, translation.target) if reply.stream is None else None
         transform = translation.stream_transform(record, reply)
-        client = ClientStream(request, transform, delivery)
+        client = ClientStream(request, transform, delivery, record.response_chunks)
         await client.open(reply.status, reply.headers, at_once=reply.awaited)
         if whole is not None:
             await client.end(transform.feed(whole) + transform.finish())
@@ -165,9 +166,14 @@ class ClientStream:
     keepalive, and ended once."""
 
     def __init__(
-        self, request: web.Request, transform: StreamTransform, delivery: Delivery
+        self,
+        request: web.Request,
+        transform: StreamTransform,
+        delivery: Delivery,
+        kept: list[bytes] | None = None,
     ) -> None:
         self.request = request
+        self.kept = kept  # what was sent, for the wire capture (None: not kept)
         self.transform = transform
         self.delivery = delivery
         self.response = EventStream()
@@ -209,6 +215,8 @@ class ClientStream:
 
     async def write(self, data: bytes) -> None:
         self.last_write = asyncio.get_running_loop().time()
+        if self.kept is not None:
+            self.kept.append(data)
         await self.response.write(data)
 
     async def relay(self, reply: Reply) -> None:
@@ -240,6 +248,8 @@ class ClientStream:
             self._timer = None
         if self._ping is not None:
             self._ping.cancel()
+        if self.kept is not None:
+            self.kept.append(last)
         await self.response.write_eof(last)
 
     def _due(self) -> None:

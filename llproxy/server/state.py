@@ -34,6 +34,7 @@ from ..dialects.responses import ResponsesDialect
 from ..gateway import Gateway
 from ..gateway.accounting import Accounting
 from ..stores import Services
+from ..telemetry.capture import CaptureWriter
 from ..telemetry.desk import desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .respond import Delivery
@@ -86,7 +87,12 @@ class ProxyState:
         # The operator sockets open in this process, closed when it retires.
         self.operator_sockets: set[web.WebSocketResponse] = set()
         self.gateway = Gateway(config, services.keys, services.rate)
-        self.accounting = Accounting(self.telemetry, services.usage, worker_id)
+        capture = (
+            None
+            if config.capture is None
+            else CaptureWriter(config.capture, worker_id, config.secrets())
+        )
+        self.accounting = Accounting(self.telemetry, services.usage, worker_id, capture)
         self.dialects: tuple[Dialect, ...] = (
             OpenAIDialect(config.forward_paths),
             AnthropicDialect(),

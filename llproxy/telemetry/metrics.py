@@ -84,6 +84,9 @@ class Telemetry:
     time_to_first_token: dict[str, Histogram] = field(default_factory=dict)
     duration: dict[str, Histogram] = field(default_factory=dict)
     upstream_errors: dict[tuple[str, str], int] = field(default_factory=dict)
+    # The wire capture: exchanges queued for writing, and dropped because its queue was full.
+    captured: int = 0
+    capture_dropped: int = 0
 
     def count_request(self, model: str, status: int, dialect: str) -> None:
         key = (model, str(status), dialect)
@@ -118,6 +121,8 @@ class Telemetry:
         _add_counts(self.prompt_tokens, other.prompt_tokens)
         _add_counts(self.generation_tokens, other.generation_tokens)
         _add_counts(self.upstream_errors, other.upstream_errors)
+        self.captured += other.captured
+        self.capture_dropped += other.capture_dropped
         for mine, theirs in (
             (self.time_to_first_token, other.time_to_first_token),
             (self.duration, other.duration),
@@ -217,6 +222,15 @@ def _families(
     for (upstream, kind), count in sorted(requests.upstream_errors.items()):
         errors.add_metric([upstream, kind], count)
     yield errors
+    if requests.captured or requests.capture_dropped:  # the capture is on
+        yield CounterMetricFamily(
+            "llproxy_capture_exchanges", "Exchanges queued for the wire capture", requests.captured
+        )
+        yield CounterMetricFamily(
+            "llproxy_capture_dropped",
+            "Exchanges the wire capture dropped because its queue was full",
+            requests.capture_dropped,
+        )
     if discovery is not None:
         yield GaugeMetricFamily("llproxy_models", "Models in the registry", value=discovery.models)
         yield GaugeMetricFamily(
