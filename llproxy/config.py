@@ -553,13 +553,18 @@ def parse_config(
     )
 
 
-def _capture(path: str, value: Any) -> Capture:
+def _capture(path: str, value: Any) -> Capture | None:
+    """The capture settings; None (off) with `"enable": false`, checked all the same."""
     obj = _expect(path, value, dict, "a JSON object")
-    _check_keys(path, obj, {"dir", "max_bytes", "files", "models", "keys", "failed_only"})
+    allowed = {"dir", "max_bytes", "files", "models", "keys", "failed_only", "enable"}
+    _check_keys(path, obj, allowed)
+    enable = _optional(
+        obj, "enable", lambda v: _expect(f"{path}.enable", v, bool, "a boolean"), True
+    )
     if "dir" not in obj:
         raise ConfigError(f"{path}.dir: required")
     defaults = Capture("")
-    return Capture(
+    capture = Capture(
         dir=_nonempty_str(f"{path}.dir", obj["dir"]),
         max_bytes=_optional(
             obj, "max_bytes", partial(_positive_int, f"{path}.max_bytes"), defaults.max_bytes
@@ -574,6 +579,7 @@ def _capture(path: str, value: Any) -> Capture:
             False,
         ),
     )
+    return capture if enable else None
 
 
 def rate_limit_value(path: str, value: Any) -> str | None:

@@ -199,10 +199,15 @@ def test_config_errors_name_the_field() -> None:
         ({"dir": "/x", "models": "m*"}, "capture.models: must be a list"),
         ({"dir": "/x", "failed_only": 1}, "capture.failed_only: must be a boolean"),
         ({"dir": "/x", "size": 1}, "capture.size: unknown key"),
+        ({"dir": "/x", "enable": "no"}, "capture.enable: must be a boolean"),
     ):
         with pytest.raises(ConfigError, match=message):
             parse_config({"capture": capture})
     assert parse_config({}).capture is None
+    assert parse_config({"capture": {"dir": "/x", "enable": False}}).capture is None
+    assert parse_config({"capture": {"dir": "/x", "keys": ["a"]}}).capture == Capture(
+        "/x", keys=("a",)
+    )
 
 
 async def test_serve_capture_flag_writes_a_file_per_worker(
