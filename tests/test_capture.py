@@ -68,7 +68,9 @@ async def test_every_dialect_is_captured_without_a_secret(
     async with anthropic.AsyncAnthropic(
         base_url=proxy.url, api_key=STATIC, max_retries=0
     ) as claude:
-        message = await claude.messages.create(model="fake-model", max_tokens=50, messages=CHAT)
+        message = await claude.messages.create(
+            model="fake-model", max_tokens=50, system="Be brief.", messages=CHAT
+        )
         assert message.content
     body = {"contents": [{"parts": [{"text": "hi"}]}]}
     async with httpx.AsyncClient(base_url=proxy.url) as raw:
@@ -113,6 +115,12 @@ async def test_every_dialect_is_captured_without_a_secret(
     assert header(translated, "authorization") == "***"
     assert json.loads(translated["request"]["body"])["max_tokens"] == 50
     assert json.loads(translated["response"]["body"])["type"] == "message"
+    # ... and the other side: the OpenAI-shaped request routed and the upstream's answer.
+    routed = json.loads(translated["upstream_request"]["body"])
+    assert routed["messages"] == [{"role": "system", "content": "Be brief."}, *CHAT]
+    assert json.loads(translated["upstream_response"]["body"])["choices"]
+    assert json.loads(by_query["upstream_request"]["body"])["messages"]
+    assert streamed["upstream_response"]["body"].startswith("data: {")
     assert by_query["request"]["path"] == f"{GEMINI}?key=***"
     assert header(by_header, "x-goog-api-key") == "***"
     assert header(by_x_api_key, "x-api-key") == "***"

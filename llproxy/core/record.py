@@ -35,8 +35,11 @@ class RequestRecord:
     # Kept only when bodies are logged (-vv) or captured.
     request_body: bytes | None = None
     response_body: bytes | None = None
-    # A streamed answer's bytes as the client got them, kept only for the wire capture.
+    # Kept only for the wire capture: a streamed answer's bytes as the client got them,
+    # the internal (OpenAI-shaped) request routed, and the upstream's answer as it came.
     response_chunks: list[bytes] | None = None
+    upstream_request: bytes | None = None
+    upstream_chunks: list[bytes] | None = None
 
     def take_usage(self, document: Any) -> bool:
         """Record the `usage` of a decoded answer or chunk; False when it has none."""

@@ -134,6 +134,8 @@ class Accounting:
             record.upstream,
             key,
             record.upstream_error,
+            record.upstream_request,
+            None if record.upstream_chunks is None else b"".join(record.upstream_chunks),
         )
         if capture.offer(exchange):
             self.telemetry.captured += 1

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from ..core.answer import as_asked
-from ..core.call import Call, Reply, within_context
+from ..core.call import Call, JsonPayload, Reply, within_context
 from ..core.errors import InvalidRequest
 from ..core.keys import ApiKey
 from ..core.record import RequestRecord
@@ -62,6 +62,12 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
     # Encoded before a replica is chosen (once, for the id replicas most likely share):
     # a body that cannot be written is the client's 400, not a replica's failure.
     payload.prepare(model.replicas[0].upstream_id if model.replicas else model.name)
+    if record.response_chunks is not None and isinstance(payload, JsonPayload):
+        # The wire capture's upstream side: the body as encoded above (no work added).
+        record.upstream_request = payload.encode(
+            model.replicas[0].upstream_id if model.replicas else model.name
+        )
+        record.upstream_chunks = []
     call = Call(
         translation.target, model.name, payload, translation.stream, request.headers.get("Via", "")
     )
@@ -102,6 +108,8 @@ async def answered(
     except BaseException:
         reply.close()
         raise
+    if record.upstream_chunks is not None:
+        record.upstream_chunks.append(reply.body)
     return reply
 
 

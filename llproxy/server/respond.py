@@ -92,7 +92,7 @@ async def stream_early(
 
     def open_now() -> None:
         transform = translation.stream_transform(record, None)
-        client = ClientStream(request, transform, delivery, record.response_chunks)
+        client = ClientStream(request, transform, delivery, record)
         opened.append((client, asyncio.ensure_future(client.open(200, {}, announce=True))))
 
     # A timer, not a task beside every request: most models answer before it fires.
@@ -149,7 +149,7 @@ async def answer_or_stream(
         # a status here, nothing is sent yet.
         whole = as_stream(reply, translation.target) if reply.stream is None else None
         transform = translation.stream_transform(record, reply)
-        client = ClientStream(request, transform, delivery, record.response_chunks)
+        client = ClientStream(request, transform, delivery, record)
         await client.open(reply.status, reply.headers, at_once=reply.awaited)
         if whole is not None:
             await client.end(transform.feed(whole) + transform.finish())
@@ -170,10 +170,12 @@ class ClientStream:
         request: web.Request,
         transform: StreamTransform,
         delivery: Delivery,
-        kept: list[bytes] | None = None,
+        record: RequestRecord,
     ) -> None:
         self.request = request
-        self.kept = kept  # what was sent, for the wire capture (None: not kept)
+        # For the wire capture (None: not kept): what was sent, what the upstream sent.
+        self.kept = record.response_chunks
+        self.upstream_kept = record.upstream_chunks
         self.transform = transform
         self.delivery = delivery
         self.response = EventStream()
@@ -237,6 +239,8 @@ class ClientStream:
                 if relay:
                     await self.write(relay)
                 chunk = await source.next()
+                if self.upstream_kept is not None:
+                    self.upstream_kept.append(chunk)
             last += transform.finish()
         except ProxyError as error:
             last += transform.fail(error)

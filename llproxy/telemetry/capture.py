@@ -65,6 +65,10 @@ class Exchange:
     upstream: str | None
     key: str | None  # the client key's name
     upstream_error: str | None
+    # The internal OpenAI-shaped request routed (what an OpenAI-dialect replica gets) and
+    # the upstream's answer before the client's dialect made it its own.
+    upstream_request: bytes | None = None
+    upstream_response: bytes | None = None
 
 
 class CaptureWriter:
@@ -186,7 +190,24 @@ class CaptureWriter:
             },
             "response": body(exchange.response_body, redact),
         }
+        # The upstream side only where it differs: a translated dialect, a rewritten model.
+        if exchange.upstream_request is not None and not same_json(
+            exchange.upstream_request, exchange.request_body
+        ):
+            entry["upstream_request"] = body(exchange.upstream_request, redact)
+        if (
+            exchange.upstream_response is not None
+            and exchange.upstream_response != exchange.response_body
+        ):
+            entry["upstream_response"] = body(exchange.upstream_response, redact)
         return orjson.dumps(entry) + b"\n"
+
+
+def same_json(one: bytes, other: bytes | None) -> bool:
+    try:
+        return other is not None and orjson.loads(one) == orjson.loads(other)
+    except orjson.JSONDecodeError:
+        return one == other
 
 
 def headers(items: Sequence[tuple[str, str]], redact: Redactor) -> dict[str, str]:
