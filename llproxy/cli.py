@@ -472,6 +472,61 @@ def capture_show(
     from .telemetry.capture import select_exchanges
     from .ui.capture import show_exchanges
 
+    found = select_exchanges(capture_directory(config_path, directory), last, model_glob, failed)
+    show_exchanges(found, as_json)
+
+
+@capture.command("replay")
+@config_option
+@click.option(
+    "--dir",
+    "directory",
+    metavar="DIR",
+    help="The capture directory [default: capture.dir of the config].",
+)
+@env_option(
+    "--url",
+    env="URL",
+    metavar="URL",
+    default="http://127.0.0.1:42069",
+    show_default=True,
+    help="The llproxy to send it to.",
+)
+@env_option(
+    "--key",
+    env="KEY",
+    metavar="KEY",
+    help="The API key to send it with (the capture holds none).",
+)
+@click.argument("exchange_id", metavar="ID")
+def capture_replay(
+    config_path: str | None, directory: str | None, url: str, key: str | None, exchange_id: str
+) -> None:
+    """Send a captured request (by its id, see `capture show`) to llproxy again and show
+    the new answer beside the captured one."""
+    import asyncio
+
+    from .telemetry.capture import read_exchanges
+    from .ui.capture import replay, show_replay
+
+    found = [
+        e
+        for e in read_exchanges(capture_directory(config_path, directory))
+        if e.get("id") == exchange_id
+    ]
+    if not found:
+        raise click.ClickException(f"no captured exchange {exchange_id}")
+    try:
+        status, answer = asyncio.run(replay(found[-1], url, key))
+    except ValueError as exc:
+        raise click.ClickException(f"cannot replay {exchange_id}: {exc}") from None
+    except (TimeoutError, OSError) as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    show_replay(found[-1], status, answer)
+
+
+def capture_directory(config_path: str | None, directory: str | None) -> Path:
+    """--dir, else the config's capture.dir."""
     if directory is None:
         config = load_or_exit(config_path, frozenset())
         if config.capture is None:
@@ -479,4 +534,4 @@ def capture_show(
         directory = config.capture.dir
     if not Path(directory).is_dir():
         raise click.ClickException(f"no capture directory {directory}")
-    show_exchanges(select_exchanges(Path(directory), last, model_glob, failed), as_json)
+    return Path(directory)

@@ -4,8 +4,11 @@ read back by `llproxy capture show`; and `serve --capture DIR` in a real process
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,22 @@ Start = Callable[..., Awaitable[LlproxyProcess]]
 
 def lines(directory: Path) -> list[dict[str, Any]]:
     return [dict(entry) for entry in read_exchanges(directory)]
+
+
+async def llproxy_command(*args: str) -> tuple[int, str, str]:
+    """A one-shot `llproxy` command that runs while this test's in-process proxy serves."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llproxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def header(entry: dict[str, Any], name: str) -> str:
@@ -141,6 +160,22 @@ async def test_every_dialect_is_captured_without_a_secret(
         "capture", "show", "--dir", str(directory), "--model", "no-*", "--json", state=state
     )
     assert [e["status"] for e in json.loads(by_model.stdout)] == [404]
+
+    # Replayed with a key of the caller's (the capture holds none): the answer beside.
+    before = len(scenario.bodies())
+    code, out, err = await llproxy_command(
+        "capture", "replay", by_x_api_key["id"], "--dir", str(directory),
+        "--url", proxy.url, "--key", STATIC,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "captured: 200" in out and "now: 200" in out and "Hello, world!" in out
+    assert len(scenario.bodies()) == before + 1  # it reached the model again
+    code, out, err = await llproxy_command(
+        "capture", "replay", by_x_api_key["id"], "--dir", str(directory), "--url", proxy.url
+    )
+    assert code == 0 and "now: 401" in out  # without a key: refused, shown as it is
+    code, out, err = await llproxy_command("capture", "replay", "nope", "--dir", str(directory))
+    assert code == 1 and "no captured exchange nope" in err
 
 
 @pytest.mark.parametrize(

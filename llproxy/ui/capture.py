@@ -3,6 +3,7 @@ answer side by side, a stream folded to its text and its number of events."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -132,3 +133,56 @@ def event_text(event: Any) -> str:
             if isinstance(part, dict):
                 pieces.append(part.get("text"))
     return "".join(piece for piece in pieces if isinstance(piece, str))
+
+
+# Headers a replay does not copy: the connection's own, and the masked credentials.
+_NOT_REPLAYED = frozenset({"host", "content-length", "connection", "accept-encoding"})
+
+
+async def replay(
+    entry: Mapping[str, Any], url: str, key: str | None, timeout: float = 600
+) -> tuple[int, str]:
+    """Send a captured request to llproxy again (with `key` instead of the masked one):
+    its new status and answer."""
+    import aiohttp
+
+    request = entry.get("request") or {}
+    body = request.get("body")
+    if body is None or request.get("truncated"):
+        raise ValueError("its request body was not kept whole")
+    # The `?key=` was masked: the key goes in a header instead.
+    path = re.sub(r"[?&]key=\*\*\*", "", str(request.get("path") or "/"))
+    headers = {
+        name: value
+        for name, value in (request.get("headers") or {}).items()
+        if name.lower() not in _NOT_REPLAYED and "***" not in value
+    }
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.request(
+                str(request.get("method") or "POST"),
+                url.rstrip("/") + path,
+                data=body.encode(),
+                headers=headers,
+            ) as response,
+        ):
+            return response.status, (await response.read()).decode("utf-8", "replace")
+    except aiohttp.ClientError as exc:
+        raise OSError(str(exc) or type(exc).__name__) from None
+
+
+def show_replay(entry: Mapping[str, Any], status: int, answer: str) -> None:
+    """The captured answer beside the new one."""
+    sides = Table(expand=True, show_edge=False)
+    old = int(entry.get("status") or 0)
+    sides.add_column(f"captured: {old}")
+    sides.add_column(f"now: {status}")
+    sides.add_row(
+        Text(readable_answer((entry.get("response") or {}).get("body"))),
+        Text(readable_answer(answer)),
+    )
+    title = f"replay of {entry.get('id', '?')}: {entry.get('model') or '-'}"
+    Console().print(Panel(sides, title=title, title_align="left"))
