@@ -38,9 +38,12 @@ class Accounting:
         self.worker_id = worker_id
 
     def resolved(self, record: RequestRecord, model: str) -> None:
-        """The request is for this registry model: under way until `account`."""
-        record.served = model
+        """The request is for this registry model: under way until `account` (or until a
+        fallback chain moves it to another)."""
         in_flight = self.telemetry.in_flight
+        if record.served is not None:
+            in_flight[record.served] -= 1
+        record.served = model
         in_flight[model] = in_flight.get(model, 0) + 1
 
     def account(
