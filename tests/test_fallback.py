@@ -3,6 +3,7 @@ fails before the client has a byte, and never widens what a key may reach."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import anthropic
@@ -12,7 +13,7 @@ import pytest
 from llproxy.config import ConfigError, parse_config
 from llproxy.core.fallback import retry_after
 
-from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory
+from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory, recorded
 from .process import create_key
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -205,3 +206,57 @@ def test_retry_after_reads_seconds_dates_and_milliseconds() -> None:
 def test_a_bad_chain_names_its_field(aliases: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config({"aliases": aliases})
+
+
+async def test_no_first_byte_in_time_falls_to_the_next_model(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    first, second, proxy = await _pair(start_upstream, start_proxy, timeouts={"first_byte": 0.5})
+    first.fake.hang = True
+    assert (await asyncio.wait_for(_chat(proxy), 20))[:2] == (200, "second")
+    await asyncio.wait_for(first.fake.disconnected.wait(), 10)  # the silent one was let go
+
+
+async def test_nothing_is_tried_again_after_the_first_byte(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    first, second, proxy = await _pair(start_upstream, start_proxy)
+    first.fake.die_after_chunks = 2  # the stream breaks after the client had its start
+    text = ""
+    with pytest.raises(openai.APIError):
+        stream = await proxy.client().chat.completions.create(
+            model="smart",
+            messages=HELLO,  # type: ignore[arg-type]
+            stream=True,
+        )
+        async for chunk in stream:
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert len(first.fake.generation_requests) == 1
+    assert not second.fake.generation_requests
+
+
+async def test_a_client_leaving_during_fallback_stops_every_attempt(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    first, second, proxy = await _pair(start_upstream, start_proxy)
+    first.fake.hang = True
+    asking = asyncio.create_task(_chat(proxy))
+    await asyncio.wait_for(first.fake.got_request.wait(), 10)
+    asking.cancel()
+    await asyncio.wait_for(first.fake.disconnected.wait(), 10)
+    await asyncio.sleep(0.3)  # room for a wrong second attempt to arrive
+    assert not second.fake.generation_requests
+
+
+async def test_the_usage_record_names_the_model_that_answered(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    first, second, proxy = await _pair(start_upstream, start_proxy)
+    first.fake.fail_status = 503
+    await _chat(proxy)
+    rows = await recorded(tmp_path / "state", "model", 1)
+    assert [(r["model"], r["requests"]) for r in rows] == [("second", 1)]
+    metrics = (await proxy.state.metrics()).decode()
+    answered = [line for line in metrics.splitlines() if line.startswith("llproxy_requests_total")]
+    assert answered and all('model="second"' in line for line in answered)
+    assert 'llproxy_requests_in_flight{model="first"} 0.0' in metrics
