@@ -215,6 +215,7 @@ async def test_no_first_byte_in_time_falls_to_the_next_model(
     first.fake.hang = True
     assert (await asyncio.wait_for(_chat(proxy), 20))[:2] == (200, "second")
     await asyncio.wait_for(first.fake.disconnected.wait(), 10)  # the silent one was let go
+    assert len(second.fake.generation_requests) == 1
 
 
 async def test_nothing_is_tried_again_after_the_first_byte(
@@ -254,6 +255,7 @@ async def test_the_usage_record_names_the_model_that_answered(
     first, second, proxy = await _pair(start_upstream, start_proxy)
     first.fake.fail_status = 503
     await _chat(proxy)
+    assert len(second.fake.generation_requests) == 1
     rows = await recorded(tmp_path / "state", "model", 1)
     assert [(r["model"], r["requests"]) for r in rows] == [("second", 1)]
     metrics = (await proxy.state.metrics()).decode()
