@@ -4,6 +4,7 @@ fails before the client has a byte, and never widens what a key may reach."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import anthropic
@@ -12,6 +13,7 @@ import pytest
 
 from llproxy.config import ConfigError, parse_config
 from llproxy.core.fallback import retry_after
+from llproxy.ui.logs import render_request
 
 from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory, recorded
 from .process import create_key
@@ -250,11 +252,18 @@ async def test_a_client_leaving_during_fallback_stops_every_attempt(
 
 
 async def test_the_usage_record_names_the_model_that_answered(
-    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path
+    start_upstream: UpstreamFactory,
+    start_proxy: ProxyFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="llproxy.access")
     first, second, proxy = await _pair(start_upstream, start_proxy)
     first.fake.fail_status = 503
     await _chat(proxy)
+    lines = [r.__dict__ for r in caplog.records if r.__dict__.get("event") == "request"]
+    assert [(line["model"], line["served"]) for line in lines] == [("smart", "second")]
+    assert "smart = second" in render_request(lines[0]).plain
     assert len(second.fake.generation_requests) == 1
     rows = await recorded(tmp_path / "state", "model", 1)
     assert [(r["model"], r["requests"]) for r in rows] == [("second", 1)]

@@ -120,6 +120,7 @@ class Accounting:
                 "path": request.path,
                 "dialect": record.dialect,
                 "model": record.model,
+                "served": record.served,  # the registry model that answered (a chain's)
                 "upstream": record.upstream,
                 "status": status,
                 "ttfb_ms": None if first_byte is None else round(first_byte * 1000, 1),
