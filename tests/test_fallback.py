@@ -7,7 +7,9 @@ import asyncio
 import logging
 from pathlib import Path
 
+import aiohttp
 import anthropic
+import ollama
 import openai
 import pytest
 
@@ -271,3 +273,24 @@ async def test_the_usage_record_names_the_model_that_answered(
     answered = [line for line in metrics.splitlines() if line.startswith("llproxy_requests_total")]
     assert answered and all('model="second"' in line for line in answered)
     assert 'llproxy_requests_in_flight{model="first"} 0.0' in metrics
+
+
+async def test_the_ollama_and_gemini_faces_fall_over_too(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    first, second, proxy = await _pair(start_upstream, start_proxy)
+    first.fake.fail_status = 502
+    webui = ollama.AsyncClient(host=proxy.url)
+    chat = await webui.chat("smart", HELLO)
+    await webui.close()
+    assert chat.model == "smart" and chat.message.content
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{proxy.url}/v1beta/models/smart:generateContent",
+            json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+        ) as resp,
+    ):
+        assert resp.status == 200 and resp.headers["x-llproxy-model"] == "second"
+        assert (await resp.json())["candidates"]
+    assert len(first.fake.generation_requests) == len(second.fake.generation_requests) == 2
