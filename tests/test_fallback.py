@@ -18,6 +18,7 @@ from llproxy.core.fallback import retry_after
 from llproxy.ui.logs import render_request
 
 from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory, recorded
+from .operator_client import open_desk
 from .process import create_key
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -294,3 +295,27 @@ async def test_the_ollama_and_gemini_faces_fall_over_too(
         assert resp.status == 200 and resp.headers["x-llproxy-model"] == "second"
         assert (await resp.json())["candidates"]
     assert len(first.fake.generation_requests) == len(second.fake.generation_requests) == 2
+
+
+async def test_an_operators_fallback_to_a_chain_falls_over(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    first = await start_upstream(model_ids=["first"])
+    second = await start_upstream(model_ids=["second"])
+    first.fake.fail_status = 500
+    quick = {"operator": "human", "tags": ["quick"], "queue_timeout": 0.3, "fallback": "smart"}
+    desk = await open_desk(
+        start_proxy,
+        tmp_path / "state",
+        [first.endpoint(), second.endpoint(), quick],
+        aliases={"smart": ["first", "second"]},
+    )
+    answer = await asyncio.wait_for(
+        desk.client().chat.completions.create(
+            model="human:quick",
+            messages=HELLO,  # type: ignore[arg-type]
+        ),
+        20,
+    )
+    assert answer.choices[0].message.content
+    assert len(first.fake.generation_requests) == len(second.fake.generation_requests) == 1
