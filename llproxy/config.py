@@ -142,7 +142,8 @@ class Config:
     # Paths below /v1/ forwarded besides the built-in inference ones (e.g. "tokenize").
     forward_paths: tuple[str, ...] = ()
     # Other names for models: (exact name or glob, model name), in the file's order.
-    aliases: tuple[tuple[str, str], ...] = ()
+    # Each alias names a chain: the models tried in order (one, for a plain alias).
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Extra Host header names accepted when bound to loopback (e.g. behind a local nginx).
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
@@ -650,14 +651,20 @@ def _cors_origins(path: str, value: Any) -> tuple[str, ...]:
     return tuple(o.rstrip("/") for o in origins)
 
 
-def _aliases(path: str, value: Any) -> tuple[tuple[str, str], ...]:
-    obj = _expect(path, value, dict, "an object of name (or glob) → model name")
+def _aliases(path: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    obj = _expect(path, value, dict, "an object of name (or glob) → model name or list of them")
     pairs = []
     for name, target in obj.items():
         where = f"{path}.{name}"
         if not name.strip() or not name.isprintable():
             raise ConfigError(f"{path}: a name must be printable and not empty, got {name!r}")
-        pairs.append((name, _nonempty_str(where, target)))
+        if isinstance(target, list):
+            if not target:
+                raise ConfigError(f"{where}: a fallback chain must name at least one model")
+            chain = tuple(_nonempty_str(f"{where}[{i}]", t) for i, t in enumerate(target))
+        else:
+            chain = (_nonempty_str(where, target),)
+        pairs.append((name, chain))
     return tuple(pairs)
 
 

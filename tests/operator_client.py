@@ -142,14 +142,15 @@ async def open_desk(
     endpoints: list[dict[str, Any]],
     upstream: RunningUpstream | None = None,
     operators: dict[str, tuple[str, ...]] | None = None,
+    **top: Any,
 ) -> Desk:
     """Operator keys (name → model globs; alice sees all by default) and a client key in
-    `state`, then the proxy over `endpoints`."""
+    `state`, then the proxy over `endpoints` (and any other top-level config keys)."""
     with KeyStore(state) as store:
         keys = {
             name: store.create(name, list(globs), operator=True)
             for name, globs in (operators if operators is not None else {"alice": ()}).items()
         }
         keys["client"] = store.create("client")
-    proxy = await start_proxy(endpoints, state_dir=str(state))
+    proxy = await start_proxy(endpoints, state_dir=str(state), **top)
     return Desk(proxy, keys, state, upstream)

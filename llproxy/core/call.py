@@ -22,6 +22,8 @@ JSON = b"application/json"
 # Every answer of an llproxy names its running instance, and every request it sends names
 # it in Via: discovery skips itself, and a request that comes round again is refused.
 INSTANCE_HEADER = "X-Llproxy-Instance"
+# The registry model that answered (the one a fallback chain fell to), on every model answer.
+MODEL_HEADER = "X-Llproxy-Model"
 # What an upstream's error says of when to try again: passed on to the client.
 RETRY_HEADERS = ("Retry-After", "retry-after-ms")
 

@@ -1,13 +1,15 @@
 """From a model name to an answer: the name resolved for the client's key, a replica
 chosen (least requests in flight), and the Call sent to the backend that serves it,
-falling over to the next replica when one could not be reached. A replica that is an
-llproxy the request already passed through is no route for it.
+falling over to the next replica when one could not be reached (and along an alias's
+chain of models, fallback.py). A replica that is an llproxy the request already passed
+through is no route for it.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -19,6 +21,7 @@ from .errors import (
     ReplicaUnavailable,
     UpstreamUnreachable,
 )
+from .fallback import Fallback
 from .keys import ApiKey
 from .record import RequestRecord
 from .registry import Model, Registry, Replica
@@ -56,24 +59,26 @@ class Balancer:
         return self._in_flight.get(replica.upstream.base_url, 0)
 
 
-def check_model_allowed(key: ApiKey | None, name: str) -> None:
-    if key is not None and not key.allows(name):
-        raise ModelNotAllowed(f"this API key may not use the model '{name}'", param="model")
+def check_model_allowed(key: ApiKey | None, model: Model) -> Model:
+    if key is not None and not key.allows(model.name):
+        raise ModelNotAllowed(f"this API key may not use the model '{model.name}'", param="model")
+    return model
 
 
 class Aliases:
-    """Other names for models: exact names first, then globs in the config's order."""
+    """Other names for models: exact names first, then globs in the config's order. Each
+    names a chain: the models tried in order (one, for a plain alias)."""
 
-    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
-        self.exact = {name: target for name, target in pairs if not _is_glob(name)}
-        self.globs = [(name, target) for name, target in pairs if _is_glob(name)]
+    def __init__(self, pairs: Sequence[tuple[str, tuple[str, ...]]]) -> None:
+        self.exact = {name: chain for name, chain in pairs if not _is_glob(name)}
+        self.globs = [(name, chain) for name, chain in pairs if _is_glob(name)]
 
-    def target(self, name: str) -> str | None:
+    def target(self, name: str) -> tuple[str, ...] | None:
         if name in self.exact:
             return self.exact[name]
-        for glob, target in self.globs:
+        for glob, chain in self.globs:
             if fnmatch.fnmatchcase(name, glob):
-                return target
+                return chain
         return None
 
 
@@ -95,31 +100,43 @@ class Router:
         self,
         registry: Callable[[], Registry],
         backends: Mapping[str, Backend],
-        aliases: Sequence[tuple[str, str]] = (),
+        aliases: Sequence[tuple[str, tuple[str, ...]]] = (),
         reexport: bool = False,
     ) -> None:
         self._registry = registry  # the current snapshot, whoever swaps it
         self.backends = backends
         self.aliases = Aliases(aliases)
         self.balancer = Balancer()
+        self.fallback = Fallback()
         self.reexport = reexport
 
     def resolve(self, name: str, key: ApiKey | None) -> Model:
         """The registry model a name stands for (itself, a configured alias, a name its
         server gave it, or `x:latest` for `x`), if this key may use it: a key's globs
-        apply to the model an alias resolves to."""
+        apply to the model an alias resolves to (the first of its chain here now)."""
+        return self.chain(name, key)[0]
+
+    def chain(self, name: str, key: ApiKey | None) -> tuple[Model, ...]:
+        """The models a name is answered by, in the order they are tried: one, or an
+        alias's chain without the entries that name no model here now and (after the
+        first) those this key may not use, so a chain never widens what a key reaches."""
         registry = self._registry()
         model = registry.models.get(name)
-        if model is None and (target := self.aliases.target(name)) is not None:
-            model = registry.get(target)
-        if model is None:
-            model = registry.get(name)
+        if model is not None:
+            return (check_model_allowed(key, model),)
+        targets = self.aliases.target(name)
+        if targets is not None:
+            found = [m for t in dict.fromkeys(targets) if (m := registry.get(t)) is not None]
+            if found:
+                check_model_allowed(key, found[0])
+                usable = {m.name: m for m in found if key is None or key.allows(m.name)}
+                return tuple(usable.values())
+        model = registry.get(name)
         if model is None and name.endswith(":latest"):
             model = registry.get(name.removesuffix(":latest"))
         if model is None:
             raise ModelNotFound(name)
-        check_model_allowed(key, model.name)
-        return model
+        return (check_model_allowed(key, model),)
 
     def listing(self, key: ApiKey | None, via: str = "") -> list[Mapping[str, Any]]:
         """The entries of the models this key may use, and of the exact aliases of them.
@@ -130,9 +147,13 @@ class Router:
         if _from_llproxy(hops := via_hops(via)):
             models = {n: m for n, m in models.items() if self._tells(m, hops)}
         entries = [m.entry for name, m in models.items() if key is None or key.allows(name)]
-        for alias, target in self.aliases.exact.items():
-            model = models.get(target)
-            if model is not None and alias not in models and (key is None or key.allows(target)):
+        for alias, chain in self.aliases.exact.items():
+            model = next((models[t] for t in chain if t in models), None)
+            if (
+                model is not None
+                and alias not in models
+                and (key is None or key.allows(model.name))
+            ):
                 entries.append({**model.entry, "id": alias})
         return entries
 
@@ -141,7 +162,27 @@ class Router:
         onward = [r for r in model.replicas if not _behind(r, hops)]
         return any(not r.instance for r in onward) or (self.reexport and bool(onward))
 
-    async def send(self, call: Call, model: Model, record: RequestRecord) -> Reply:
+    async def send(
+        self,
+        call: Call,
+        models: Model | Sequence[Model],
+        record: RequestRecord,
+        switched: Callable[[str], None] | None = None,
+    ) -> Reply:
+        """The answer of a model, or of the first of a chain (Router.chain) that answers:
+        the next is tried when one fails before its first byte (fallback.py says how),
+        each once. `switched` hears the name of each model tried after the first."""
+        chain = (models,) if isinstance(models, Model) else tuple(models)
+
+        def attempt(model: Model) -> Awaitable[Reply]:
+            named = call if call.model == model.name else replace(call, model=model.name)
+            return self._send_model(named, model, record)
+
+        if len(chain) == 1:
+            return await attempt(chain[0])
+        return await self.fallback.send(chain, attempt, switched)
+
+    async def _send_model(self, call: Call, model: Model, record: RequestRecord) -> Reply:
         """The first answer a replica gives; replicas that could not be reached (and were
         sent nothing) are skipped for the next. The replica counts as busy until the
         reply is closed."""

@@ -46,9 +46,12 @@ class Accounting:
         self.capture = capture  # None: the wire capture is off
 
     def resolved(self, record: RequestRecord, model: str) -> None:
-        """The request is for this registry model: under way until `account`."""
-        record.served = model
+        """The request is for this registry model: under way until `account` (or until a
+        fallback chain moves it to another)."""
         in_flight = self.telemetry.in_flight
+        if record.served is not None:
+            in_flight[record.served] -= 1
+        record.served = model
         in_flight[model] = in_flight.get(model, 0) + 1
 
     def account(
@@ -168,6 +171,7 @@ class Accounting:
                 "path": request.path,
                 "dialect": record.dialect,
                 "model": record.model,
+                "served": record.served,  # the registry model that answered (a chain's)
                 "upstream": record.upstream,
                 "status": status,
                 "ttfb_ms": None if first_byte is None else round(first_byte * 1000, 1),

@@ -281,8 +281,8 @@ class Supervisor:
         """Whether an operator may hand off to this name (a model or an alias of one)."""
         if name in self.registry.models:
             return True
-        target = dict(self.config.aliases).get(name)
-        return target is not None and target in self.registry.models
+        chain = dict(self.config.aliases).get(name, ())
+        return any(target in self.registry.models for target in chain)
 
     def publish(self, result: ScanResult) -> None:
         self.registry = result.registry

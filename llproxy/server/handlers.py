@@ -4,6 +4,7 @@ the answer for the boundary (or the streaming responder) to send."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -13,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from ..core.answer import as_asked
-from ..core.call import Call, JsonPayload, Reply, within_context
+from ..core.call import MODEL_HEADER, Call, JsonPayload, Reply, within_context
 from ..core.errors import InvalidRequest
 from ..core.keys import ApiKey
 from ..core.record import RequestRecord
@@ -56,8 +57,18 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
     if name is None:
         raise InvalidRequest("you must provide a model parameter", param="model")
     record.model = name
-    model = state.router.resolve(name, record.key)
-    state.accounting.resolved(record, model.name)
+    chain = state.router.chain(name, record.key)
+    model = chain[0]
+    delivery = request[DELIVERY]
+    # Which model answers (an alias's chain may fall to the next): a header of the answer.
+    served = {**delivery.headers}
+    request[DELIVERY] = delivery = dataclasses.replace(delivery, headers=served)
+
+    def resolved(name: str) -> None:
+        state.accounting.resolved(record, name)
+        served[MODEL_HEADER] = name
+
+    resolved(model.name)
     payload = within_context(translation.payload, model.context_length)
     # Encoded before a replica is chosen (once, for the id replicas most likely share):
     # a body that cannot be written is the client's 400, not a replica's failure.
@@ -72,13 +83,12 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
         translation.target, model.name, payload, translation.stream, request.headers.get("Via", "")
     )
     sending = answered(
-        state.router.send(call, model, record),
+        state.router.send(call, chain, record, resolved),
         call.route,
         translation.stream,
         record,
         state.config.max_response_bytes,
     )
-    delivery = request[DELIVERY]
     if translation.stream and translation.early:
         return await stream_early(request, sending, translation, record, delivery)
     reply = await sending

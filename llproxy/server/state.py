@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -105,8 +104,8 @@ class ProxyState:
     async def _hand_off(self, call: Call, record: RequestRecord) -> Reply:
         """An operator's request answered by a model after all (the client's key still
         decides what it may reach)."""
-        model = self.router.resolve(call.model, record.key)
-        return await self.router.send(dataclasses.replace(call, model=model.name), model, record)
+        chain = self.router.chain(call.model, record.key)
+        return await self.router.send(call, chain, record)
 
     def _exists(self, name: str) -> bool:
         try:

@@ -42,6 +42,8 @@ def render_request(fields: dict[str, Any]) -> Text:
     text.append(f"{fields.get('method', '')} {fields.get('path', '')}", style="bold")
     if fields.get("model"):
         text.append(f" {fields['model']}", style="cyan")
+        if fields.get("served") and fields["served"] != fields["model"]:
+            text.append(f" = {fields['served']}", style="cyan")
         if fields.get("upstream"):
             text.append(f" → {fields['upstream']}", style="blue")
     status = int(fields.get("status", 0))

@@ -586,9 +586,12 @@ def missing_models(config: Config, registry: Registry) -> list[str]:
     missing = []
     if config.default_model is not None and config.default_model not in registry.models:
         missing.append(f"default_model '{config.default_model}'")
-    for alias, target in config.aliases:
-        if target not in registry.models:
-            missing.append(f"the target '{target}' of alias '{alias}'")
+    for alias, chain in config.aliases:
+        missing.extend(
+            f"the target '{target}' of alias '{alias}'"
+            for target in chain
+            if target not in registry.models
+        )
     return missing
 
 
