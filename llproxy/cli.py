@@ -436,6 +436,14 @@ def usage_command(
     show_usage(rows, by, as_json)
 
 
+capture_dir_option = click.option(
+    "--dir",
+    "directory",
+    metavar="DIR",
+    help="The capture directory [default: capture.dir of the config].",
+)
+
+
 @main.group()
 def capture() -> None:
     """Read the wire capture (`capture` in the config, or `serve --capture DIR`)."""
@@ -443,12 +451,7 @@ def capture() -> None:
 
 @capture.command("show")
 @config_option
-@click.option(
-    "--dir",
-    "directory",
-    metavar="DIR",
-    help="The capture directory [default: capture.dir of the config].",
-)
+@capture_dir_option
 @click.option(
     "--last",
     metavar="N",
@@ -478,12 +481,7 @@ def capture_show(
 
 @capture.command("replay")
 @config_option
-@click.option(
-    "--dir",
-    "directory",
-    metavar="DIR",
-    help="The capture directory [default: capture.dir of the config].",
-)
+@capture_dir_option
 @env_option(
     "--url",
     env="URL",
