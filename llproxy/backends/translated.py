@@ -5,12 +5,13 @@ into the internal OpenAI one by the dialect's translators."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import orjson
 
-from ..core.call import Call, Reply
+from ..core.call import Call, JsonPayload, Reply
+from ..core.errors import InvalidRequest
 from ..core.record import RequestRecord
 from ..core.registry import Replica
 from ..core.sse import EventSplitter, event_document
@@ -20,6 +21,26 @@ from .openai_http import OpenAIHttpBackend
 def object_of(value: Any) -> dict[str, Any]:
     """A JSON object, or an empty one for anything else (a field of the wrong shape)."""
     return value if isinstance(value, dict) else {}
+
+
+def chat_payload(call: Call, api: str) -> JsonPayload:
+    """The chat body of a call to a cloud API in its own dialect: those APIs answer chat
+    only, so any other route is the client's 400 before anything is sent."""
+    if call.route != "chat/completions" or not isinstance(call.payload, JsonPayload):
+        raise InvalidRequest(f"'{call.model}' is served by {api}, which answers chat only")
+    return call.payload
+
+
+def chat_messages(chat: Mapping[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A chat body's messages with their places, each checked to be an object (a 400
+    naming it if not)."""
+    messages = chat.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("'messages' must be a list", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        yield i, message
 
 
 def content_text(content: Any) -> str:

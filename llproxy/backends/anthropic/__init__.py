@@ -10,11 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...core.call import Call, JsonPayload, Reply, prompt_text
-from ...core.errors import InvalidRequest
 from ...core.record import RequestRecord
 from ...core.registry import Model, Replica
 from ..openai_http import OpenAIHttpBackend
-from ..translated import object_of, send_translated
+from ..translated import chat_payload, object_of, send_translated
 from .reply import ChatChunks, chat_answer, chat_error
 from .request import to_messages
 
@@ -28,11 +27,8 @@ class AnthropicBackend:
         self.http = http  # its pools, deadlines and failure handling serve this one too
 
     async def send(self, call: Call, replica: Replica, record: RequestRecord) -> Reply:
-        if call.route != "chat/completions" or not isinstance(call.payload, JsonPayload):
-            raise InvalidRequest(
-                f"'{call.model}' is served by an Anthropic API, which answers chat only"
-            )
-        native = call.payload.native
+        payload = chat_payload(call, "an Anthropic API")
+        native = payload.native
         if native is not None and native.dialect == BACKEND:
             # The client speaks Anthropic too: its request goes on as it came, and the
             # answer comes back as Anthropic's (the client's dialect passes it on).
@@ -47,7 +43,7 @@ class AnthropicBackend:
             reply = await self.http.send(passed, replica, record)
             record.answered_in = BACKEND
             return reply
-        body = to_messages(call.payload.body, replica.upstream_id)
+        body = to_messages(payload.body, replica.upstream_id)
         translated = Call(MESSAGES, call.model, JsonPayload(body), call.stream, call.via)
         return await send_translated(
             self.http, translated, replica, record, chat_answer, chat_error, ChatChunks()

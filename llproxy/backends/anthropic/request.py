@@ -14,7 +14,7 @@ import orjson
 
 from ...core.errors import InvalidRequest
 from ...core.sse import json_document
-from ..translated import append_turn, content_text, object_of
+from ..translated import append_turn, chat_messages, content_text, object_of
 
 # Anthropic requires max_tokens; every Claude model allows at least this many.
 DEFAULT_MAX_TOKENS = 4096
@@ -25,14 +25,9 @@ MIN_BUDGET = 1024
 
 def to_messages(chat: dict[str, Any], model_id: str) -> dict[str, Any]:
     """The Messages request for a chat body, addressed to `model_id`."""
-    messages = chat.get("messages")
-    if not isinstance(messages, list):
-        raise InvalidRequest("'messages' must be a list", param="messages")
     system: list[str] = []
     turns: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
+    for i, message in chat_messages(chat):
         role = message.get("role")
         if role in ("system", "developer"):
             system.append(content_text(message.get("content")))

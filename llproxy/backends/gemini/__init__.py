@@ -13,11 +13,10 @@ from typing import Any
 import orjson
 
 from ...core.call import Call, JsonPayload, Reply, prompt_text
-from ...core.errors import InvalidRequest
 from ...core.record import RequestRecord
 from ...core.registry import Model, Replica
 from ..openai_http import OpenAIHttpBackend
-from ..translated import object_of, send_translated
+from ..translated import chat_payload, object_of, send_translated
 from .reply import ChatChunks, chat_answer, chat_error
 from .request import to_gemini
 
@@ -29,15 +28,12 @@ class GeminiBackend:
         self.http = http  # its pools, deadlines and failure handling serve this one too
 
     async def send(self, call: Call, replica: Replica, record: RequestRecord) -> Reply:
-        if call.route != "chat/completions" or not isinstance(call.payload, JsonPayload):
-            raise InvalidRequest(
-                f"'{call.model}' is served by a Gemini API, which answers chat only"
-            )
+        payload = chat_payload(call, "a Gemini API")
         # The model is named in the path (the transport escapes what must be).
         method = "streamGenerateContent" if call.stream else "generateContent"
         query = "?alt=sse" if call.stream else ""
         path = f"v1beta/models/{replica.upstream_id}:{method}"
-        native = call.payload.native
+        native = payload.native
         if native is not None and native.dialect == BACKEND:
             # The client speaks Gemini too: its request goes on as it came, and the answer
             # comes back as Gemini's (the client's dialect passes it on).
@@ -47,7 +43,7 @@ class GeminiBackend:
             reply = await self.http.send(passed, replica, record)
             record.answered_in = BACKEND
             return reply
-        body = to_gemini(call.payload.body)
+        body = to_gemini(payload.body)
         translated = Call(path, call.model, GeminiPayload(body), call.stream, call.via, query=query)
         answer = partial(chat_answer, model=replica.upstream_id)
         return await send_translated(

@@ -12,7 +12,7 @@ from typing import Any
 
 from ...core.errors import InvalidRequest
 from ...core.sse import json_document
-from ..translated import append_turn, content_text, object_of
+from ..translated import append_turn, chat_messages, content_text, object_of
 from .reply import SIGNATURE_MARK
 
 # OpenAI's reasoning efforts as thinking budgets.
@@ -20,15 +20,10 @@ _BUDGETS = {"minimal": 512, "low": 2048, "medium": 8192, "high": 24576}
 
 
 def to_gemini(chat: dict[str, Any]) -> dict[str, Any]:
-    messages = chat.get("messages")
-    if not isinstance(messages, list):
-        raise InvalidRequest("'messages' must be a list", param="messages")
     names: dict[str, str] = {}  # tool call id → the function it called
     system: list[str] = []
     contents: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
+    for i, message in chat_messages(chat):
         role = message.get("role")
         if role in ("system", "developer"):
             system.append(content_text(message.get("content")))
