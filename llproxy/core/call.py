@@ -197,6 +197,10 @@ class Call:
     # A query string a backend's own route needs ("?alt=sse" for Gemini's SSE stream);
     # never a client's (a client's path cannot carry one upstream).
     query: str = ""
+    # What the conversation set for itself with `!/set(name=value)` commands in its own
+    # history (names as typed, lower case: "loop-detection" → "false"): llproxy keeps no
+    # state, so each turn's call carries them; answer stages read their switches here.
+    settings: Mapping[str, str] = field(default_factory=dict)
 
 
 class Stream(Protocol):
