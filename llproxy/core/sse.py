@@ -234,6 +234,11 @@ def json_events(complete: bytes, shaped: bool) -> tuple[bytes, int, str | None]:
     parser. With `shaped` (chat and completions streams), a JSON chunk whose members
     llproxy reads have the wrong types ends the stream; the events before it pass.
     """
+    return EventCheck(shaped).check(complete)
+
+
+def _each_event(complete: bytes, shaped: bool) -> tuple[bytes, int, str | None]:
+    """json_events, each event decoded (events whose lines end with \r\n)."""
     kept: list[bytes] = []
     dropped = 0
     for event in split_events(complete):
@@ -249,6 +254,103 @@ def json_events(complete: bytes, shaped: bool) -> tuple[bytes, int, str | None]:
     return (complete if not dropped else b"".join(kept)), dropped, None
 
 
+def bodies_of(complete: bytes) -> list[bytes]:
+    """The events of bytes that end at an event's end and whose lines end with \\n, each
+    without its end. One-line events, as servers write them, are cut at every line end
+    and every other piece is their end: twice as fast as searching for the blank lines
+    (4 → 2 µs a 20-event read, measured)."""
+    lines = complete.split(b"\n")
+    # Every other piece empty: only one-line events.
+    bodies = lines[0::2] if not any(lines[1::2]) else complete.split(b"\n\n")
+    bodies.pop()  # what follows the last end: nothing
+    return bodies
+
+
+class EventCheck:
+    """`json_events` for one stream, which remembers the template (`TextTemplate`) of the
+    last chunk that only added text: the events of a read shaped like it are checked
+    together, their texts in one decode, instead of each decoded and its members' types
+    checked. A model's server writes every such chunk alike but for its text, so most
+    events of an answer pass this way (a 20-chunk read from llama.cpp: 34 → 11 µs,
+    measured). An event that is not exactly the template's bytes around one valid JSON
+    string is decoded whole, as any other."""
+
+    __slots__ = ("shaped", "template", "templated", "templates")
+
+    def __init__(self, shaped: bool) -> None:
+        self.shaped = shaped
+        self.template: TextTemplate | None = None
+        # Templates made, and events checked by one: a server that writes something else
+        # into every chunk (a timestamp) defeats them, and then none is made.
+        self.templates = 0
+        self.templated = 0
+
+    def check(self, complete: bytes, one: bool = False) -> tuple[bytes, int, str | None]:
+        """As json_events: the events a client can read, the count dropped, the problem.
+        With `one`, `complete` is known to be one event."""
+        template = self.template
+        if one and template is not None:
+            # The usual event at a model's pace, alike the one before: nothing else to do.
+            body = [complete[:-2]]
+            if template.run(body, 0) and template.texts(body) is not None:
+                self.templated += 1
+                return complete, 0, None
+        if b"\r" in complete:
+            return _each_event(complete, self.shaped)
+        kept, dropped, problem = self._bodies([complete[:-2]] if one else bodies_of(complete))
+        if not dropped and problem is None:
+            return complete, 0, None
+        return b"".join([body + b"\n\n" for body in kept]), dropped, problem
+
+    def _bodies(self, bodies: list[bytes]) -> tuple[list[bytes], int, str | None]:
+        kept: list[bytes] = []
+        dropped = 0
+        at, count = 0, len(bodies)
+        while at < count:
+            template = self.template
+            if template is not None and (alike := template.run(bodies, at)):
+                run = bodies[at : at + alike]
+                if template.texts(run) is not None:
+                    kept += run
+                    at += alike
+                    self.templated += alike
+                    continue
+                self.template = None  # its events are decoded whole from here on
+            body = bodies[at]
+            at += 1
+            if body.startswith(b"data:") and b"\n" not in body:  # one line: the usual
+                data = body[5:].strip()
+            else:
+                data = b"".join(
+                    line[5:].strip() for line in body.split(b"\n") if line.startswith(b"data:")
+                )
+            if data and data != b"[DONE]":
+                document = _decoded(data)
+                if document is _NOT_JSON:
+                    dropped += 1
+                    continue
+                if self.shaped:
+                    if problem := _chunk_problem(document):
+                        return kept, dropped, problem
+                    self._learn(body, document)
+            kept.append(body)
+        return kept, dropped, None
+
+    def _learn(self, body: bytes, document: dict[str, Any]) -> None:
+        """The template of a checked chunk whose one choice only adds text."""
+        choices = document.get("choices")
+        if type(choices) is not list or len(choices) != 1:
+            return
+        added = only_text(choices[0])
+        if added is None:
+            return
+        if self.templates < 2 or self.templated >= 4 * self.templates:
+            self.templates += 1
+            self.template = TextTemplate.of(body, document, choices[0], *added)
+        else:
+            self.template = None
+
+
 class _CheckedRelay:
     """What both relays share: whole events, checked (`json_events`); `problem` says
     what ended the stream."""
@@ -258,27 +360,23 @@ class _CheckedRelay:
         self.shaped = shaped
         self.problem: str | None = None
         self.events = EventSplitter()
+        self.check = EventCheck(shaped)
         self.recent: deque[bytes] = deque(maxlen=USAGE_TAIL_READS)
 
     def _complete(self, chunk: bytes) -> bytes:
         """The whole events a read completes, checked."""
         if (
             not self.events.pending
-            and chunk.startswith(b"data: {")
+            and chunk.endswith(b"\n\n")
             and chunk.find(b"\n\n") == len(chunk) - 2
         ):
-            # One whole event per read, as servers write them: no split, one decode.
-            document = _decoded(chunk[6:-2])
-            if document is not _NOT_JSON:
-                if self.shaped and (problem := _chunk_problem(document)):
-                    self._malformed(problem)
-                    return b""
-                return chunk
+            # One whole event per read, as servers write them at a model's pace: no split.
+            return self._checked(chunk, one=True)
         complete = self.events.feed(chunk)
         return self._checked(complete) if complete else b""
 
-    def _checked(self, complete: bytes) -> bytes:
-        complete, dropped, problem = json_events(complete, self.shaped)
+    def _checked(self, complete: bytes, one: bool = False) -> bytes:
+        complete, dropped, problem = self.check.check(complete, one)
         if dropped:
             self.record.dropped_chunks += dropped
         if problem is not None:
@@ -529,7 +627,8 @@ class TextTemplate:
 
     The texts are decoded as one JSON array of strings: a text that is not exactly one
     JSON string (a bare quote, a line end, an escape left open) breaks the array or its
-    count, and then every event is decoded whole.
+    count (`texts`), and then every event is decoded whole. The relays check events the
+    same way (`EventCheck`).
     """
 
     __slots__ = ("choice_of", "head", "member", "tail")
@@ -562,25 +661,26 @@ class TextTemplate:
     def run(self, events: list[bytes], at: int) -> int:
         """How many events from `at` on are shaped like the template's."""
         head, tail = self.head, self.tail
+        least = len(head) + len(tail)  # a shorter one would overlap them by its quote
         end = at
         for event in itertools.islice(events, at, None):
-            # An event shorter than both may overlap them by its quote: then its text is
-            # empty, and so is what is cut out.
-            if not event.startswith(head) or not event.endswith(tail):
+            if len(event) < least or not event.startswith(head) or not event.endswith(tail):
                 break
             end += 1
         return end - at
 
     def texts(self, events: list[bytes]) -> list[str] | None:
-        """The texts of events shaped like the template's; None when one is not a JSON
-        string."""
+        """The texts of events shaped like the template's; None when one is not exactly
+        one JSON string, so the event is not the template's JSON with another text.
+
+        They are joined by `",` and a line end: a line end cannot be inside a JSON string,
+        so each join must close a string and open the next, and the array has at least
+        one value per text; exactly as many only when each text is exactly one string.
+        """
         start, end = len(self.head), -len(self.tail)
-        array = b'["' + b'","'.join([event[start:end] for event in events]) + b'"]'
+        array = b'["' + b'",\n"'.join([event[start:end] for event in events]) + b'"]'
         texts = json_document(array)
-        if not isinstance(texts, list) or len(texts) != len(events):
-            return None
-        # Only invalid events could put something else there, two of them at once.
-        return texts if all(type(text) is str for text in texts) else None
+        return texts if type(texts) is list and len(texts) == len(events) else None
 
     def choice(self, text: str) -> dict[str, Any]:
         """The template's choice with `text` in place of its own."""
