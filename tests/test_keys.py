@@ -101,6 +101,22 @@ def test_a_revoked_last_key_keeps_the_proxy_closed(tmp_path: Path) -> None:
     store.close()
 
 
+def test_keys_are_required_from_the_first_stored_key_on(tmp_path: Path) -> None:
+    # `enabled` is asked on every request and kept between: a key stored while serving
+    # must still close the door at the next refresh.
+    ring = KeyRing()
+    assert not ring.enabled
+    store = KeyStore(tmp_path)
+    store.create("first")
+    stored = StoredKeys(tmp_path)
+    ring.replace(stored.changed() or [])
+    assert ring.enabled
+    ring.replace([])
+    assert not ring.enabled
+    stored.close()
+    store.close()
+
+
 def test_static_keys_in_the_config() -> None:
     config = parse_config(
         {"api_keys": ["a-static-key-of-20-ch", "env:K"]}, environ={"K": "another-static-key-xx"}

@@ -103,12 +103,18 @@ class KeyRing:
         self.keys: dict[str, ApiKey] = dict(self._static)
         # Hashes revoked on other instances (shared through Redis).
         self.revoked_elsewhere: frozenset[str] = frozenset()
+        # `enabled` of the `keys` dict last asked about: asked on every request, and
+        # the dict is replaced whole (`replace`), never changed in place.
+        self._enabled_of: tuple[dict[str, ApiKey], bool] | None = None
 
     @property
     def enabled(self) -> bool:
         """Once any client key exists (even a revoked one), every API request needs a
         key. Operator keys do not count: they never call models."""
-        return any(not key.operator for key in self.keys.values())
+        keys = self.keys
+        if self._enabled_of is None or self._enabled_of[0] is not keys:
+            self._enabled_of = (keys, any(not key.operator for key in keys.values()))
+        return self._enabled_of[1]
 
     def replace(self, stored: Iterable[ApiKey]) -> None:
         self.keys = {**self._static, **{k.key_hash: k for k in stored}}

@@ -4,7 +4,6 @@ the answer for the boundary (or the streaming responder) to send."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,7 +22,7 @@ from ..dialects import Answer, Incoming
 from ..gateway.hardening import preflight_headers
 from ..telemetry.metrics import CONTENT_TYPE
 from .body import read_body
-from .respond import answer_or_stream, answer_response, stream_early
+from .respond import Delivery, answer_or_stream, answer_response, stream_early
 from .state import DELIVERY, RECORD, SPEC, STATE, ProxyState, RouteSpec
 
 access_log = logging.getLogger("llproxy.access")
@@ -62,7 +61,7 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
     delivery = request[DELIVERY]
     # Which model answers (an alias's chain may fall to the next): a header of the answer.
     served = {**delivery.headers}
-    request[DELIVERY] = delivery = dataclasses.replace(delivery, headers=served)
+    request[DELIVERY] = delivery = Delivery(served, delivery.close, delivery.keepalive)
 
     def resolved(name: str) -> None:
         state.accounting.resolved(record, name)
