@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 
 from llproxy.config import parse_config
 from llproxy.server.app import serve_alone
+from llproxy.server.http import AppRunner
 from llproxy.server.state import DISCOVERY, STATE, ProxyState
 from llproxy.stores.sqlite import usage_sums
 
@@ -139,6 +140,14 @@ def write_config(path: Path, upstreams: list[RunningUpstream], **top: Any) -> Pa
     return path
 
 
+class WorkerServer(TestServer):
+    """The app served as a worker serves it: llproxy's runner (the model routes dispatched
+    by the server itself, parser errors answered as JSON), not aiohttp's."""
+
+    async def _make_runner(self, **kwargs: Any) -> AppRunner:
+        return AppRunner(self.app, **kwargs)
+
+
 UpstreamFactory = Callable[..., Awaitable[RunningUpstream]]
 ProxyFactory = Callable[..., Awaitable[RunningProxy]]
 
@@ -154,7 +163,7 @@ def start_upstream(aiohttp_server: Any) -> UpstreamFactory:
 
 
 @pytest.fixture
-async def start_proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+async def start_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     started: list[RunningProxy] = []
 
     async def start(endpoints: list[dict[str, Any]], **top: Any) -> RunningProxy:
@@ -165,7 +174,8 @@ async def start_proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Prox
         config = parse_config({"endpoints": endpoints, **top}, environ={"TEST_KEY": "sk-up-7"})
         config = dataclasses.replace(config, instance=instance)
         app = serve_alone(config)
-        server = await aiohttp_server(app)
+        server = WorkerServer(app)
+        await server.start_server()
         started.append(RunningProxy(app, server))
         return started[-1]
 
@@ -173,6 +183,7 @@ async def start_proxy(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Prox
     for proxy in started:
         for client in proxy.clients:
             await client.close()
+        await proxy.server.close()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from aiohttp.web_request import BaseRequest
 from ..core.errors import FINAL_STATUSES, NO_RETRY
 from ..dialects.openai import error_body
 from ..gateway.hardening import SECURITY_HEADERS
+from .direct import DirectRoutes
 
 log = logging.getLogger("llproxy.http")
 
@@ -61,10 +62,12 @@ class _Server(web.Server):
 
 
 class AppRunner(web.AppRunner):
-    """aiohttp's AppRunner whose connections answer parser errors as JSON."""
+    """aiohttp's AppRunner whose connections answer parser errors as JSON, and whose
+    server dispatches the model routes on fixed paths itself (`DirectRoutes`)."""
 
     async def _make_server(self) -> web.Server:
         server: Any = await super()._make_server()
         # Same server, same state: only how it makes a connection's handler differs.
         server.__class__ = _Server
+        server.request_handler = DirectRoutes(self.app)
         return server  # type: ignore[no-any-return]
