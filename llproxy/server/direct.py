@@ -1,7 +1,7 @@
 """The dialects' model routes on fixed paths (POST /v1/chat/completions and the like),
 dispatched by the HTTP server straight to the boundary: they skip aiohttp's application
 layer (its router walk, the middleware chain it looks up for every request, and the extra
-coroutine that keeps `current_app`), which measured ~6 µs of a proxied request's ~140.
+coroutine that keeps `current_app`): a JSON request measured 134 → 125 µs of CPU.
 Every other request (a path with a parameter, llproxy's own routes, a 404 or a 405) goes
 through the application as before, and a dispatched one meets the same boundary and
 handler: every guard, limit and answer shape holds either way.
