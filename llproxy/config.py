@@ -153,6 +153,8 @@ class Config:
     rate_limit: str | None = DEFAULT_RATE_LIMIT
     trusted_proxies: tuple[str, ...] = ()
     redis_url: str | None = field(default=None, repr=False)
+    # PostgreSQL for keys and usage, shared by a fleet of hosts; None: this host's SQLite.
+    database_url: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # enables /admin/
     capture: Capture | None = None
     source: str = "<built-in default>"
@@ -169,6 +171,8 @@ class Config:
         values = [*self.api_keys, self.admin_key, *(e.apikey for e in self.endpoints)]
         if self.redis_url is not None:
             values.append(urlsplit(self.redis_url).password)
+        if self.database_url is not None:
+            values.append(urlsplit(self.database_url).password)
         return tuple(value for value in values if value)
 
     def with_overrides(self, **changes: Any) -> Config:
@@ -244,7 +248,7 @@ def _string_list(path: str, value: Any) -> tuple[str, ...]:
 
 # The groups of secrets a config holds; a command asks only for the ones it uses, so an
 # `env:` variable it never reads may be unset (`llproxy usage` needs no upstream apikey).
-SECRET_GROUPS = frozenset({"endpoints", "api_keys", "admin_key", "redis_url"})
+SECRET_GROUPS = frozenset({"endpoints", "api_keys", "admin_key", "redis_url", "database_url"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,6 +482,7 @@ _TOP_KEYS = {
     "rate_limit",
     "trusted_proxies",
     "redis_url",
+    "database_url",
     "admin_key",
     "capture",
 }
@@ -546,6 +551,9 @@ def parse_config(
             obj, "trusted_proxies", lambda v: _networks("trusted_proxies", v), ()
         ),
         redis_url=_optional(obj, "redis_url", lambda v: _redis_url("redis_url", v, env), None),
+        database_url=_optional(
+            obj, "database_url", lambda v: _database_url("database_url", v, env), None
+        ),
         admin_key=_optional(
             obj, "admin_key", lambda v: _long_secret("admin_key", v, env, "admin_key"), None
         ),
@@ -622,6 +630,15 @@ def _redis_url(path: str, value: Any, secrets: _Secrets) -> str | None:
         return None
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"{path}: must be a redis://, rediss:// or unix:// URL")
+    return url
+
+
+def _database_url(path: str, value: Any, secrets: _Secrets) -> str | None:
+    url = secrets.read(path, value, "database_url")  # may carry a password
+    if url is None:
+        return None
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{path}: must be a postgresql:// URL")
     return url
 
 

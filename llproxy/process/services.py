@@ -10,8 +10,8 @@ from collections.abc import Iterable
 
 from ..config import Config
 from ..core.desk import HeldDesk
+from ..stores import usage_writer
 from ..stores.memory import DequeWindows
-from ..stores.sqlite import UsageWriter, state_dir
 from ..telemetry.desk import DeskTelemetry, desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .channel import (
@@ -30,7 +30,7 @@ STATS_TIMEOUT = 2.0
 
 class MasterServices:
     def __init__(self, config: Config) -> None:
-        self.usage = UsageWriter(state_dir(config.state_dir))
+        self.usage = usage_writer(config)
         self.overflow = DequeWindows()
         self.discovery_telemetry = DiscoveryTelemetry()
         # Numbers of workers that exited, and the latest numbers of each live one.

@@ -90,7 +90,7 @@ def serve_alone(config: Config) -> web.Application:
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.services.start()
+    await state.services.start()
     capture = state.accounting.capture
     if capture is not None:
         capture.start()

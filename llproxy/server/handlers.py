@@ -182,6 +182,7 @@ async def health(request: web.Request) -> web.Response:
         "workers": state.workers,
         "worker": state.worker_id,
         "pid": os.getpid(),
+        "stores": state.services.health(),
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 

@@ -251,6 +251,7 @@ class WriterTelemetry:
     dropped: int = 0
     write_errors: int = 0
     recreated: int = 0  # times the database file vanished and was made anew
+    spooled: int = 0  # waiting in a local spool for a shared database to come back
 
 
 class UsageWriter:
@@ -267,6 +268,7 @@ class UsageWriter:
         self.directory = directory
         self.max_pending = max_pending
         self.telemetry = WriterTelemetry()
+        self.reachable: bool | None = None
         self._pending: list[UsageRecord] = []
         self._db: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None  # (device, inode) of the open database
@@ -306,11 +308,13 @@ class UsageWriter:
             await asyncio.shield(written)
         except (sqlite3.Error, OSError) as exc:  # also: the state directory is unusable
             self.telemetry.write_errors += 1
+            self.reachable = False
             log.error("cannot write %d usage records (kept for the next try): %s", len(batch), exc)
             self._pending[:0] = batch
             self.add(())  # holds the bound
         else:
             self.telemetry.written += len(batch)
+            self.reachable = True
 
     def _write(self, batch: list[UsageRecord]) -> None:
         path = self.directory / DATABASE

@@ -259,6 +259,11 @@ def _families(
             ),
         ):
             yield CounterMetricFamily(name, text, value=value)
+        yield GaugeMetricFamily(
+            "llproxy_usage_records_spooled",
+            "Usage records waiting in the local spool for the shared database to be back",
+            value=usage.spooled,
+        )
 
 
 class _Snapshot(Collector):
