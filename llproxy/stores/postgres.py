@@ -213,7 +213,7 @@ class PostgresKeySync:
         self.url = url
         self.reachable: bool | None = None  # None: not tried yet
         self._wake = asyncio.Event()
-        self._loaded = asyncio.Event()
+        self._tried = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def refresh_stored(self) -> None:
@@ -224,10 +224,10 @@ class PostgresKeySync:
         self._task = asyncio.create_task(self._run(), name="llproxy-keys")
 
     async def loaded(self, timeout: float) -> bool:
-        """Wait (bounded) until the keys were read once."""
+        """Wait (bounded) until the keys were read once, or the first try failed."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._loaded.wait(), timeout)
-        return self._loaded.is_set()
+            await asyncio.wait_for(self._tried.wait(), timeout)
+        return self.reachable is True
 
     async def _run(self) -> None:
         while True:
@@ -240,6 +240,7 @@ class PostgresKeySync:
                         exc or type(exc).__name__,
                     )
                 self.reachable = False
+                self._tried.set()
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _follow(self) -> None:
@@ -254,7 +255,7 @@ class PostgresKeySync:
                 if self.reachable is False:
                     log.warning("the key database is reachable again")
                 self.reachable = True
-                self._loaded.set()
+                self._tried.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), RELOAD_SECONDS)
                 if conn.is_closed():
@@ -326,12 +327,14 @@ class PostgresUsageWriter:
     async def _run(self, collect: Callable[[], Sequence[UsageRecord]] | None) -> None:
         # Not cancelled by close(): a write under way finishes (bounded by QUERY_TIMEOUT).
         await self._drain()
-        while not self._stop.is_set():
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), FLUSH_SECONDS)
             if collect is not None:
                 self.add(collect())
-            await self.flush()
+            await self.flush()  # the last one after a stop, too
+            if self._stop.is_set():
+                return
 
     async def flush(self) -> None:
         rows: list[Row] = [(uuid.uuid4(), *record) for record in self._pending]
