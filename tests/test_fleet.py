@@ -20,6 +20,7 @@ from .pg_cluster import PgCluster
 from .process import LlproxyProcess, run_cli
 
 Start = Callable[..., Awaitable[LlproxyProcess]]
+KEY = "static-fleet-key-0123456789"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -159,3 +160,30 @@ async def test_the_database_stopped_mid_run_loses_no_record(
     assert await fleet_usage(tmp_path, config, 600) == 600
     for daemon in daemons:
         await daemon.wait_for("spooled usage records to the database")
+
+
+async def test_the_console_shows_the_stores(
+    start_llproxy: Start,
+    start_upstream: UpstreamFactory,
+    tmp_path: Path,
+    own_cluster: PgCluster,
+) -> None:
+    upstream = await start_upstream()
+    config = fleet_config(tmp_path, upstream, database_url=own_cluster.url(), api_keys=[KEY])
+    daemon = await start_llproxy("--config", config, "--workers", "1", terminal=True)
+    await daemon.wait_for("stores: keys and usage in PostgreSQL")
+    await daemon.wait_for("console ready")
+    mark = len(daemon.output)
+    daemon.write("stores\n")
+    await daemon.wait_for(r"keys\s*│\s*postgresql\s*│\s*reachable", after=mark)
+    await daemon.wait_for(r"rate\s*│\s*memory\s*│\s*reachable", after=mark)
+    own_cluster.stop()
+    async with aiohttp.ClientSession() as session:
+        assert await send(session, daemon, KEY) == 200
+    await daemon.wait_for("spooling them to", after=mark)
+    mark = len(daemon.output)
+    daemon.write("stores\n")
+    spooled = r"usage\s*│\s*postgresql\s*│\s*unreachable \(1 records spooled\)"
+    await daemon.wait_for(spooled, after=mark)
+    daemon.write("quit\n")
+    assert await daemon.wait_exit() == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from ..config import Config
 from ..core.desk import HeldDesk
@@ -68,6 +69,18 @@ class MasterServices:
         for reply in replies:
             self.last_seen[reply.worker_id] = reply.telemetry
         return sorted(replies, key=lambda r: r.worker_id)
+
+    def stores(self, replies: list[StatsReply]) -> dict[str, dict[str, Any]]:
+        """The stores as a worker sees them, with the usage writer's state: the master
+        writes the records, so it is the one that knows."""
+        stores = dict(replies[0].stores) if replies else {}
+        if "usage" in stores:
+            stores["usage"] = {
+                **stores["usage"],
+                "reachable": self.usage.reachable,
+                "spooled": self.usage.telemetry.spooled,
+            }
+        return stores
 
     def worker_exited(self, worker_id: int) -> None:
         last = self.last_seen.pop(worker_id, None)

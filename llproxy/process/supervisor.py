@@ -29,7 +29,7 @@ import uvloop
 from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..config import Config, ConfigError
 from ..core.registry import Registry
-from ..stores import HostShare
+from ..stores import HostShare, describe_stores
 from .channel import (
     Calls,
     Channel,
@@ -426,6 +426,13 @@ class Supervisor:
 
         self._own(show())
 
+    async def handle_stores(self) -> None:
+        async def show() -> None:
+            replies = await self.collect_stats()
+            self.console.show_stores(self.services.stores(replies))
+
+        self._own(show())
+
     async def handle_clear(self) -> None:
         self.console.clear()
 
@@ -544,6 +551,7 @@ class Supervisor:
                 extra={"event": "ready", "bindip": self.config.bindip, "port": self.config.port},
             )
             self.notifier.ready(f"serving {len(self.registry.models)} models")
+            log.info("stores: %s", describe_stores(self.config))
             if self.console is not None:
                 self.console.start(self.enqueue)
         await self._done

@@ -308,6 +308,16 @@ def build_services(
     )
 
 
+def describe_stores(config: Config) -> str:
+    """Where a serving llproxy keeps what, in words for its log."""
+    if config.database_url is not None:
+        records = "keys and usage in PostgreSQL (shared)"
+    else:
+        records = f"keys and usage in SQLite ({state_dir(config.state_dir)})"
+    counts = "Redis (shared)" if config.redis_url is not None else "this host's memory"
+    return f"{records}, rate counts in {counts}, operators' desk on this host"
+
+
 def usage_writer(config: Config) -> UsageWriter | PostgresUsageWriter:
     """Who writes a host's usage records: the shared database (spooling to the state
     directory while it cannot be reached), else the host's SQLite."""

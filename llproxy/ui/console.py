@@ -27,6 +27,7 @@ COMMANDS = {
     "scan": "rescan the endpoints now",
     "stats": "requests, errors, tokens and in-flight per model and worker",
     "workers": "the worker processes",
+    "stores": "where keys, usage, rate counts and the desk are kept, and whether each answers",
     "reload": "re-read the config file and restart the workers gently (as SIGHUP)",
     "quit": "finish requests in flight and stop (also: exit, Ctrl-D)",
 }
@@ -100,6 +101,22 @@ class InteractiveConsole:
             table.add_row(
                 str(handle.worker_id), str(handle.pid), state, f"{now - handle.started:.0f}s"
             )
+        self.out.print(table)
+
+    def show_stores(self, stores: dict[str, dict[str, Any]]) -> None:
+        table = Table(title="stores")
+        for column in ("holds", "store", "state"):
+            table.add_column(column)
+        marks: dict[bool | None, str] = {
+            True: "[green]reachable[/green]",
+            False: "[red]unreachable[/red]",
+            None: "[dim]not tried yet[/dim]",
+        }
+        for name, store in stores.items():
+            state = marks[store.get("reachable")]
+            if store.get("spooled"):
+                state += f" ({store['spooled']} records spooled)"
+            table.add_row(name, str(store.get("store")), state)
         self.out.print(table)
 
     def show_stats(self, replies: Sequence[StatsReply]) -> None:
