@@ -93,13 +93,25 @@ state_dir_option = env_option(
 
 def refuse_open_bind(config: Config, allow_open: bool) -> None:
     """Without keys, anyone who reaches the port may use every model: only on loopback."""
+    import asyncio
+
+    from .stores import list_keys
+    from .stores.postgres import DATABASE_ERRORS
     from .stores.sqlite import StoredKeys, state_dir
 
     if config.loopback_only or allow_open:
         return
-    stored = StoredKeys(state_dir(config.state_dir))
-    enabled = bool(config.api_keys) or bool(stored.changed())
-    stored.close()
+    if config.database_url is not None:
+        try:
+            enabled = bool(config.api_keys) or bool(asyncio.run(list_keys(config)))
+        except DATABASE_ERRORS as exc:
+            # Serving is safe: no request passes without a key until the keys are read.
+            click.echo(f"llproxy: cannot read the keys from the database yet: {exc}", err=True)
+            enabled = True
+    else:
+        stored = StoredKeys(state_dir(config.state_dir))
+        enabled = bool(config.api_keys) or bool(stored.changed())
+        stored.close()
     if not enabled:
         click.echo(
             f"llproxy: refusing to serve on {config.bindip} without API keys: anyone who can "

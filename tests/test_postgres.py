@@ -294,3 +294,29 @@ async def test_serving_without_the_database_keeps_answering(
     async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/health") as resp:
         stores = (await resp.json())["stores"]
     assert stores["keys"] == {"store": "postgresql", "reachable": False}
+
+
+async def test_a_database_down_at_start_keeps_the_proxy_closed(
+    start_proxy: ProxyFactory, upstream: RunningUpstream
+) -> None:
+    """Whether keys exist is unknown until the database answers: every request needs
+    one meanwhile, as with a deleted state directory."""
+    from .conftest import free_port_block
+
+    url = f"postgresql://nobody@127.0.0.1:{free_port_block(1)}/none"
+    proxy = await start_proxy([upstream.endpoint()], database_url=url)
+    with pytest.raises(openai.AuthenticationError):
+        await proxy.client("anything").chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}]
+        )
+
+
+async def test_an_empty_shared_store_opens_once_read(
+    start_proxy: ProxyFactory, upstream: RunningUpstream, database_url: str
+) -> None:
+    """A reachable database without keys is an open proxy, as an empty SQLite is."""
+    proxy = await start_proxy([upstream.endpoint()], database_url=database_url)
+    answer = await proxy.client("anything").chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content

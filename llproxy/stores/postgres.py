@@ -210,6 +210,7 @@ class PostgresKeySync:
 
     def __init__(self, ring: KeyRing, url: str) -> None:
         self.ring = ring
+        self.ring.awaiting_store = True  # closed until the keys were read once
         self.url = url
         self.reachable: bool | None = None  # None: not tried yet
         self._wake = asyncio.Event()
@@ -252,6 +253,7 @@ class PostgresKeySync:
             while True:
                 self._wake.clear()
                 self.ring.replace(await load_keys(conn))
+                self.ring.awaiting_store = False
                 if self.reachable is False:
                     log.warning("the key database is reachable again")
                 self.reachable = True
