@@ -104,6 +104,14 @@ async def test_a_fleet_shares_keys_and_usage(
     await asyncio.sleep(1.5)  # a second writer's batch, were any record written twice
     assert await fleet_usage(tmp_path, config, 1003) == 1003
 
+    # Limits are exact across the fleet (Redis counts): a key of its own limit, 80
+    # requests spread over the three at once.
+    limited = cli(
+        tmp_path, "keys", "create", "--config", config, "--name", "few", "--rate-limit", "50/minute"
+    ).strip()
+    await asyncio.sleep(1.0)  # every worker heard of the key
+    assert await spread(daemons, limited, 80) == Counter({200: 50, 429: 30})
+
     cli(tmp_path, "keys", "revoke", "--config", config, "team")
     revoked = time.monotonic()
     took = []

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -402,15 +402,16 @@ class PostgresUsageWriter:
                 self._conn = await connect(self.url)
                 await upgrade(self._conn)
             if self.telemetry.spooled:
-                rows = self._read_spool()
-                for start in range(0, len(rows), DRAIN_CHUNK):
-                    chunk = rows[start : start + DRAIN_CHUNK]
+                # Chunk by chunk; a drain cut short starts again from the top, and the
+                # chunks already in are skipped by their ids.
+                drained = 0
+                for chunk in self._read_spool():
                     await self._conn.execute(_INSERT, *zip(*chunk, strict=True))
+                    drained += len(chunk)
                 self.spool.unlink(missing_ok=True)
-                self.telemetry.written += len(rows)
+                self.telemetry.written += drained
                 self.telemetry.spooled = 0
-                if rows:
-                    log.warning("wrote %d spooled usage records to the database", len(rows))
+                log.warning("wrote %d spooled usage records to the database", drained)
         except DATABASE_ERRORS as exc:
             self._lost(exc)
             return
@@ -418,7 +419,8 @@ class PostgresUsageWriter:
             log.warning("the usage database is reachable again")
         self.reachable = True
 
-    def _read_spool(self) -> list[Row]:
+    def _read_spool(self) -> Iterator[list[Row]]:
+        """The spooled records, DRAIN_CHUNK at a time."""
         rows: list[Row] = []
         try:
             with self.spool.open("rb") as file:
@@ -429,9 +431,13 @@ class PostgresUsageWriter:
                     except (orjson.JSONDecodeError, TypeError, ValueError):
                         # A line cut short by a crash mid-write: nothing to recover.
                         self.telemetry.dropped += 1
+                    if len(rows) == DRAIN_CHUNK:
+                        yield rows
+                        rows = []
         except FileNotFoundError:
             pass
-        return rows
+        if rows:
+            yield rows
 
     async def close(self) -> None:
         self._stop.set()
