@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -280,6 +281,28 @@ async def test_a_spool_left_by_a_stopped_host_is_written_once(
         await again.close()
         assert not spool.exists()
     assert await count(url) == 7
+
+
+async def test_writers_sharing_a_state_directory_share_its_spool(
+    own_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """Two llproxy on one state directory spool to one file and both drain it: every
+    record is written once, no file is left."""
+    url = own_cluster.url()
+    spool = tmp_path / "spool.jsonl"
+    one, other = PostgresUsageWriter(url, spool), PostgresUsageWriter(url, spool)
+    own_cluster.stop()
+    for writer in (one, other):
+        writer.add([record() for _ in range(20)])
+        await writer.flush()
+    own_cluster.start()
+    for _ in range(5):
+        one.add([record() for _ in range(10)])
+        other.add([record() for _ in range(10)])
+        await asyncio.gather(one.flush(), other.flush())
+    await asyncio.gather(one.close(), other.close())
+    assert await count(url) == 140
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 async def test_a_full_spool_drops_and_counts(own_cluster: PgCluster, tmp_path: Path) -> None:

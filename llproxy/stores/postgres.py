@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import fcntl
 import logging
 import os
 import time
@@ -309,11 +310,11 @@ class PostgresUsageWriter:
         self.telemetry.spooled = self._count_spooled()
 
     def _count_spooled(self) -> int:
-        try:
-            with self.spool.open("rb") as file:
-                return sum(1 for _ in file)
-        except FileNotFoundError:
-            return 0
+        found = 0
+        for path in [self.spool, *self.spool.parent.glob(f"{self.spool.name}.*.drain")]:
+            with contextlib.suppress(FileNotFoundError), path.open("rb") as file:
+                found += sum(1 for _ in file)
+        return found
 
     def add(self, records: Sequence[UsageRecord]) -> None:
         self._pending.extend(records)
@@ -387,13 +388,42 @@ class PostgresUsageWriter:
             )
             return
         self.spool.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = self._locked_spool(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             os.write(fd, data)
             os.fsync(fd)
         finally:
-            os.close(fd)
+            os.close(fd)  # and its lock
         self.telemetry.spooled += len(rows)
+
+    def _locked_spool(self, flags: int) -> int:
+        """The spool file open and locked (for microseconds: one write, or a rename), and
+        still the one at its path: another llproxy on the same state directory may
+        have taken it away to drain it meanwhile. FileNotFoundError without O_CREAT."""
+        while True:
+            fd = os.open(self.spool, flags, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.spool).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def _take_spool(self) -> list[Path]:
+        """The spool renamed away for draining (so records spooled meanwhile start a new
+        one), with any earlier drain's file that was cut short."""
+        try:
+            fd = self._locked_spool(os.O_RDONLY)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                taken = f"{self.spool.name}.{uuid.uuid4().hex}.drain"
+                os.rename(self.spool, self.spool.with_name(taken))
+            finally:
+                os.close(fd)
+        return sorted(self.spool.parent.glob(f"{self.spool.name}.*.drain"))
 
     async def _drain(self) -> None:
         """Connect if need be, then write the spool and empty it."""
@@ -405,10 +435,11 @@ class PostgresUsageWriter:
                 # Chunk by chunk; a drain cut short starts again from the top, and the
                 # chunks already in are skipped by their ids.
                 drained = 0
-                for chunk in self._read_spool():
-                    await self._conn.execute(_INSERT, *zip(*chunk, strict=True))
-                    drained += len(chunk)
-                self.spool.unlink(missing_ok=True)
+                for taken in self._take_spool():
+                    for chunk in self._read_spool(taken):
+                        await self._conn.execute(_INSERT, *zip(*chunk, strict=True))
+                        drained += len(chunk)
+                    taken.unlink(missing_ok=True)
                 self.telemetry.written += drained
                 self.telemetry.spooled = 0
                 log.warning("wrote %d spooled usage records to the database", drained)
@@ -419,11 +450,11 @@ class PostgresUsageWriter:
             log.warning("the usage database is reachable again")
         self.reachable = True
 
-    def _read_spool(self) -> Iterator[list[Row]]:
+    def _read_spool(self, path: Path) -> Iterator[list[Row]]:
         """The spooled records, DRAIN_CHUNK at a time."""
         rows: list[Row] = []
         try:
-            with self.spool.open("rb") as file:
+            with path.open("rb") as file:
                 for line in file:
                     try:
                         first, *rest = orjson.loads(line)
