@@ -97,7 +97,7 @@ class Health:
         if not granted.watched:
             return
         state = self._states.get(granted.replica)
-        if state is None:
+        if state is None or (probe and not state.ejected):  # a request reinstated it first
             return
         was_ejected = state.ejected
         if probe:

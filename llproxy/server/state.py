@@ -138,7 +138,7 @@ class ProxyState:
             self.probes.wake()
 
     def reinstated(self, replica: Replica, model: str) -> None:
-        pass
+        """Nothing to do: the numbers read each replica's state when they are asked."""
 
     def numbers(self) -> Telemetry:
         """This process's numbers, with each replica's health as it is now."""
