@@ -14,11 +14,13 @@ import anthropic
 import openai
 import pytest
 
+from llproxy.backends.probe import probe
 from llproxy.config import ConfigError, parse_config
 from llproxy.core.health import Health
 from llproxy.core.registry import Replica, Upstream
 
 from .conftest import ProxyFactory, RunningProxy, RunningUpstream, UpstreamFactory
+from .fake_anthropic import KEY, FakeAnthropic
 from .test_cli import run_llproxy
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -427,3 +429,20 @@ async def test_the_metrics_list_every_replica_in_service(
         f'llproxy_replica_ejected{{model="fake-model",upstream="127.0.0.1:{upstream.port}"}} 0.0'
         in text
     )
+
+
+async def test_a_probe_asks_a_cloud_dialects_own_listing_with_its_key() -> None:
+    fake = FakeAnthropic()
+    await fake.start()
+    host, port = "127.0.0.1", int(fake.url.rsplit(":", 1)[1])
+    cloud = Upstream(fake.url, host, port, apikey=KEY, dialect="anthropic")
+    async with aiohttp.ClientSession() as session:
+        assert await probe(session, cloud, 5) is None
+        assert fake.received[-1].path.startswith("/v1/models")
+        assert fake.received[-1].headers["x-api-key"] == KEY
+        # A wrong key is a 401: the server is up all the same.
+        wrong = Upstream(fake.url, host, port, apikey="sk-wrong", dialect="anthropic")
+        assert await probe(session, wrong, 5) is None
+        await fake.close()
+        down = await probe(session, cloud, 5)
+    assert down is not None and down
