@@ -81,6 +81,8 @@ class Health:
         request is its trial."""
         if not self.enable or replica.backend in self.exempt:
             return Pass(replica, model, watched=False)
+        if not self._states:  # every replica is well: no hashing of one on the hot path
+            return Pass(replica, model)
         state = self._states.get(replica)
         if state is None or not state.ejected:
             return Pass(replica, model)
@@ -94,7 +96,7 @@ class Health:
         A probe's success reinstates it, but the back-off keeps growing until a request
         succeeds, and its first failure ejects it again: a server that lists its models
         may still fail every request."""
-        if not granted.watched:
+        if not granted.watched or not self._states:
             return
         state = self._states.get(granted.replica)
         if state is None or (probe and not state.ejected):  # a request reinstated it first
