@@ -272,20 +272,20 @@ async def test_after_its_back_off_one_trial_goes_and_its_success_reinstates(
     with pytest.raises(openai.InternalServerError) as ejected:
         await _chat(proxy)
     assert ejected.value.status_code == 503
-    # The server recovers and the back-off ends: the next request is its trial, and a
-    # slow one; meanwhile every other request is still answered 503 at once.
+    # The server recovers and the back-off ends: the next request is its trial, held
+    # until the test lets it answer; meanwhile every other request gets a 503 at once.
     upstream.fake.fail_status = None
-    upstream.fake.first_byte_delay = 1.0
+    upstream.fake.gate = gate = asyncio.Event()
     clock.now += 60
+    upstream.fake.got_request.clear()
     trial = asyncio.create_task(_chat(proxy))
     await asyncio.wait_for(upstream.fake.got_request.wait(), 10)
-    upstream.fake.got_request.clear()
     with pytest.raises(openai.InternalServerError) as waiting:
         await _chat(proxy)
     assert waiting.value.status_code == 503
     assert waiting.value.response.headers["Retry-After"] == "1"
+    gate.set()
     assert await asyncio.wait_for(trial, 20)
-    upstream.fake.first_byte_delay = 0
     assert await _chat(proxy) and await _chat(proxy)
     assert len(upstream.fake.generation_requests) == 4  # the failure, the trial, two more
     assert any(line.endswith(" 0.0") for line in await _metrics(proxy))
