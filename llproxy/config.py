@@ -70,6 +70,19 @@ class Discovery:
 
 
 @dataclass(frozen=True, slots=True)
+class Health:
+    """Replica health (core/health.py): when a replica is ejected and for how long."""
+
+    enable: bool = True
+    failures: int = 3  # failed requests in a row that eject a replica
+    ejection: float = 5.0  # seconds of the first ejection; each one in a row doubles it
+    max_ejection: float = 300.0  # the longest ejection
+    # An ejected replica of a `url` endpoint gets a light probe (its model listing) when
+    # its ejection ends, so it comes back without a client's request as its trial.
+    probe: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One configured source of models: a port range on a host, one known server URL, or
     a human operator who answers as a model."""
@@ -132,6 +145,7 @@ class Config:
     default_model: str | None = None
     timeouts: Timeouts = Timeouts()
     discovery: Discovery = Discovery()
+    health: Health = Health()
     max_request_bytes: int = 10 * 1024 * 1024
     # What one upstream response may send (an upstream is whatever listens on a scanned
     # port): a whole body, one event of a stream, and how far compression may expand.
@@ -332,6 +346,39 @@ def _discovery(path: str, value: Any) -> Discovery:
     )
 
 
+def _health(path: str, value: Any) -> Health:
+    obj = _expect(path, value, dict, "an object")
+    _check_keys(path, obj, {f.name for f in dataclasses.fields(Health)})
+    defaults = Health()
+
+    def flag(key: str) -> bool:
+        def read(v: Any) -> bool:
+            return _expect(f"{path}.{key}", v, bool, "a boolean")
+
+        default: bool = getattr(defaults, key)
+        return _optional(obj, key, read, default)
+
+    def seconds(key: str) -> float:
+        default: float = getattr(defaults, key)
+        return _optional(obj, key, partial(_positive_number, f"{path}.{key}"), default)
+
+    health = Health(
+        enable=flag("enable"),
+        failures=_optional(
+            obj, "failures", partial(_positive_int, f"{path}.failures"), defaults.failures
+        ),
+        ejection=seconds("ejection"),
+        max_ejection=seconds("max_ejection"),
+        probe=flag("probe"),
+    )
+    if health.max_ejection < health.ejection:
+        raise ConfigError(
+            f"{path}.max_ejection: must be >= ejection ({health.ejection:g}), "
+            f"got {health.max_ejection:g}"
+        )
+    return health
+
+
 _OPERATOR_KEYS = {
     "operator",
     "tags",
@@ -468,6 +515,7 @@ _TOP_KEYS = {
     "default_model",
     "timeouts",
     "discovery",
+    "health",
     "max_request_bytes",
     "max_response_bytes",
     "max_event_bytes",
@@ -528,6 +576,7 @@ def parse_config(
         discovery=_optional(
             obj, "discovery", lambda v: _discovery("discovery", v), defaults.discovery
         ),
+        health=_optional(obj, "health", lambda v: _health("health", v), defaults.health),
         **{
             key: _optional(obj, key, partial(_positive_int, key), getattr(defaults, key))
             for key in _BOUNDS

@@ -17,12 +17,14 @@ from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..backends.openai_http.transport import response_bounds
 from ..backends.operator import BACKEND as OPERATOR_BACKEND
 from ..backends.operator import OperatorBackend
+from ..backends.probe import Probes
 from ..config import Config
 from ..core.call import Call, Reply, TokenCounter
 from ..core.desk import Desk
 from ..core.errors import ProxyError
+from ..core.health import Health
 from ..core.record import RequestRecord
-from ..core.registry import Registry
+from ..core.registry import Registry, Replica
 from ..core.router import Router
 from ..dialects import Dialect, Route
 from ..dialects.anthropic import AnthropicDialect
@@ -69,6 +71,16 @@ class ProxyState:
             ANTHROPIC_BACKEND: anthropic,
             GEMINI_BACKEND: gemini,
         }
+        settings = config.health
+        self.health = Health(
+            settings.failures,
+            settings.ejection,
+            settings.max_ejection,
+            enable=settings.enable,
+            exempt=(OPERATOR_BACKEND,),  # a person is not a server that fails
+            observer=self,
+        )
+        self.probes = Probes(config, self.health, lambda: self.registry)
         self.router = Router(
             lambda: self.registry,
             {
@@ -79,6 +91,7 @@ class ProxyState:
             },
             config.aliases,
             config.discovery.reexport,
+            self.health,
         )
         self.operators.handoff = self._hand_off
         if isinstance(services.desk, Desk):  # held here: it asks this registry
@@ -116,6 +129,23 @@ class ProxyState:
 
     def set_registry(self, registry: Registry) -> None:
         self.registry = registry
+        self.health.keep_only({r for m in registry.models.values() for r in m.replicas})
+
+    def ejected(self, replica: Replica, model: str, seconds: float) -> None:
+        """Replica health's news (HealthObserver): counted, and the probes rescheduled."""
+        self.telemetry.count_ejection(model, replica.address)
+        if self.config.health.probe:
+            self.probes.wake()
+
+    def reinstated(self, replica: Replica, model: str) -> None:
+        """Nothing to do: the numbers read each replica's state when they are asked."""
+
+    def numbers(self) -> Telemetry:
+        """This process's numbers, with each replica's health as it is now."""
+        states = self.health.states(self.registry.models.values())
+        self.telemetry.ejected = {key: int(left is not None) for key, left in states.items()}
+        self.telemetry.trial_in = {k: left for k, left in states.items() if left is not None}
+        return self.telemetry
 
     def take_scan(self, result: ScanResult) -> None:
         """A scan of this process's own."""
@@ -127,7 +157,7 @@ class ProxyState:
     async def _own_metrics(self) -> bytes:
         desk = self.services.desk
         held = desk_families(desk) if isinstance(desk, Desk) else ()
-        return render(self.telemetry, self.discovery_telemetry, self.services.usage.telemetry, held)
+        return render(self.numbers(), self.discovery_telemetry, self.services.usage.telemetry, held)
 
 
 STATE = web.AppKey("llproxy_state", ProxyState)
