@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,8 +25,10 @@ KEY = "static-fleet-key-0123456789"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def fleet_config(tmp_path: Path, upstream: RunningUpstream, **top: Any) -> str:
-    path = tmp_path / "fleet.json"
+def fleet_config(
+    tmp_path: Path, upstream: RunningUpstream, name: str = "fleet.json", **top: Any
+) -> str:
+    path = tmp_path / name
     path.write_text(json.dumps({"endpoints": [upstream.endpoint()], **top}))
     return str(path)
 
@@ -195,3 +198,29 @@ async def test_the_console_shows_the_stores(
     await daemon.wait_for(spooled, after=mark)
     daemon.write("quit\n")
     assert await daemon.wait_exit() == 0
+
+
+async def test_a_reload_keeps_the_database(
+    start_llproxy: Start,
+    start_upstream: UpstreamFactory,
+    tmp_path: Path,
+    own_cluster: PgCluster,
+) -> None:
+    """The master writes usage to the database it started with, so the workers a
+    reload starts follow that one's keys too, whatever the new file says."""
+    upstream = await start_upstream()
+    config = fleet_config(tmp_path, upstream, database_url=own_cluster.url())
+    daemon = await start_llproxy("--config", config, "--workers", "1")
+    other = own_cluster.create_database("other")
+    fleet_config(tmp_path, upstream, database_url=other)  # the same file, rewritten
+    mark = len(daemon.output)
+    daemon.signal(signal.SIGHUP)
+    await daemon.wait_for("database_url change needs a restart", after=mark)
+    await daemon.wait_for("reloaded", after=mark)
+    first = fleet_config(tmp_path, upstream, "first.json", database_url=own_cluster.url())
+    secret = cli(tmp_path, "keys", "create", "--config", first, "--name", "kept").strip()
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 10
+        while await send(session, daemon, secret, fresh=True) != 200:
+            assert time.monotonic() < deadline, "the new workers left the first database"
+            await asyncio.sleep(0.05)

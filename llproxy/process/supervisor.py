@@ -463,6 +463,10 @@ class Supervisor:
                 config = dataclasses.replace(
                     config, bindip=listening[0], port=listening[1], reuse_port=listening[2]
                 )
+            if config.database_url != self.config.database_url:
+                # The master's usage writer keeps its database: the workers' keys must too.
+                log.warning("reload: a database_url change needs a restart; keeping the old one")
+                config = dataclasses.replace(config, database_url=self.config.database_url)
             old = self._serving()
             target = self.target
             if self.options.workers is None and config.workers is not None:
