@@ -80,26 +80,26 @@ def fleet_config(tmp_path: Path, database_url: str, name: str = "c.json") -> Pat
     return path
 
 
-def cli(tmp_path: Path, database_url: str, *args: str) -> Any:
+def cli(tmp_path: Path, *args: str) -> Any:
     return run_cli(*args, state=tmp_path)
 
 
 def test_db_upgrade_and_keys_commands(tmp_path: Path, database_url: str) -> None:
     config = str(fleet_config(tmp_path, database_url))
-    done = cli(tmp_path, database_url, "db", "upgrade", "--config", config)
+    done = cli(tmp_path, "db", "upgrade", "--config", config)
     assert done.returncode == 0, done.stderr
     assert f"from version 0 to {SCHEMA_VERSION}" in done.stderr
-    again = cli(tmp_path, database_url, "db", "upgrade", "--config", config)
+    again = cli(tmp_path, "db", "upgrade", "--config", config)
     assert f"at version {SCHEMA_VERSION}" in again.stderr
-    created = cli(tmp_path, database_url, "keys", "create", "--config", config, "--name", "ci")
+    created = cli(tmp_path, "keys", "create", "--config", config, "--name", "ci")
     assert created.returncode == 0 and "shared database" in created.stderr
-    listed = cli(tmp_path, database_url, "keys", "list", "--config", config, "--json")
+    listed = cli(tmp_path, "keys", "list", "--config", config, "--json")
     assert [row["name"] for row in json.loads(listed.stdout)] == ["ci"]
     # Nothing went to the state directory's SQLite.
     assert not (tmp_path / "llproxy.db").exists()
-    revoked = cli(tmp_path, database_url, "keys", "revoke", "--config", config, "ci")
+    revoked = cli(tmp_path, "keys", "revoke", "--config", config, "ci")
     assert revoked.returncode == 0, revoked.stderr
-    twice = cli(tmp_path, database_url, "keys", "revoke", "--config", config, "ci")
+    twice = cli(tmp_path, "keys", "revoke", "--config", config, "ci")
     assert twice.returncode != 0 and "no active key" in twice.stderr
 
 
@@ -323,14 +323,14 @@ async def test_usage_sums_by_day_key_and_model(database_url: str, tmp_path: Path
     await writer.flush()
     await writer.close()
     config = str(fleet_config(tmp_path, database_url))
-    by_key = cli(tmp_path, database_url, "usage", "--config", config, "--by", "key", "--json")
+    by_key = cli(tmp_path, "usage", "--config", config, "--by", "key", "--json")
     assert by_key.returncode == 0, by_key.stderr
     rows = json.loads(by_key.stdout)
     assert [(r["client"], r["requests"], r["prompt_tokens"]) for r in rows] == [
         ("alice", 2, 5),
         ("bob", 2, 4),
     ]
-    by_day = cli(tmp_path, database_url, "usage", "--config", config, "--by", "day", "--json")
+    by_day = cli(tmp_path, "usage", "--config", config, "--by", "day", "--json")
     [today] = json.loads(by_day.stdout)
     assert today["day"] == time.strftime("%Y-%m-%d") and today["requests"] == 4
 
