@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,13 +19,17 @@ from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..backends.openai_http.transport import response_bounds
 from ..backends.operator import BACKEND as OPERATOR_BACKEND
 from ..backends.operator import OperatorBackend
+from ..backends.redacting import Redacting
 from ..config import Config
-from ..core.call import Call, Reply, TokenCounter
+from ..core.call import Backend, Call, Reply, TokenCounter
+from ..core.commands import Commands
 from ..core.desk import Desk
 from ..core.errors import ProxyError
 from ..core.record import RequestRecord
+from ..core.redact import Redactor
 from ..core.registry import Registry
 from ..core.router import Router
+from ..core.turn import TurnStages
 from ..dialects import Dialect, Route
 from ..dialects.anthropic import AnthropicDialect
 from ..dialects.gemini import GeminiDialect
@@ -33,6 +39,7 @@ from ..dialects.responses import ResponsesDialect
 from ..gateway import Gateway
 from ..gateway.accounting import Accounting
 from ..stores import Services
+from ..stores.sqlite import state_dir, usage_sums
 from ..telemetry.capture import CaptureWriter
 from ..telemetry.desk import desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
@@ -69,16 +76,22 @@ class ProxyState:
             ANTHROPIC_BACKEND: anthropic,
             GEMINI_BACKEND: gemini,
         }
+        backends: dict[str, Backend] = {
+            "openai_http": self.backend,
+            OPERATOR_BACKEND: self.operators,
+            ANTHROPIC_BACKEND: anthropic,
+            GEMINI_BACKEND: gemini,
+        }
+        # Secrets out of what goes to a replica marked `redact`, whichever backend serves it.
+        redactor = Redactor(config.secrets())
         self.router = Router(
             lambda: self.registry,
-            {
-                "openai_http": self.backend,
-                OPERATOR_BACKEND: self.operators,
-                ANTHROPIC_BACKEND: anthropic,
-                GEMINI_BACKEND: gemini,
-            },
+            {name: Redacting(backend, redactor) for name, backend in backends.items()},
             config.aliases,
             config.discovery.reexport,
+        )
+        self.turns = TurnStages(
+            self._commands(config), config.tool_loops.mode, config.tool_loops.repeats
         )
         self.operators.handoff = self._hand_off
         if isinstance(services.desk, Desk):  # held here: it asks this registry
@@ -100,6 +113,23 @@ class ProxyState:
             GeminiDialect(),
         )
         self.paths = DialectPaths(self.dialects)
+
+    def _commands(self, config: Config) -> Commands | None:
+        if not config.commands.enable:
+            return None
+        directory = state_dir(config.state_dir)
+
+        async def today(client: str) -> list[dict[str, Any]]:
+            midnight = time.mktime((*time.localtime()[:3], 0, 0, 0, 0, 0, -1))
+            return await asyncio.to_thread(usage_sums, directory, midnight, "model", client)
+
+        return Commands(
+            config.commands.prefix,
+            config.commands.disabled_keys,
+            self.router.listing,
+            self.router.resolve,
+            today,
+        )
 
     async def _hand_off(self, call: Call, record: RequestRecord) -> Reply:
         """An operator's request answered by a model after all (the client's key still

@@ -1,0 +1,75 @@
+"""Secrets kept out of prompts: before a call goes to a back-end marked `redact`, every
+string of its body (messages, tool results, system prompt; the client's own request too,
+when a cloud back-end passes that on) has the known secrets and the common key shapes
+replaced by a placeholder. Only the number of replacements is kept, never what they were.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from .call import Call, JsonPayload, Native
+
+PLACEHOLDER = "[REDACTED]"
+
+# The shapes of keys people paste: OpenAI's and Anthropic's (`sk-`, `sk-ant-`, `sk-proj-`),
+# AWS access key ids, GitHub tokens, Slack tokens, llproxy's own keys (stored keys are
+# known only by their hash, so they are found by shape), and PEM private key blocks.
+_SHAPES = (
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z0-9 ]*PRIVATE KEY-----",
+    r"\bsk-[A-Za-z0-9_-]{20,}",
+    r"\bAKIA[0-9A-Z]{16}\b",
+    r"\bgh[pousr]_[A-Za-z0-9]{30,}",
+    r"\bxox[abpr]-[A-Za-z0-9-]{10,}",
+    r"\bllp-[A-Za-z0-9_-]{40,}",
+)
+# Configured secrets shorter than this are not looked for: too likely to be ordinary text.
+MIN_SECRET_LENGTH = 8
+
+
+class Redactor:
+    """One pattern for every secret it looks for: the configured ones by value (longest
+    first, so one that contains another is replaced whole) and the shapes."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        known = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+        self._pattern = re.compile("|".join([*map(re.escape, known), *_SHAPES]))
+
+    def text(self, text: str) -> tuple[str, int]:
+        """The text with its secrets replaced, and how many there were."""
+        return self._pattern.subn(PLACEHOLDER, text)
+
+    def value(self, value: Any) -> tuple[Any, int]:
+        """A JSON value with every string in it redacted (keys are a schema's, not a
+        prompt's: left as they are); the same object when nothing was replaced."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            items = [self.value(item) for item in value]
+            count = sum(n for _, n in items)
+            return ([item for item, _ in items] if count else value), count
+        if isinstance(value, dict):
+            pairs = {key: self.value(item) for key, item in value.items()}
+            count = sum(n for _, n in pairs.values())
+            return ({key: item for key, (item, _) in pairs.items()} if count else value), count
+        return value, 0
+
+    def call(self, call: Call) -> tuple[Call, int]:
+        """The call with its JSON body (and the client's own request beside it) redacted;
+        a form upload (audio, images) is no prompt text and goes as it is."""
+        payload = call.payload
+        if not isinstance(payload, JsonPayload):
+            return call, 0
+        body, count = self.value({k: v for k, v in payload.body.items() if k != "model"})
+        native = payload.native
+        if native is not None:
+            native_body, more = self.value(native.body)
+            if more:
+                native = Native(native.dialect, native_body, native.headers)
+                count += more
+        if not count:
+            return call, 0
+        return replace(call, payload=JsonPayload({**payload.body, **body}, native)), count
