@@ -18,7 +18,7 @@ class Redacting:
 
     async def send(self, call: Call, replica: Replica, record: RequestRecord) -> Reply:
         if replica.upstream.redact:
-            call, count = self.redactor.call(call)
+            call, count = self.redactor.call(call, replica.backend)
             # Once per request: a replica tried after one that refused redacts the same.
             record.redacted = max(record.redacted, count)
         return await self.backend.send(call, replica, record)

@@ -57,19 +57,18 @@ class Redactor:
             return ({key: item for key, (item, _) in pairs.items()} if count else value), count
         return value, 0
 
-    def call(self, call: Call) -> tuple[Call, int]:
-        """The call with its JSON body (and the client's own request beside it) redacted;
-        a form upload (audio, images) is no prompt text and goes as it is."""
+    def call(self, call: Call, backend: str) -> tuple[Call, int]:
+        """The call with what `backend` sends of it redacted: the client's own request
+        when it is in that backend's dialect (it is passed on instead), else the JSON body.
+        A form upload (audio, images) is no prompt text and goes as it is."""
         payload = call.payload
         if not isinstance(payload, JsonPayload):
             return call, 0
-        body, count = self.value({k: v for k, v in payload.body.items() if k != "model"})
         native = payload.native
-        if native is not None:
-            native_body, more = self.value(native.body)
-            if more:
-                native = Native(native.dialect, native_body, native.headers)
-                count += more
-        if not count:
-            return call, 0
-        return replace(call, payload=JsonPayload({**payload.body, **body}, native)), count
+        if native is not None and native.dialect == backend:
+            body, count = self.value(native.body)
+            redacted = JsonPayload(payload.body, Native(native.dialect, body, native.headers))
+        else:
+            body, count = self.value({k: v for k, v in payload.body.items() if k != "model"})
+            redacted = JsonPayload({**payload.body, **body}, native)
+        return (replace(call, payload=redacted), count) if count else (call, 0)
