@@ -51,9 +51,10 @@ class Command:
 def parse(text: str, prefix: str) -> list[Command] | None:
     """The commands a text holds (one or more, each starting with the prefix), or None
     when it does not start with the prefix. A piece that is no command is one named ""."""
-    stripped = text.strip()
-    if not stripped.startswith(prefix):
+    # A look at the text's start first: most messages are long and no command.
+    if not _starts(text, prefix):
         return None
+    stripped = text.strip()
     commands = []
     for piece in stripped[len(prefix) :].split(prefix):
         match = _COMMAND.fullmatch(piece.strip())
@@ -65,6 +66,10 @@ def parse(text: str, prefix: str) -> list[Command] | None:
                 Command(match.group(1).lower(), None if argument is None else argument.strip())
             )
     return commands
+
+
+def _starts(text: str, prefix: str) -> bool:
+    return text[:256].lstrip().startswith(prefix)
 
 
 def texts(message: Mapping[str, Any]) -> list[str]:
@@ -122,7 +127,7 @@ def read(messages: Sequence[Any], prefix: str) -> History:
             continue
         role = message.get("role")
         parts = texts(message)
-        if role == "assistant" and parts and parts[0].lstrip().startswith(MARK):
+        if role == "assistant" and parts and _starts(parts[0], MARK):
             history.changed = True
             continue
         found = None
@@ -145,8 +150,9 @@ def read(messages: Sequence[Any], prefix: str) -> History:
 # What a command answer may ask of the rest of llproxy, for the client's key.
 Listing = Callable[[ApiKey | None], list[Mapping[str, Any]]]
 Resolve = Callable[[str, ApiKey | None], Model]
-# This client's usage since a time: rows of model, requests, prompt and completion tokens.
-UsageToday = Callable[[str], Awaitable[list[dict[str, Any]]]]
+# This client's usage today: rows of model, requests, prompt and completion tokens; None
+# when the usage database cannot be read.
+UsageToday = Callable[[str], Awaitable[list[dict[str, Any]] | None]]
 
 
 class Commands:
@@ -256,7 +262,9 @@ class Commands:
         return "\n".join([*lines, *(f"Not set: {p}." for p in problems)])
 
 
-def _usage(rows: Sequence[Mapping[str, Any]]) -> str:
+def _usage(rows: Sequence[Mapping[str, Any]] | None) -> str:
+    if rows is None:
+        return "This key's usage cannot be read right now (the usage database failed)."
     if not rows:
         return "No requests today for this key."
     columns = ("requests", "prompt_tokens", "completion_tokens")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -44,6 +46,8 @@ from ..telemetry.capture import CaptureWriter
 from ..telemetry.desk import desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .respond import Delivery
+
+log = logging.getLogger("llproxy.server")
 
 
 class ProxyState:
@@ -119,9 +123,13 @@ class ProxyState:
             return None
         directory = state_dir(config.state_dir)
 
-        async def today(client: str) -> list[dict[str, Any]]:
+        async def today(client: str) -> list[dict[str, Any]] | None:
             midnight = time.mktime((*time.localtime()[:3], 0, 0, 0, 0, 0, -1))
-            return await asyncio.to_thread(usage_sums, directory, midnight, "model", client)
+            try:
+                return await asyncio.to_thread(usage_sums, directory, midnight, "model", client)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("cannot read usage for a command: %s", exc)
+                return None
 
         return Commands(
             config.commands.prefix,
