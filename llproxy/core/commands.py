@@ -116,35 +116,55 @@ class History:
     command: list[Command] | None = None
 
 
-def read(messages: Sequence[Any], prefix: str) -> History:
-    """The history's commands, and its messages without them and their answers."""
-    kept: list[Any] = []
-    history = History(kept)
-    last = len(messages) - 1
+def read(messages: list[Any], prefix: str) -> History:
+    """The history's commands, and its messages without them and their answers (the
+    same list when there are none: this runs for every chat turn)."""
+    history = History(messages)
+    dropped: set[int] = set()
     for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            kept.append(message)
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "assistant":
+            if _answered(message):
+                dropped.add(index)
             continue
-        role = message.get("role")
-        parts = texts(message)
-        if role == "assistant" and parts and _starts(parts[0], MARK):
-            history.changed = True
-            continue
-        found = None
-        if role == "user":
-            found = next((c for p in parts if (c := parse(p, prefix)) is not None), None)
+        found = _commands(message, prefix) if role == "user" else None
         if found is None:
-            kept.append(message)
             continue
-        history.changed = True
+        dropped.add(index)
         for command in found:
             if command.name == "set" and command.argument:
                 history.settings.update(settings_of(command.argument)[0])
             elif command.name == "model" and command.argument:
                 history.models.append(command.argument)
-        if index == last:
+        if index == len(messages) - 1:
             history.command = found
+    if dropped:
+        history.changed = True
+        history.messages = [m for i, m in enumerate(messages) if i not in dropped]
     return history
+
+
+def _commands(message: Mapping[str, Any], prefix: str) -> list[Command] | None:
+    """A user message's commands: its first text part that starts with the prefix
+    (agents such as Claude Code put reminders of their own before what was typed)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return parse(content, prefix)
+    if isinstance(content, list):
+        for part in content:
+            text = part.get("text") if isinstance(part, dict) else None
+            if isinstance(text, str) and (found := parse(text, prefix)) is not None:
+                return found
+    return None
+
+
+def _answered(message: Mapping[str, Any]) -> bool:
+    """Whether an assistant message is llproxy's answer to a command."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return _starts(content, MARK)
+    parts = texts(message)
+    return bool(parts) and _starts(parts[0], MARK)
 
 
 # What a command answer may ask of the rest of llproxy, for the client's key.

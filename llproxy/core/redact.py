@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
+import re2  # type: ignore[import-untyped]
+
 from .call import Call, JsonPayload, Native
 
 PLACEHOLDER = "[REDACTED]"
@@ -36,11 +38,14 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         known = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
-        self._pattern = re.compile("|".join([*map(re.escape, known), *_SHAPES]))
+        # RE2: one linear pass whatever the alternatives (Python's re took 60 times as
+        # long on a 100 kB prompt, measured), and no pattern here can backtrack.
+        self._pattern = re2.compile("|".join([*map(re.escape, known), *_SHAPES]))
 
     def text(self, text: str) -> tuple[str, int]:
         """The text with its secrets replaced, and how many there were."""
-        return self._pattern.subn(PLACEHOLDER, text)
+        text, count = self._pattern.subn(PLACEHOLDER, text)
+        return text, count
 
     def value(self, value: Any) -> tuple[Any, int]:
         """A JSON value with every string in it redacted (keys are a schema's, not a

@@ -58,7 +58,7 @@ class TurnStages:
                 asked = model or (payload.model if payload.model else None)
                 text = await commands.answer(history, record.key, record.client, asked)
                 return Turn(payload, history.settings, model, text)
-        kept = history.messages if history.changed else messages
+        kept = history.messages
         verdict = check(kept, history.settings.get("tool-loops", self.loop_mode), self.loop_repeats)
         if verdict is not None:
             record.stage = f"tool_loop_{verdict.action}"
