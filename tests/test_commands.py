@@ -6,6 +6,7 @@ one model cannot switch to another."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,34 @@ async def test_settings_and_model_come_from_the_history(
         ("user", "What is 2+2?"),
         ("assistant", "4"),
         ("user", "And 3+3?"),
+    ]
+
+
+async def test_a_command_after_an_agents_own_reminder(
+    proxy: RunningProxy, scenario: ScenarioUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Claude Code puts reminders of its own before what the user typed, in one message:
+    the command is still found, and the access log says llproxy answered it."""
+    caplog.set_level(logging.INFO, logger="llproxy.access")
+    sdk = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="none", max_retries=0)
+    reminder = {"type": "text", "text": "<system-reminder>Be careful.</system-reminder>"}
+    typed = {"type": "text", "text": "!/model"}
+    made = await sdk.messages.create(
+        model="fake-model",
+        max_tokens=100,
+        messages=[{"role": "user", "content": [reminder, typed, reminder]}],
+    )
+    await sdk.close()
+    assert made.content[0].text.startswith(MARK)  # type: ignore[union-attr]
+    assert "goes to the model it asks for (fake-model)" in made.content[0].text  # type: ignore[union-attr]
+    assert scenario.bodies() == []
+    # Text the user typed before a command is the model's: no command.
+    said = await openai_chat(proxy)([("user", "Look: !/model")], False, "fake-model")
+    assert said == "Hello, world!"
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "request"]
+    assert [(r.path, r.stage) for r in lines] == [  # type: ignore[attr-defined]
+        ("/v1/messages", "command"),
+        ("/v1/chat/completions", None),
     ]
 
 

@@ -32,6 +32,8 @@ SETTINGS: Mapping[str, tuple[str, ...]] = {
 }
 _SYNONYMS = {"on": "true", "yes": "true", "1": "true", "off": "false", "no": "false", "0": "false"}
 
+_REMINDER = "<system-reminder>"
+_REMINDERS = re.compile(r"<system-reminder>.*?</system-reminder>", re.DOTALL)
 _COMMAND = re.compile(r"([A-Za-z][A-Za-z_-]*)\s*(?:\((.*)\))?", re.DOTALL)
 _HELP = (
     ("help", "what you are reading"),
@@ -53,7 +55,13 @@ def parse(text: str, prefix: str) -> list[Command] | None:
     when it does not start with the prefix. A piece that is no command is one named ""."""
     # A look at the text's start first: most messages are long and no command.
     if not _starts(text, prefix):
-        return None
+        # Claude Code puts reminders of its own in the user's message, beside what was
+        # typed (its dialect joins the blocks into one text): they are not the user's.
+        if _REMINDER not in text:
+            return None
+        text = _REMINDERS.sub("", text)
+        if not _starts(text, prefix):
+            return None
     stripped = text.strip()
     commands = []
     for piece in stripped[len(prefix) :].split(prefix):
