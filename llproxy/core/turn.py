@@ -33,6 +33,8 @@ class Turn:
 
 
 class TurnStages:
+    """The stages as one process runs them: commands (unless off) and tool loops."""
+
     def __init__(self, commands: Commands | None, loop_mode: str, loop_repeats: int) -> None:
         self.commands = commands  # None: commands are off
         self.loop_mode = loop_mode
@@ -55,7 +57,7 @@ class TurnStages:
             model = commands.model(history, record.key)
             if history.command is not None:
                 record.stage = "command"
-                asked = model or (payload.model if payload.model else None)
+                asked = model or payload.model
                 text = await commands.answer(history, record.key, record.client, asked)
                 return Turn(payload, history.settings, model, text)
         kept = history.messages
