@@ -31,6 +31,7 @@ SHAPES = {
     "openai": "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx0123",
     "anthropic": "sk-ant-api03-AbCdEfGhIjKlMnOpQrSt-uvwxyz_012345",
     "aws": "AKIAIOSFODNN7EXAMPLE",
+    "google": "AIzaSyA-" + "b1C2d3E4f5" * 3 + "_",
     "github": "ghp_" + "a1B2c3D4e5" * 4,
     "slack": "xoxb-123456789012-1234567890123-AbCdEfGhIjKl",
     "pem": "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn\n"
@@ -43,7 +44,7 @@ ASKED = (
     f"My keys: {SHAPES['openai']}, {SHAPES['anthropic']}, {SHAPES['slack']}; "
     f"llproxy {CLIENT_KEY} and {STORED_KEY}; the server's {UPSTREAM_KEY}."
 )
-RESULT = f"token={SHAPES['github']}"
+RESULT = f"token={SHAPES['github']} google={SHAPES['google']}"
 
 
 def test_every_shape_and_known_secret_is_replaced_and_nothing_else() -> None:
@@ -53,7 +54,7 @@ def test_every_shape_and_known_secret_is_replaced_and_nothing_else() -> None:
         assert (text, count) == (f"before {PLACEHOLDER} after", 1), name
     # A configured secret too short to be told from words is not looked for; words that
     # merely resemble a shape stay.
-    ordinary = "a short task-abcdefghijklmnopqrstuvwxyz sk-tiny AKIA1234 ghp_x xoxb-1 llp-short"
+    ordinary = "a short task-abcdefghijklmnopqrstuvwxyz sk-tiny AKIA1234 AIza ghp_x xoxb-1 llp-x"
     assert redactor.text(ordinary) == (ordinary, 0)
     value = {"messages": [{"content": [{"type": "text", "text": ASKED}]}], "n": 1}
     redacted, count = redactor.value(value)
@@ -138,13 +139,14 @@ async def test_an_anthropic_clients_own_request_is_redacted_before_anthropic(
     await sdk.close()
     sent = claude.received[-1].body
     assert leaked(sent) == []
-    assert sent is not None and json.dumps(sent).count(PLACEHOLDER) == 9
+    assert sent is not None and json.dumps(sent).count(PLACEHOLDER) == 10
     assert sent["system"] == f"Deploy with {PLACEHOLDER} and {PLACEHOLDER}."
-    assert sent["messages"][2]["content"][0]["content"] == f"token={PLACEHOLDER}"
+    result = sent["messages"][2]["content"][0]["content"]
+    assert result == f"token={PLACEHOLDER} google={PLACEHOLDER}"
     (line,) = [r for r in caplog.records if getattr(r, "event", None) == "request"]
-    assert line.redacted == 9  # type: ignore[attr-defined]
+    assert line.redacted == 10  # type: ignore[attr-defined]
     assert not leaked(line.__dict__)
-    assert b"llproxy_redactions_total 9.0" in await proxy.state.metrics()
+    assert b"llproxy_redactions_total 10.0" in await proxy.state.metrics()
 
 
 async def test_an_openai_clients_request_is_redacted_before_gemini(
@@ -167,7 +169,7 @@ async def test_an_openai_clients_request_is_redacted_before_gemini(
     await sdk.chat.completions.create(model="gemini-fake-pro", messages=messages)
     sent = gemini.received[-1].body
     assert leaked(sent) == []
-    assert json.dumps(sent).count(PLACEHOLDER) == 9
+    assert json.dumps(sent).count(PLACEHOLDER) == 10
 
 
 async def test_a_local_endpoint_gets_the_prompt_as_written_unless_marked(

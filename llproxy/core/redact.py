@@ -18,12 +18,14 @@ from .call import Call, JsonPayload, Native
 PLACEHOLDER = "[REDACTED]"
 
 # The shapes of keys people paste: OpenAI's and Anthropic's (`sk-`, `sk-ant-`, `sk-proj-`),
-# AWS access key ids, GitHub tokens, Slack tokens, llproxy's own keys (stored keys are
-# known only by their hash, so they are found by shape), and PEM private key blocks.
+# AWS access key ids, Google API keys (Gemini's), GitHub tokens, Slack tokens, llproxy's
+# own keys (stored keys are known only by their hash, so they are found by shape), and
+# PEM private key blocks.
 _SHAPES = (
     r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z0-9 ]*PRIVATE KEY-----",
     r"\bsk-[A-Za-z0-9_-]{20,}",
     r"\bAKIA[0-9A-Z]{16}\b",
+    r"\bAIza[0-9A-Za-z_-]{35}",
     r"\bgh[pousr]_[A-Za-z0-9]{30,}",
     r"\bxox[abpr]-[A-Za-z0-9-]{10,}",
     r"\bllp-[A-Za-z0-9_-]{40,}",
