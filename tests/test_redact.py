@@ -185,3 +185,19 @@ async def test_a_local_endpoint_gets_the_prompt_as_written_unless_marked(
     await marked.rescan()
     await marked.client(CLIENT_KEY).chat.completions.create(model="fake-model", messages=messages)
     assert leaked(scenario.bodies()[-1]) == []
+
+
+async def test_a_token_count_asked_of_a_cloud_is_redacted_too(
+    proxy: RunningProxy, clouds: tuple[FakeAnthropic, FakeGemini]
+) -> None:
+    """Claude Code counts its prompt before each turn: the count is the cloud's, so the
+    prompt goes there too."""
+    claude, _ = clouds
+    sdk = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=CLIENT_KEY, max_retries=0)
+    await sdk.messages.count_tokens(
+        model="claude-fake-large", system=SYSTEM, messages=[{"role": "user", "content": ASKED}]
+    )
+    await sdk.close()
+    asked = claude.received[-1]
+    assert asked.path == "/v1/messages/count_tokens"
+    assert leaked(asked.body) == [] and PLACEHOLDER in json.dumps(asked.body)

@@ -21,7 +21,7 @@ from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..backends.openai_http.transport import response_bounds
 from ..backends.operator import BACKEND as OPERATOR_BACKEND
 from ..backends.operator import OperatorBackend
-from ..backends.redacting import Redacting
+from ..backends.redacting import Redacting, RedactingCounter
 from ..config import Config
 from ..core.call import Backend, Call, Reply, TokenCounter
 from ..core.commands import Commands
@@ -74,11 +74,16 @@ class ProxyState:
             config.endpoints, services.desk, config.timeouts.stream_keepalive, worker_id
         )
         anthropic, gemini = AnthropicBackend(self.backend), GeminiBackend(self.backend)
+        # Secrets out of what goes to a replica marked `redact`, whichever backend serves it.
+        redactor = Redactor(config.secrets())
         # What counts tokens with a model's own server, by the backend that serves it.
         self.counters: dict[str, TokenCounter] = {
-            "openai_http": self.backend,
-            ANTHROPIC_BACKEND: anthropic,
-            GEMINI_BACKEND: gemini,
+            name: RedactingCounter(counter, redactor)
+            for name, counter in (
+                ("openai_http", self.backend),
+                (ANTHROPIC_BACKEND, anthropic),
+                (GEMINI_BACKEND, gemini),
+            )
         }
         backends: dict[str, Backend] = {
             "openai_http": self.backend,
@@ -86,8 +91,6 @@ class ProxyState:
             ANTHROPIC_BACKEND: anthropic,
             GEMINI_BACKEND: gemini,
         }
-        # Secrets out of what goes to a replica marked `redact`, whichever backend serves it.
-        redactor = Redactor(config.secrets())
         self.router = Router(
             lambda: self.registry,
             {name: Redacting(backend, redactor) for name, backend in backends.items()},
