@@ -31,7 +31,7 @@ _SHAPES = (
     r"\bllp-[A-Za-z0-9_-]{40,}",
 )
 # Configured secrets shorter than this are not looked for: too likely to be ordinary text.
-MIN_SECRET_LENGTH = 8
+MIN_SECRET_LENGTH = 12
 
 
 class Redactor:
