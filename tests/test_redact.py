@@ -60,6 +60,12 @@ def test_every_shape_and_known_secret_is_replaced_and_nothing_else() -> None:
     redacted, count = redactor.value(value)
     assert count == 6 and not any(s in orjson.dumps(redacted).decode() for s in ALL.values())
     assert redactor.value({"plain": ["text"]}) == ({"plain": ["text"]}, 0)
+    # An image's encoded bytes are no prompt text: a replacement would only break them.
+    image = {
+        "source": {"type": "base64", "data": "QUJD" + SHAPES["aws"]},
+        "image_url": {"url": f"data:image/png;base64,{SHAPES['aws']}"},
+    }
+    assert redactor.value(image) == (image, 0)
 
 
 def test_config_marks_cloud_endpoints_for_redaction() -> None:

@@ -59,7 +59,10 @@ class Redactor:
             count = sum(n for _, n in items)
             return ([item for item, _ in items] if count else value), count
         if isinstance(value, dict):
-            pairs = {key: self.value(item) for key, item in value.items()}
+            pairs = {
+                key: (item, 0) if _encoded(key, item) else self.value(item)
+                for key, item in value.items()
+            }
             count = sum(n for _, n in pairs.values())
             return ({key: item for key, (item, _) in pairs.items()} if count else value), count
         return value, 0
@@ -79,3 +82,9 @@ class Redactor:
             body, count = self.value({k: v for k, v in payload.body.items() if k != "model"})
             redacted = JsonPayload({**payload.body, **body}, native)
         return (replace(call, payload=redacted), count) if count else (call, 0)
+
+
+def _encoded(key: str, value: Any) -> bool:
+    """An image's or a file's bytes, encoded (Anthropic's `source.data`, Gemini's
+    `inlineData.data`, a `data:` URL): no prompt text, and a replacement would break it."""
+    return isinstance(value, str) and (key == "data" or value.startswith("data:"))
