@@ -62,7 +62,7 @@ def test_every_shape_and_known_secret_is_replaced_and_nothing_else() -> None:
     assert redactor.value({"plain": ["text"]}) == ({"plain": ["text"]}, 0)
     # An image's encoded bytes are no prompt text: a replacement would only break them.
     image = {
-        "source": {"type": "base64", "data": "QUJD" + SHAPES["aws"]},
+        "source": {"type": "base64", "data": "QUJD/" + SHAPES["aws"]},
         "image_url": {"url": f"data:image/png;base64,{SHAPES['aws']}"},
     }
     assert redactor.value(image) == (image, 0)
