@@ -133,12 +133,14 @@ class Commands:
     disabled_keys: tuple[str, ...] = ()
 
 
-# What llproxy does when the conversation's last tool calls repeat one call (core/toolloop.py).
+# The modes of core/toolloop.py.
 TOOL_LOOP_MODES = ("off", "warn", "break")
 
 
 @dataclass(frozen=True, slots=True)
 class ToolLoops:
+    """What llproxy does about a run of identical tool calls at a conversation's end."""
+
     mode: str = "warn"  # off | warn (a note for the model) | break (llproxy answers)
     repeats: int = 5  # the same call this many times in a row is a loop
 
