@@ -107,6 +107,9 @@ class Endpoint:
     # The protocol the server at `url` speaks: "openai" (chat completions) or a cloud
     # API's own ("anthropic"), which a backend of its own translates to and from.
     dialect: str = "openai"
+    # Known secrets replaced in the prompts sent here (core/redact.py): on by default for
+    # the cloud dialects, whose servers are someone else's.
+    redact: bool = False
 
     def base_urls(self) -> list[str]:
         """The base URLs this endpoint stands for: OpenAI's end in /v1, a cloud dialect's
@@ -131,6 +134,28 @@ class Capture:
     models: tuple[str, ...] = ()  # globs of the model asked for or served; empty: all
     keys: tuple[str, ...] = ()  # key names; empty: every client
     failed_only: bool = False  # only exchanges answered with a status >= 400
+
+
+@dataclass(frozen=True, slots=True)
+class Commands:
+    """Commands in the chat (`!/help`, core/commands.py): a user message starting with the
+    prefix is for llproxy, except for the keys named (globs) in `disabled_keys`."""
+
+    enable: bool = True
+    prefix: str = "!/"
+    disabled_keys: tuple[str, ...] = ()
+
+
+# The modes of core/toolloop.py.
+TOOL_LOOP_MODES = ("off", "warn", "break")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolLoops:
+    """What llproxy does about a run of identical tool calls at a conversation's end."""
+
+    mode: str = "warn"  # off | warn (a note for the model) | break (llproxy answers)
+    repeats: int = 5  # the same call this many times in a row is a loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +196,8 @@ class Config:
     database_url: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # enables /admin/
     capture: Capture | None = None
+    commands: Commands = Commands()
+    tool_loops: ToolLoops = ToolLoops()
     source: str = "<built-in default>"
     # This running llproxy's name on the wire (Via, its model listing), so it never
     # discovers itself nor serves a request that went round through it. Set at start.
@@ -400,6 +427,7 @@ _ENDPOINT_KEYS = _OPERATOR_KEYS | {
     "tags",
     "enable",
     "dialect",
+    "redact",
 }
 # Back-end dialects besides OpenAI's, each answered by a backend of its own.
 DIALECTS = ("openai", "anthropic", "gemini")
@@ -483,7 +511,8 @@ def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
         if dialect != "openai":
             # The cloud APIs' own paths (/v1/messages) start at the server's root.
             url = url.removesuffix("/v1").removesuffix("/v1beta")
-        return Endpoint(url=url, models=models, dialect=dialect, **common)
+        redact = _redact(path, obj, dialect != "openai")
+        return Endpoint(url=url, models=models, dialect=dialect, redact=redact, **common)
 
     if "dialect" in obj:
         raise ConfigError(f"{path}.dialect: only allowed together with url")
@@ -503,7 +532,19 @@ def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
             f"{path}.port_end: range of {port_end - port_start + 1} ports is over the limit of "
             f"{MAX_RANGE_PORTS}; split it into several endpoints"
         )
-    return Endpoint(hostname=hostname, port_start=port_start, port_end=port_end, **common)
+    return Endpoint(
+        hostname=hostname,
+        port_start=port_start,
+        port_end=port_end,
+        redact=_redact(path, obj, False),
+        **common,
+    )
+
+
+def _redact(path: str, obj: Mapping[str, Any], default: bool) -> bool:
+    return _optional(
+        obj, "redact", lambda v: _expect(f"{path}.redact", v, bool, "a boolean"), default
+    )
 
 
 _TOP_KEYS = {
@@ -533,6 +574,8 @@ _TOP_KEYS = {
     "database_url",
     "admin_key",
     "capture",
+    "commands",
+    "tool_loops",
 }
 MIN_STATIC_KEY_LENGTH = 16
 # Positive whole numbers that bound what a client or an upstream may send.
@@ -607,6 +650,10 @@ def parse_config(
             obj, "admin_key", lambda v: _long_secret("admin_key", v, env, "admin_key"), None
         ),
         capture=_optional(obj, "capture", lambda v: _capture("capture", v), None),
+        commands=_optional(obj, "commands", lambda v: _commands("commands", v), Commands()),
+        tool_loops=_optional(
+            obj, "tool_loops", lambda v: _tool_loops("tool_loops", v), ToolLoops()
+        ),
         source=source,
     )
 
@@ -638,6 +685,37 @@ def _capture(path: str, value: Any) -> Capture | None:
         ),
     )
     return capture if enable else None
+
+
+def _commands(path: str, value: Any) -> Commands:
+    obj = _expect(path, value, dict, "a JSON object")
+    _check_keys(path, obj, {"enable", "prefix", "disabled_keys"})
+    defaults = Commands()
+    prefix = _optional(obj, "prefix", partial(_nonempty_str, f"{path}.prefix"), defaults.prefix)
+    if prefix != prefix.strip() or len(prefix) > 16:
+        raise ConfigError(f"{path}.prefix: 1 to 16 characters, no spaces around, got {prefix!r}")
+    return Commands(
+        enable=_optional(
+            obj, "enable", lambda v: _expect(f"{path}.enable", v, bool, "a boolean"), True
+        ),
+        prefix=prefix,
+        disabled_keys=_optional(
+            obj, "disabled_keys", partial(_string_list, f"{path}.disabled_keys"), ()
+        ),
+    )
+
+
+def _tool_loops(path: str, value: Any) -> ToolLoops:
+    obj = _expect(path, value, dict, "a JSON object")
+    _check_keys(path, obj, {"mode", "repeats"})
+    defaults = ToolLoops()
+    mode = _optional(obj, "mode", partial(_nonempty_str, f"{path}.mode"), defaults.mode)
+    if mode not in TOOL_LOOP_MODES:
+        raise ConfigError(f"{path}.mode: must be one of {', '.join(TOOL_LOOP_MODES)}, got {mode!r}")
+    repeats = _optional(obj, "repeats", partial(_positive_int, f"{path}.repeats"), defaults.repeats)
+    if repeats < 2:
+        raise ConfigError(f"{path}.repeats: must be at least 2, got {repeats}")
+    return ToolLoops(mode, repeats)
 
 
 def rate_limit_value(path: str, value: Any) -> str | None:

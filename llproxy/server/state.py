@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,14 +22,18 @@ from ..backends.openai_http.transport import response_bounds
 from ..backends.operator import BACKEND as OPERATOR_BACKEND
 from ..backends.operator import OperatorBackend
 from ..backends.probe import Probes
+from ..backends.redacting import Redacting, RedactingCounter
 from ..config import Config
-from ..core.call import Call, Reply, TokenCounter
+from ..core.call import Backend, Call, Reply, TokenCounter
+from ..core.commands import Commands
 from ..core.desk import Desk
 from ..core.errors import ProxyError
 from ..core.health import Health
 from ..core.record import RequestRecord
+from ..core.redact import Redactor
 from ..core.registry import Registry, Replica
 from ..core.router import Router
+from ..core.turn import TurnStages
 from ..dialects import Dialect, Route
 from ..dialects.anthropic import AnthropicDialect
 from ..dialects.gemini import GeminiDialect
@@ -35,10 +43,13 @@ from ..dialects.responses import ResponsesDialect
 from ..gateway import Gateway
 from ..gateway.accounting import Accounting
 from ..stores import Services
+from ..stores.sqlite import state_dir, usage_sums
 from ..telemetry.capture import CaptureWriter
 from ..telemetry.desk import desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .respond import Delivery
+
+log = logging.getLogger("llproxy.server")
 
 
 class ProxyState:
@@ -65,9 +76,20 @@ class ProxyState:
             config.endpoints, services.desk, config.timeouts.stream_keepalive, worker_id
         )
         anthropic, gemini = AnthropicBackend(self.backend), GeminiBackend(self.backend)
+        # Secrets out of what goes to a replica marked `redact`, whichever backend serves it.
+        redactor = Redactor(config.secrets())
         # What counts tokens with a model's own server, by the backend that serves it.
         self.counters: dict[str, TokenCounter] = {
+            name: RedactingCounter(counter, redactor)
+            for name, counter in (
+                ("openai_http", self.backend),
+                (ANTHROPIC_BACKEND, anthropic),
+                (GEMINI_BACKEND, gemini),
+            )
+        }
+        backends: dict[str, Backend] = {
             "openai_http": self.backend,
+            OPERATOR_BACKEND: self.operators,
             ANTHROPIC_BACKEND: anthropic,
             GEMINI_BACKEND: gemini,
         }
@@ -83,15 +105,13 @@ class ProxyState:
         self.probes = Probes(config, self.health, lambda: self.registry)
         self.router = Router(
             lambda: self.registry,
-            {
-                "openai_http": self.backend,
-                OPERATOR_BACKEND: self.operators,
-                ANTHROPIC_BACKEND: anthropic,
-                GEMINI_BACKEND: gemini,
-            },
+            {name: Redacting(backend, redactor) for name, backend in backends.items()},
             config.aliases,
             config.discovery.reexport,
             self.health,
+        )
+        self.turns = TurnStages(
+            self._commands(config), config.tool_loops.mode, config.tool_loops.repeats
         )
         self.operators.handoff = self._hand_off
         if isinstance(services.desk, Desk):  # held here: it asks this registry
@@ -113,6 +133,27 @@ class ProxyState:
             GeminiDialect(),
         )
         self.paths = DialectPaths(self.dialects)
+
+    def _commands(self, config: Config) -> Commands | None:
+        if not config.commands.enable:
+            return None
+        directory = state_dir(config.state_dir)
+
+        async def today(client: str) -> list[dict[str, Any]] | None:
+            midnight = time.mktime((*time.localtime()[:3], 0, 0, 0, 0, 0, -1))
+            try:
+                return await asyncio.to_thread(usage_sums, directory, midnight, "model", client)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("cannot read usage for a command: %s", exc)
+                return None
+
+        return Commands(
+            config.commands.prefix,
+            config.commands.disabled_keys,
+            self.router.listing,
+            self.router.resolve,
+            today,
+        )
 
     async def _hand_off(self, call: Call, record: RequestRecord) -> Reply:
         """An operator's request answered by a model after all (the client's key still

@@ -93,6 +93,9 @@ class Telemetry:
     ejections: dict[tuple[str, str], int] = field(default_factory=dict)
     ejected: dict[tuple[str, str], int] = field(default_factory=dict)
     trial_in: dict[tuple[str, str], float] = field(default_factory=dict)
+    # The request stages (core/turn.py): turns by what they did, secrets replaced.
+    stages: dict[str, int] = field(default_factory=dict)
+    redactions: int = 0
 
     def count_request(self, model: str, status: int, dialect: str) -> None:
         key = (model, str(status), dialect)
@@ -137,6 +140,8 @@ class Telemetry:
         _add_counts(self.generation_tokens, other.generation_tokens)
         _add_counts(self.upstream_errors, other.upstream_errors)
         self.captured += other.captured
+        _add_counts(self.stages, other.stages)
+        self.redactions += other.redactions
         self.capture_dropped += other.capture_dropped
         for mine, theirs in (
             (self.time_to_first_token, other.time_to_first_token),
@@ -262,6 +267,19 @@ def _families(
             "Exchanges the wire capture dropped because its queue was full",
             requests.capture_dropped,
         )
+    stages = CounterMetricFamily(
+        "llproxy_request_stages",
+        "Chat turns llproxy acted on: a command answered, a tool loop warned or broken",
+        labels=["stage"],
+    )
+    for stage, count in sorted(requests.stages.items()):
+        stages.add_metric([stage], count)
+    yield stages
+    yield CounterMetricFamily(
+        "llproxy_redactions",
+        "Secrets replaced in prompts before they went to a back-end marked redact",
+        requests.redactions,
+    )
     if discovery is not None:
         yield GaugeMetricFamily("llproxy_models", "Models in the registry", value=discovery.models)
         yield GaugeMetricFamily(
