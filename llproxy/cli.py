@@ -91,6 +91,9 @@ state_dir_option = env_option(
 )
 
 
+EX_UNAVAILABLE = 69  # sysexits: a service it needs (the shared key store) did not answer
+
+
 def refuse_open_bind(config: Config, allow_open: bool) -> None:
     """Without keys, anyone who reaches the port may use every model: only on loopback."""
     import asyncio
@@ -105,9 +108,16 @@ def refuse_open_bind(config: Config, allow_open: bool) -> None:
         try:
             enabled = bool(config.api_keys) or bool(asyncio.run(list_keys(config)))
         except DATABASE_ERRORS as exc:
-            # Serving is safe: no request passes without a key until the keys are read.
-            click.echo(f"llproxy: cannot read the keys from the database yet: {exc}", err=True)
-            enabled = True
+            # Whether any key exists is unknown: should the database turn out to hold
+            # none, this address would serve everyone. Fail closed; a supervisor (or the
+            # operator) starts it again once the database answers.
+            click.echo(
+                f"llproxy: refusing to serve on {config.bindip}: cannot read the keys from "
+                f"the database to know that any exists ({exc}). Start it when the database "
+                "answers, or pass --allow-open.",
+                err=True,
+            )
+            sys.exit(EX_UNAVAILABLE)
     else:
         stored = StoredKeys(state_dir(config.state_dir))
         enabled = bool(config.api_keys) or bool(stored.changed())
