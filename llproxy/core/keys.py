@@ -103,6 +103,9 @@ class KeyRing:
         self.keys: dict[str, ApiKey] = dict(self._static)
         # Hashes revoked on other instances (shared through Redis).
         self.revoked_elsewhere: frozenset[str] = frozenset()
+        # Set while a shared key store was never read: whether keys exist is unknown, so
+        # every request needs one (a database down at start must not open the proxy).
+        self.awaiting_store = False
         # `enabled` of the `keys` dict last asked about: asked on every request, and
         # the dict is replaced whole (`replace`), never changed in place.
         self._enabled_of: tuple[dict[str, ApiKey], bool] | None = None
@@ -114,7 +117,7 @@ class KeyRing:
         keys = self.keys
         if self._enabled_of is None or self._enabled_of[0] is not keys:
             self._enabled_of = (keys, any(not key.operator for key in keys.values()))
-        return self._enabled_of[1]
+        return self.awaiting_store or self._enabled_of[1]
 
     def replace(self, stored: Iterable[ApiKey]) -> None:
         self.keys = {**self._static, **{k.key_hash: k for k in stored}}
