@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from .core.mend.loops import LoopLimits
+from .core.mend.policy import EndpointRepair, Mending, Repair
 from .core.ratelimit import parse_limit
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -94,6 +96,8 @@ class Endpoint:
     # The protocol the server at `url` speaks: "openai" (chat completions) or a cloud
     # API's own ("anthropic"), which a backend of its own translates to and from.
     dialect: str = "openai"
+    # Which of an answer's mending stages run for this endpoint's servers (core/mend).
+    repair: Repair | None = None
 
     def base_urls(self) -> list[str]:
         """The base URLs this endpoint stands for: OpenAI's end in /v1, a cloud dialect's
@@ -155,6 +159,9 @@ class Config:
     redis_url: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # enables /admin/
     capture: Capture | None = None
+    # Answers mended on the way (core/mend): the top level's, endpoints' and models'
+    # switches, and when a stream counts as looping.
+    mending: Mending = field(default_factory=Mending)
     source: str = "<built-in default>"
     # This running llproxy's name on the wire (Via, its model listing), so it never
     # discovers itself nor serves a request that went round through it. Set at start.
@@ -349,6 +356,7 @@ _ENDPOINT_KEYS = _OPERATOR_KEYS | {
     "tags",
     "enable",
     "dialect",
+    "repair",
 }
 # Back-end dialects besides OpenAI's, each answered by a backend of its own.
 DIALECTS = ("openai", "anthropic", "gemini")
@@ -411,9 +419,12 @@ def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
         index=index, tags=tags, enable=enable, filter=filter_, apikey=apikey
     )
     if "operator" in obj:
+        if "repair" in obj:
+            raise ConfigError(f"{path}.repair: not for an operator endpoint")
         return _operator(path, obj, common)
     for key in sorted(set(obj) & (_OPERATOR_KEYS - {"tags", "enable"})):
         raise ConfigError(f"{path}.{key}: only for an operator endpoint (with operator)")
+    common["repair"] = _optional(obj, "repair", partial(_repair, f"{path}.repair"), None)
 
     if "url" in obj:
         clash = sorted({"hostname", "port_start", "port_end"} & set(obj))
@@ -480,6 +491,8 @@ _TOP_KEYS = {
     "redis_url",
     "admin_key",
     "capture",
+    "repair",
+    "loops",
 }
 MIN_STATIC_KEY_LENGTH = 16
 # Positive whole numbers that bound what a client or an upstream may send.
@@ -550,7 +563,75 @@ def parse_config(
             obj, "admin_key", lambda v: _long_secret("admin_key", v, env, "admin_key"), None
         ),
         capture=_optional(obj, "capture", lambda v: _capture("capture", v), None),
+        mending=_mending(obj, endpoints),
         source=source,
+    )
+
+
+_REPAIR_SWITCHES = ("tool_calls", "thinking", "loops", "think_open")
+
+
+def _repair(path: str, value: Any, extra: frozenset[str] = frozenset()) -> Repair:
+    """`{"tool_calls": true, "thinking": false, …}`: each switch a boolean, absent: as
+    the level below says."""
+    obj = _expect(path, value, dict, "an object")
+    _check_keys(path, obj, {*_REPAIR_SWITCHES, *extra})
+    return Repair(
+        **{
+            key: _expect(f"{path}.{key}", obj[key], bool, "a boolean")
+            for key in _REPAIR_SWITCHES
+            if obj.get(key) is not None
+        }
+    )
+
+
+def _loops(path: str, value: Any) -> LoopLimits:
+    obj = _expect(path, value, dict, "an object")
+    _check_keys(path, obj, {"min_span", "repeats", "max_span"})
+    defaults = LoopLimits()
+    limits = LoopLimits(
+        **{
+            key: _positive_int(f"{path}.{key}", obj[key]) if obj.get(key) is not None else default
+            for key, default in (
+                ("min_span", defaults.min_span),
+                ("repeats", defaults.repeats),
+                ("max_span", defaults.max_span),
+            )
+        }
+    )
+    if limits.repeats < 2:
+        raise ConfigError(f"{path}.repeats: must be >= 2, got {limits.repeats}")
+    if limits.max_span < limits.min_span:
+        raise ConfigError(
+            f"{path}.max_span: must be >= min_span ({limits.min_span}), got {limits.max_span}"
+        )
+    return limits
+
+
+def _mending(obj: Mapping[str, Any], endpoints: Sequence[Endpoint]) -> Mending:
+    top = _optional(obj, "repair", partial(_repair, "repair", extra=frozenset({"models"})), None)
+    models: list[tuple[str, Repair]] = []
+    raw = obj.get("repair")
+    if isinstance(raw, dict) and raw.get("models") is not None:
+        globs = _expect("repair.models", raw["models"], dict, "an object of model globs")
+        models = [
+            (glob, _repair(f"repair.models.{glob}", switches)) for glob, switches in globs.items()
+        ]
+    return Mending(
+        default=top or Repair(),
+        endpoints=tuple(
+            EndpointRepair(
+                e.repair,
+                e.url,
+                e.hostname,
+                e.port_start or 0,
+                e.port_end or 0,
+            )
+            for e in endpoints
+            if e.repair is not None
+        ),
+        models=tuple(models),
+        loops=_optional(obj, "loops", partial(_loops, "loops"), LoopLimits()),
     )
 
 

@@ -209,6 +209,7 @@ class Router:
                 self.balancer.release(replica)
                 raise
             reply.model_id = replica.upstream_id
+            reply.replica = replica
             reply.on_close(partial(self.balancer.release, replica))
             return reply
         raise UpstreamUnreachable(

@@ -21,6 +21,7 @@ from ..config import Config
 from ..core.call import Call, Reply, TokenCounter
 from ..core.desk import Desk
 from ..core.errors import ProxyError
+from ..core.mend.policy import MendPolicy
 from ..core.record import RequestRecord
 from ..core.registry import Registry
 from ..core.router import Router
@@ -100,6 +101,7 @@ class ProxyState:
             GeminiDialect(),
         )
         self.paths = DialectPaths(self.dialects)
+        self.mending = MendPolicy(config.mending)
 
     async def _hand_off(self, call: Call, record: RequestRecord) -> Reply:
         """An operator's request answered by a model after all (the client's key still

@@ -1,0 +1,254 @@
+"""A model's OpenAI stream with the mending stages in it: a `Stream` itself, so whatever
+reads a reply's stream (each dialect's transform, the relay) reads the mended one.
+
+An event whose text passes unchanged (most of them) goes on as the same bytes; only an
+event a stage changes, holds or adds to is encoded anew. The next read never comes back
+empty before the end: a chunk held whole waits for the model's next one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..call import Stream
+from ..record import RequestRecord
+from ..sse import json_document, only_text
+from .loops import LoopDetector
+from .pipeline import REASONING, Item, Mender
+from .plan import Plan
+from .toolcalls import ToolCall
+
+END = b"\n\n"
+TEXT_MEMBERS = ("content", *REASONING)
+# The client's last words of a stream cut for looping.
+LOOP_NOTE = "\n\n[llproxy: this answer was cut here because it kept repeating itself]"
+# What every chunk of a stream repeats (taken from its first chunk).
+_HEAD = ("id", "object", "created", "model", "system_fingerprint")
+
+
+class MendedStream:
+    """States: streaming; flushed (the stages gave what they held, at the model's finish
+    or `[DONE]`); ended (nothing more: the model's end read, or the stream cut)."""
+
+    def __init__(self, source: Stream, plan: Plan, record: RequestRecord) -> None:
+        self.source = source
+        self.record = record
+        self.mender = Mender(plan, record, plan.think_open)
+        self.limits = plan.loops
+        self.detectors: dict[str, LoopDetector] = {}
+        self.partial = b""  # an event not yet ended
+        self.head: dict[str, Any] = {}
+        self.next_index = 0  # the index a call made from text gets (after the model's own)
+        self.calls = 0
+        self.flushed = False
+        self._ended = False
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    async def first(self, chunk: bytes) -> bytes:
+        """The mended stream's first chunk (the reply's body): reads on while the stages
+        hold everything, so a stream never starts empty."""
+        out = self._read(chunk)
+        while not out and not self._ended:
+            out = self._read(await self.source.next())
+        return out
+
+    async def next(self) -> bytes:
+        while not self._ended:
+            out = self._read(await self.source.next())
+            if out:
+                return out
+        return b""
+
+    def close(self) -> None:
+        self.source.close()
+
+    def _read(self, chunk: bytes) -> bytes:
+        out: list[bytes] = []
+        if chunk:
+            data = self.partial + chunk if self.partial else chunk
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n")
+            events = data.split(END)
+            self.partial = events.pop()
+            for event in events:
+                if event:
+                    self._event(event, out)
+                    if self._ended:
+                        return b"".join(out)
+        if not chunk or self.source.ended:
+            self._end(out)
+        return b"".join(out)
+
+    def _end(self, out: list[bytes]) -> None:
+        """The model's stream ended: a last event without its end is read when it is
+        whole, else passed on as it came (the relay tells the client it was cut)."""
+        rest, self.partial = self.partial, b""
+        cut = b""
+        if rest.strip():
+            if isinstance(json_document(_data(rest.strip())), dict):
+                self._event(rest.strip(), out)
+            else:
+                cut = rest
+        if not self._ended:
+            self._flush(out)
+        out.append(cut)
+        self._ended = True
+
+    def _event(self, event: bytes, out: list[bytes]) -> None:
+        data = _data(event)
+        if data == b"[DONE]":
+            self._flush(out)
+            out.append(event + END)
+            return
+        document = json_document(data) if data else None
+        choices = document.get("choices") if isinstance(document, dict) else None
+        if (
+            not isinstance(choices, list)
+            or len(choices) != 1
+            or not isinstance(choice := choices[0], dict)
+            or not isinstance(delta := choice.get("delta"), dict)
+        ):
+            out.append(event + END)  # not a one-choice chunk: as it came
+            return
+        assert isinstance(document, dict)
+        if not self.head:
+            self.head = {key: document[key] for key in _HEAD if key in document}
+        native = delta.get("tool_calls")
+        if isinstance(native, list):
+            for fragment in native:
+                index = fragment.get("index") if isinstance(fragment, dict) else None
+                if isinstance(index, int):
+                    self.next_index = max(self.next_index, index + 1)
+        if self.limits is not None and self._loops(delta):
+            self._cut(document, out)
+            return
+        added = only_text(choice)
+        if added is not None:
+            member, text = added
+            if self.mender.passes(text) if member == "content" else self.mender.show:
+                out.append(event + END)
+                return
+        self._mended(document, choice, delta, out)
+
+    def _loops(self, delta: dict[str, Any]) -> bool:
+        assert self.limits is not None
+        for member in TEXT_MEMBERS:
+            text = delta.get(member)
+            if type(text) is str and text:
+                detector = self.detectors.get(member)
+                if detector is None:
+                    detector = self.detectors[member] = LoopDetector(self.limits)
+                if detector.feed(text):
+                    return True
+        return False
+
+    def _mended(
+        self,
+        document: dict[str, Any],
+        choice: dict[str, Any],
+        delta: dict[str, Any],
+        out: list[bytes],
+    ) -> None:
+        items: list[Item] = []
+        rest: dict[str, Any] = {}
+        for key, value in delta.items():
+            if key in REASONING:
+                if self.mender.show and value:
+                    items.append((key, value))
+            elif key == "content":
+                if isinstance(value, str) and value:
+                    items += self.mender.content(value)
+            else:
+                rest[key] = value  # the role, the model's own tool calls, …
+        finish = choice.get("finish_reason")
+        if finish is not None and not self.flushed:
+            items += self.mender.finish()
+            self.flushed = True
+        deltas = self._deltas(items)
+        if finish is not None and self.calls and finish != "length":
+            finish = "tool_calls"
+        if rest:
+            if deltas and set(rest) == {"role"}:
+                deltas[0] = {**rest, **deltas[0]}
+            else:
+                deltas.insert(0, rest)
+        extra = {k: v for k, v in choice.items() if k not in ("index", "delta", "finish_reason")}
+        if not deltas:
+            if finish is None and not any(extra.values()):
+                return  # all held
+            deltas = [{}]
+        self._emit(document, deltas, finish, extra, out)
+
+    def _deltas(self, items: list[Item]) -> list[dict[str, Any]]:
+        """Items as deltas: texts of one member joined, each call a delta of its own."""
+        deltas: list[dict[str, Any]] = []
+        for item in items:
+            if isinstance(item, ToolCall):
+                call = {**item.as_message_call(), "index": self.next_index}
+                self.next_index += 1
+                self.calls += 1
+                deltas.append({"tool_calls": [call]})
+                continue
+            member, text = item
+            if not text:
+                continue
+            if deltas and set(deltas[-1]) == {member}:
+                deltas[-1][member] += text
+            else:
+                deltas.append({member: text})
+        return deltas
+
+    def _emit(
+        self,
+        document: dict[str, Any],
+        deltas: list[dict[str, Any]],
+        finish: str | None,
+        extra: dict[str, Any],
+        out: list[bytes],
+    ) -> None:
+        """One event per delta; the last carries the finish, the choice's other members
+        and the chunk's own (usage)."""
+        top = {k: v for k, v in document.items() if k != "choices"}
+        head = {k: v for k, v in top.items() if k != "usage"}
+        last = len(deltas) - 1
+        for i, delta in enumerate(deltas):
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+            if i == last:
+                choice |= extra
+            choice["finish_reason"] = finish if i == last else None
+            chunk = {**(top if i == last else head), "choices": [choice]}
+            out.append(b"data: " + orjson.dumps(chunk) + END)
+
+    def _flush(self, out: list[bytes]) -> None:
+        """What the stages still hold, at the end of a stream that gave no finish."""
+        if self.flushed:
+            return
+        self.flushed = True
+        deltas = self._deltas(self.mender.finish())
+        if deltas:
+            self._emit(self.head, deltas, "tool_calls" if self.calls else None, {}, out)
+
+    def _cut(self, document: dict[str, Any], out: list[bytes]) -> None:
+        """A loop: the model is stopped at once, and the client's answer ends here, with
+        a note saying why and a `length` stop."""
+        self.record.cut = "loop"
+        self.source.close()
+        items = self.mender.finish() if not self.flushed else []
+        self.flushed = True
+        items.append(("content", LOOP_NOTE))
+        self._emit(self.head or document, self._deltas(items), "length", {}, out)
+        out.append(b"data: [DONE]" + END)
+        self._ended = True
+
+
+def _data(event: bytes) -> bytes:
+    """The joined `data:` lines of one event (without its end)."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]
+    lines = event.split(b"\n")
+    return b"".join(line[5:].strip() for line in lines if line.startswith(b"data:"))
