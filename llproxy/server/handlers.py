@@ -135,7 +135,9 @@ async def mended(
     """The reply through the mending stages its model and conversation have on
     (core/mend); untouched when none is."""
     reply = await sending
-    switches = state.mending.switches(reply.replica, record.served or call.model, call.settings)
+    switches = state.mending.switches(
+        reply.replica, record.served or call.model, call.settings, record.model or ""
+    )
     plan = plan_for(call, switches, thinking, state.config.mending.loops)
     if plan is not None:
         try:

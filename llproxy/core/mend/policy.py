@@ -72,21 +72,24 @@ class Mending:
 class MendPolicy:
     def __init__(self, mending: Mending) -> None:
         self.mending = mending
-        self._cache: dict[tuple[str, str, str], Repair] = {}
+        self._cache: dict[tuple[str, str, str, str], Repair] = {}
 
-    def switches(self, replica: Replica | None, model: str, settings: Mapping[str, str]) -> Repair:
-        """The stages on for an answer of `model` from `replica` in this conversation."""
+    def switches(
+        self, replica: Replica | None, model: str, settings: Mapping[str, str], asked: str = ""
+    ) -> Repair:
+        """The stages on for an answer of `model` (the registry's; `asked`: the name the
+        client gave, an alias) from `replica` in this conversation."""
         if replica is None:
             return OFF
-        key = (replica.upstream.base_url, replica.backend, model)
+        key = (replica.upstream.base_url, replica.backend, model, asked)
         found = self._cache.get(key)
         if found is None:
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.clear()
-            found = self._cache[key] = self._configured(replica, model)
+            found = self._cache[key] = self._configured(replica, model, asked)
         return conversation(settings).over(found) if settings else found
 
-    def _configured(self, replica: Replica, model: str) -> Repair:
+    def _configured(self, replica: Replica, model: str, asked: str) -> Repair:
         upstream = replica.upstream
         if replica.backend == "operator":
             return OFF  # a person answers: nothing to mend
@@ -97,7 +100,7 @@ class MendPolicy:
                 switches = endpoint.repair.over(switches)
                 break
         for glob, repair in mending.models:
-            if fnmatch.fnmatchcase(model, glob):
+            if fnmatch.fnmatchcase(model, glob) or fnmatch.fnmatchcase(asked, glob):
                 switches = repair.over(switches)
                 break
         return switches
