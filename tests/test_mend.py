@@ -520,13 +520,17 @@ async def test_a_looping_stream_is_cut_and_the_model_stopped(
     await asyncio.wait_for(model.disconnected.wait(), 10)  # the upstream was cancelled
     assert model.disconnect_paths == ["/v1/chat/completions"]
     assert 'llproxy_loops_cut_total{model="qwen-local"} 1.0' in await metrics(proxy)
+    if dialect != "openai":
+        return  # the usage record is the same for every dialect: read once
     rows: list[Any] = []
     for _ in range(50):  # usage is written in batches each second
-        if (tmp_path / "state" / DATABASE).exists():
-            with contextlib.closing(sqlite3.connect(tmp_path / "state" / DATABASE)) as db:
-                rows = db.execute("SELECT cut FROM usage").fetchall()
-            if rows:
-                break
+        with (
+            contextlib.suppress(sqlite3.OperationalError),  # not made yet
+            contextlib.closing(sqlite3.connect(tmp_path / "state" / DATABASE)) as db,
+        ):
+            rows = db.execute("SELECT cut FROM usage").fetchall()
+        if rows:
+            break
         await asyncio.sleep(0.1)
     assert rows == [("loop",)]
 

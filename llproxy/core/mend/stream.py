@@ -159,12 +159,12 @@ class MendedStream:
         for key, value in delta.items():
             if key in REASONING:
                 if self.mender.show and value:
-                    items.append((key, value))
-            elif key == "content":
-                if isinstance(value, str) and value:
-                    items += self.mender.content(value)
-            else:
+                    items.append((key, value))  # a delta's reasoning comes before its text
+            elif key != "content":
                 rest[key] = value  # the role, the model's own tool calls, …
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            items += self.mender.content(content)
         finish = choice.get("finish_reason")
         if finish is not None and not self.flushed:
             items += self.mender.finish()
@@ -173,8 +173,8 @@ class MendedStream:
         if finish is not None and self.calls and finish != "length":
             finish = "tool_calls"
         if rest:
-            if deltas and set(rest) == {"role"}:
-                deltas[0] = {**rest, **deltas[0]}
+            if deltas and not set(rest) & set(deltas[0]):
+                deltas[0] = {**rest, **deltas[0]}  # one event stays one where it can
             else:
                 deltas.insert(0, rest)
         extra = {k: v for k, v in choice.items() if k not in ("index", "delta", "finish_reason")}
@@ -197,8 +197,16 @@ class MendedStream:
             member, text = item
             if not text:
                 continue
-            if deltas and set(deltas[-1]) == {member}:
-                deltas[-1][member] += text
+            last = deltas[-1] if deltas else None
+            if last is None or "tool_calls" in last:
+                deltas.append({member: text})
+            elif member in last:
+                if list(last)[-1] == member:
+                    last[member] += text
+                else:
+                    deltas.append({member: text})
+            elif member == "content" or "content" not in last:
+                last[member] = text  # reasoning then content: one delta, as it came
             else:
                 deltas.append({member: text})
         return deltas
