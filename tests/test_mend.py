@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,11 +18,16 @@ from typing import Any
 import aiohttp
 import anthropic
 import ollama
+import orjson
 import pytest
 from google import genai
 from google.genai import types
 
+from llproxy.core.mend.loops import LoopLimits
+from llproxy.core.mend.plan import Plan
 from llproxy.core.mend.policy import Mending, MendPolicy, Repair
+from llproxy.core.mend.stream import MendedStream
+from llproxy.core.record import RequestRecord
 from llproxy.core.registry import Replica, Upstream
 from llproxy.stores.sqlite import DATABASE
 
@@ -589,3 +595,58 @@ def test_the_switches_by_level() -> None:
     )
     switches = globbed.switches(_replica(), "qwen", {})
     assert (switches.thinking, switches.think_open) == (False, True)
+
+
+# --- the stream stage on its own: any grouping of events into reads --------------------------
+
+
+class _Source:
+    """A model's stream already read: `ended` once its last read was taken."""
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.closed = False
+
+    async def next(self) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _chunks(text: str, size: int) -> list[bytes]:
+    head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    return [
+        b"data: "
+        + orjson.dumps(
+            {**head, "choices": [{"index": 0, "delta": {"content": text[i : i + size]}}]}
+        )
+        + b"\n\n"
+        for i in range(0, len(text), size)
+    ]
+
+
+def _through(events: list[bytes], seed: int, plan: Plan) -> tuple[bytes, RequestRecord, _Source]:
+    """The events read in random groups through the stage: what the client gets."""
+    rng = random.Random(seed)
+    record, source = RequestRecord(), _Source()
+    stream = MendedStream(source, plan, record)
+    out, at = [], 0
+    while at < len(events) and not stream.ended:
+        take = rng.randint(1, 8)
+        source.ended = at + take >= len(events)
+        out.append(stream._read(b"".join(events[at : at + take])))
+        at += take
+    return b"".join(out), record, source
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_any_grouping_of_reads_gives_the_same_answer(seed: int) -> None:
+    plan = Plan({"get_weather": SCHEMA}, True, False, True, LoopLimits(40, 6))
+    events = [*_chunks(CODE + TABLE, 5), b"data: [DONE]\n\n"]
+    out, record, source = _through(events, seed, plan)
+    assert out == b"".join(events) and record.cut is None and not source.closed
+    looping = _chunks("Sure. " + LOOP * 100, 4)
+    out, record, source = _through(looping, seed, plan)
+    assert record.cut == "loop" and source.closed and len(out) < len(b"".join(looping)) / 3
+    assert out.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"length"' in out

@@ -28,29 +28,30 @@ class LoopLimits:
 class LoopDetector:
     """One text member's loop check (content or reasoning), fed as the text arrives."""
 
-    __slots__ = ("checked", "limits", "window", "window_max")
+    __slots__ = ("checked", "limits", "pieces", "window_max")
 
     def __init__(self, limits: LoopLimits) -> None:
         self.limits = limits
-        self.window = ""
+        self.pieces: list[str] = []  # the window's text, joined at each check
         self.checked = 0  # characters added since the last check
         # The longest stretch a loop at max_span needs, plus the span searched for.
         self.window_max = limits.max_span * limits.repeats + limits.min_span
 
     def feed(self, text: str) -> bool:
         """Add text; True when the stream now ends in a loop."""
-        window = self.window + text
-        if len(window) > 2 * self.window_max:
-            window = window[-self.window_max :]  # amortised: trimmed once per window
-        self.window = window
+        self.pieces.append(text)
         self.checked += len(text)
         if self.checked < CHECK_EVERY:
             return False
         self.checked = 0
-        return self._looping()
+        window = "".join(self.pieces)
+        if len(window) > self.window_max:
+            window = window[-self.window_max :]
+        self.pieces = [window]
+        return self._looping(window)
 
-    def _looping(self) -> bool:
-        window, limits = self.window, self.limits
+    def _looping(self, window: str) -> bool:
+        limits = self.limits
         span = limits.min_span
         size = len(window)
         if size < span * limits.repeats:

@@ -26,8 +26,14 @@ class Mender:
         """Whether content text would come out as it went in: no stage holds anything,
         and the text has nothing that could open a tag or a call."""
         think = self.think
-        if think is not None and (think.state != "after" or think.trim):
-            return False
+        if think is not None:
+            if think.state == "before" and not think.held:
+                first = text.lstrip()[:1]
+                if not first or first == "<":
+                    return False
+                think.state = "after"  # no block opens after other text: as feeding it would
+            if think.state != "after" or think.trim:
+                return False
         tools = self.tools
         if tools is None:
             return True

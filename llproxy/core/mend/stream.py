@@ -21,6 +21,7 @@ from .plan import Plan
 from .toolcalls import ToolCall
 
 END = b"\n\n"
+DONE = b"data: [DONE]\n\n"
 TEXT_MEMBERS = ("content", *REASONING)
 # The client's last words of a stream cut for looping.
 LOOP_NOTE = "\n\n[llproxy: this answer was cut here because it kept repeating itself]"
@@ -44,6 +45,11 @@ class MendedStream:
         self.calls = 0
         self.flushed = False
         self._ended = False
+        # The bytes around the text of the last text-only chunk, and its member.
+        self.template: tuple[bytes, bytes, str] | None = None
+        self.looped = False  # found by `_passes`: the event read whole is cut
+        self.fed = False
+        self.fed_read = False  # a read's texts went to the detector together
 
     @property
     def ended(self) -> bool:
@@ -73,16 +79,102 @@ class MendedStream:
             data = self.partial + chunk if self.partial else chunk
             if b"\r" in data:
                 data = data.replace(b"\r\n", b"\n")
-            events = data.split(END)
-            self.partial = events.pop()
-            for event in events:
-                if event:
-                    self._event(event, out)
-                    if self._ended:
-                        return b"".join(out)
+            cut = data.rfind(END) + 2  # 1 when there is no end: nothing complete
+            complete, self.partial = (data[:cut], data[cut:]) if cut > 1 else (b"", data)
+            self._events(complete, out)
+            if self._ended:
+                return b"".join(out)
         if not chunk or self.source.ended:
             self._end(out)
         return b"".join(out)
+
+    def _events(self, complete: bytes, out: list[bytes]) -> None:
+        """The whole events of a read: at once where they all pass (`_whole`), else one
+        by one, runs of those that pass unchanged going on as the bytes they came in."""
+        self.fed_read = False
+        tried = None  # the template the rest of the read was last tried with
+        start = at = 0
+        size = len(complete)
+        while at < size:
+            if self.template is not None and self.template is not tried and not self.fed_read:
+                tried = self.template
+                if self._whole(complete[at:], out, complete[start:at]):
+                    return
+            end = complete.find(END, at)
+            event = complete[at:end]
+            if event and not self._passes(event):
+                out.append(complete[start:at])
+                self._event(event, out)
+                start = end + 2
+                if self._ended:
+                    return
+            at = end + 2
+        out.append(complete[start:at])
+
+    def _whole(self, complete: bytes, out: list[bytes], before: bytes) -> bool:
+        """Whether a whole read passes as it came, told at once where its events are all
+        shaped like the last text chunk: their texts cut out together, in a few
+        byte operations, whatever their number (a model's server writes many at once)."""
+        assert self.template is not None
+        head, tail, member = self.template
+        body = complete.removesuffix(DONE)
+        if not (body.startswith(head) and body.endswith(tail + END)):
+            return False
+        parts = body[len(head) : len(body) - len(tail) - 2].split(tail + END + head)
+        if len(parts) != body.count(END):
+            return False  # another event among them
+        raw = b"".join(parts)
+        if b'"' in raw or b"\\" in raw:
+            return False
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            return False
+        if self.limits is not None and text:
+            self.fed_read = True  # read event by event from here: not fed again
+            if self._detector(member).feed(text):
+                self.looped = True
+                return False
+        if not (self.mender.passes(text) if member == "content" else self.mender.show):
+            return False
+        out.append(before)  # the events before, which passed one by one
+        out.append(body)
+        if len(body) < len(complete):
+            self._flush(out)
+            out.append(DONE)
+        return True
+
+    def _detector(self, member: str) -> LoopDetector:
+        detector = self.detectors.get(member)
+        if detector is None:
+            assert self.limits is not None
+            detector = self.detectors[member] = LoopDetector(self.limits)
+        return detector
+
+    def _passes(self, event: bytes) -> bool:
+        """Whether an event goes on unchanged, told from its bytes where it is shaped
+        like the last text chunk (most are): only its text is cut out, no JSON decoded."""
+        template = self.template
+        self.fed = False
+        if self.looped or template is None:
+            return False
+        if not (event.startswith(template[0]) and event.endswith(template[1])):
+            return False
+        raw = event[len(template[0]) : len(event) - len(template[1])]
+        if b'"' in raw or b"\\" in raw or len(event) < len(template[0]) + len(template[1]):
+            return False  # escapes, or not one JSON string: decoded whole
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            return False
+        member = template[2]
+        if self.limits is not None and text and not self.fed_read:
+            detector = self._detector(member)
+            self.fed = True  # its text is in the detector: not fed again if read whole
+            if detector.feed(text):
+                self.looped = True
+                return False  # cut where the event is read whole
+        return self.mender.passes(text) if member == "content" else self.mender.show
 
     def _end(self, out: list[bytes]) -> None:
         """The model's stream ended: a last event without its end is read when it is
@@ -100,6 +192,7 @@ class MendedStream:
         self._ended = True
 
     def _event(self, event: bytes, out: list[bytes]) -> None:
+        fed, self.fed = self.fed or self.fed_read, False
         data = _data(event)
         if data == b"[DONE]":
             self._flush(out)
@@ -124,12 +217,13 @@ class MendedStream:
                 index = fragment.get("index") if isinstance(fragment, dict) else None
                 if isinstance(index, int):
                     self.next_index = max(self.next_index, index + 1)
-        if self.limits is not None and self._loops(delta):
+        if self.looped or (self.limits is not None and not fed and self._loops(delta)):
             self._cut(document, out)
             return
         added = only_text(choice)
         if added is not None:
             member, text = added
+            self.template = _template(event, member, text)
             if self.mender.passes(text) if member == "content" else self.mender.show:
                 out.append(event + END)
                 return
@@ -252,6 +346,20 @@ class MendedStream:
         self._emit(self.head or document, self._deltas(items), "length", {}, out)
         out.append(b"data: [DONE]" + END)
         self._ended = True
+
+
+def _template(event: bytes, member: str, text: str) -> tuple[bytes, bytes, str] | None:
+    """The bytes of a one-line text chunk before and after its text, where the text is
+    written as orjson writes it and its member occurs once."""
+    key = b'"' + member.encode() + b'":'
+    at = event.find(key)
+    if not event.startswith(b"data: {") or at < 0 or event.find(key, at + 1) >= 0:
+        return None
+    start = at + len(key) + (event[at + len(key) : at + len(key) + 1] == b" ")
+    encoded = orjson.dumps(text)
+    if event[start : start + len(encoded)] != encoded:
+        return None
+    return event[: start + 1], event[start + len(encoded) - 1 :], member
 
 
 def _data(event: bytes) -> bytes:
