@@ -120,11 +120,11 @@ class MendedStream:
         body = complete.removesuffix(DONE)
         if not (body.startswith(head) and body.endswith(tail + END)):
             return False
-        parts = body[len(head) : len(body) - len(tail) - 2].split(tail + END + head)
-        if len(parts) != body.count(END):
-            return False  # another event among them
-        raw = b"".join(parts)
-        if b'"' in raw or b"\\" in raw:
+        # The texts, joined: what lies between the template's bytes. Any other event among
+        # them leaves a quote or a line end (neither is in a JSON string as written), and
+        # so does an escape that is not plain text.
+        raw = body[len(head) : len(body) - len(tail) - 2].replace(tail + END + head, b"")
+        if b'"' in raw or b"\\" in raw or b"\n" in raw:
             return False
         try:
             text = raw.decode()
@@ -211,6 +211,19 @@ class MendedStream:
         assert isinstance(document, dict)
         if not self.head:
             self.head = {key: document[key] for key in _HEAD if key in document}
+        added = only_text(choice)
+        if added is not None and not self.looped:
+            # A text chunk, as most are: its bytes are the template of those after it.
+            member, text = added
+            if self.limits is not None and not fed and self._detector(member).feed(text):
+                self._cut(document, out)
+                return
+            self.template = _template(event, member, text)
+            if self.mender.passes(text) if member == "content" else self.mender.show:
+                out.append(event + END)
+            else:
+                self._mended(document, choice, delta, out)
+            return
         native = delta.get("tool_calls")
         if isinstance(native, list):
             for fragment in native:
@@ -220,25 +233,14 @@ class MendedStream:
         if self.looped or (self.limits is not None and not fed and self._loops(delta)):
             self._cut(document, out)
             return
-        added = only_text(choice)
-        if added is not None:
-            member, text = added
-            self.template = _template(event, member, text)
-            if self.mender.passes(text) if member == "content" else self.mender.show:
-                out.append(event + END)
-                return
         self._mended(document, choice, delta, out)
 
     def _loops(self, delta: dict[str, Any]) -> bool:
         assert self.limits is not None
         for member in TEXT_MEMBERS:
             text = delta.get(member)
-            if type(text) is str and text:
-                detector = self.detectors.get(member)
-                if detector is None:
-                    detector = self.detectors[member] = LoopDetector(self.limits)
-                if detector.feed(text):
-                    return True
+            if type(text) is str and text and self._detector(member).feed(text):
+                return True
         return False
 
     def _mended(
