@@ -136,6 +136,16 @@ def workers_of(pid: int) -> list[int]:
     return sorted(found)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of an llproxy master's workers so far."""
+    total = 0
+    for worker in workers_of(pid):
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -460,7 +470,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for workers in sorted({1, cores})
         }
         limited_port, _ = start_llproxy(f"llproxy-{cores}-limited", cores, limited_config)
-        plain_port, _ = start_llproxy(f"llproxy-{cores}-plain", cores, plain_config)
+        plain_port, plain_proc = start_llproxy(f"llproxy-{cores}-plain", cores, plain_config)
         for port in (
             plain_port,
             fast,
@@ -514,12 +524,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def compare_mending() -> None:
             # Stages off, on, off again, bracketed as the dialects are: the same stream
             # and request (a tool offered) through two llproxies differing only in them.
+            # Also the workers' CPU per request: steadier than requests/s on a shared
+            # machine, whose other work slows both alike.
             lua = lua_script(workdir / "agent.lua", top_model, True, AGENT_CHAT)
-            top, plain = (f"http://127.0.0.1:{p}{CHAT_PATH}" for p in (top_port, plain_port))
             key = f"llproxy-{cores}w"
-            bench.record(f"{key}|mending-off|before", wrk(plain, lua, 32, args.duration))
-            bench.record(f"{key}|mending-on|32", wrk(top, lua, 32, args.duration))
-            bench.record(f"{key}|mending-off|after", wrk(plain, lua, 32, args.duration))
+            runs = (
+                ("mending-off|before", plain_port, plain_proc),
+                ("mending-on|32", top_port, llproxies[cores][1]),
+                ("mending-off|after", plain_port, plain_proc),
+            )
+            for label, port, proc in runs:
+                spent = cpu_seconds(proc.pid)
+                result = wrk(f"http://127.0.0.1:{port}{CHAT_PATH}", lua, 32, args.duration)
+                spent = cpu_seconds(proc.pid) - spent
+                bench.record(f"{key}|{label}", result)
+                bench.record(f"{key}|{label}|cpu", spent / max(result.requests, 1) * 1e6)
 
         for rep in range(args.reps):
             print(f"repetition {rep + 1}/{args.reps}", flush=True)
@@ -655,10 +674,21 @@ def mending_verdict(results: dict[str, list[Any]], top: str) -> str:
     on = [r.rps for r in results[f"{top}|mending-on|32"]]
     ratios = [x / y for x, y in zip(on, off, strict=True) if y]
     spread = f" (runs: {min(ratios):.2f}x to {max(ratios):.2f}x)" if len(ratios) > 1 else ""
+    cpu_on = results[f"{top}|mending-on|32|cpu"]
+    cpu_off = [
+        (b + a) / 2
+        for b, a in zip(
+            results[f"{top}|mending-off|before|cpu"],
+            results[f"{top}|mending-off|after|cpu"],
+            strict=True,
+        )
+    ]
     return (
         f"{top} OpenAI stream c32, a tool offered, tool-call repair, thinking and loop "
         f"detection on: {statistics.median(on):,.0f} req/s, {statistics.median(ratios):.2f}x "
-        f"of them off{spread} (target ≥ 0.90x)"
+        f"of them off{spread} (target ≥ 0.90x); worker CPU per request "
+        f"{statistics.median(cpu_on):.0f} µs on, {statistics.median(cpu_off):.0f} µs off "
+        f"({median_ratio(cpu_off, cpu_on):.2f}x)"
     )
 
 
@@ -762,7 +792,7 @@ def errors_verdict(results: dict[str, list[Any]]) -> str:
     errors = sum(
         r.errors
         for key, rs in results.items()
-        if "|" in key and not key.endswith("ttfb")
+        if "|" in key and not key.endswith(("ttfb", "|cpu"))
         for r in rs
     )
     return f"wrk errors (non-2xx or socket) over all runs: {errors}"
