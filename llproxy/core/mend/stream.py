@@ -14,6 +14,7 @@ import orjson
 
 from ..call import Stream
 from ..record import RequestRecord
+from ..shape import chunk_problem
 from ..sse import json_document, only_text
 from .loops import LoopDetector
 from .pipeline import REASONING, Item, Mender
@@ -209,6 +210,9 @@ class MendedStream:
             out.append(event + END)  # not a one-choice chunk: as it came
             return
         assert isinstance(document, dict)
+        if chunk_problem(document) is not None:
+            out.append(event + END)  # malformed: the dialect's reader ends the stream on it
+            return
         if not self.head:
             self.head = {key: document[key] for key in _HEAD if key in document}
         added = only_text(choice)
@@ -222,7 +226,7 @@ class MendedStream:
             if self.mender.passes(text) if member == "content" else self.mender.show:
                 out.append(event + END)
             else:
-                self._mended(document, choice, delta, out)
+                self._mended(event, document, choice, delta, out)
             return
         native = delta.get("tool_calls")
         if isinstance(native, list):
@@ -233,7 +237,7 @@ class MendedStream:
         if self.looped or (self.limits is not None and not fed and self._loops(delta)):
             self._cut(document, out)
             return
-        self._mended(document, choice, delta, out)
+        self._mended(event, document, choice, delta, out)
 
     def _loops(self, delta: dict[str, Any]) -> bool:
         assert self.limits is not None
@@ -245,6 +249,7 @@ class MendedStream:
 
     def _mended(
         self,
+        event: bytes,
         document: dict[str, Any],
         choice: dict[str, Any],
         delta: dict[str, Any],
@@ -268,6 +273,10 @@ class MendedStream:
         deltas = self._deltas(items)
         if finish is not None and self.calls and finish != "length":
             finish = "tool_calls"
+        texts = any(isinstance(delta.get(key), str) and delta[key] for key in TEXT_MEMBERS)
+        if not texts and not deltas and finish == choice.get("finish_reason"):
+            out.append(event + END)  # no text, nothing held or made: as it came (its usage)
+            return
         if rest:
             if deltas and not set(rest) & set(deltas[0]):
                 deltas[0] = {**rest, **deltas[0]}  # one event stays one where it can
