@@ -46,6 +46,13 @@ class Mender:
             and "`" not in text
         )
 
+    def holding(self) -> bool:
+        """Whether a stage holds text back (so `finish` has something to give)."""
+        think, tools = self.think, self.tools
+        return (think is not None and bool(think.held)) or (
+            tools is not None and (tools.state != "text" or bool(tools.held))
+        )
+
     def content(self, text: str) -> list[Item]:
         pieces = self.think.feed(text) if self.think is not None else [("content", text)]
         return self._calls(pieces)

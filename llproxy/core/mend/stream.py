@@ -342,6 +342,8 @@ class MendedStream:
         if self.flushed:
             return
         self.flushed = True
+        if not self.mender.holding():
+            return
         deltas = self._deltas(self.mender.finish())
         if deltas:
             self._emit(self.head, deltas, "tool_calls" if self.calls else None, {}, out)
