@@ -518,7 +518,7 @@ async def test_a_client_that_asked_for_no_thinking_gets_none(
 LOOP = "I will now check the weather in Paris for you. "  # 48 characters
 
 
-@pytest.mark.parametrize("dialect", ["openai", "anthropic", "ollama"])
+@pytest.mark.parametrize("dialect", DIALECTS)
 async def test_a_looping_stream_is_cut_and_the_model_stopped(
     proxy: RunningProxy, model: TextUpstream, dialect: str, tmp_path: Path
 ) -> None:
