@@ -63,10 +63,12 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # Installs wrk and nginx-light with apt-get when missing (as root). About 22 minutes on 2
-# cores, then the streaming capacity run, about 5 more (README, Benchmark).
+# cores, then the streaming capacity run, about 5 more, then PostgreSQL against SQLite as
+# the store, about 2 more (README, Benchmark).
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench.py --capacity
+	$(BIN)/python scripts/bench.py --only postgres
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .cache

@@ -82,13 +82,6 @@ def main() -> None:
 LOCAL_DATE = click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
 
 
-def state_directory(config_path: str | None, state_dir: str | None) -> Path:
-    """The state directory a `keys` or `usage` command works on, as the daemon finds it."""
-    from .stores.sqlite import state_dir as resolve
-
-    return resolve(load_or_exit(config_path, frozenset(), state_dir=state_dir).state_dir)
-
-
 state_dir_option = env_option(
     "--state-dir",
     env="STATE_DIR",
@@ -98,15 +91,37 @@ state_dir_option = env_option(
 )
 
 
+EX_UNAVAILABLE = 69  # sysexits: a service it needs (the shared key store) did not answer
+
+
 def refuse_open_bind(config: Config, allow_open: bool) -> None:
     """Without keys, anyone who reaches the port may use every model: only on loopback."""
+    import asyncio
+
+    from .stores import list_keys
+    from .stores.postgres import DATABASE_ERRORS
     from .stores.sqlite import StoredKeys, state_dir
 
     if config.loopback_only or allow_open:
         return
-    stored = StoredKeys(state_dir(config.state_dir))
-    enabled = bool(config.api_keys) or bool(stored.changed())
-    stored.close()
+    if config.database_url is not None:
+        try:
+            enabled = bool(config.api_keys) or bool(asyncio.run(list_keys(config)))
+        except DATABASE_ERRORS as exc:
+            # Whether any key exists is unknown: should the database turn out to hold
+            # none, this address would serve everyone. Fail closed; a supervisor (or the
+            # operator) starts it again once the database answers.
+            click.echo(
+                f"llproxy: refusing to serve on {config.bindip}: cannot read the keys from "
+                f"the database to know that any exists ({exc}). Start it when the database "
+                "answers, or pass --allow-open.",
+                err=True,
+            )
+            sys.exit(EX_UNAVAILABLE)
+    else:
+        stored = StoredKeys(state_dir(config.state_dir))
+        enabled = bool(config.api_keys) or bool(stored.changed())
+        stored.close()
     if not enabled:
         click.echo(
             f"llproxy: refusing to serve on {config.bindip} without API keys: anyone who can "
@@ -247,7 +262,8 @@ def serve(
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def scan_command(config_path: str | None, as_json: bool) -> None:
-    """Run one discovery pass and list the models found."""
+    """Run one discovery pass and list the models found, each replica with its state
+    (up when it listed its models; a server whose models the config names is probed)."""
     config = load_or_exit(config_path, frozenset({"endpoints"}))
     from .ui.logs import setup_logging
     from .ui.scan import run_scan
@@ -344,9 +360,12 @@ def keys_create(
     operator: bool,
 ) -> None:
     """Create a key and print its secret alone on stdout (it is shown only this once)."""
+    import asyncio
+
     from .config import rate_limit_value
     from .core.keys import KeyFieldError
     from .stores import create_key
+    from .stores.postgres import DATABASE_ERRORS
     from .stores.sqlite import DATABASE
     from .stores.sqlite import state_dir as resolve_state_dir
 
@@ -356,17 +375,25 @@ def keys_create(
         except ConfigError as exc:
             raise click.BadParameter(str(exc)) from None
     globs = [glob.strip() for glob in models.split(",") if glob.strip()]
-    config = load_or_exit(config_path, frozenset(), state_dir=state_dir)
+    config = load_or_exit(config_path, frozenset({"database_url"}), state_dir=state_dir)
     try:
-        secret = create_key(
-            config, name, globs, expires.timestamp() if expires else None, rate_limit, operator
+        secret = asyncio.run(
+            create_key(
+                config, name, globs, expires.timestamp() if expires else None, rate_limit, operator
+            )
         )
     except KeyFieldError as exc:
         message = str(exc).partition(": ")[2]
         raise click.BadParameter(message, param_hint=f"--{exc.field}") from None
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    where = resolve_state_dir(config.state_dir) / DATABASE
+    except DATABASE_ERRORS as exc:
+        raise click.ClickException(f"cannot reach the database: {exc}") from None
+    where = (
+        "the shared database"
+        if config.database_url is not None
+        else resolve_state_dir(config.state_dir) / DATABASE
+    )
     click.echo(f"created key {name!r} in {where}; its secret follows on stdout", err=True)
     click.echo(secret)
 
@@ -377,11 +404,18 @@ def keys_create(
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def keys_list(config_path: str | None, state_dir: str | None, as_json: bool) -> None:
     """List the keys (names, fingerprints, models, status; never secrets)."""
-    from .stores.sqlite import KeyStore
+    import asyncio
+
+    from .stores import list_keys
+    from .stores.postgres import DATABASE_ERRORS
     from .ui.tables import show_keys
 
-    with KeyStore(state_directory(config_path, state_dir)) as store:
-        show_keys(store.all(), as_json)
+    config = load_or_exit(config_path, frozenset({"database_url"}), state_dir=state_dir)
+    try:
+        found = asyncio.run(list_keys(config))
+    except DATABASE_ERRORS as exc:
+        raise click.ClickException(f"cannot reach the database: {exc}") from None
+    show_keys(found, as_json)
 
 
 @keys.command("revoke")
@@ -396,11 +430,17 @@ def keys_revoke(config_path: str | None, state_dir: str | None, name: str) -> No
     from redis.exceptions import RedisError
 
     from .stores import revoke_key
+    from .stores.postgres import DATABASE_ERRORS
 
-    config = load_or_exit(config_path, frozenset({"redis_url"}), state_dir=state_dir)
+    config = load_or_exit(
+        config_path, frozenset({"redis_url", "database_url"}), state_dir=state_dir
+    )
     try:
         revoked = asyncio.run(revoke_key(config, name))
-    except (RedisError, OSError) as exc:
+    except (RedisError, *DATABASE_ERRORS) as exc:
+        if config.database_url is not None:
+            raise click.ClickException(f"cannot reach the database: {exc}") from None
+        # The key is revoked in this host's SQLite; only telling Redis failed.
         raise click.ClickException(f"revoked here, but not shared through Redis: {exc}") from None
     if not revoked:
         raise click.ClickException(f"no active key named {name!r}")
@@ -427,13 +467,55 @@ def keys_revoke(config_path: str | None, state_dir: str | None, name: str) -> No
 def usage_command(
     config_path: str | None, state_dir: str | None, since: Any, by: str, as_json: bool
 ) -> None:
-    """Sum the recorded requests and tokens."""
-    from .stores.sqlite import usage_sums
+    """Sum the recorded requests and tokens (with database_url, of every host sharing it)."""
+    import asyncio
+
+    from .stores import usage_totals
+    from .stores.postgres import DATABASE_ERRORS
     from .ui.tables import show_usage
 
+    config = load_or_exit(config_path, frozenset({"database_url"}), state_dir=state_dir)
     since_time = since.timestamp() if since else None
-    rows = usage_sums(state_directory(config_path, state_dir), since_time, by)
+    try:
+        rows = asyncio.run(usage_totals(config, since_time, by))
+    except DATABASE_ERRORS as exc:
+        raise click.ClickException(f"cannot reach the database: {exc}") from None
     show_usage(rows, by, as_json)
+
+
+@main.group()
+def db() -> None:
+    """The shared PostgreSQL database of a fleet (database_url in the config)."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config_path: str | None) -> None:
+    """Create or migrate llproxy's schema (every host also does it when it starts; this
+    runs it ahead, e.g. from a deploy script). Safe while other hosts run or start."""
+    import asyncio
+
+    from .stores.postgres import DATABASE_ERRORS, SCHEMA_VERSION, connect, upgrade
+
+    config = load_or_exit(config_path, frozenset({"database_url"}))
+    if config.database_url is None:
+        raise click.ClickException("no database_url in the config: keys and usage are in SQLite")
+
+    async def run(url: str) -> tuple[int, int]:
+        conn = await connect(url)
+        try:
+            return await upgrade(conn)
+        finally:
+            await conn.close()
+
+    try:
+        found, now = asyncio.run(run(config.database_url))
+    except DATABASE_ERRORS as exc:
+        raise click.ClickException(f"cannot upgrade the database: {exc}") from None
+    if found == now:
+        click.echo(f"the schema is at version {now} (this llproxy's: {SCHEMA_VERSION})", err=True)
+    else:
+        click.echo(f"upgraded the schema from version {found} to {now}", err=True)
 
 
 capture_dir_option = click.option(

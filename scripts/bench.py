@@ -903,9 +903,10 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument(
         "--only",
-        choices=["dialects", "mending"],
-        help="only the dialect streams against the OpenAI stream, or only the OpenAI stream "
-        "with the mending stages on against off (each a section of its own)",
+        choices=["dialects", "mending", "postgres"],
+        help="only the dialect streams against the OpenAI stream, only the OpenAI stream "
+        "with the mending stages on against off, or only llproxy with PostgreSQL as its "
+        "store against SQLite (each a section of its own)",
     )
     parser.add_argument(
         "--capacity",
@@ -925,6 +926,11 @@ def main() -> None:
     if args.quick:
         args.reps, args.duration, args.stream_samples = 1, 2.0, 3
         args.soak_requests, args.soak_max_seconds = 50_000, 20.0
+    if args.only == "postgres":
+        import bench_postgres
+
+        bench_postgres.main(args, Path(args.output))
+        return
     data = run(args)
     from rich.console import Console
     from rich.table import Table

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,9 +36,11 @@ from .scenario_upstream import ScenarioUpstream
 SLOW_SUITES = frozenset(
     {
         "test_supervisor.py",
+        "test_health_workers.py",
         "test_workers_share.py",
         "test_operator_page.py",
         "test_operator_terminal.py",
+        "test_fleet.py",
     }
 )
 
@@ -247,6 +250,23 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A real PostgreSQL cluster for the session (tests/pg_cluster.py); fails, never
+    skips, without PostgreSQL."""
+    from .pg_cluster import PgCluster
+
+    cluster = PgCluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def database_url(pg_cluster: Any) -> str:
+    """A fresh database of this test's own in the session's cluster."""
+    return str(pg_cluster.create_database(f"t_{uuid.uuid4().hex[:12]}"))
 
 
 @pytest.fixture

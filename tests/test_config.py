@@ -111,10 +111,14 @@ def test_the_optional_parts_in_the_readme_are_valid() -> None:
             "GEMINI_API_KEY": "AIza-x",
             "LLPROXY_STATIC_KEY": "a-static-key-0123456789",
             "LLPROXY_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "LLPROXY_DATABASE_URL": "postgresql://llproxy:pw@db.lab:5432/llproxy",
             "LLPROXY_ADMIN_KEY": "an-admin-key-0123456789",
         },
     )
     assert config.admin_key and config.redis_url and config.api_keys
+    assert config.database_url == "postgresql://llproxy:pw@db.lab:5432/llproxy"
+    # Its password is masked in the log like every secret.
+    assert "pw" in config.secrets()
 
 
 @pytest.mark.parametrize(
@@ -207,6 +211,11 @@ def test_the_optional_parts_in_the_readme_are_valid() -> None:
         (
             {"endpoints": [{"url": "http://x/v1", "apikey": "env:NOPE_NOT_SET"}]},
             "endpoints[0].apikey: environment variable NOPE_NOT_SET is not set",
+        ),
+        ({"database_url": "mysql://db/x"}, "database_url: must be a postgresql:// URL"),
+        (
+            {"database_url": "env:NOPE_NOT_SET"},
+            "database_url: environment variable NOPE_NOT_SET is not set",
         ),
     ],
 )
@@ -337,6 +346,14 @@ def test_each_command_needs_only_the_secrets_it_uses(tmp_path: Path) -> None:
     # revoke spreads the revocation through Redis.
     done = run("keys", "revoke", "k")
     assert done.returncode == 78 and "redis_url: environment variable UNSET_REDIS" in done.stderr
+    # With database_url, every key and usage command needs it.
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "database_url": "env:UNSET_DATABASE"}))
+    commands = (("usage",), ("keys", "list"), ("keys", "create", "--name", "j"), ("db", "upgrade"))
+    for args in commands:
+        done = run(*args)
+        assert done.returncode == 78, (args, done.stderr)
+        assert "database_url: environment variable UNSET_DATABASE" in done.stderr
 
 
 def test_repair_switches_by_level() -> None:

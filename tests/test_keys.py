@@ -264,6 +264,26 @@ async def test_non_loopback_bind_needs_keys_or_allow_open(
     await with_key.wait_for("serving on http://0.0.0.0")
 
 
+def test_non_loopback_bind_refused_while_the_shared_keys_cannot_be_read(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    # Whether any key exists is unknown while the database does not answer: were it to
+    # hold none, the address would serve everyone.
+    config = tmp_path / "c.json"
+    config.write_text(
+        json.dumps(
+            {
+                "endpoints": [],
+                "bindip": "0.0.0.0",
+                "database_url": f"postgresql://llproxy@127.0.0.1:{unused_tcp_port}/llproxy",
+            }
+        )
+    )
+    refused = run_cli("serve", "--config", str(config), state=tmp_path / "state")
+    assert refused.returncode == 69, refused.stderr
+    assert "refusing to serve on 0.0.0.0: cannot read the keys" in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

@@ -654,3 +654,44 @@ def test_any_grouping_of_reads_gives_the_same_answer(seed: int) -> None:
     out, record, source = _through(looping, seed, plan)
     assert record.cut == "loop" and source.closed and len(out) < len(b"".join(looping)) / 3
     assert out.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"length"' in out
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_the_conversation_switches_a_stage_off(
+    proxy: RunningProxy, model: TextUpstream, stream: bool
+) -> None:
+    """`!/set(…)` in the conversation's own history wins over the config (Call.settings)."""
+    client = proxy.client()
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}
+
+    async def answer(command: str) -> tuple[str, int]:
+        history = [
+            {"role": "user", "content": command},
+            {"role": "assistant", "content": "Noted."},
+            *ASK,
+        ]
+        if not stream:
+            done = await client.chat.completions.create(
+                model="qwen-local",
+                messages=history,  # type: ignore[arg-type]
+                tools=[tool],  # type: ignore[list-item]
+            )
+            return done.choices[0].message.content or "", len(
+                done.choices[0].message.tool_calls or ()
+            )
+        text, calls = "", 0
+        async for chunk in await client.chat.completions.create(
+            model="qwen-local",
+            messages=history,  # type: ignore[arg-type]
+            tools=[tool],  # type: ignore[list-item]
+            stream=True,
+        ):
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                calls += len(choice.delta.tool_calls or ())
+        return text, calls
+
+    model.say("<think>Hm.</think>" + FORMS["hermes"])
+    assert await answer("!/set(tool-repair=false)") == (FORMS["hermes"], 0)
+    assert await answer("!/set(thinking=false)") == ("<think>Hm.</think>", 1)
+    assert await answer("!/set(loop-detection=false)") == ("", 1)

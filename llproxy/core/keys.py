@@ -103,12 +103,15 @@ class KeyRing:
         self.keys: dict[str, ApiKey] = dict(self._static)
         # Hashes revoked on other instances (shared through Redis).
         self.revoked_elsewhere: frozenset[str] = frozenset()
+        # Set while a shared key store was never read: whether keys exist is unknown, so
+        # every request needs one (a database down at start must not open the proxy).
+        self.awaiting_store = False
 
     @property
     def enabled(self) -> bool:
         """Once any client key exists (even a revoked one), every API request needs a
         key. Operator keys do not count: they never call models."""
-        return any(not key.operator for key in self.keys.values())
+        return self.awaiting_store or any(not key.operator for key in self.keys.values())
 
     def replace(self, stored: Iterable[ApiKey]) -> None:
         self.keys = {**self._static, **{k.key_hash: k for k in stored}}

@@ -30,6 +30,10 @@ class RequestRecord:
     tool_calls_repaired: int = 0
     tool_calls_unrepaired: int = 0
     cut: str | None = None
+    redacted: int = 0  # secrets replaced in the prompt before it went out (core/redact.py)
+    # What the request stages did to the turn (core/turn.py): "command" (llproxy
+    # answered a command itself), "tool_loop_warn" (a note added), "tool_loop_break".
+    stage: str | None = None
     # The dialect the answer came in: "openai" (the internal form), or the client's own
     # when a backend in that dialect passed the request on untranslated.
     answered_in: str = "openai"

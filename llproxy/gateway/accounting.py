@@ -102,6 +102,9 @@ class Accounting:
             key = (record.upstream or "-", "dropped_chunk")
             errors = telemetry.upstream_errors
             errors[key] = errors.get(key, 0) + record.dropped_chunks
+        if record.stage is not None:
+            telemetry.stages[record.stage] = telemetry.stages.get(record.stage, 0) + 1
+        telemetry.redactions += record.redacted
         if access_log.isEnabledFor(logging.INFO):
             self._log(request, record, status, duration, first_byte)
         if self.capture is not None:
@@ -193,6 +196,8 @@ class Accounting:
                 "duration_ms": round(duration * 1000, 1),
                 # Why the answer was cut short ("loop"), only when it was.
                 **({"cut": record.cut} if record.cut else {}),
+                "stage": record.stage,
+                "redacted": record.redacted,  # how many secrets, never which
             },
         )
 

@@ -16,7 +16,7 @@ import logging
 import pickle
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
@@ -79,6 +79,8 @@ class StatsReply:
     worker_id: int
     pid: int
     telemetry: Telemetry
+    # Which store holds what and whether it answered (Services.health), as /health says.
+    stores: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from ..config import Config
 from ..core.desk import HeldDesk
+from ..stores import usage_writer
 from ..stores.memory import DequeWindows
-from ..stores.sqlite import UsageWriter, state_dir
 from ..telemetry.desk import DeskTelemetry, desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .channel import (
@@ -30,7 +31,7 @@ STATS_TIMEOUT = 2.0
 
 class MasterServices:
     def __init__(self, config: Config) -> None:
-        self.usage = UsageWriter(state_dir(config.state_dir))
+        self.usage = usage_writer(config)
         self.overflow = DequeWindows()
         self.discovery_telemetry = DiscoveryTelemetry()
         # Numbers of workers that exited, and the latest numbers of each live one.
@@ -68,6 +69,18 @@ class MasterServices:
         for reply in replies:
             self.last_seen[reply.worker_id] = reply.telemetry
         return sorted(replies, key=lambda r: r.worker_id)
+
+    def stores(self, replies: list[StatsReply]) -> dict[str, dict[str, Any]]:
+        """The stores as a worker sees them, with the usage writer's state: the master
+        writes the records, so it is the one that knows."""
+        stores = dict(replies[0].stores) if replies else {}
+        if "usage" in stores:
+            stores["usage"] = {
+                **stores["usage"],
+                "reachable": self.usage.reachable,
+                "spooled": self.usage.telemetry.spooled,
+            }
+        return stores
 
     def worker_exited(self, worker_id: int) -> None:
         last = self.last_seen.pop(worker_id, None)

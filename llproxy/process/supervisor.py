@@ -29,7 +29,7 @@ import uvloop
 from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..config import Config, ConfigError
 from ..core.registry import Registry
-from ..stores import HostShare
+from ..stores import HostShare, describe_stores
 from .channel import (
     Calls,
     Channel,
@@ -415,7 +415,11 @@ class Supervisor:
         self._own(self.discovery.scan_now())
 
     async def handle_models(self) -> None:
-        self.console.show_models(self.registry)
+        # Replica health is each worker's own: asked of them now, with their numbers.
+        async def show() -> None:
+            self.console.show_models(self.registry, await self.collect_stats())
+
+        self._own(show())
 
     async def handle_workers(self) -> None:
         self.console.show_workers(list(self.workers.values()))
@@ -423,6 +427,13 @@ class Supervisor:
     async def handle_stats(self) -> None:
         async def show() -> None:
             self.console.show_stats(await self.collect_stats())
+
+        self._own(show())
+
+    async def handle_stores(self) -> None:
+        async def show() -> None:
+            replies = await self.collect_stats()
+            self.console.show_stores(self.services.stores(replies))
 
         self._own(show())
 
@@ -452,6 +463,10 @@ class Supervisor:
                 config = dataclasses.replace(
                     config, bindip=listening[0], port=listening[1], reuse_port=listening[2]
                 )
+            if config.database_url != self.config.database_url:
+                # The master's usage writer keeps its database: the workers' keys must too.
+                log.warning("reload: a database_url change needs a restart; keeping the old one")
+                config = dataclasses.replace(config, database_url=self.config.database_url)
             old = self._serving()
             target = self.target
             if self.options.workers is None and config.workers is not None:
@@ -544,6 +559,7 @@ class Supervisor:
                 extra={"event": "ready", "bindip": self.config.bindip, "port": self.config.port},
             )
             self.notifier.ready(f"serving {len(self.registry.models)} models")
+            log.info("stores: %s", describe_stores(self.config))
             if self.console is not None:
                 self.console.start(self.enqueue)
         await self._done

@@ -1,12 +1,12 @@
 """The admin REST API under /admin/: keys and usage, only when `admin_key` is configured.
 
-The admin key is compared in constant time. Key changes go to the same SQLite database as
-the `llproxy keys` command, so every worker sees them within seconds (this one at once).
+The admin key is compared in constant time. Key changes go to the same store as the
+`llproxy keys` command (this host's SQLite, or with database_url the fleet's PostgreSQL),
+so every worker sees them within seconds (this one at once).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,11 +15,12 @@ import orjson
 from aiohttp import web
 
 from ..config import Config, ConfigError, rate_limit_value
-from ..core.errors import InvalidRequest, ProxyError
+from ..core.errors import InvalidRequest, ProxyError, ServiceUnavailable
 from ..core.keys import KeyFieldError, key_hash, key_rows
 from ..gateway.credentials import matches, presented_secret
-from ..stores import create_key, revoke_key
-from ..stores.sqlite import GROUPINGS, KeyStore, state_dir, usage_sums
+from ..stores import create_key, list_keys, revoke_key, usage_totals
+from ..stores.postgres import DATABASE_ERRORS
+from ..stores.sqlite import GROUPINGS
 from .body import read_json_object
 
 
@@ -35,6 +36,10 @@ class KeyNotFound(ProxyError):
     code = "key_not_found"
 
 
+def _unreachable(exc: BaseException) -> ServiceUnavailable:
+    return ServiceUnavailable(f"the key and usage database cannot be reached: {exc}")
+
+
 def _json(document: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(document), status=status, content_type="application/json")
 
@@ -44,7 +49,6 @@ class AdminApi:
         assert config.admin_key is not None
         self.config = config
         self._admin_hash = key_hash(config.admin_key)
-        self.directory = state_dir(config.state_dir)
         # This process applies its own change at once; the others at their next reload.
         self._keys_changed = keys_changed
 
@@ -56,8 +60,10 @@ class AdminApi:
 
     async def list_keys(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        with KeyStore(self.directory) as store:
-            return _json({"object": "list", "data": key_rows(store.all())})
+        try:
+            return _json({"object": "list", "data": key_rows(await list_keys(self.config))})
+        except DATABASE_ERRORS as exc:
+            raise _unreachable(exc) from None
 
     async def create_key(self, request: web.Request) -> web.Response:
         self._authorize(request)
@@ -83,7 +89,9 @@ class AdminApi:
         if not isinstance(operator, bool):
             raise InvalidRequest("'operator' must be true or false", param="operator")
         try:
-            secret = create_key(self.config, name, models, expires, rate_limit, operator)
+            secret = await create_key(self.config, name, models, expires, rate_limit, operator)
+        except DATABASE_ERRORS as exc:
+            raise _unreachable(exc) from None
         except KeyFieldError as exc:
             raise InvalidRequest(str(exc), param=exc.field) from None
         except ValueError as exc:
@@ -94,7 +102,11 @@ class AdminApi:
     async def revoke_key(self, request: web.Request) -> web.Response:
         self._authorize(request)
         name = request.match_info["name"]
-        if not await revoke_key(self.config, name):
+        try:
+            revoked = await revoke_key(self.config, name)
+        except DATABASE_ERRORS as exc:
+            raise _unreachable(exc) from None
+        if not revoked:
             raise KeyNotFound(f"no active key named '{name}'")
         self._keys_changed()
         return _json({"name": name, "revoked": True})
@@ -108,7 +120,10 @@ class AdminApi:
             since = float(request.query["since"]) if "since" in request.query else None
         except ValueError:
             raise InvalidRequest("'since' must be a Unix time in seconds", param="since") from None
-        rows = await asyncio.to_thread(usage_sums, self.directory, since, by)
+        try:
+            rows = await usage_totals(self.config, since, by)
+        except DATABASE_ERRORS as exc:
+            raise _unreachable(exc) from None
         return _json({"object": "list", "data": rows})
 
     def routes(self) -> list[tuple[str, str, Callable[[web.Request], Any]]]:

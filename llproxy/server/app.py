@@ -90,11 +90,14 @@ def serve_alone(config: Config) -> web.Application:
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.services.start()
+    await state.services.start()
     capture = state.accounting.capture
     if capture is not None:
         capture.start()
+    if state.config.health.enable and state.config.health.probe:
+        state.probes.start()
     yield
+    await state.probes.close()
     if capture is not None:
         # The last exchanges written; in a thread, since the disk may be slow.
         await asyncio.get_running_loop().run_in_executor(None, capture.close)

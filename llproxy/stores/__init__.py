@@ -1,9 +1,10 @@
 """Where shared state lives: API keys, usage records, rate-limit counts.
 
-Each is a small protocol with implementations in SQLite (keys, usage), shared memory (one
-host's rate counts) and Redis (rate counts and revocations shared by several hosts). One
-function, `build_services`, chooses them from the config; a single process, a worker and
-the tests all get theirs from it.
+Each is a small protocol with implementations in SQLite (keys, usage), PostgreSQL (keys
+and usage shared by a fleet of hosts), shared memory (one host's rate counts) and Redis
+(rate counts and revocations shared by several hosts). One function, `build_services`,
+chooses them from the config; a single process, a worker and the tests all get theirs
+from it.
 """
 
 from __future__ import annotations
@@ -23,22 +24,42 @@ from redis.exceptions import RedisError
 
 from ..config import Config
 from ..core.desk import DeskPort, HeldDesk
-from ..core.keys import KeyRing
+from ..core.keys import ApiKey, KeyRing
 from ..core.ratelimit import Verdict
 from ..core.usage import UsageRecord
 from ..telemetry.desk import DeskTelemetry
 from .memory import TABLE_BYTES, DequeWindows, HostCounter, ProcessLock, WindowTable
+from .postgres import SPOOL_FILE, PostgresKeySync, PostgresUsageWriter, all_keys
+from .postgres import create_key as create_shared_key
+from .postgres import revoke_key as revoke_shared_key
+from .postgres import usage_sums as shared_usage_sums
 from .redis import RedisCounter, Revocations
-from .sqlite import FLUSH_SECONDS, KeyStore, StoredKeys, UsageWriter, WriterTelemetry, state_dir
+from .sqlite import (
+    FLUSH_SECONDS,
+    KeyStore,
+    StoredKeys,
+    UsageWriter,
+    WriterTelemetry,
+    state_dir,
+    usage_sums,
+)
 
 log = logging.getLogger("llproxy.stores")
 
 KEY_REFRESH_SECONDS = 2.0
+# How long a serving process waits at start for the shared keys before it serves with
+# the keys of its config alone (and takes the shared ones as soon as they come).
+KEYS_WAIT = 5.0
+PROBE_SECONDS = 2.0
 
 
 class RateCounter(Protocol):
     async def hit(self, limit: str, client: str) -> Verdict:
         """Check and count one request of `client` against `limit`, in one step."""
+        ...
+
+    async def probe(self) -> bool:
+        """Whether the counts can be reached now (bounded in time)."""
         ...
 
     async def close(self) -> None: ...
@@ -48,6 +69,10 @@ class UsageSink(Protocol):
     @property
     def telemetry(self) -> WriterTelemetry | None:
         """What became of the records, where they are written (None: passed on)."""
+
+    @property
+    def reachable(self) -> bool | None:
+        """Whether the last write went through (None: none yet, or passed on)."""
 
     def add(self, records: Sequence[UsageRecord]) -> None: ...
 
@@ -81,6 +106,7 @@ class ForwardedUsage:
     """A worker's usage sink: records go to whoever writes them (the master), in batches."""
 
     telemetry: WriterTelemetry | None = None
+    reachable: bool | None = None
 
     def __init__(self, send: Callable[[list[UsageRecord]], Any]) -> None:
         self.send = send
@@ -111,14 +137,35 @@ class ForwardedUsage:
         self._flush()
 
 
+class KeyFollower(Protocol):
+    """What keeps a KeyRing current with the stored keys."""
+
+    store: str  # where they are: "sqlite", "postgresql"
+    reachable: bool | None  # at the last try (None: not tried yet)
+
+    def refresh_stored(self) -> None:
+        """Take this process's own change now (or as soon as can be)."""
+
+    def start(self) -> None: ...
+
+    async def loaded(self, timeout: float) -> bool:
+        """Wait, at most `timeout`, until the stored keys were read once."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class KeySync:
     """Keeps a KeyRing current: the stored keys when they change, and the keys revoked on
     other instances (Redis), read again every KEY_REFRESH_SECONDS."""
+
+    store = "sqlite"
 
     def __init__(self, ring: KeyRing, stored: StoredKeys, revocations: Revocations | None):
         self.ring = ring
         self.stored = stored
         self.revocations = revocations
+        self.reachable: bool | None = None
         self._task: asyncio.Task[None] | None = None
 
     def refresh_stored(self) -> None:
@@ -134,12 +181,18 @@ class KeySync:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="llproxy-keys")
 
+    async def loaded(self, timeout: float) -> bool:
+        return True  # read in refresh_stored, before serving
+
     async def _run(self) -> None:
         while True:
             try:
                 await self.refresh()
             except (sqlite3.Error, RedisError, OSError) as exc:
                 log.warning("cannot reload API keys: %s", exc)
+                self.reachable = not isinstance(exc, sqlite3.Error)
+            else:
+                self.reachable = True
             await asyncio.sleep(KEY_REFRESH_SECONDS)
 
     async def close(self) -> None:
@@ -157,18 +210,57 @@ class Services:
     """The stores one serving process uses, chosen from the config."""
 
     keys: KeyRing
-    key_sync: KeySync
+    key_sync: KeyFollower
     usage: UsageSink
     rate: RateCounter  # asked only for a client that a limit applies to
     desk: DeskPort  # the operators' queue: held here, or reached over a channel
+    usage_store: str = "sqlite"
+    desk_store: str = "this process"
+    rate_reachable: bool | None = None
+    _probe: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self.key_sync.refresh_stored()
         self.key_sync.start()
         self.usage.start()
         self.desk.start()
+        self._probe = asyncio.create_task(self._probe_rate(), name="llproxy-store-probe")
+        if not await self.key_sync.loaded(KEYS_WAIT):
+            log.warning(
+                "serving without the shared keys (not read within %g s): they apply as "
+                "soon as the database answers",
+                KEYS_WAIT,
+            )
+
+    async def _probe_rate(self) -> None:
+        while True:
+            self.rate_reachable = await self.rate.probe()
+            await asyncio.sleep(PROBE_SECONDS)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Which store holds what, and whether each answered at its last use or probe
+        (never waits: /health must answer while a store hangs)."""
+        keys = self.key_sync.reachable
+        return {
+            "keys": {"store": self.key_sync.store, "reachable": keys},
+            # A worker's records go to its master, which writes them to the same
+            # database the keys come from: that database's state stands for both.
+            "usage": {
+                "store": self.usage_store,
+                "reachable": keys if self.usage.telemetry is None else self.usage.reachable,
+            },
+            "rate": {
+                "store": "redis" if isinstance(self.rate, RedisCounter) else "memory",
+                "reachable": self.rate_reachable,
+            },
+            "desk": {"store": self.desk_store, "reachable": True},
+        }
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         await self.desk.close()
         await self.key_sync.close()
         await self.usage.close()
@@ -190,9 +282,14 @@ def build_services(
     operators' desk; a process serving alone passes nothing and holds all of them."""
     directory = state_dir(config.state_dir)
     keys = KeyRing(config.api_keys)
-    revocations = Revocations(config.redis_url) if config.redis_url else None
+    key_sync: KeyFollower
+    if config.database_url is not None:
+        key_sync = PostgresKeySync(keys, config.database_url)
+    else:
+        revocations = Revocations(config.redis_url) if config.redis_url else None
+        key_sync = KeySync(keys, StoredKeys(directory), revocations)
     usage: UsageSink = (
-        ForwardedUsage(forward_usage) if forward_usage is not None else UsageWriter(directory)
+        ForwardedUsage(forward_usage) if forward_usage is not None else usage_writer(config)
     )
     rate: RateCounter
     if config.redis_url is not None:
@@ -202,14 +299,35 @@ def build_services(
         rate = HostCounter(WindowTable(share.memory, share.lock), overflow or DequeWindows().hit)
     return Services(
         keys,
-        KeySync(keys, StoredKeys(directory), revocations),
+        key_sync,
         usage,
         rate,
         desk or HeldDesk(observer=DeskTelemetry()),
+        usage_store="postgresql" if config.database_url is not None else "sqlite",
+        desk_store="this process" if desk is None else "this host",
     )
 
 
-def create_key(
+def describe_stores(config: Config) -> str:
+    """Where a serving llproxy keeps what, in words for its log."""
+    if config.database_url is not None:
+        records = "keys and usage in PostgreSQL (shared)"
+    else:
+        records = f"keys and usage in SQLite ({state_dir(config.state_dir)})"
+    counts = "Redis (shared)" if config.redis_url is not None else "this host's memory"
+    return f"{records}, rate counts in {counts}, operators' desk on this host"
+
+
+def usage_writer(config: Config) -> UsageWriter | PostgresUsageWriter:
+    """Who writes a host's usage records: the shared database (spooling to the state
+    directory while it cannot be reached), else the host's SQLite."""
+    directory = state_dir(config.state_dir)
+    if config.database_url is not None:
+        return PostgresUsageWriter(config.database_url, directory / SPOOL_FILE)
+    return UsageWriter(directory)
+
+
+async def create_key(
     config: Config,
     name: str,
     models: Sequence[str] = (),
@@ -218,14 +336,21 @@ def create_key(
     operator: bool = False,
 ) -> str:
     """Store a new key; its secret, shown once. KeyFieldError for a bad field, ValueError
-    when the name is taken."""
+    when the name is taken; with database_url, the database's errors (DATABASE_ERRORS)."""
+    if config.database_url is not None:
+        return await create_shared_key(
+            config.database_url, name, models, expires, rate_limit, operator
+        )
     with KeyStore(state_dir(config.state_dir)) as store:
         return store.create(name, models, expires, rate_limit, operator)
 
 
 async def revoke_key(config: Config, name: str) -> bool:
     """Revoke a key here and, with redis_url, on every instance sharing that Redis; False
-    when there is no active key of that name. RedisError when it could not be shared."""
+    when there is no active key of that name. RedisError when it could not be shared.
+    With database_url, in the shared database: every instance hears of it at once."""
+    if config.database_url is not None:
+        return await revoke_shared_key(config.database_url, name) is not None
     with KeyStore(state_dir(config.state_dir)) as store:
         hashed = store.revoke(name)
     if hashed is None:
@@ -237,3 +362,19 @@ async def revoke_key(config: Config, name: str) -> bool:
         finally:
             await revocations.close()
     return True
+
+
+async def list_keys(config: Config) -> list[ApiKey]:
+    """Every stored key, in the shared database or this host's."""
+    if config.database_url is not None:
+        return await all_keys(config.database_url)
+    with KeyStore(state_dir(config.state_dir)) as store:
+        return store.all()
+
+
+async def usage_totals(config: Config, since: float | None, by: str) -> list[dict[str, Any]]:
+    """Requests and tokens per group (sqlite.GROUPINGS): the whole fleet's with
+    database_url, else this host's."""
+    if config.database_url is not None:
+        return await shared_usage_sums(config.database_url, since, by)
+    return await asyncio.to_thread(usage_sums, state_dir(config.state_dir), since, by)

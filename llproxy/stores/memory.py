@@ -168,5 +168,8 @@ class HostCounter:
             return await self.overflow(limit, client)
         return verdict
 
+    async def probe(self) -> bool:
+        return True  # memory of this host
+
     async def close(self) -> None:
         pass

@@ -7,12 +7,16 @@ instead of failing (redis-py's default pool refuses past 100 connections).
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 
 from ..core.ratelimit import Verdict, parse_limit
 
 REDIS_CONNECTIONS = 32
 REDIS_WAIT = 5.0  # seconds a request may wait for a free connection
+PROBE_WAIT = 1.0  # for /health's probe
 # Hashes of revoked keys, for every instance.
 REVOKED_SET = "llproxy:revoked-keys"
 
@@ -76,6 +80,12 @@ class RedisCounter:
         return Verdict(
             bool(allowed), parsed.amount, max(0, parsed.amount - int(count)), float(reset_after)
         )
+
+    async def probe(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.client.ping(), PROBE_WAIT))
+        except (RedisError, OSError, TimeoutError):
+            return False
 
     async def close(self) -> None:
         await self.client.aclose(close_connection_pool=True)

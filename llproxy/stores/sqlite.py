@@ -256,6 +256,7 @@ class WriterTelemetry:
     dropped: int = 0
     write_errors: int = 0
     recreated: int = 0  # times the database file vanished and was made anew
+    spooled: int = 0  # waiting in a local spool for a shared database to come back
 
 
 class UsageWriter:
@@ -272,6 +273,7 @@ class UsageWriter:
         self.directory = directory
         self.max_pending = max_pending
         self.telemetry = WriterTelemetry()
+        self.reachable: bool | None = None
         self._pending: list[UsageRecord] = []
         self._db: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None  # (device, inode) of the open database
@@ -311,11 +313,13 @@ class UsageWriter:
             await asyncio.shield(written)
         except (sqlite3.Error, OSError) as exc:  # also: the state directory is unusable
             self.telemetry.write_errors += 1
+            self.reachable = False
             log.error("cannot write %d usage records (kept for the next try): %s", len(batch), exc)
             self._pending[:0] = batch
             self.add(())  # holds the bound
         else:
             self.telemetry.written += len(batch)
+            self.reachable = True
 
     def _write(self, batch: list[UsageRecord]) -> None:
         path = self.directory / DATABASE
@@ -358,8 +362,11 @@ GROUPINGS = {
 }
 
 
-def usage_sums(directory: Path, since: float | None, by: str) -> list[dict[str, Any]]:
-    """Requests and token sums per group; a sum is null when no record of it had numbers."""
+def usage_sums(
+    directory: Path, since: float | None, by: str, client: str | None = None
+) -> list[dict[str, Any]]:
+    """Requests and token sums per group (of one client's records, given one); a sum is
+    null when no record of it had numbers."""
     name, expression = GROUPINGS[by]
     path = directory / DATABASE
     if not path.exists():
@@ -368,8 +375,8 @@ def usage_sums(directory: Path, since: float | None, by: str) -> list[dict[str, 
     try:
         rows = db.execute(
             f"SELECT {expression}, count(*), sum(prompt_tokens), sum(completion_tokens) "
-            "FROM usage WHERE time >= ? GROUP BY 1 ORDER BY 1",
-            (since or 0.0,),
+            "FROM usage WHERE time >= ? AND (? IS NULL OR client = ?) GROUP BY 1 ORDER BY 1",
+            (since or 0.0, client, client),
         ).fetchall()
     finally:
         db.close()

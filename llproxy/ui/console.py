@@ -18,15 +18,17 @@ from rich.table import Table
 
 from ..core.registry import Registry
 from ..process.channel import StatsReply
-from .tables import models_table
+from ..telemetry.metrics import Telemetry
+from .tables import health_states, models_table
 
 COMMANDS = {
     "help": "list the commands",
     "clear": "clear the screen",
-    "models": "table of the models and their replicas",
+    "models": "table of the models and their replicas, each with its state (up, ejected)",
     "scan": "rescan the endpoints now",
     "stats": "requests, errors, tokens and in-flight per model and worker",
     "workers": "the worker processes",
+    "stores": "where keys, usage, rate counts and the desk are kept, and whether each answers",
     "reload": "re-read the config file and restart the workers gently (as SIGHUP)",
     "quit": "finish requests in flight and stop (also: exit, Ctrl-D)",
 }
@@ -82,8 +84,12 @@ class InteractiveConsole:
             table.add_row(f"[bold]{name}[/bold]", text)
         self.out.print(table)
 
-    def show_models(self, registry: Registry) -> None:
-        self.out.print(models_table(registry))
+    def show_models(self, registry: Registry, replies: Sequence[StatsReply]) -> None:
+        """The models, each replica with its state in the workers that answered."""
+        merged = Telemetry()
+        for reply in replies:
+            merged.merge(reply.telemetry)
+        self.out.print(models_table(registry, health_states(merged, len(replies))))
 
     def show_workers(self, workers: Sequence[Any]) -> None:
         table = Table(title=f"{len(workers)} workers")
@@ -100,6 +106,22 @@ class InteractiveConsole:
             table.add_row(
                 str(handle.worker_id), str(handle.pid), state, f"{now - handle.started:.0f}s"
             )
+        self.out.print(table)
+
+    def show_stores(self, stores: dict[str, dict[str, Any]]) -> None:
+        table = Table(title="stores")
+        for column in ("holds", "store", "state"):
+            table.add_column(column)
+        marks: dict[bool | None, str] = {
+            True: "[green]reachable[/green]",
+            False: "[red]unreachable[/red]",
+            None: "[dim]not tried yet[/dim]",
+        }
+        for name, store in stores.items():
+            state = marks[store.get("reachable")]
+            if store.get("spooled"):
+                state += f" ({store['spooled']} records spooled)"
+            table.add_row(name, str(store.get("store")), state)
         self.out.print(table)
 
     def show_stats(self, replies: Sequence[StatsReply]) -> None:
