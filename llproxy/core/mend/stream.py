@@ -122,14 +122,10 @@ class MendedStream:
         if not (body.startswith(head) and body.endswith(tail + END)):
             return False
         # The texts, joined: what lies between the template's bytes. Any other event among
-        # them leaves a quote or a line end (neither is in a JSON string as written), and
-        # so does an escape that is not plain text.
+        # them leaves a bare quote or a line end, which no JSON string holds.
         raw = body[len(head) : len(body) - len(tail) - 2].replace(tail + END + head, b"")
-        if b'"' in raw or b"\\" in raw or b"\n" in raw:
-            return False
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError:
+        text = _string(raw)
+        if text is None:
             return False
         if self.limits is not None and text:
             self.fed_read = True  # read event by event from here: not fed again
@@ -161,13 +157,11 @@ class MendedStream:
             return False
         if not (event.startswith(template[0]) and event.endswith(template[1])):
             return False
-        raw = event[len(template[0]) : len(event) - len(template[1])]
-        if b'"' in raw or b"\\" in raw or len(event) < len(template[0]) + len(template[1]):
-            return False  # escapes, or not one JSON string: decoded whole
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError:
+        if len(event) < len(template[0]) + len(template[1]):
             return False
+        text = _string(event[len(template[0]) : len(event) - len(template[1])])
+        if text is None:
+            return False  # not one JSON string: decoded whole
         member = template[2]
         if self.limits is not None and text and not self.fed_read:
             detector = self._detector(member)
@@ -373,6 +367,21 @@ def _template(event: bytes, member: str, text: str) -> tuple[bytes, bytes, str] 
     if event[start : start + len(encoded)] != encoded:
         return None
     return event[: start + 1], event[start + len(encoded) - 1 :], member
+
+
+def _string(raw: bytes) -> str | None:
+    """The text of a JSON string's bytes (without its quotes); None when they are not one
+    (a bare quote, a line end, an escape left open, bytes that are not UTF-8)."""
+    if b'"' not in raw and b"\\" not in raw:
+        try:
+            return None if b"\n" in raw else raw.decode()
+        except UnicodeDecodeError:
+            return None
+    try:
+        text = orjson.loads(b'"' + raw + b'"')  # escapes: decoded as the string they are
+    except orjson.JSONDecodeError:
+        return None
+    return text if type(text) is str else None
 
 
 def _data(event: bytes) -> bytes:
