@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -520,8 +521,13 @@ LOOP = "I will now check the weather in Paris for you. "  # 48 characters
 
 @pytest.mark.parametrize("dialect", DIALECTS)
 async def test_a_looping_stream_is_cut_and_the_model_stopped(
-    proxy: RunningProxy, model: TextUpstream, dialect: str, tmp_path: Path
+    proxy: RunningProxy,
+    model: TextUpstream,
+    dialect: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="llproxy.access")
     model.say("Sure. " + LOOP * 400, size=4)
     model.chunk_delay = 0.002  # as a model writes: cut long before the fake's end
     said = await asyncio.wait_for(ask(proxy, dialect, True, tools=False), 20)
@@ -531,6 +537,8 @@ async def test_a_looping_stream_is_cut_and_the_model_stopped(
     await asyncio.wait_for(model.disconnected.wait(), 10)  # the upstream was cancelled
     assert model.disconnect_paths == ["/v1/chat/completions"]
     assert 'llproxy_loops_cut_total{model="qwen-local"} 1.0' in await metrics(proxy)
+    (line,) = [r for r in caplog.records if r.name == "llproxy.access"]
+    assert line.__dict__["cut"] == "loop"
     if dialect != "openai":
         return  # the usage record is the same for every dialect: read once
     rows: list[Any] = []
