@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from .core.mend.loops import LoopLimits
+from .core.mend.policy import EndpointRepair, Mending, Repair
 from .core.ratelimit import parse_limit
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -107,6 +109,8 @@ class Endpoint:
     # The protocol the server at `url` speaks: "openai" (chat completions) or a cloud
     # API's own ("anthropic"), which a backend of its own translates to and from.
     dialect: str = "openai"
+    # Which of an answer's mending stages run for this endpoint's servers (core/mend).
+    repair: Repair | None = None
     # Known secrets replaced in the prompts sent here (core/redact.py): on by default for
     # the cloud dialects, whose servers are someone else's.
     redact: bool = False
@@ -196,6 +200,9 @@ class Config:
     database_url: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # enables /admin/
     capture: Capture | None = None
+    # Answers mended on the way (core/mend): the top level's, endpoints' and models'
+    # switches, and when a stream counts as looping.
+    mending: Mending = field(default_factory=Mending)
     commands: Commands = Commands()
     tool_loops: ToolLoops = ToolLoops()
     source: str = "<built-in default>"
@@ -427,6 +434,7 @@ _ENDPOINT_KEYS = _OPERATOR_KEYS | {
     "tags",
     "enable",
     "dialect",
+    "repair",
     "redact",
 }
 # Back-end dialects besides OpenAI's, each answered by a backend of its own.
@@ -490,9 +498,12 @@ def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
         index=index, tags=tags, enable=enable, filter=filter_, apikey=apikey
     )
     if "operator" in obj:
+        if "repair" in obj:
+            raise ConfigError(f"{path}.repair: not for an operator endpoint")
         return _operator(path, obj, common)
     for key in sorted(set(obj) & (_OPERATOR_KEYS - {"tags", "enable"})):
         raise ConfigError(f"{path}.{key}: only for an operator endpoint (with operator)")
+    common["repair"] = _optional(obj, "repair", partial(_repair, f"{path}.repair"), None)
 
     if "url" in obj:
         clash = sorted({"hostname", "port_start", "port_end"} & set(obj))
@@ -574,6 +585,8 @@ _TOP_KEYS = {
     "database_url",
     "admin_key",
     "capture",
+    "repair",
+    "loops",
     "commands",
     "tool_loops",
 }
@@ -650,11 +663,79 @@ def parse_config(
             obj, "admin_key", lambda v: _long_secret("admin_key", v, env, "admin_key"), None
         ),
         capture=_optional(obj, "capture", lambda v: _capture("capture", v), None),
+        mending=_mending(obj, endpoints),
         commands=_optional(obj, "commands", lambda v: _commands("commands", v), Commands()),
         tool_loops=_optional(
             obj, "tool_loops", lambda v: _tool_loops("tool_loops", v), ToolLoops()
         ),
         source=source,
+    )
+
+
+_REPAIR_SWITCHES = ("tool_calls", "thinking", "loops", "think_open")
+
+
+def _repair(path: str, value: Any, extra: frozenset[str] = frozenset()) -> Repair:
+    """`{"tool_calls": true, "thinking": false, …}`: each switch a boolean, absent: as
+    the level below says."""
+    obj = _expect(path, value, dict, "an object")
+    _check_keys(path, obj, {*_REPAIR_SWITCHES, *extra})
+    return Repair(
+        **{
+            key: _expect(f"{path}.{key}", obj[key], bool, "a boolean")
+            for key in _REPAIR_SWITCHES
+            if obj.get(key) is not None
+        }
+    )
+
+
+def _loops(path: str, value: Any) -> LoopLimits:
+    obj = _expect(path, value, dict, "an object")
+    _check_keys(path, obj, {"min_span", "repeats", "max_span"})
+    defaults = LoopLimits()
+    limits = LoopLimits(
+        **{
+            key: _positive_int(f"{path}.{key}", obj[key]) if obj.get(key) is not None else default
+            for key, default in (
+                ("min_span", defaults.min_span),
+                ("repeats", defaults.repeats),
+                ("max_span", defaults.max_span),
+            )
+        }
+    )
+    if limits.repeats < 2:
+        raise ConfigError(f"{path}.repeats: must be >= 2, got {limits.repeats}")
+    if limits.max_span < limits.min_span:
+        raise ConfigError(
+            f"{path}.max_span: must be >= min_span ({limits.min_span}), got {limits.max_span}"
+        )
+    return limits
+
+
+def _mending(obj: Mapping[str, Any], endpoints: Sequence[Endpoint]) -> Mending:
+    top = _optional(obj, "repair", partial(_repair, "repair", extra=frozenset({"models"})), None)
+    models: list[tuple[str, Repair]] = []
+    raw = obj.get("repair")
+    if isinstance(raw, dict) and raw.get("models") is not None:
+        globs = _expect("repair.models", raw["models"], dict, "an object of model globs")
+        models = [
+            (glob, _repair(f"repair.models.{glob}", switches)) for glob, switches in globs.items()
+        ]
+    return Mending(
+        default=top or Repair(),
+        endpoints=tuple(
+            EndpointRepair(
+                e.repair,
+                e.url,
+                e.hostname,
+                e.port_start or 0,
+                e.port_end or 0,
+            )
+            for e in endpoints
+            if e.repair is not None
+        ),
+        models=tuple(models),
+        loops=_optional(obj, "loops", partial(_loops, "loops"), LoopLimits()),
     )
 
 

@@ -61,6 +61,22 @@ HOTPATH_SECTION = re.compile(r"<!-- hotpath -->.*<!-- /hotpath -->", re.S)
 # `--only dialects` writes its figures here in BENCHMARKS.md; a full run, which has them
 # among its own, drops the section.
 DIALECTS_SECTION = re.compile(r"\n?<!-- dialects -->.*<!-- /dialects -->\n?", re.S)
+MENDING_SECTION = re.compile(r"\n?<!-- mending -->.*<!-- /mending -->\n?", re.S)
+# The OpenAI stream as an agent asks for it: a tool offered, so every mending stage
+# (tool calls, thinking, loops; core/mend) reads the answer when they are on.
+AGENT_CHAT = {
+    "messages": HELLO,
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ],
+}
+MENDING_OFF = {"tool_calls": False, "thinking": False, "loops": False}
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -120,6 +136,16 @@ def workers_of(pid: int) -> list[int]:
                 if int(fields[1]) == pid and b"spawn_main" in cmdline:
                     found.append(int(entry.name))
     return sorted(found)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of an llproxy master's workers so far."""
+    total = 0
+    for worker in workers_of(pid):
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -414,6 +440,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         limited_config.write_text(
             json.dumps({**json.loads(config.read_text()), "rate_limit": LIMIT_NEVER_REACHED})
         )
+        # The same with every mending stage off: what they cost on the OpenAI stream.
+        plain_config = workdir / "llproxy-plain.json"
+        plain_body = {**json.loads(config.read_text()), "repair": MENDING_OFF}
+        plain_config.write_text(json.dumps(plain_body))
         # Usage records of the load go to this run's directory, not the user's state.
         os.environ["LLPROXY_STATE_DIR"] = str(workdir / "state")
 
@@ -442,7 +472,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for workers in sorted({1, cores})
         }
         limited_port, _ = start_llproxy(f"llproxy-{cores}-limited", cores, limited_config)
+        plain_port, plain_proc = start_llproxy(f"llproxy-{cores}-plain", cores, plain_config)
         for port in (
+            plain_port,
             fast,
             slow,
             anthropic,
@@ -491,10 +523,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"llproxy-{cores}w|openai-stream|after", wrk(url, openai_stream, 32, args.duration)
             )
 
+        def compare_mending() -> None:
+            # Stages off, on, off again, bracketed as the dialects are: the same stream
+            # and request (a tool offered) through two llproxies differing only in them.
+            # Also the workers' CPU per request: steadier than requests/s on a shared
+            # machine, whose other work slows both alike.
+            lua = lua_script(workdir / "agent.lua", top_model, True, AGENT_CHAT)
+            key = f"llproxy-{cores}w"
+            runs = (
+                ("mending-off|before", plain_port, plain_proc),
+                ("mending-on|32", top_port, llproxies[cores][1]),
+                ("mending-off|after", plain_port, plain_proc),
+            )
+            for label, port, proc in runs:
+                spent = cpu_seconds(proc.pid)
+                result = wrk(f"http://127.0.0.1:{port}{CHAT_PATH}", lua, 32, args.duration)
+                spent = cpu_seconds(proc.pid) - spent
+                bench.record(f"{key}|{label}", result)
+                bench.record(f"{key}|{label}|cpu", spent / max(result.requests, 1) * 1e6)
+
         for rep in range(args.reps):
             print(f"repetition {rep + 1}/{args.reps}", flush=True)
             if only_dialects:
                 compare_dialects()
+                continue
+            if args.only == "mending":
+                compare_mending()
                 continue
             for stream in (False, True):
                 for conns in (32, 128):
@@ -517,6 +571,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     kind = "stream" if stream else "json"
                     bench.record(f"llproxy-{cores}w|{kind}|{conns}|again", result)
             compare_dialects()
+            compare_mending()
             for name, (port, _) in targets.items():
                 bench.record(
                     f"{name}|json|1",
@@ -538,7 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             w: [rss_mb(pid) for pid in workers_of(proc.pid)] for w, (_, proc) in llproxies.items()
         }
         soak = None
-        if args.soak_requests and not only_dialects:
+        if args.soak_requests and not only_dialects and args.only != "mending":
             port, proc = llproxies[cores]
             before = [rss_mb(pid) for pid in workers_of(proc.pid)]
             print(
@@ -614,6 +669,31 @@ def dialect_verdicts(results: dict[str, list[Any]], top: str) -> list[str]:
     return verdicts
 
 
+def mending_verdict(results: dict[str, list[Any]], top: str) -> str:
+    """The stream with every mending stage on, as a ratio of the runs with them off just
+    before and after it."""
+    off = bracket(results[f"{top}|mending-off|before"], results[f"{top}|mending-off|after"])
+    on = [r.rps for r in results[f"{top}|mending-on|32"]]
+    ratios = [x / y for x, y in zip(on, off, strict=True) if y]
+    spread = f" (runs: {min(ratios):.2f}x to {max(ratios):.2f}x)" if len(ratios) > 1 else ""
+    cpu_on = results[f"{top}|mending-on|32|cpu"]
+    cpu_off = [
+        (b + a) / 2
+        for b, a in zip(
+            results[f"{top}|mending-off|before|cpu"],
+            results[f"{top}|mending-off|after|cpu"],
+            strict=True,
+        )
+    ]
+    return (
+        f"{top} OpenAI stream c32, a tool offered, tool-call repair, thinking and loop "
+        f"detection on: {statistics.median(on):,.0f} req/s, {statistics.median(ratios):.2f}x "
+        f"of them off{spread} (target ≥ 0.90x); worker CPU per request "
+        f"{statistics.median(cpu_on):.0f} µs on, {statistics.median(cpu_off):.0f} µs off "
+        f"({median_ratio(cpu_off, cpu_on):.2f}x)"
+    )
+
+
 def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list[str]]:
     results: dict[str, list[Any]] = data["results"]
     cores = data["cores"]
@@ -667,6 +747,7 @@ def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list
             f"{top} with a rate limit on, {key}: {limited:.2f}x of limits off (target ≥ 0.90x)"
         )
     verdicts += dialect_verdicts(results, top)
+    verdicts.append(mending_verdict(results, top))
     ttfb_rows = []
     for n in timed:
         samples = results[f"{n}|ttfb"]
@@ -713,7 +794,7 @@ def errors_verdict(results: dict[str, list[Any]]) -> str:
     errors = sum(
         r.errors
         for key, rs in results.items()
-        if "|" in key and not key.endswith("ttfb")
+        if "|" in key and not key.endswith(("ttfb", "|cpu"))
         for r in rs
     )
     return f"wrk errors (non-2xx or socket) over all runs: {errors}"
@@ -792,6 +873,27 @@ Machine: {machine}.
 """
 
 
+def mending_markdown(data: dict[str, Any], verdicts: list[str]) -> str:
+    args = data["args"]
+    machine = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
+    return f"""<!-- mending -->
+## Mending stages (`--only mending`)
+
+Made by `scripts/bench.py --only mending` on {time.strftime("%Y-%m-%d")}: {args["reps"]}
+repetitions of `wrk -t1 -c32 -d{args["duration"]:g}s`: the OpenAI stream (20 SSE chunks
+in llama.cpp's shape) of a chat that offers a tool, through llproxy with tool-call
+repair, thinking and loop detection on (the default for a local server), compared with
+the mean of two runs through a second llproxy with them off (`"repair": {{"tool_calls":
+false, "thinking": false, "loops": false}}`) right before and after it. A full run has
+the same line among its own.
+
+{chr(10).join(f"- {v}" for v in verdicts)}
+
+Machine: {machine}.
+<!-- /mending -->
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
@@ -803,9 +905,10 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument(
         "--only",
-        choices=["dialects", "postgres"],
-        help="only the dialect streams against the OpenAI stream, or only llproxy with "
-        "PostgreSQL as its store against SQLite (each a section of its own)",
+        choices=["dialects", "mending", "postgres"],
+        help="only the dialect streams against the OpenAI stream, only the OpenAI stream "
+        "with the mending stages on against off, or only llproxy with PostgreSQL as its "
+        "store against SQLite (each a section of its own)",
     )
     parser.add_argument(
         "--capacity",
@@ -847,6 +950,16 @@ def main() -> None:
         from capacity import put_section
 
         put_section(DIALECTS_SECTION, dialects_markdown(data, verdicts), output)
+        console.print(f"written to {args.output}")
+        return
+    if args.only == "mending":
+        results = data["results"]
+        verdicts = [mending_verdict(results, f"llproxy-{data['cores']}w"), errors_verdict(results)]
+        for verdict in verdicts:
+            console.print(f"• {verdict}", highlight=False)
+        from capacity import put_section
+
+        put_section(MENDING_SECTION, mending_markdown(data, verdicts), output)
         console.print(f"written to {args.output}")
         return
     rows, timing, verdicts = report(data)

@@ -20,6 +20,7 @@ from llproxy.config import (
     parse_config,
     resolve_config,
 )
+from llproxy.core.mend.policy import Repair
 
 EXAMPLE = Path(__file__).parent.parent / "llproxy.json.example"
 
@@ -136,6 +137,20 @@ def test_the_optional_parts_in_the_readme_are_valid() -> None:
         ({"timeouts": {"total": 5}}, "timeouts.total: unknown key"),
         ({"max_request_bytes": 1.5}, "max_request_bytes: must be an integer"),
         ({"endpoints": {}}, "endpoints: must be a list"),
+        ({"repair": {"tool_calls": "yes"}}, "repair.tool_calls: must be a boolean"),
+        ({"repair": {"loop": True}}, "repair.loop: unknown key"),
+        ({"repair": {"models": {"q*": {"thinking": 1}}}}, "repair.models.q*.thinking: must be"),
+        ({"loops": {"repeats": 1}}, "loops.repeats: must be >= 2"),
+        ({"loops": {"min_span": 0}}, "loops.min_span: must be > 0"),
+        ({"loops": {"min_span": 80, "max_span": 40}}, "loops.max_span: must be >= min_span"),
+        (
+            {"endpoints": [{"hostname": "h", "port_start": 1, "repair": {"models": {}}}]},
+            "endpoints[0].repair.models: unknown key",
+        ),
+        (
+            {"endpoints": [{"operator": "human", "repair": {"thinking": False}}]},
+            "endpoints[0].repair: not for an operator endpoint",
+        ),
         ({"endpoints": [{"hostname": "h", "port_start": 1}, 5]}, "endpoints[1]: must be an object"),
         (
             {
@@ -339,3 +354,23 @@ def test_each_command_needs_only_the_secrets_it_uses(tmp_path: Path) -> None:
         done = run(*args)
         assert done.returncode == 78, (args, done.stderr)
         assert "database_url: environment variable UNSET_DATABASE" in done.stderr
+
+
+def test_repair_switches_by_level() -> None:
+    config = parse_config(
+        {
+            "repair": {"thinking": False, "models": {"qwen3*": {"think_open": True}}},
+            "loops": {"min_span": 30},
+            "endpoints": [
+                {"hostname": "h", "port_start": 1, "port_end": 3, "repair": {"loops": False}},
+                {"url": "http://x:8/v1"},
+            ],
+        }
+    )
+    mending = config.mending
+    assert mending.default == Repair(thinking=False)
+    assert mending.models == (("qwen3*", Repair(think_open=True)),)
+    assert (mending.loops.min_span, mending.loops.repeats) == (30, 8)
+    (endpoint,) = mending.endpoints
+    assert endpoint.repair == Repair(loops=False)
+    assert endpoint.covers("http://h:2/v1", "h", 2) and not endpoint.covers("http://h:4/v1", "h", 4)

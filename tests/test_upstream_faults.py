@@ -136,6 +136,8 @@ async def test_tool_calls_and_thinking_survive_the_other_form(
         "model": "fake-model",
         "max_tokens": 64,
         "messages": [{"role": "user", "content": "weather?"}],
+        # Asked for: a request without it gets no thinking (the mending stages drop it).
+        "thinking": {"type": "enabled", "budget_tokens": 32},
     }
     async with sdk:
         if stream:

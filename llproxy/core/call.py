@@ -228,6 +228,7 @@ class Reply:
     stream: Stream | None = None
     headers: dict[str, str] = field(default_factory=dict)  # relayed as they are
     model_id: str = ""  # the id the replica knows the model by (set by the router)
+    replica: Replica | None = None  # the replica that answered (set by the router)
     # A whole answer's JSON, once core.answer has checked its shape: what dialects read.
     document: Any = None
     # The rest may be minutes away (a person answers): the client's status and headers

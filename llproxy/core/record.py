@@ -25,6 +25,11 @@ class RequestRecord:
     cached_tokens: int | None = None  # of the prompt's, read from the upstream's cache
     upstream_error: str | None = None  # refused | timeout | failed | too_large | malformed
     dropped_chunks: int = 0  # stream events that were not JSON, dropped
+    # The answer mended on its way (core/mend): tool calls made from text, text that
+    # looked like one but stayed text, and why a stream was cut ("loop").
+    tool_calls_repaired: int = 0
+    tool_calls_unrepaired: int = 0
+    cut: str | None = None
     redacted: int = 0  # secrets replaced in the prompt before it went out (core/redact.py)
     # What the request stages did to the turn (core/turn.py): "command" (llproxy
     # answered a command itself), "tool_loop_warn" (a note added), "tool_loop_break".

@@ -224,6 +224,7 @@ class Router:
             else:
                 self.health.succeeded(granted)
             reply.model_id = replica.upstream_id
+            reply.replica = replica
             reply.on_close(partial(self.balancer.release, replica))
             return reply
         if ejected and not refused:

@@ -23,6 +23,7 @@ class UsageRecord(NamedTuple):
     completion_tokens: int | None
     duration_ms: float
     dialect: str = "openai"  # what the client spoke
+    cut: str | None = None  # why llproxy cut the answer short ("loop": it kept repeating)
 
 
 def from_anthropic(native: Mapping[str, Any]) -> dict[str, Any]:

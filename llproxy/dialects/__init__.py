@@ -200,6 +200,12 @@ class Translation(Protocol):
         transform has a keepalive)."""
 
     @property
+    def thinking(self) -> bool:
+        """Whether the client may be shown the model's reasoning: False where its dialect
+        has a switch for it and the client did not ask (Ollama's `think: false`, an
+        Anthropic request without `thinking`); the mending stages then drop it."""
+
+    @property
     def relays_as_is(self) -> bool:
         """A whole answer to a stream request goes back as it is (OpenAI), not as a
         stream."""

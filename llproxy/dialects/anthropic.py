@@ -126,12 +126,14 @@ class AnthropicDialect:
         forwarded = {
             name: incoming.headers[name] for name in _FORWARDED if name in incoming.headers
         }
+        thinking = body.get("thinking")
         return AnthropicTranslation(
             JsonPayload(chat, Native(self.name, body, forwarded)),
             chat["model"],
             stream,
             tuple(s for s in stops if isinstance(s, str)) if isinstance(stops, list) else (),
             input_estimate,
+            isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"),
         )
 
     def error(self, error: ProxyError) -> Answer:
@@ -403,8 +405,10 @@ class AnthropicTranslation:
         stream: bool,
         stops: tuple[str, ...],
         input_estimate: int,
+        thinking: bool = True,
     ) -> None:
         self.payload = payload
+        self.thinking = thinking  # the request asked for it
         self.model = model
         self.stream = stream
         self.stops = stops

@@ -394,6 +394,7 @@ def _response(
 class GeminiTranslation:
     early = False  # no keepalive: a stream opens with the model's first chunk
     relays_as_is = False
+    thinking = True  # thought parts, as the dialect gives them
 
     def __init__(
         self,

@@ -431,6 +431,7 @@ class OllamaTranslation:
         self.model = model
         self.stream = stream
         self.think = think
+        self.thinking = think  # `think: false` wants none
         self.clock = _Clock()
 
     def answer(self, reply: Reply, record: RequestRecord) -> Answer:

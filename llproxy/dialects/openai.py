@@ -120,6 +120,7 @@ def _with_usage_chunk(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
 class OpenAITranslation:
     early = False  # no keepalive: a stream opens with the model's first chunk
+    thinking = True  # reasoning is a member of its own, which clients may ignore
 
     def __init__(
         self,

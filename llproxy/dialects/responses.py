@@ -317,6 +317,7 @@ class ResponsesTranslation:
     target = "chat/completions"
     early = True  # a comment keeps a client waiting on a long prefill
     relays_as_is = False
+    thinking = True  # reasoning items, which clients may ignore
 
     def __init__(
         self, payload: JsonPayload, model: str, stream: bool, echo: dict[str, Any]

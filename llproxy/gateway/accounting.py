@@ -87,6 +87,7 @@ class Accounting:
                         record.completion_tokens,
                         round(duration * 1000, 3),
                         record.dialect,
+                        record.cut,
                     ),
                 )
             )
@@ -95,6 +96,8 @@ class Accounting:
         if record.upstream_error is not None:
             key = (record.upstream or "-", record.upstream_error)
             telemetry.upstream_errors[key] = telemetry.upstream_errors.get(key, 0) + 1
+        if record.tool_calls_repaired or record.tool_calls_unrepaired or record.cut:
+            self._mended(record, label)
         if record.dropped_chunks:
             key = (record.upstream or "-", "dropped_chunk")
             errors = telemetry.upstream_errors
@@ -106,6 +109,16 @@ class Accounting:
             self._log(request, record, status, duration, first_byte)
         if self.capture is not None:
             self._capture(self.capture, request, record, status, duration, first_byte)
+
+    def _mended(self, record: RequestRecord, model: str) -> None:
+        mended = self.telemetry.mended
+        for kind, count in (
+            ("tool_calls_repaired", record.tool_calls_repaired),
+            ("tool_calls_unrepaired", record.tool_calls_unrepaired),
+            ("loops_cut", int(record.cut == "loop")),
+        ):
+            if count:
+                mended[model, kind] = mended.get((model, kind), 0) + count
 
     def _capture(
         self,
@@ -181,6 +194,8 @@ class Accounting:
                 "prompt_tokens": record.prompt_tokens,
                 "completion_tokens": record.completion_tokens,
                 "duration_ms": round(duration * 1000, 1),
+                # Why the answer was cut short ("loop"), only when it was.
+                **({"cut": record.cut} if record.cut else {}),
                 "stage": record.stage,
                 "redacted": record.redacted,  # how many secrets, never which
             },

@@ -16,6 +16,7 @@ from ..core.answer import as_asked
 from ..core.call import MODEL_HEADER, Call, JsonPayload, Reply, within_context
 from ..core.errors import InvalidRequest
 from ..core.keys import ApiKey
+from ..core.mend import mend, plan_for
 from ..core.record import RequestRecord
 from ..core.registry import Model
 from ..core.turn import CHAT, local_reply
@@ -102,6 +103,7 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
         record,
         state.config.max_response_bytes,
     )
+    sending = mended(sending, state, call, translation.thinking, record)
     return await deliver(request, sending, translation, record, delivery)
 
 
@@ -148,6 +150,29 @@ async def answered(
         raise
     if record.upstream_chunks is not None:
         record.upstream_chunks.append(reply.body)
+    return reply
+
+
+async def mended(
+    sending: Awaitable[Reply],
+    state: ProxyState,
+    call: Call,
+    thinking: bool,
+    record: RequestRecord,
+) -> Reply:
+    """The reply through the mending stages its model and conversation have on
+    (core/mend); untouched when none is."""
+    reply = await sending
+    switches = state.mending.switches(
+        reply.replica, record.served or call.model, call.settings, record.model or ""
+    )
+    plan = plan_for(call, switches, thinking, state.config.mending.loops)
+    if plan is not None:
+        try:
+            await mend(reply, plan, record)
+        except BaseException:
+            reply.close()
+            raise
     return reply
 
 

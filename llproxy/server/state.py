@@ -29,6 +29,7 @@ from ..core.commands import Commands
 from ..core.desk import Desk
 from ..core.errors import ProxyError
 from ..core.health import Health
+from ..core.mend.policy import MendPolicy
 from ..core.record import RequestRecord
 from ..core.redact import Redactor
 from ..core.registry import Registry, Replica
@@ -133,6 +134,7 @@ class ProxyState:
             GeminiDialect(),
         )
         self.paths = DialectPaths(self.dialects)
+        self.mending = MendPolicy(config.mending)
 
     def _commands(self, config: Config) -> Commands | None:
         if not config.commands.enable:

@@ -81,6 +81,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
         ON api_keys FOR EACH STATEMENT EXECUTE FUNCTION llproxy_keys_changed();
     """,
+    # Why llproxy cut an answer short ("loop"; core/mend).
+    "ALTER TABLE usage ADD COLUMN cut text",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -281,9 +283,9 @@ Row = tuple[Any, ...]  # a record with its id first
 # A batch in one statement, one array a column; a record already written is skipped.
 _INSERT = (
     "INSERT INTO usage (id, time, client, model, upstream, status, prompt_tokens, "
-    "completion_tokens, duration_ms, dialect) SELECT * FROM unnest($1::uuid[], "
+    "completion_tokens, duration_ms, dialect, cut) SELECT * FROM unnest($1::uuid[], "
     "$2::float8[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int8[], $8::int8[], "
-    "$9::float8[], $10::text[]) ON CONFLICT (id) DO NOTHING"
+    "$9::float8[], $10::text[], $11::text[]) ON CONFLICT (id) DO NOTHING"
 )
 
 

@@ -218,23 +218,28 @@ CREATE TABLE IF NOT EXISTS usage (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     duration_ms REAL NOT NULL,
-    dialect TEXT NOT NULL DEFAULT 'openai'
+    dialect TEXT NOT NULL DEFAULT 'openai',
+    cut TEXT
 )
 """,
     "CREATE INDEX IF NOT EXISTS usage_time ON usage (time)",
 )
 _USAGE_COLUMNS = (
-    "time, client, model, upstream, status, prompt_tokens, completion_tokens, duration_ms, dialect"
+    "time, client, model, upstream, status, prompt_tokens, completion_tokens, duration_ms, dialect,"
+    " cut"
 )
 
 
 def _open_usage(directory: Path, threads: bool = False) -> sqlite3.Connection:
     """The database with its usage table as this version writes it: one made by an older
-    llproxy gets the `dialect` column (its records were all OpenAI's)."""
+    llproxy gets the `dialect` column (its records were all OpenAI's) and `cut` (none was).
+    """
     db = open_database(directory, *_USAGE_SCHEMA, threads=threads)
     columns = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
     if "dialect" not in columns:
         db.execute("ALTER TABLE usage ADD COLUMN dialect TEXT NOT NULL DEFAULT 'openai'")
+    if "cut" not in columns:
+        db.execute("ALTER TABLE usage ADD COLUMN cut TEXT")
     return db
 
 
@@ -329,7 +334,7 @@ class UsageWriter:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
-                f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch
+                f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch
             )
 
     def _close_database(self) -> None:

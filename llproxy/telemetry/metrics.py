@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from ..backends.openai_http.discovery import ScanResult
     from ..stores.sqlite import WriterTelemetry
 
+# What an answer's mending counts, each a counter by model.
+MENDED = {
+    "tool_calls_repaired": "Tool calls a model wrote as text, made real tool calls",
+    "tool_calls_unrepaired": "Tool calls a model wrote as text that stayed text (not valid)",
+    "loops_cut": "Streams cut because the model kept repeating itself",
+}
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Generation is slow: buckets reach minutes, and start fine enough for proxy overhead.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -84,6 +90,8 @@ class Telemetry:
     time_to_first_token: dict[str, Histogram] = field(default_factory=dict)
     duration: dict[str, Histogram] = field(default_factory=dict)
     upstream_errors: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (model, what): answers mended on the way (core/mend), by MENDED's kinds.
+    mended: dict[tuple[str, str], int] = field(default_factory=dict)
     # The wire capture: exchanges queued for writing, and dropped because its queue was full.
     captured: int = 0
     capture_dropped: int = 0
@@ -139,6 +147,7 @@ class Telemetry:
         _add_counts(self.prompt_tokens, other.prompt_tokens)
         _add_counts(self.generation_tokens, other.generation_tokens)
         _add_counts(self.upstream_errors, other.upstream_errors)
+        _add_counts(self.mended, other.mended)
         self.captured += other.captured
         _add_counts(self.stages, other.stages)
         self.redactions += other.redactions
@@ -242,6 +251,12 @@ def _families(
     for (upstream, kind), count in sorted(requests.upstream_errors.items()):
         errors.add_metric([upstream, kind], count)
     yield errors
+    for kind, text in MENDED.items():
+        mended = CounterMetricFamily(f"llproxy_{kind}", text, labels=["model"])
+        for (model, what), count in sorted(requests.mended.items()):
+            if what == kind:
+                mended.add_metric([model], count)
+        yield mended
     ejections = CounterMetricFamily(
         "llproxy_replica_ejections",
         "Replicas ejected after failing requests in a row (or a failed trial)",
