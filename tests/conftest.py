@@ -38,6 +38,7 @@ SLOW_SUITES = frozenset(
         "test_workers_share.py",
         "test_operator_page.py",
         "test_operator_terminal.py",
+        "test_fleet_desk.py",
     }
 )
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from ..backends.openai_http.discovery import DiscoveryLoop
 from ..config import Config
 from ..dialects import Route
+from ..process.fleet import host_desk
 from ..stores import Services, build_services
 from . import handlers, operator
 from .admin import AdminApi
@@ -85,7 +86,7 @@ def create_app(
 
 def serve_alone(config: Config) -> web.Application:
     """The app of a process that serves alone: it scans, counts and writes for itself."""
-    return create_app(config, build_services(config))
+    return create_app(config, build_services(config, desk=host_desk(config)))
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:

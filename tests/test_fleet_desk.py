@@ -1,0 +1,214 @@
+"""The operators' desk shared by a fleet: two real `llproxy serve` hosts on one real
+redis-server, clients of the openai SDK on one host, test operators on the other."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from llproxy.stores.sqlite import KeyStore
+
+from .conftest import UpstreamFactory
+from .operator_client import TestOperator
+from .process import LlproxyProcess
+
+HELLO = [{"role": "user", "content": "hello"}]
+Start = Callable[..., Awaitable[LlproxyProcess]]
+
+
+class Fleet:
+    def __init__(self, hosts: list[LlproxyProcess], keys: dict[str, str]) -> None:
+        self.hosts = hosts
+        self.keys = keys
+        self.clients: list[openai.AsyncOpenAI] = []
+        self.operators: list[TestOperator] = []
+
+    def client(self, host: int) -> openai.AsyncOpenAI:
+        url = f"{self.hosts[host].url}/v1"
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        self.clients.append(client)
+        return client
+
+    async def operator(self, host: int, name: str = "alice") -> TestOperator:
+        operator = await TestOperator.connect(self.hosts[host].url, self.keys[name])
+        self.operators.append(operator)
+        return operator
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+        for operator in self.operators:
+            await operator.close()
+
+
+@pytest.fixture
+async def fleet(
+    start_upstream: UpstreamFactory, start_llproxy: Start, tmp_path: Path, redis_url: str
+) -> Any:
+    upstream = await start_upstream()
+    state = tmp_path / "state"
+    with KeyStore(state) as store:
+        keys = {name: store.create(name, operator=True) for name in ("alice", "bob")}
+    quick = {"operator": "human", "queue_timeout": 1, "idle_timeout": 1}
+    endpoints = [
+        upstream.endpoint(),
+        {"operator": "human", "tags": ["support"]},
+        {**quick, "tags": ["quick"], "fallback": "fake-model"},
+        {**quick, "tags": ["alone"]},
+    ]
+    config = tmp_path / "llproxy.json"
+    config.write_text(json.dumps({"endpoints": endpoints, "redis_url": redis_url}))
+    args = ("--config", str(config), "--workers", "1", "--state-dir", str(state))
+    hosts = list(await asyncio.gather(start_llproxy(*args), start_llproxy(*args)))
+    fleet = Fleet(hosts, keys)
+    await _heard(fleet)
+    yield fleet
+    await fleet.close()
+
+
+async def _heard(fleet: Fleet) -> None:
+    """Until an operator on each host sees the queue (its host hears the holder)."""
+    for host in range(len(fleet.hosts)):
+        operator = await fleet.operator(host)
+        async with asyncio.timeout(15):
+            await operator.expect("stats")
+        await operator.close()
+        fleet.operators.remove(operator)
+
+
+def holder(fleet: Fleet) -> int:
+    holding = [i for i, h in enumerate(fleet.hosts) if "holds the operators' desk" in h.output]
+    assert len(holding) == 1, [h.output[-2000:] for h in fleet.hosts]
+    return holding[0]
+
+
+async def test_an_operator_on_one_host_answers_a_client_of_the_other(fleet: Fleet) -> None:
+    alice, bob = await fleet.operator(0, "alice"), await fleet.operator(1, "bob")
+    stream = await fleet.client(1).chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    await anext(chunks)  # the role chunk, at once
+    request = (await alice.expect("added"))["request"]
+    assert request["messages"] == HELLO
+    assert (await bob.expect("added"))["request"]["id"] == request["id"]
+    # One claim: of the two hosts' operators racing for it, one wins.
+    claims = await asyncio.gather(
+        alice.command("claim", request["id"]), bob.command("claim", request["id"])
+    )
+    assert sorted(c["type"] for c in claims) == ["ack", "refused"], claims
+    winner, loser = (alice, bob) if claims[0]["type"] == "ack" else (bob, alice)
+    refused = claims[1] if winner is alice else claims[0]
+    assert refused["reason"] == f"claimed by {'alice' if winner is alice else 'bob'}"
+    await winner.ok("delta", request["id"], text="Across ")
+    assert (await anext(chunks)).choices[0].delta.content == "Across "
+    await winner.ok("delta", request["id"], text="hosts.")
+    await winner.ok("finish", request["id"])
+    rest = [chunk async for chunk in chunks]
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == "hosts."
+    assert rest[-1].choices[0].finish_reason == "stop"
+    await loser.expect("removed", request=request["id"], outcome="done")
+
+    # And the other way: a whole answer for a client of the first host.
+    asking = asyncio.ensure_future(
+        fleet.client(0).chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await bob.expect("added"))["request"]
+    await bob.ok("claim", request["id"])
+    await bob.ok("delta", request["id"], text="From the second host.")
+    await bob.ok("finish", request["id"])
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.content == "From the second host."
+
+
+async def test_a_client_that_leaves_withdraws_its_request_on_the_other_host(
+    fleet: Fleet,
+) -> None:
+    alice = await fleet.operator(0)
+    stream = await fleet.client(1).chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    await anext(stream.__aiter__())
+    request = (await alice.expect("added"))["request"]
+    await alice.ok("claim", request["id"])
+    await stream.close()
+    cancelled = await alice.expect("cancelled", request=request["id"])
+    assert cancelled["reason"] == "client left"
+    late = await alice.command("delta", request["id"], text="anyone?")
+    assert late["type"] == "refused"
+
+
+async def test_timeouts_and_the_fallback_across_hosts(fleet: Fleet) -> None:
+    alice = await fleet.operator(0)
+    # Nobody claims it: the fallback model answers the client of the other host.
+    answer = await asyncio.wait_for(
+        fleet.client(1).chat.completions.create(model="human:quick", messages=HELLO), 15
+    )
+    assert answer.model == "human:quick" and answer.choices[0].message.content
+    timed_out = await alice.expect("timed_out")
+    assert timed_out["waited"] == "queue_timeout" and timed_out["fallback"] == "fake-model"
+    # Claimed, then silent, without a fallback: 504 for the client, the operator told.
+    asking = asyncio.ensure_future(
+        fleet.client(1).chat.completions.create(model="human:alone", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]
+    await alice.ok("claim", request["id"])
+    with pytest.raises(openai.APIStatusError) as caught:
+        await asyncio.wait_for(asking, 15)
+    assert caught.value.status_code == 504 and caught.value.code == "operator_timeout"
+    assert "sent nothing for 1 s" in caught.value.message
+    await alice.expect("timed_out", request=request["id"], waited="idle_timeout")
+
+
+async def test_a_handoff_on_one_host_has_a_model_answer_the_client_of_the_other(
+    fleet: Fleet,
+) -> None:
+    alice = await fleet.operator(0)
+    asking = asyncio.ensure_future(
+        fleet.client(1).chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]
+    await alice.ok("handoff", request["id"], model="fake-model")
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.model == "human:support" and answer.choices[0].message.content
+    refused = await alice.command("handoff", "req_none", model="no-such-model")
+    assert refused["type"] == "refused"
+
+
+async def test_the_desk_moves_when_its_holder_dies(fleet: Fleet) -> None:
+    """The holder is killed: the other host takes the desk (within the lock's TTL), its
+    client's request, with the text that reached it, is queued there again, and an
+    operator of the surviving host finishes it."""
+    dying = holder(fleet)
+    surviving = 1 - dying
+    alice = await fleet.operator(surviving)
+    stream = await fleet.client(surviving).chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    await anext(chunks)
+    request = (await alice.expect("added"))["request"]
+    await alice.ok("claim", request["id"])
+    await alice.ok("delta", request["id"], text="Before. ")
+    assert (await anext(chunks)).choices[0].delta.content == "Before. "
+    output = len(fleet.hosts[surviving].output)
+    fleet.hosts[dying].signal(signal.SIGKILL)
+    await fleet.hosts[surviving].wait_for("holds the operators' desk", timeout=20, after=output)
+    # A new snapshot: the request is queued again, its text kept; the claim must be taken
+    # again.
+    snapshot = await alice.expect("snapshot", timeout=15)
+    again = next(r for r in snapshot["requests"] if r["id"] == request["id"])
+    assert again["state"] == "queued" and again["text"] == "Before. "
+    claimed = await alice.ok("claim", request["id"])
+    assert claimed["text"] == "Before. "
+    await alice.ok("delta", request["id"], text="After.")
+    await alice.ok("finish", request["id"])
+    rest = [chunk async for chunk in chunks]
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == "After."
