@@ -319,6 +319,9 @@ class FleetDesk:
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
         self._tasks: list[asyncio.Task[None]] = []
+        self._started = time.monotonic()
+        self._was_live = False
+        self._cut_off = False  # its subscription failed, and no holder was heard since
 
     @property
     def held(self) -> HeldDesk | None:
@@ -332,6 +335,7 @@ class FleetDesk:
     # --- DeskPort ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._started = time.monotonic()
         for name, run in (
             ("out", self.publisher.run),
             ("in", self._listen),
@@ -360,6 +364,10 @@ class FleetDesk:
     def attach(self, conn: str, name: str, models: tuple[str, ...], send: Send) -> None:
         conn = self._conn(conn)
         self.operators[conn] = _Operator(name, models, send)
+        # A host just started may not have heard the holder yet: that is no outage.
+        started_long_ago = time.monotonic() - self._started > HOLDER_LOST_SECONDS
+        if not self.live and (self._cut_off or started_long_ago):
+            send({"type": "error", "message": f"{UNREACHABLE}; the queue comes once it is back"})
         self._to_holder(DeskAttach(conn, name, models))
 
     def detach(self, conn: str) -> None:
@@ -427,13 +435,15 @@ class FleetDesk:
 
     async def _listen(self) -> None:
         failing = False
+        channels = [HOLDERS, HOST + self.host]
         while True:
+            subscribed = asyncio.Event()
             try:
-                await listen(self.subscriber, [HOLDERS, HOST + self.host], self._on_message)
+                await listen(self.subscriber, channels, self._on_message, subscribed)
             except (RedisError, OSError, TimeoutError) as exc:
-                if not failing:
+                if subscribed.is_set() or not failing:  # once an outage
                     log.warning("the shared desk cannot hear its holder: %s", exc)
-                failing = True
+                failing = self._cut_off = True
             # What was said meanwhile is lost: the holder gets everything again.
             self.dirty = True
             await asyncio.sleep(BEAT_SECONDS)
@@ -465,6 +475,7 @@ class FleetDesk:
                 log.info("the operators' desk has a new holder")
             self.holder = token
         self.holder_heard = time.monotonic()
+        self._cut_off = False
         if self.dirty:
             self._resync()
 
@@ -499,6 +510,12 @@ class FleetDesk:
     def _orphans(self) -> None:
         now = time.monotonic()
         live = self.live
+        if self._was_live and not live:
+            log.warning("no holder of the operators' desk heard for %g s", HOLDER_LOST_SECONDS)
+            for operator in self.operators.values():
+                message = f"{UNREACHABLE}; the queue comes again once it is back"
+                operator.send({"type": "error", "message": message})
+        self._was_live = live
         for ticket_id, client in list(self.clients.items()):
             if live or client.orphaned is None:
                 client.orphaned = None if live else now
