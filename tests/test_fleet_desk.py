@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,10 +14,11 @@ from typing import Any
 import openai
 import pytest
 
+from llproxy.process.fleet import UNREACHABLE
 from llproxy.stores.sqlite import KeyStore
 
-from .conftest import UpstreamFactory
-from .operator_client import TestOperator
+from .conftest import ProxyFactory, UpstreamFactory, free_port_block, start_redis, wait_listening
+from .operator_client import TestOperator, open_desk
 from .process import LlproxyProcess
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -81,6 +83,16 @@ async def _heard(fleet: Fleet) -> None:
             await operator.expect("stats")
         await operator.close()
         fleet.operators.remove(operator)
+
+
+async def requeued(operator: TestOperator, request_id: str) -> dict[str, Any]:
+    """The request as a new holder has it: in the operator's new snapshot, or added after
+    it (each host queues its own requests again, in no order among hosts)."""
+    snapshot = await operator.expect("snapshot", timeout=20)
+    for request in snapshot["requests"]:
+        if request["id"] == request_id:
+            return dict(request)
+    return dict((await operator.expect("added", timeout=10))["request"])
 
 
 def holder(fleet: Fleet) -> int:
@@ -199,7 +211,7 @@ async def test_the_desk_moves_when_its_holder_dies(fleet: Fleet) -> None:
     await alice.ok("delta", request["id"], text="Before. ")
     assert (await anext(chunks)).choices[0].delta.content == "Before. "
     output = len(fleet.hosts[surviving].output)
-    fleet.hosts[dying].signal(signal.SIGKILL)
+    os.killpg(fleet.hosts[dying].pid, signal.SIGKILL)  # the whole host
     await fleet.hosts[surviving].wait_for("holds the operators' desk", timeout=20, after=output)
     # A new snapshot: the request is queued again, its text kept; the claim must be taken
     # again.
@@ -212,3 +224,65 @@ async def test_the_desk_moves_when_its_holder_dies(fleet: Fleet) -> None:
     await alice.ok("finish", request["id"])
     rest = [chunk async for chunk in chunks]
     assert "".join(c.choices[0].delta.content or "" for c in rest) == "After."
+
+
+async def test_a_host_that_dies_takes_its_requests_off_the_desk(fleet: Fleet) -> None:
+    """The host holding a client's request is killed: the holder stops hearing it, and
+    the operator answering that request is told it is gone."""
+    staying = holder(fleet)
+    dying = 1 - staying
+    alice = await fleet.operator(staying)
+    asking = asyncio.ensure_future(
+        fleet.client(dying).chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]
+    await alice.ok("claim", request["id"])
+    os.killpg(fleet.hosts[dying].pid, signal.SIGKILL)  # the whole host
+    cancelled = await alice.expect("cancelled", timeout=20, request=request["id"])
+    assert cancelled["reason"] == "the host holding the client's request is gone"
+    with pytest.raises(openai.APIConnectionError):
+        await asyncio.wait_for(asking, 10)
+
+
+async def test_redis_restarted_while_a_request_waits(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Redis goes away and comes back empty: operators are told meanwhile, then each host
+    queues its requests again on the new holder, and the answer reaches the client."""
+    upstream = await start_upstream()
+    port = free_port_block(1)
+    url = f"redis://127.0.0.1:{port}/0"
+    redis = start_redis(port, tmp_path)
+    try:
+        await wait_listening(port)
+        endpoints = [upstream.endpoint(), {"operator": "human", "tags": ["support"]}]
+        desk = await open_desk(start_proxy, tmp_path / "state", endpoints, redis_url=url)
+        other = await start_proxy(endpoints, state_dir=str(desk.state), redis_url=url)
+        alice = await desk.operator()
+        client = other.client(api_key=desk.keys["client"])
+        stream = await client.chat.completions.create(
+            model="human:support", messages=HELLO, stream=True
+        )
+        chunks = stream.__aiter__()
+        await anext(chunks)
+        request = (await alice.expect("added"))["request"]
+        await alice.ok("claim", request["id"])
+        await alice.ok("delta", request["id"], text="Before. ")
+        assert (await anext(chunks)).choices[0].delta.content == "Before. "
+        redis.terminate()
+        redis.wait(10)
+        told = await alice.expect("error", timeout=15)
+        assert UNREACHABLE in told["message"]
+        assert (await alice.command("delta", request["id"], text="lost"))["type"] == "refused"
+        redis = start_redis(port, tmp_path)
+        again = await requeued(alice, request["id"])
+        assert again["text"] == "Before. "
+        await alice.ok("claim", request["id"])
+        await alice.ok("delta", request["id"], text="After.")
+        await alice.ok("finish", request["id"])
+        rest = [chunk async for chunk in chunks]
+        assert "".join(c.choices[0].delta.content or "" for c in rest) == "After."
+        await alice.close()
+    finally:
+        redis.terminate()
+        redis.wait(10)
