@@ -68,6 +68,7 @@ async def fleet(
     config = tmp_path / "llproxy.json"
     config.write_text(json.dumps({"endpoints": endpoints, "redis_url": redis_url}))
     args = ("--config", str(config), "--workers", "1", "--state-dir", str(state))
+    args += ("--graceful-timeout", "3")
     hosts = list(await asyncio.gather(start_llproxy(*args), start_llproxy(*args)))
     fleet = Fleet(hosts, keys)
     await _heard(fleet)
@@ -286,3 +287,55 @@ async def test_redis_restarted_while_a_request_waits(
     finally:
         redis.terminate()
         redis.wait(10)
+
+
+async def test_a_stopping_host_answers_within_its_graceful_timeout(fleet: Fleet) -> None:
+    """A host that is not the holder stops: a request of its clients claimed on the other
+    host is still answered while it drains; one nobody answers ends with 503 when its
+    graceful timeout runs out, and the operator is told why."""
+    stopping = 1 - holder(fleet)
+    alice = await fleet.operator(1 - stopping)
+    client = fleet.client(stopping)
+    answered = asyncio.ensure_future(
+        client.chat.completions.create(model="human:support", messages=HELLO)
+    )
+    first = (await alice.expect("added"))["request"]
+    interrupted = asyncio.ensure_future(
+        client.chat.completions.create(model="human:support", messages=HELLO)
+    )
+    second = (await alice.expect("added"))["request"]
+    await alice.ok("claim", first["id"])
+    fleet.hosts[stopping].signal(signal.SIGTERM)
+    await alice.ok("delta", first["id"], text="While it drains.")
+    await alice.ok("finish", first["id"])
+    answer = await asyncio.wait_for(answered, 10)
+    assert answer.choices[0].message.content == "While it drains."
+    with pytest.raises(openai.APIStatusError) as failed:
+        await asyncio.wait_for(interrupted, 20)
+    assert failed.value.status_code == 503
+    assert failed.value.code == "operator_interrupted"  # type: ignore[attr-defined]
+    cancelled = await alice.expect("cancelled", request=second["id"])
+    assert cancelled["reason"] == "the server holding the client's request restarted"
+    assert await fleet.hosts[stopping].wait_exit(30) == 0
+
+
+async def test_a_holder_that_stops_hands_the_desk_on(fleet: Fleet) -> None:
+    """The holder stops: it releases its lock, the other host takes the desk within a
+    beat or two, and its waiting request is answered there."""
+    stopping = holder(fleet)
+    staying = 1 - stopping
+    alice = await fleet.operator(staying)
+    asking = asyncio.ensure_future(
+        fleet.client(staying).chat.completions.create(model="human:support", messages=HELLO)
+    )
+    request = (await alice.expect("added"))["request"]
+    output = len(fleet.hosts[staying].output)
+    fleet.hosts[stopping].signal(signal.SIGTERM)
+    assert await fleet.hosts[stopping].wait_exit(30) == 0
+    await fleet.hosts[staying].wait_for("holds the operators' desk", timeout=10, after=output)
+    assert (await requeued(alice, request["id"]))["state"] == "queued"
+    await alice.ok("claim", request["id"])
+    await alice.ok("delta", request["id"], text="Moved.")
+    await alice.ok("finish", request["id"])
+    answer = await asyncio.wait_for(asking, 10)
+    assert answer.choices[0].message.content == "Moved."
