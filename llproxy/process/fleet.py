@@ -228,17 +228,42 @@ class Holding:
         self.publisher = Publisher(fleet.client, lambda channel, data: None)
         self.heard: dict[str, float] = {}  # host → when it last said something
         self.lost: set[str] = set()  # hosts given up for gone, that may come back
-        self.broken = False  # its inbox failed: messages may have been lost
+        self.broken = False  # its inbox failed, or its lock lapsed
         self._tasks: list[asyncio.Task[None]] = []
+        self._guard: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # The inbox is listened to before anyone is told of this holder.
         subscribed = asyncio.Event()
         self._tasks.append(asyncio.create_task(self._listen(subscribed), name="llproxy-desk-inbox"))
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="llproxy-desk-out"))
-        await subscribed.wait()
+        try:
+            await asyncio.wait_for(subscribed.wait(), HOLD_SECONDS - MARGIN_SECONDS)
+        except TimeoutError:
+            self.broken = True
+            return
         self.desk.start()
+        self._guard = asyncio.create_task(self._lapse(), name="llproxy-desk-lapse")
         self.beat()
+
+    async def _lapse(self) -> None:
+        """Past `valid_until` (renewed by the election) the lock may be another host's:
+        this desk falls silent then, even if the election is slow to notice."""
+        # A deadline that moves (each renewal), not an event: sleep until it stays put.
+        while True:
+            left = self.valid_until - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.sleep(left)
+        log.warning("this host's lock on the operators' desk lapsed: it stops holding it")
+        self.broken = True
+        await self._halt()
+
+    async def _halt(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.desk.close()
 
     async def _listen(self, subscribed: asyncio.Event) -> None:
         try:
@@ -288,11 +313,12 @@ class Holding:
         return send
 
     async def close(self) -> None:
-        await self.publisher.flush(FLUSH_SECONDS)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.desk.close()
+        if not self.broken:
+            await self.publisher.flush(FLUSH_SECONDS)
+        if self._guard is not None:
+            self._guard.cancel()
+            await asyncio.gather(self._guard, return_exceptions=True)
+        await self._halt()
 
 
 class FleetDesk:
