@@ -1,5 +1,6 @@
-"""The fleet's desk with its Redis down: a request for an operator still times out and
-takes its fallback on its own host, and an operator's command is refused at once."""
+"""The fleet's desk in one test process: two hosts sharing a real Redis, and its Redis
+down (a request for an operator still times out and takes its fallback on its own host,
+and an operator's command is refused at once)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from llproxy.process.fleet import UNREACHABLE
 
 from .conftest import ProxyFactory, UpstreamFactory
-from .operator_client import open_desk
+from .operator_client import TestOperator, open_desk
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -67,3 +68,40 @@ async def test_with_redis_down_requests_keep_their_timeouts_and_fallback(
             "request": "req_0",
             "reason": UNREACHABLE,
         }
+
+
+async def test_two_hosts_in_one_process_share_the_desk(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path, redis_url: str
+) -> None:
+    """Two hosts on one Redis (two apps here, for speed; test_fleet_desk.py runs real
+    processes): an operator of each sees a client's request of the other, one claim wins,
+    and the answer goes back delta by delta."""
+    upstream = await start_upstream()
+    endpoints = [upstream.endpoint(), {"operator": "human", "tags": ["support"]}]
+    operators = {"alice": (), "bob": ()}
+    desk = await open_desk(
+        start_proxy, tmp_path / "state", endpoints, upstream, operators, redis_url=redis_url
+    )
+    other = await start_proxy(endpoints, state_dir=str(desk.state), redis_url=redis_url)
+    alice = await desk.operator("alice")
+    bob = await TestOperator.connect(other.url, desk.keys["bob"])
+    stream = await other.client(api_key=desk.keys["client"]).chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    await anext(chunks)
+    request = (await alice.expect("added"))["request"]
+    claims = await asyncio.gather(
+        alice.command("claim", request["id"]), bob.command("claim", request["id"])
+    )
+    assert sorted(c["type"] for c in claims) == ["ack", "refused"], claims
+    winner = alice if claims[0]["type"] == "ack" else bob
+    await winner.ok("delta", request["id"], text="One ")
+    assert (await anext(chunks)).choices[0].delta.content == "One "
+    await winner.ok("delta", request["id"], text="desk.")
+    await winner.ok("finish", request["id"])
+    rest = [chunk async for chunk in chunks]
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == "desk."
+    for operator in (alice, bob):
+        await operator.expect("removed", request=request["id"], outcome="done")
+        await operator.close()
