@@ -69,7 +69,9 @@ async def fleet(
     config.write_text(json.dumps({"endpoints": endpoints, "redis_url": redis_url}))
     args = ("--config", str(config), "--workers", "1", "--state-dir", str(state))
     args += ("--graceful-timeout", "3")
-    hosts = list(await asyncio.gather(start_llproxy(*args), start_llproxy(*args)))
+    # One after the other: the second's port is picked while the first listens on its own.
+    hosts = [await start_llproxy(*args), await start_llproxy(*args)]
+    assert hosts[0].port != hosts[1].port
     fleet = Fleet(hosts, keys)
     await _heard(fleet)
     yield fleet
