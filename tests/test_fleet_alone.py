@@ -9,9 +9,12 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
-from llproxy.process.fleet import UNREACHABLE
+from llproxy.core.desk import Ticket
+from llproxy.process.channel import DeskSubmit
+from llproxy.process.fleet import UNREACHABLE, decode, encode, queued_again
 
 from .conftest import ProxyFactory, UpstreamFactory
 from .operator_client import TestOperator, open_desk
@@ -105,3 +108,31 @@ async def test_two_hosts_in_one_process_share_the_desk(
     for operator in (alice, bob):
         await operator.expect("removed", request=request["id"], outcome="done")
         await operator.close()
+
+
+def test_a_ticket_from_a_newer_host_is_read_without_the_fields_it_added() -> None:
+    """Hosts of a fleet are upgraded one by one: a field this version does not know is
+    dropped, not a reason to lose the request."""
+    ticket = Ticket(
+        id="req_1",
+        model="human:support",
+        asked="human:support",
+        client="k",
+        dialect="openai",
+        stream=True,
+        messages=HELLO,
+        tools=[],
+        tool_choice=None,
+        max_tokens=None,
+        queue_timeout=5,
+        idle_timeout=5,
+        fallback=None,
+        max_answer_bytes=100,
+    )
+    ticket.add_text("so far")
+    document = orjson.loads(encode("host-b", DeskSubmit(queued_again(ticket))))
+    document["ticket"]["added_later"] = {"x": 1}
+    host, message = decode(orjson.dumps(document), {"DeskSubmit": DeskSubmit})
+    assert host == "host-b" and isinstance(message, DeskSubmit)
+    assert message.ticket.text == "so far" and message.ticket.answer_bytes == 6
+    assert message.ticket.messages == HELLO and message.ticket.state == "queued"

@@ -7,6 +7,7 @@ and queues them again on a new holder when the old one is gone."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -58,6 +59,7 @@ HOST_LOST_SECONDS = 5.0  # a host the holder hears nothing from this long is gon
 SILENT_SECONDS = 10.0
 FLUSH_SECONDS = 2.0  # what a closing host waits for its last messages to go out
 BATCH = 256  # messages published in one round trip
+GONE_KEPT = 10_000
 
 UNREACHABLE = "the shared desk is unreachable (no host holds it now): try again shortly"
 REQUEUED = "its host lost touch with the desk: it is queued again"
@@ -79,6 +81,7 @@ _TO_HOLDER: dict[str, type[DeskMessage]] = {
 _TO_HOST: dict[str, type[DeskMessage]] = {
     cls.__name__: cls for cls in (DeskToClient, DeskToOperator)
 }
+_TICKET_FIELDS = frozenset(f.name for f in dataclasses.fields(Ticket))
 ALIVE, RESYNC = "alive", "resync"  # a host's beat; the holder asking a host for everything
 
 
@@ -102,7 +105,9 @@ def decode(data: bytes | str, kinds: dict[str, type[DeskMessage]]) -> tuple[str,
         return host, kind
     cls = kinds[kind]
     if cls is DeskSubmit:
-        document["ticket"] = Ticket(**document["ticket"])
+        # Only the fields this version knows: hosts of a fleet are upgraded one by one.
+        fields = document["ticket"]
+        document["ticket"] = Ticket(**{k: v for k, v in fields.items() if k in _TICKET_FIELDS})
     elif cls is DeskAttach:
         document["models"] = tuple(document["models"])
     return host, cls(**document)
@@ -336,7 +341,9 @@ class FleetDesk:
         self.subscriber = Redis.from_url(url, socket_connect_timeout=2, socket_keepalive=True)
         self.clients: dict[str, _Client] = {}
         self.operators: dict[str, _Operator] = {}  # by their conn across the fleet
-        self.gone: list[bytes] = []  # withdrawals and detaches a holder may have missed
+        # Withdrawals and detaches a holder may have missed, sent again with the rest; a
+        # long outage keeps the latest (one missed leaves a ticket until its deadline).
+        self.gone: collections.deque[bytes] = collections.deque(maxlen=GONE_KEPT)
         self.holder: str | None = None  # the token of the holder last heard
         self.holder_heard = float("-inf")
         self.dirty = False  # a holder may lack some of this host's tickets or operators
@@ -447,9 +454,8 @@ class FleetDesk:
         """Everything of this host's, to the holder again: what it has of it is taken off
         first (it may have missed some of it), so nothing is there twice."""
         self.dirty = False
-        gone, self.gone = self.gone, []
-        for data in gone:
-            self.publisher.put(INBOX, data)
+        while self.gone:
+            self.publisher.put(INBOX, self.gone.popleft())
         for ticket_id, client in self.clients.items():
             self._to_holder(DeskWithdraw(ticket_id, REQUEUED))
             self._to_holder(DeskSubmit(queued_again(client.ticket)))
