@@ -247,7 +247,8 @@ def serve(
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def scan_command(config_path: str | None, as_json: bool) -> None:
-    """Run one discovery pass and list the models found."""
+    """Run one discovery pass and list the models found, each replica with its state
+    (up when it listed its models; a server whose models the config names is probed)."""
     config = load_or_exit(config_path, frozenset({"endpoints"}))
     from .ui.logs import setup_logging
     from .ui.scan import run_scan

@@ -70,6 +70,19 @@ class Discovery:
 
 
 @dataclass(frozen=True, slots=True)
+class Health:
+    """Replica health (core/health.py): when a replica is ejected and for how long."""
+
+    enable: bool = True
+    failures: int = 3  # failed requests in a row that eject a replica
+    ejection: float = 5.0  # seconds of the first ejection; each one in a row doubles it
+    max_ejection: float = 300.0  # the longest ejection
+    # An ejected replica of a `url` endpoint gets a light probe (its model listing) when
+    # its ejection ends, so it comes back without a client's request as its trial.
+    probe: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One configured source of models: a port range on a host, one known server URL, or
     a human operator who answers as a model."""
@@ -94,6 +107,9 @@ class Endpoint:
     # The protocol the server at `url` speaks: "openai" (chat completions) or a cloud
     # API's own ("anthropic"), which a backend of its own translates to and from.
     dialect: str = "openai"
+    # Known secrets replaced in the prompts sent here (core/redact.py): on by default for
+    # the cloud dialects, whose servers are someone else's.
+    redact: bool = False
 
     def base_urls(self) -> list[str]:
         """The base URLs this endpoint stands for: OpenAI's end in /v1, a cloud dialect's
@@ -121,6 +137,28 @@ class Capture:
 
 
 @dataclass(frozen=True, slots=True)
+class Commands:
+    """Commands in the chat (`!/help`, core/commands.py): a user message starting with the
+    prefix is for llproxy, except for the keys named (globs) in `disabled_keys`."""
+
+    enable: bool = True
+    prefix: str = "!/"
+    disabled_keys: tuple[str, ...] = ()
+
+
+# The modes of core/toolloop.py.
+TOOL_LOOP_MODES = ("off", "warn", "break")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolLoops:
+    """What llproxy does about a run of identical tool calls at a conversation's end."""
+
+    mode: str = "warn"  # off | warn (a note for the model) | break (llproxy answers)
+    repeats: int = 5  # the same call this many times in a row is a loop
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     bindip: str = "127.0.0.1"
     port: int = 42069
@@ -132,6 +170,7 @@ class Config:
     default_model: str | None = None
     timeouts: Timeouts = Timeouts()
     discovery: Discovery = Discovery()
+    health: Health = Health()
     max_request_bytes: int = 10 * 1024 * 1024
     # What one upstream response may send (an upstream is whatever listens on a scanned
     # port): a whole body, one event of a stream, and how far compression may expand.
@@ -155,6 +194,8 @@ class Config:
     redis_url: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # enables /admin/
     capture: Capture | None = None
+    commands: Commands = Commands()
+    tool_loops: ToolLoops = ToolLoops()
     source: str = "<built-in default>"
     # This running llproxy's name on the wire (Via, its model listing), so it never
     # discovers itself nor serves a request that went round through it. Set at start.
@@ -328,6 +369,39 @@ def _discovery(path: str, value: Any) -> Discovery:
     )
 
 
+def _health(path: str, value: Any) -> Health:
+    obj = _expect(path, value, dict, "an object")
+    _check_keys(path, obj, {f.name for f in dataclasses.fields(Health)})
+    defaults = Health()
+
+    def flag(key: str) -> bool:
+        def read(v: Any) -> bool:
+            return _expect(f"{path}.{key}", v, bool, "a boolean")
+
+        default: bool = getattr(defaults, key)
+        return _optional(obj, key, read, default)
+
+    def seconds(key: str) -> float:
+        default: float = getattr(defaults, key)
+        return _optional(obj, key, partial(_positive_number, f"{path}.{key}"), default)
+
+    health = Health(
+        enable=flag("enable"),
+        failures=_optional(
+            obj, "failures", partial(_positive_int, f"{path}.failures"), defaults.failures
+        ),
+        ejection=seconds("ejection"),
+        max_ejection=seconds("max_ejection"),
+        probe=flag("probe"),
+    )
+    if health.max_ejection < health.ejection:
+        raise ConfigError(
+            f"{path}.max_ejection: must be >= ejection ({health.ejection:g}), "
+            f"got {health.max_ejection:g}"
+        )
+    return health
+
+
 _OPERATOR_KEYS = {
     "operator",
     "tags",
@@ -349,6 +423,7 @@ _ENDPOINT_KEYS = _OPERATOR_KEYS | {
     "tags",
     "enable",
     "dialect",
+    "redact",
 }
 # Back-end dialects besides OpenAI's, each answered by a backend of its own.
 DIALECTS = ("openai", "anthropic", "gemini")
@@ -432,7 +507,8 @@ def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
         if dialect != "openai":
             # The cloud APIs' own paths (/v1/messages) start at the server's root.
             url = url.removesuffix("/v1").removesuffix("/v1beta")
-        return Endpoint(url=url, models=models, dialect=dialect, **common)
+        redact = _redact(path, obj, dialect != "openai")
+        return Endpoint(url=url, models=models, dialect=dialect, redact=redact, **common)
 
     if "dialect" in obj:
         raise ConfigError(f"{path}.dialect: only allowed together with url")
@@ -452,7 +528,19 @@ def _endpoint(index: int, value: Any, secrets: _Secrets) -> Endpoint:
             f"{path}.port_end: range of {port_end - port_start + 1} ports is over the limit of "
             f"{MAX_RANGE_PORTS}; split it into several endpoints"
         )
-    return Endpoint(hostname=hostname, port_start=port_start, port_end=port_end, **common)
+    return Endpoint(
+        hostname=hostname,
+        port_start=port_start,
+        port_end=port_end,
+        redact=_redact(path, obj, False),
+        **common,
+    )
+
+
+def _redact(path: str, obj: Mapping[str, Any], default: bool) -> bool:
+    return _optional(
+        obj, "redact", lambda v: _expect(f"{path}.redact", v, bool, "a boolean"), default
+    )
 
 
 _TOP_KEYS = {
@@ -464,6 +552,7 @@ _TOP_KEYS = {
     "default_model",
     "timeouts",
     "discovery",
+    "health",
     "max_request_bytes",
     "max_response_bytes",
     "max_event_bytes",
@@ -480,6 +569,8 @@ _TOP_KEYS = {
     "redis_url",
     "admin_key",
     "capture",
+    "commands",
+    "tool_loops",
 }
 MIN_STATIC_KEY_LENGTH = 16
 # Positive whole numbers that bound what a client or an upstream may send.
@@ -523,6 +614,7 @@ def parse_config(
         discovery=_optional(
             obj, "discovery", lambda v: _discovery("discovery", v), defaults.discovery
         ),
+        health=_optional(obj, "health", lambda v: _health("health", v), defaults.health),
         **{
             key: _optional(obj, key, partial(_positive_int, key), getattr(defaults, key))
             for key in _BOUNDS
@@ -550,6 +642,10 @@ def parse_config(
             obj, "admin_key", lambda v: _long_secret("admin_key", v, env, "admin_key"), None
         ),
         capture=_optional(obj, "capture", lambda v: _capture("capture", v), None),
+        commands=_optional(obj, "commands", lambda v: _commands("commands", v), Commands()),
+        tool_loops=_optional(
+            obj, "tool_loops", lambda v: _tool_loops("tool_loops", v), ToolLoops()
+        ),
         source=source,
     )
 
@@ -581,6 +677,37 @@ def _capture(path: str, value: Any) -> Capture | None:
         ),
     )
     return capture if enable else None
+
+
+def _commands(path: str, value: Any) -> Commands:
+    obj = _expect(path, value, dict, "a JSON object")
+    _check_keys(path, obj, {"enable", "prefix", "disabled_keys"})
+    defaults = Commands()
+    prefix = _optional(obj, "prefix", partial(_nonempty_str, f"{path}.prefix"), defaults.prefix)
+    if prefix != prefix.strip() or len(prefix) > 16:
+        raise ConfigError(f"{path}.prefix: 1 to 16 characters, no spaces around, got {prefix!r}")
+    return Commands(
+        enable=_optional(
+            obj, "enable", lambda v: _expect(f"{path}.enable", v, bool, "a boolean"), True
+        ),
+        prefix=prefix,
+        disabled_keys=_optional(
+            obj, "disabled_keys", partial(_string_list, f"{path}.disabled_keys"), ()
+        ),
+    )
+
+
+def _tool_loops(path: str, value: Any) -> ToolLoops:
+    obj = _expect(path, value, dict, "a JSON object")
+    _check_keys(path, obj, {"mode", "repeats"})
+    defaults = ToolLoops()
+    mode = _optional(obj, "mode", partial(_nonempty_str, f"{path}.mode"), defaults.mode)
+    if mode not in TOOL_LOOP_MODES:
+        raise ConfigError(f"{path}.mode: must be one of {', '.join(TOOL_LOOP_MODES)}, got {mode!r}")
+    repeats = _optional(obj, "repeats", partial(_positive_int, f"{path}.repeats"), defaults.repeats)
+    if repeats < 2:
+        raise ConfigError(f"{path}.repeats: must be at least 2, got {repeats}")
+    return ToolLoops(mode, repeats)
 
 
 def rate_limit_value(path: str, value: Any) -> str | None:

@@ -35,6 +35,7 @@ from .scenario_upstream import ScenarioUpstream
 SLOW_SUITES = frozenset(
     {
         "test_supervisor.py",
+        "test_health_workers.py",
         "test_workers_share.py",
         "test_operator_page.py",
         "test_operator_terminal.py",

@@ -50,6 +50,7 @@ class FakeUpstream:
     listing_requests: int = 0
     listing_delay: float = 0.0  # before GET /v1/models answers (completions unaffected)
     aliases: list[str] | None = None  # llama.cpp's `aliases` of every listed model
+    gate: asyncio.Event | None = None  # when set here, answers wait until the test sets it
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -134,6 +135,8 @@ class FakeUpstream:
     async def _answer(self, request: web.Request, path: str, body: Any) -> web.StreamResponse:
         if self.hang:
             await asyncio.sleep(3600)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.first_byte_delay:
             await asyncio.sleep(self.first_byte_delay)
         if self.fail_status is not None:

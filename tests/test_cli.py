@@ -100,6 +100,7 @@ async def test_scan_json(start_upstream: UpstreamFactory, tmp_path: Path) -> Non
             "port": upstream.port,
             "dialect": "openai",
             "tags": ["t"],
+            "state": "up",
         },
         {
             "name": "n:t",
@@ -108,6 +109,7 @@ async def test_scan_json(start_upstream: UpstreamFactory, tmp_path: Path) -> Non
             "port": upstream.port,
             "dialect": "openai",
             "tags": ["t"],
+            "state": "up",
         },
     ]
 

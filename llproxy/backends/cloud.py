@@ -15,6 +15,14 @@ from .gemini.listing import gemini_entries
 GetJson = Callable[[str, Upstream, float], Awaitable[Any]]
 Listing = Callable[[GetJson, Upstream, float], Awaitable[list[dict[str, Any]]]]
 
+# Where each back-end dialect lists its models, below the upstream's base URL: what a
+# light probe of a server asks for (probe.py).
+LISTING_PATHS: Mapping[str, str] = {
+    "openai": "/models",
+    "anthropic": "/v1/models",
+    "gemini": "/v1beta/models",
+}
+
 CLOUD_LISTINGS: Mapping[str, Listing] = {
     "anthropic": anthropic_entries,
     "gemini": gemini_entries,

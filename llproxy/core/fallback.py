@@ -1,7 +1,8 @@
 """Fallback along an alias's chain of models: the next model is tried when one fails
-before the client received a byte (no replica reachable, a 5xx, a 408 or 429, no first
-byte in time); a 429's Retry-After keeps that model out of chains for that long (in this
-process). Any other answer, and the last model's failure, reach the client as they are.
+before the client received a byte (no replica reachable or every one ejected, a 5xx, a
+408 or 429, no first byte in time); a 429's Retry-After keeps that model out of chains
+for that long (in this process). Any other answer, and the last model's failure, reach
+the client as they are.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from .call import Reply
 from .errors import LoopDetected, ServiceUnavailable, UpstreamTimeout, UpstreamUnreachable
+from .health import Ejected
 from .registry import Model
 
 # Failures raised before a first byte, after which another model may answer instead.
-FALLS_OVER = (UpstreamUnreachable, UpstreamTimeout, LoopDetected)
+FALLS_OVER = (UpstreamUnreachable, UpstreamTimeout, LoopDetected, Ejected)
 # A model's longest stay out of chains, whatever its Retry-After says.
 MAX_SKIP = 3600.0
 

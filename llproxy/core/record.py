@@ -25,6 +25,10 @@ class RequestRecord:
     cached_tokens: int | None = None  # of the prompt's, read from the upstream's cache
     upstream_error: str | None = None  # refused | timeout | failed | too_large | malformed
     dropped_chunks: int = 0  # stream events that were not JSON, dropped
+    redacted: int = 0  # secrets replaced in the prompt before it went out (core/redact.py)
+    # What the request stages did to the turn (core/turn.py): "command" (llproxy
+    # answered a command itself), "tool_loop_warn" (a note added), "tool_loop_break".
+    stage: str | None = None
     # The dialect the answer came in: "openai" (the internal form), or the client's own
     # when a backend in that dialect passed the request on untranslated.
     answered_in: str = "openai"

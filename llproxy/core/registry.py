@@ -46,6 +46,8 @@ class Upstream:
     tags: tuple[str, ...] = ()
     apikey: str | None = field(default=None, repr=False, compare=False)
     dialect: str = "openai"
+    # Known secrets are replaced in what is sent here (core/redact.py).
+    redact: bool = False
 
     @property
     def address(self) -> str:

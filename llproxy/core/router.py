@@ -1,8 +1,8 @@
 """From a model name to an answer: the name resolved for the client's key, a replica
-chosen (least requests in flight), and the Call sent to the backend that serves it,
-falling over to the next replica when one could not be reached (and along an alias's
-chain of models, fallback.py). A replica that is an llproxy the request already passed
-through is no route for it.
+chosen (least requests in flight, none that is ejected: health.py), and the Call sent to
+the backend that serves it, falling over to the next replica when one could not be
+reached (and along an alias's chain of models, fallback.py). A replica that is an
+llproxy the request already passed through is no route for it.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from .errors import (
     ModelNotAllowed,
     ModelNotFound,
     ReplicaUnavailable,
+    UpstreamTimeout,
     UpstreamUnreachable,
 )
 from .fallback import Fallback
+from .health import Ejected, Health, Pass
 from .keys import ApiKey
 from .record import RequestRecord
 from .registry import Model, Registry, Replica
@@ -102,11 +104,13 @@ class Router:
         backends: Mapping[str, Backend],
         aliases: Sequence[tuple[str, tuple[str, ...]]] = (),
         reexport: bool = False,
+        health: Health | None = None,
     ) -> None:
         self._registry = registry  # the current snapshot, whoever swaps it
         self.backends = backends
         self.aliases = Aliases(aliases)
         self.balancer = Balancer()
+        self.health = health or Health(enable=False)
         self.fallback = Fallback()
         self.reexport = reexport
 
@@ -195,22 +199,47 @@ class Router:
                 raise LoopDetected(
                     f"every replica of '{model.name}' is an llproxy this request passed through"
                 )
+        ejected: list[Replica] = []
         for replica in self.balancer.order(replicas):
+            granted = self.health.admit(replica, model.name)
+            if granted is None:
+                ejected.append(replica)
+                continue
             record.upstream = replica.address
             self.balancer.acquire(replica)
             try:
                 reply = await self.backends[replica.backend].send(call, replica, record)
             except ReplicaUnavailable as exc:
                 self.balancer.release(replica)
+                self.health.failed(granted, "refused")
                 record.upstream_error = "refused"
                 refused.append(exc.message)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 self.balancer.release(replica)
+                _judge_failure(self.health, granted, exc)
                 raise
+            if reply.status >= 500:
+                self.health.failed(granted, f"HTTP {reply.status}")
+            else:
+                self.health.succeeded(granted)
             reply.model_id = replica.upstream_id
             reply.on_close(partial(self.balancer.release, replica))
             return reply
+        if ejected and not refused:
+            raise Ejected(model, min(self.health.trial_in(r) or 0.0 for r in ejected))
         raise UpstreamUnreachable(
             f"no upstream for model '{model.name}' could be reached: {'; '.join(refused)}"
         )
+
+
+def _judge_failure(health: Health, granted: Pass, exc: BaseException) -> None:
+    """What an attempt that raised says of its replica: reset or silent before its first
+    byte is a failure; an answer too large is this request's, and a client that left or
+    a request refused before it was sent says nothing of the replica."""
+    if isinstance(exc, UpstreamTimeout):
+        health.failed(granted, "no first byte in time")
+    elif isinstance(exc, UpstreamUnreachable) and exc.code == UpstreamUnreachable.code:
+        health.failed(granted, "reset")
+    else:
+        health.abandoned(granted)

@@ -99,6 +99,9 @@ class Accounting:
             key = (record.upstream or "-", "dropped_chunk")
             errors = telemetry.upstream_errors
             errors[key] = errors.get(key, 0) + record.dropped_chunks
+        if record.stage is not None:
+            telemetry.stages[record.stage] = telemetry.stages.get(record.stage, 0) + 1
+        telemetry.redactions += record.redacted
         if access_log.isEnabledFor(logging.INFO):
             self._log(request, record, status, duration, first_byte)
         if self.capture is not None:
@@ -178,6 +181,8 @@ class Accounting:
                 "prompt_tokens": record.prompt_tokens,
                 "completion_tokens": record.completion_tokens,
                 "duration_ms": round(duration * 1000, 1),
+                "stage": record.stage,
+                "redacted": record.redacted,  # how many secrets, never which
             },
         )
 

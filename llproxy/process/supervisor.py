@@ -415,7 +415,11 @@ class Supervisor:
         self._own(self.discovery.scan_now())
 
     async def handle_models(self) -> None:
-        self.console.show_models(self.registry)
+        # Replica health is each worker's own: asked of them now, with their numbers.
+        async def show() -> None:
+            self.console.show_models(self.registry, await self.collect_stats())
+
+        self._own(show())
 
     async def handle_workers(self) -> None:
         self.console.show_workers(list(self.workers.values()))

@@ -96,7 +96,7 @@ async def serve(spec: WorkerSpec) -> None:
     state = app[STATE]
 
     def stats() -> StatsReply:
-        return StatsReply(0, spec.worker_id, os.getpid(), state.telemetry)
+        return StatsReply(0, spec.worker_id, os.getpid(), state.numbers())
 
     def on_message(message: Any) -> None:
         match message:

@@ -95,7 +95,10 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     capture = state.accounting.capture
     if capture is not None:
         capture.start()
+    if state.config.health.enable and state.config.health.probe:
+        state.probes.start()
     yield
+    await state.probes.close()
     if capture is not None:
         # The last exchanges written; in a thread, since the disk may be slow.
         await asyncio.get_running_loop().run_in_executor(None, capture.close)

@@ -19,11 +19,12 @@ from ..core.errors import InvalidRequest
 from ..core.keys import ApiKey
 from ..core.record import RequestRecord
 from ..core.registry import Model
-from ..dialects import Answer, Incoming
+from ..core.turn import CHAT, local_reply
+from ..dialects import Answer, Incoming, Translation
 from ..gateway.hardening import preflight_headers
 from ..telemetry.metrics import CONTENT_TYPE
 from .body import read_body
-from .respond import answer_or_stream, answer_response, stream_early
+from .respond import Delivery, answer_or_stream, answer_response, stream_early
 from .state import DELIVERY, RECORD, SPEC, STATE, ProxyState, RouteSpec
 
 access_log = logging.getLogger("llproxy.access")
@@ -53,13 +54,21 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
         if translation.about is not None:
             state.router.resolve(translation.about, record.key)
         return answer_response(translation)
-    name = translation.model or state.config.default_model
+    # The conversation's commands and tool calls, read from its history (core/turn.py).
+    turn = await state.turns.read(translation.target, translation.payload, record)
+    name = turn.model or translation.model or state.config.default_model
+    delivery = request[DELIVERY]
+    if turn.answer is not None:  # llproxy answers itself: nothing goes upstream
+        record.model = name
+        reply = local_reply(turn.answer, name or "llproxy", translation.stream)
+        limit = state.config.max_response_bytes
+        sending = answered(_ready(reply), CHAT, translation.stream, record, limit)
+        return await deliver(request, sending, translation, record, delivery)
     if name is None:
         raise InvalidRequest("you must provide a model parameter", param="model")
     record.model = name
     chain = state.router.chain(name, record.key)
     model = chain[0]
-    delivery = request[DELIVERY]
     # Which model answers (an alias's chain may fall to the next): a header of the answer.
     served = {**delivery.headers}
     request[DELIVERY] = delivery = dataclasses.replace(delivery, headers=served)
@@ -69,7 +78,7 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
         served[MODEL_HEADER] = name
 
     resolved(model.name)
-    payload = within_context(translation.payload, model.context_length)
+    payload = within_context(turn.payload, model.context_length)
     # Encoded before a replica is chosen (once, for the id replicas most likely share):
     # a body that cannot be written is the client's 400, not a replica's failure.
     payload.prepare(model.replicas[0].upstream_id if model.replicas else model.name)
@@ -80,7 +89,12 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
         )
         record.upstream_chunks = []
     call = Call(
-        translation.target, model.name, payload, translation.stream, request.headers.get("Via", "")
+        translation.target,
+        model.name,
+        payload,
+        translation.stream,
+        request.headers.get("Via", ""),
+        settings=turn.settings,
     )
     sending = answered(
         state.router.send(call, chain, record, resolved),
@@ -89,6 +103,17 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
         record,
         state.config.max_response_bytes,
     )
+    return await deliver(request, sending, translation, record, delivery)
+
+
+async def deliver(
+    request: web.Request,
+    sending: Awaitable[Reply],
+    translation: Translation,
+    record: RequestRecord,
+    delivery: Delivery,
+) -> web.StreamResponse:
+    """The reply sent back through the client's dialect: whole, or streamed as it comes."""
     if translation.stream and translation.early:
         return await stream_early(request, sending, translation, record, delivery)
     reply = await sending
@@ -105,6 +130,10 @@ async def call_model(spec: RouteSpec, request: web.Request) -> web.StreamRespons
             record.response_body = answer.body
         return answer_response(answer)
     return await answer_or_stream(request, reply, translation, record, delivery)
+
+
+async def _ready(reply: Reply) -> Reply:
+    return reply
 
 
 async def answered(

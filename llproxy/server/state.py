@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,13 +21,19 @@ from ..backends.openai_http.discovery import DiscoveryLoop, ScanResult
 from ..backends.openai_http.transport import response_bounds
 from ..backends.operator import BACKEND as OPERATOR_BACKEND
 from ..backends.operator import OperatorBackend
+from ..backends.probe import Probes
+from ..backends.redacting import Redacting, RedactingCounter
 from ..config import Config
-from ..core.call import Call, Reply, TokenCounter
+from ..core.call import Backend, Call, Reply, TokenCounter
+from ..core.commands import Commands
 from ..core.desk import Desk
 from ..core.errors import ProxyError
+from ..core.health import Health
 from ..core.record import RequestRecord
-from ..core.registry import Registry
+from ..core.redact import Redactor
+from ..core.registry import Registry, Replica
 from ..core.router import Router
+from ..core.turn import TurnStages
 from ..dialects import Dialect, Route
 from ..dialects.anthropic import AnthropicDialect
 from ..dialects.gemini import GeminiDialect
@@ -34,10 +44,13 @@ from ..gateway import Gateway
 from ..gateway.accounting import Accounting
 from ..process.fleet import FleetDesk, desk_in_hand
 from ..stores import Services
+from ..stores.sqlite import state_dir, usage_sums
 from ..telemetry.capture import CaptureWriter
 from ..telemetry.desk import desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .respond import Delivery
+
+log = logging.getLogger("llproxy.server")
 
 
 class ProxyState:
@@ -64,22 +77,42 @@ class ProxyState:
             config.endpoints, services.desk, config.timeouts.stream_keepalive, worker_id
         )
         anthropic, gemini = AnthropicBackend(self.backend), GeminiBackend(self.backend)
+        # Secrets out of what goes to a replica marked `redact`, whichever backend serves it.
+        redactor = Redactor(config.secrets())
         # What counts tokens with a model's own server, by the backend that serves it.
         self.counters: dict[str, TokenCounter] = {
+            name: RedactingCounter(counter, redactor)
+            for name, counter in (
+                ("openai_http", self.backend),
+                (ANTHROPIC_BACKEND, anthropic),
+                (GEMINI_BACKEND, gemini),
+            )
+        }
+        backends: dict[str, Backend] = {
             "openai_http": self.backend,
+            OPERATOR_BACKEND: self.operators,
             ANTHROPIC_BACKEND: anthropic,
             GEMINI_BACKEND: gemini,
         }
+        settings = config.health
+        self.health = Health(
+            settings.failures,
+            settings.ejection,
+            settings.max_ejection,
+            enable=settings.enable,
+            exempt=(OPERATOR_BACKEND,),  # a person is not a server that fails
+            observer=self,
+        )
+        self.probes = Probes(config, self.health, lambda: self.registry)
         self.router = Router(
             lambda: self.registry,
-            {
-                "openai_http": self.backend,
-                OPERATOR_BACKEND: self.operators,
-                ANTHROPIC_BACKEND: anthropic,
-                GEMINI_BACKEND: gemini,
-            },
+            {name: Redacting(backend, redactor) for name, backend in backends.items()},
             config.aliases,
             config.discovery.reexport,
+            self.health,
+        )
+        self.turns = TurnStages(
+            self._commands(config), config.tool_loops.mode, config.tool_loops.repeats
         )
         self.operators.handoff = self._hand_off
         if isinstance(services.desk, Desk | FleetDesk):  # held here: it asks this registry
@@ -102,6 +135,27 @@ class ProxyState:
         )
         self.paths = DialectPaths(self.dialects)
 
+    def _commands(self, config: Config) -> Commands | None:
+        if not config.commands.enable:
+            return None
+        directory = state_dir(config.state_dir)
+
+        async def today(client: str) -> list[dict[str, Any]] | None:
+            midnight = time.mktime((*time.localtime()[:3], 0, 0, 0, 0, 0, -1))
+            try:
+                return await asyncio.to_thread(usage_sums, directory, midnight, "model", client)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("cannot read usage for a command: %s", exc)
+                return None
+
+        return Commands(
+            config.commands.prefix,
+            config.commands.disabled_keys,
+            self.router.listing,
+            self.router.resolve,
+            today,
+        )
+
     async def _hand_off(self, call: Call, record: RequestRecord) -> Reply:
         """An operator's request answered by a model after all (the client's key still
         decides what it may reach)."""
@@ -117,6 +171,23 @@ class ProxyState:
 
     def set_registry(self, registry: Registry) -> None:
         self.registry = registry
+        self.health.keep_only({r for m in registry.models.values() for r in m.replicas})
+
+    def ejected(self, replica: Replica, model: str, seconds: float) -> None:
+        """Replica health's news (HealthObserver): counted, and the probes rescheduled."""
+        self.telemetry.count_ejection(model, replica.address)
+        if self.config.health.probe:
+            self.probes.wake()
+
+    def reinstated(self, replica: Replica, model: str) -> None:
+        """Nothing to do: the numbers read each replica's state when they are asked."""
+
+    def numbers(self) -> Telemetry:
+        """This process's numbers, with each replica's health as it is now."""
+        states = self.health.states(self.registry.models.values())
+        self.telemetry.ejected = {key: int(left is not None) for key, left in states.items()}
+        self.telemetry.trial_in = {k: left for k, left in states.items() if left is not None}
+        return self.telemetry
 
     def take_scan(self, result: ScanResult) -> None:
         """A scan of this process's own."""
@@ -128,7 +199,7 @@ class ProxyState:
     async def _own_metrics(self) -> bytes:
         desk = desk_in_hand(self.services.desk)
         held = desk_families(desk) if desk is not None else ()
-        return render(self.telemetry, self.discovery_telemetry, self.services.usage.telemetry, held)
+        return render(self.numbers(), self.discovery_telemetry, self.services.usage.telemetry, held)
 
 
 STATE = web.AppKey("llproxy_state", ProxyState)

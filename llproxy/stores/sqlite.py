@@ -353,8 +353,11 @@ GROUPINGS = {
 }
 
 
-def usage_sums(directory: Path, since: float | None, by: str) -> list[dict[str, Any]]:
-    """Requests and token sums per group; a sum is null when no record of it had numbers."""
+def usage_sums(
+    directory: Path, since: float | None, by: str, client: str | None = None
+) -> list[dict[str, Any]]:
+    """Requests and token sums per group (of one client's records, given one); a sum is
+    null when no record of it had numbers."""
     name, expression = GROUPINGS[by]
     path = directory / DATABASE
     if not path.exists():
@@ -363,8 +366,8 @@ def usage_sums(directory: Path, since: float | None, by: str) -> list[dict[str, 
     try:
         rows = db.execute(
             f"SELECT {expression}, count(*), sum(prompt_tokens), sum(completion_tokens) "
-            "FROM usage WHERE time >= ? GROUP BY 1 ORDER BY 1",
-            (since or 0.0,),
+            "FROM usage WHERE time >= ? AND (? IS NULL OR client = ?) GROUP BY 1 ORDER BY 1",
+            (since or 0.0, client, client),
         ).fetchall()
     finally:
         db.close()

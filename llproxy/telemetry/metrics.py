@@ -87,6 +87,15 @@ class Telemetry:
     # The wire capture: exchanges queued for writing, and dropped because its queue was full.
     captured: int = 0
     capture_dropped: int = 0
+    # Replica health (core/health.py) by (model, upstream): ejections since start; and for
+    # each replica this process serves, 1 while it holds it ejected (summed over workers:
+    # how many do) and the seconds until its trial may start (the soonest of them).
+    ejections: dict[tuple[str, str], int] = field(default_factory=dict)
+    ejected: dict[tuple[str, str], int] = field(default_factory=dict)
+    trial_in: dict[tuple[str, str], float] = field(default_factory=dict)
+    # The request stages (core/turn.py): turns by what they did, secrets replaced.
+    stages: dict[str, int] = field(default_factory=dict)
+    redactions: int = 0
 
     def count_request(self, model: str, status: int, dialect: str) -> None:
         key = (model, str(status), dialect)
@@ -113,15 +122,26 @@ class Telemetry:
             tokens = self.generation_tokens
             tokens[model] = tokens.get(model, 0) + completion_tokens
 
+    def count_ejection(self, model: str, upstream: str) -> None:
+        key = (model, upstream)
+        self.ejections[key] = self.ejections.get(key, 0) + 1
+
     def merge(self, other: Telemetry, live: bool = True) -> None:
-        """Add another process's numbers; `live=False` for a finished process (no in-flight)."""
+        """Add another process's numbers; `live=False` for a finished process (no
+        in-flight, nothing it held ejected)."""
         _add_counts(self.requests, other.requests)
+        _add_counts(self.ejections, other.ejections)
         if live:
             _add_counts(self.in_flight, other.in_flight)
+            _add_counts(self.ejected, other.ejected)
+            for key, seconds in other.trial_in.items():
+                self.trial_in[key] = min(seconds, self.trial_in.get(key, seconds))
         _add_counts(self.prompt_tokens, other.prompt_tokens)
         _add_counts(self.generation_tokens, other.generation_tokens)
         _add_counts(self.upstream_errors, other.upstream_errors)
         self.captured += other.captured
+        _add_counts(self.stages, other.stages)
+        self.redactions += other.redactions
         self.capture_dropped += other.capture_dropped
         for mine, theirs in (
             (self.time_to_first_token, other.time_to_first_token),
@@ -222,6 +242,22 @@ def _families(
     for (upstream, kind), count in sorted(requests.upstream_errors.items()):
         errors.add_metric([upstream, kind], count)
     yield errors
+    ejections = CounterMetricFamily(
+        "llproxy_replica_ejections",
+        "Replicas ejected after failing requests in a row (or a failed trial)",
+        labels=["model", "upstream"],
+    )
+    for (model, upstream), count in sorted(requests.ejections.items()):
+        ejections.add_metric([model, upstream], count)
+    yield ejections
+    ejected = GaugeMetricFamily(
+        "llproxy_replica_ejected",
+        "Serving processes that hold this replica ejected now (0: every one sends to it)",
+        labels=["model", "upstream"],
+    )
+    for (model, upstream), count in sorted(requests.ejected.items()):
+        ejected.add_metric([model, upstream], count)
+    yield ejected
     if requests.captured or requests.capture_dropped:  # the capture is on
         yield CounterMetricFamily(
             "llproxy_capture_exchanges", "Exchanges queued for the wire capture", requests.captured
@@ -231,6 +267,19 @@ def _families(
             "Exchanges the wire capture dropped because its queue was full",
             requests.capture_dropped,
         )
+    stages = CounterMetricFamily(
+        "llproxy_request_stages",
+        "Chat turns llproxy acted on: a command answered, a tool loop warned or broken",
+        labels=["stage"],
+    )
+    for stage, count in sorted(requests.stages.items()):
+        stages.add_metric([stage], count)
+    yield stages
+    yield CounterMetricFamily(
+        "llproxy_redactions",
+        "Secrets replaced in prompts before they went to a back-end marked redact",
+        requests.redactions,
+    )
     if discovery is not None:
         yield GaugeMetricFamily("llproxy_models", "Models in the registry", value=discovery.models)
         yield GaugeMetricFamily(

@@ -18,12 +18,13 @@ from rich.table import Table
 
 from ..core.registry import Registry
 from ..process.channel import StatsReply
-from .tables import models_table
+from ..telemetry.metrics import Telemetry
+from .tables import health_states, models_table
 
 COMMANDS = {
     "help": "list the commands",
     "clear": "clear the screen",
-    "models": "table of the models and their replicas",
+    "models": "table of the models and their replicas, each with its state (up, ejected)",
     "scan": "rescan the endpoints now",
     "stats": "requests, errors, tokens and in-flight per model and worker",
     "workers": "the worker processes",
@@ -82,8 +83,12 @@ class InteractiveConsole:
             table.add_row(f"[bold]{name}[/bold]", text)
         self.out.print(table)
 
-    def show_models(self, registry: Registry) -> None:
-        self.out.print(models_table(registry))
+    def show_models(self, registry: Registry, replies: Sequence[StatsReply]) -> None:
+        """The models, each replica with its state in the workers that answered."""
+        merged = Telemetry()
+        for reply in replies:
+            merged.merge(reply.telemetry)
+        self.out.print(models_table(registry, health_states(merged, len(replies))))
 
     def show_workers(self, workers: Sequence[Any]) -> None:
         table = Table(title=f"{len(workers)} workers")

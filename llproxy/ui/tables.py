@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -13,6 +14,7 @@ from rich.table import Table
 from ..core.keys import ApiKey, key_rows
 from ..core.registry import Registry
 from ..stores.sqlite import GROUPINGS
+from ..telemetry.metrics import Telemetry
 
 
 def print_json(rows: list[dict[str, Any]]) -> None:
@@ -29,22 +31,40 @@ def print_table(table: Table) -> None:
     out.print(table)
 
 
-def models_table(registry: Registry) -> Table:
+def models_table(registry: Registry, states: Mapping[tuple[str, str], str] | None = None) -> Table:
     """Every model with each of its replicas: name, upstream id, host:port, its server's
-    dialect, tags."""
+    dialect, tags, and with `states` (by model and host:port) each one's state."""
     table = Table(title=f"{len(registry.models)} models on {registry.servers} servers")
-    for column in ("name", "upstream id", "host:port", "dialect", "tags"):
+    columns = ("name", "upstream id", "host:port", "dialect", "tags")
+    for column in (*columns, "state") if states is not None else columns:
         table.add_column(column)
     for model in registry.models.values():
         for replica in model.replicas:
-            table.add_row(
+            row = [
                 model.name,
                 replica.upstream_id,
                 replica.upstream.address,
                 replica.upstream.dialect,
                 ", ".join(replica.upstream.tags),
-            )
+            ]
+            if states is not None:
+                row.append(states.get((model.name, replica.upstream.address), ""))
+            table.add_row(*row)
     return table
+
+
+def health_states(numbers: Telemetry, workers: int) -> dict[tuple[str, str], str]:
+    """Each replica's state as the serving processes hold it (their merged numbers):
+    `up`, or in how many it is ejected and when its soonest trial may start."""
+    states = {}
+    for key, count in numbers.ejected.items():
+        if not count:
+            states[key] = "[green]up[/green]"
+            continue
+        trial = numbers.trial_in.get(key, 0.0)
+        when = f"trial in {trial:.0f} s" if trial >= 1 else "trial due"
+        states[key] = f"[red]ejected[/red] in {count} of {workers} workers, {when}"
+    return states
 
 
 def _when(stamp: float | None) -> str:

@@ -82,6 +82,7 @@ def _targets(endpoints: Sequence[Endpoint]) -> list[_Target]:
                 tags=endpoint.tags,
                 apikey=endpoint.apikey,
                 dialect=endpoint.dialect,
+                redact=endpoint.redact,
             )
             targets.append(_Target(endpoint, upstream))
     return targets
