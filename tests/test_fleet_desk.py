@@ -13,6 +13,7 @@ from typing import Any
 
 import openai
 import pytest
+from redis.asyncio import Redis
 
 from llproxy.process.fleet import UNREACHABLE
 from llproxy.stores.sqlite import KeyStore
@@ -341,3 +342,39 @@ async def test_a_holder_that_stops_hands_the_desk_on(fleet: Fleet) -> None:
     await alice.ok("finish", request["id"])
     answer = await asyncio.wait_for(asking, 10)
     assert answer.choices[0].message.content == "Moved."
+
+
+async def test_subscriptions_cut_while_redis_stays_up(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path, redis_url: str
+) -> None:
+    """Redis drops every subscription (as it does a slow reader's): the holder gives the
+    desk up, a holder is elected again, each host queues its requests again with what
+    reached their clients, and the answer goes on."""
+    upstream = await start_upstream()
+    endpoints = [upstream.endpoint(), {"operator": "human", "tags": ["support"]}]
+    desk = await open_desk(start_proxy, tmp_path / "state", endpoints, redis_url=redis_url)
+    other = await start_proxy(endpoints, state_dir=str(desk.state), redis_url=redis_url)
+    alice = await desk.operator()
+    client = other.client(api_key=desk.keys["client"])
+    stream = await client.chat.completions.create(
+        model="human:support", messages=HELLO, stream=True
+    )
+    chunks = stream.__aiter__()
+    await anext(chunks)
+    request = (await alice.expect("added"))["request"]
+    await alice.ok("claim", request["id"])
+    await alice.ok("delta", request["id"], text="Before. ")
+    assert (await anext(chunks)).choices[0].delta.content == "Before. "
+    redis = Redis.from_url(redis_url)
+    try:
+        assert await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 2
+    finally:
+        await redis.aclose()
+    again = await requeued(alice, request["id"])
+    assert again["text"] == "Before. " and again["state"] == "queued"
+    await alice.ok("claim", request["id"])
+    await alice.ok("delta", request["id"], text="After.")
+    await alice.ok("finish", request["id"])
+    rest = [chunk async for chunk in chunks]
+    assert "".join(c.choices[0].delta.content or "" for c in rest) == "After."
+    await alice.close()
