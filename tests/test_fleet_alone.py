@@ -11,10 +11,12 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from llproxy.core.desk import Ticket
 from llproxy.process.channel import DeskSubmit
 from llproxy.process.fleet import UNREACHABLE, decode, encode, queued_again
+from llproxy.process.fleet_scan import SCAN_RESULT
 
 from .conftest import ProxyFactory, UpstreamFactory
 from .operator_client import TestOperator, open_desk
@@ -136,3 +138,28 @@ def test_a_ticket_from_a_newer_host_is_read_without_the_fields_it_added() -> Non
     assert host == "host-b" and isinstance(message, DeskSubmit)
     assert message.ticket.text == "so far" and message.ticket.answer_bytes == 6
     assert message.ticket.messages == HELLO and message.ticket.state == "queued"
+
+
+async def test_one_host_scans_for_the_fleet(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory, tmp_path: Path, redis_url: str
+) -> None:
+    """A host that starts within another's scan interval takes that scan (its own
+    upstream keys, which never go to Redis); one with other endpoints scans itself."""
+    upstream = await start_upstream()
+    endpoint = upstream.endpoint(apikey="env:TEST_KEY")
+    top = {"redis_url": redis_url, "interval": 60000, "state_dir": str(tmp_path / "s")}
+    await start_proxy([endpoint], **top)
+    assert upstream.fake.listing_requests == 1
+    second = await start_proxy([endpoint], **top)
+    assert upstream.fake.listing_requests == 1  # the first host's scan
+    answer = await second.client().chat.completions.create(model="fake-model", messages=HELLO)
+    assert answer.choices[0].message.content
+    assert upstream.fake.generation_requests[-1].headers["Authorization"] == "Bearer sk-up-7"
+    redis = Redis.from_url(redis_url)
+    try:
+        stored = await redis.get(SCAN_RESULT)
+    finally:
+        await redis.aclose()
+    assert stored is not None and b"fake-model" in stored and b"sk-up-7" not in stored
+    await start_proxy([{**endpoint, "tags": ["other"]}], **top)
+    assert upstream.fake.listing_requests == 2

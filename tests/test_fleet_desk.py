@@ -18,7 +18,14 @@ from redis.asyncio import Redis
 from llproxy.process.fleet import UNREACHABLE
 from llproxy.stores.sqlite import KeyStore
 
-from .conftest import ProxyFactory, UpstreamFactory, free_port_block, start_redis, wait_listening
+from .conftest import (
+    ProxyFactory,
+    RunningUpstream,
+    UpstreamFactory,
+    free_port_block,
+    start_redis,
+    wait_listening,
+)
 from .operator_client import TestOperator, open_desk
 from .process import LlproxyProcess
 
@@ -27,8 +34,11 @@ Start = Callable[..., Awaitable[LlproxyProcess]]
 
 
 class Fleet:
-    def __init__(self, hosts: list[LlproxyProcess], keys: dict[str, str]) -> None:
+    def __init__(
+        self, hosts: list[LlproxyProcess], keys: dict[str, str], upstream: RunningUpstream
+    ) -> None:
         self.hosts = hosts
+        self.upstream = upstream
         self.keys = keys
         self.clients: list[openai.AsyncOpenAI] = []
         self.operators: list[TestOperator] = []
@@ -73,7 +83,7 @@ async def fleet(
     # One after the other: the second's port is picked while the first listens on its own.
     hosts = [await start_llproxy(*args), await start_llproxy(*args)]
     assert hosts[0].port != hosts[1].port
-    fleet = Fleet(hosts, keys)
+    fleet = Fleet(hosts, keys, upstream)
     await _heard(fleet)
     yield fleet
     await fleet.close()
@@ -106,6 +116,8 @@ def holder(fleet: Fleet) -> int:
 
 
 async def test_an_operator_on_one_host_answers_a_client_of_the_other(fleet: Fleet) -> None:
+    # Within the scan interval the second host took the first one's scan.
+    assert fleet.upstream.fake.listing_requests == 1
     alice, bob = await fleet.operator(0, "alice"), await fleet.operator(1, "bob")
     stream = await fleet.client(1).chat.completions.create(
         model="human:support", messages=HELLO, stream=True

@@ -18,6 +18,7 @@ from ..backends.openai_http.discovery import DiscoveryLoop
 from ..config import Config
 from ..dialects import Route
 from ..process.fleet import host_desk
+from ..process.fleet_scan import fleet_scan
 from ..stores import Services, build_services
 from . import handlers, operator
 from .admin import AdminApi
@@ -79,7 +80,7 @@ def create_app(
             add("OPTIONS", path, handlers.preflight, system)
     app.cleanup_ctx.append(_lifetime)
     if discover:
-        app[DISCOVERY] = DiscoveryLoop(config, state.take_scan)
+        app[DISCOVERY] = DiscoveryLoop(config, state.take_scan, fleet_scan(config))
         app.cleanup_ctx.append(_local_discovery)
     return app
 
