@@ -27,6 +27,12 @@ SCAN_RESULT = "llproxy:scan:result"
 STALE_MARGIN_SECONDS = 5.0
 
 
+def _turn(config: Config) -> int:
+    """How long a scan stands for the fleet (ms): a little less than the interval, so the
+    host that scanned finds the lock free when its own next scan is due."""
+    return max(1, config.interval_ms * 9 // 10)
+
+
 def fingerprint(config: Config) -> str:
     """What a scan depends on, without secrets: hosts whose endpoints differ scan alone."""
     endpoints = [
@@ -124,7 +130,7 @@ class FleetScan:
 
     async def shared(self, config: Config, previous: Registry) -> ScanResult | None:
         try:
-            if await self.client.set(SCAN_LOCK, "1", nx=True, px=config.interval_ms):
+            if await self.client.set(SCAN_LOCK, "1", nx=True, px=_turn(config)):
                 return None  # this host scans this interval
             data = await self.client.get(SCAN_RESULT)
         except (RedisError, OSError) as exc:
@@ -142,7 +148,7 @@ class FleetScan:
         try:
             # Its lock too: a host scanning out of turn (a forced scan, the first) spares
             # the others this interval's scan.
-            await self.client.set(SCAN_LOCK, "1", px=config.interval_ms)
+            await self.client.set(SCAN_LOCK, "1", px=_turn(config))
             ttl = int(2 * config.interval_ms + STALE_MARGIN_SECONDS * 1000)
             await self.client.set(SCAN_RESULT, encode_result(config, result), px=ttl)
         except (RedisError, OSError) as exc:
