@@ -42,6 +42,7 @@ SLOW_SUITES = frozenset(
         "test_operator_page.py",
         "test_operator_terminal.py",
         "test_fleet.py",
+        "test_fleet_desk.py",
     }
 )
 

@@ -207,7 +207,7 @@ async def test_health_names_the_stores(
         "keys": "postgresql",
         "usage": "postgresql",
         "rate": "redis",
-        "desk": "this process",
+        "desk": "redis",  # with redis_url, the fleet's desk
     }
 
 

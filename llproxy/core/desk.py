@@ -89,6 +89,19 @@ class Ticket:
             )
         self.answer_bytes += size
 
+    def add_text(self, new: str) -> None:
+        """Text that reaches the client; Refused past the bound."""
+        self.add_answer_bytes(len(new.encode(errors="surrogatepass")))
+        self.parts.append(new)
+        self.length += len(new)
+
+    def add_call(self, call: Event) -> None:
+        """A tool call (`id`, `name`, `arguments` as JSON text) that reaches the client;
+        Refused past the bound."""
+        name, arguments = call["name"], call["arguments"]
+        self.add_answer_bytes(len(arguments.encode()) + len(name.encode(errors="surrogatepass")))
+        self.tool_calls.append(call)
+
     def public(self, now: float) -> Event:
         """The ticket as operators see it."""
         return {
@@ -351,9 +364,7 @@ class Desk:
         # Append-only: what overlaps the text already sent (a resent delta) is dropped.
         new = text[ticket.length - offset :]
         if new:
-            ticket.add_answer_bytes(len(new.encode(errors="surrogatepass")))
-            ticket.parts.append(new)
-            ticket.length += len(new)
+            ticket.add_text(new)
             ticket.state = ANSWERING
             self.clients[ticket.id]({"type": "delta", "text": new})
         self._renew(ticket)
@@ -382,11 +393,9 @@ class Desk:
         schema = tool.get("parameters")
         if isinstance(schema, dict):
             check_arguments(schema, arguments)
-        encoded = orjson.dumps(arguments)
-        assert isinstance(name, str)  # tool_named found it
-        ticket.add_answer_bytes(len(encoded) + len(name.encode(errors="surrogatepass")))
-        call = {"id": "call_" + secrets.token_hex(8), "name": name, "arguments": encoded.decode()}
-        ticket.tool_calls.append(call)
+        encoded = orjson.dumps(arguments).decode()
+        call = {"id": "call_" + secrets.token_hex(8), "name": name, "arguments": encoded}
+        ticket.add_call(call)
         ticket.state = ANSWERING
         self.clients[ticket.id]({"type": "tool_call", **call})
         self._renew(ticket)

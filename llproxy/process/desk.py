@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..core.desk import Event, HeldDesk, Send, Ticket
+from ..core.desk import DeskPort, Event, Send, Ticket
 from .channel import (
     DeskAttach,
     DeskCommand,
@@ -73,14 +73,18 @@ class ChannelDesk:
 
 class DeskHost:
     """The supervisor's end: messages from workers to the desk, its events back to the
-    worker each is for; a worker that exits takes its clients and operators with it."""
+    worker each is for; a worker that exits takes its clients and operators with it. The
+    holder of a fleet's desk relays its hosts the same way (`process/fleet.py`), a sender
+    then being a host."""
 
-    def __init__(self, desk: HeldDesk) -> None:
+    def __init__(self, desk: DeskPort) -> None:
         self.desk = desk
-        self.tickets: dict[int, set[str]] = {}
-        self.conns: dict[int, set[str]] = {}
+        self.tickets: dict[int | str, set[str]] = {}
+        self.conns: dict[int | str, set[str]] = {}
 
-    def handle(self, worker_id: int, send: Callable[[Message], bool], message: DeskMessage) -> None:
+    def handle(
+        self, worker_id: int | str, send: Callable[[Message], bool], message: DeskMessage
+    ) -> None:
         tickets = self.tickets.setdefault(worker_id, set())
         conns = self.conns.setdefault(worker_id, set())
         match message:
@@ -109,8 +113,10 @@ class DeskHost:
             case DeskCommand(conn, command):
                 self.desk.command(conn, command)
 
-    def worker_gone(self, worker_id: int) -> None:
+    def worker_gone(
+        self, worker_id: int | str, reason: str = "the process holding the client's request exited"
+    ) -> None:
         for ticket_id in self.tickets.pop(worker_id, set()):
-            self.desk.withdraw(ticket_id, "the process holding the client's request exited")
+            self.desk.withdraw(ticket_id, reason)
         for conn in self.conns.pop(worker_id, set()):
             self.desk.detach(conn)

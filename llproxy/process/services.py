@@ -10,10 +10,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..config import Config
-from ..core.desk import HeldDesk
 from ..stores import usage_writer
 from ..stores.memory import DequeWindows
-from ..telemetry.desk import DeskTelemetry, desk_families
+from ..telemetry.desk import desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
 from .channel import (
     Calls,
@@ -23,6 +22,7 @@ from .channel import (
     StatsRequest,
 )
 from .desk import DeskHost
+from .fleet import desk_in_hand, host_desk
 
 log = logging.getLogger("llproxy.supervisor")
 
@@ -37,8 +37,9 @@ class MasterServices:
         # Numbers of workers that exited, and the latest numbers of each live one.
         self.retired = Telemetry()
         self.last_seen: dict[int, Telemetry] = {}
-        # The operators' desk of the whole host, and its ends in the workers.
-        self.desk = HeldDesk(observer=DeskTelemetry())
+        # The operators' desk of the whole host (or its port to the fleet's), and its ends
+        # in the workers.
+        self.desk = host_desk(config)
         self.desks = DeskHost(self.desk)
 
     async def stats(self, workers: Iterable[tuple[int, Calls]]) -> list[StatsReply]:
@@ -92,9 +93,9 @@ class MasterServices:
         merged.merge(self.retired, live=False)
         for reply in await self.stats(workers):
             merged.merge(reply.telemetry)
-        body = render(
-            merged, self.discovery_telemetry, self.usage.telemetry, desk_families(self.desk)
-        )
+        held = desk_in_hand(self.desk)
+        desk = desk_families(held) if held is not None else ()
+        body = render(merged, self.discovery_telemetry, self.usage.telemetry, desk)
         return MetricsReply(token, body)
 
     async def count(self, token: int, limit: str, client: str) -> RateLimitReply:

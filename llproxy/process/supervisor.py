@@ -47,6 +47,7 @@ from .channel import (
     WorkerCount,
     WorkerSpec,
 )
+from .fleet_scan import fleet_scan
 from .listeners import Listeners
 from .sdnotify import Notifier
 from .services import MasterServices
@@ -133,7 +134,7 @@ class Supervisor:
         self.host = HostShare.create(self._context)
         self.services = MasterServices(config)
         self.services.desk.exists = self._model_exists
-        self.discovery = DiscoveryLoop(config, self.publish)
+        self.discovery = DiscoveryLoop(config, self.publish, fleet_scan(config))
 
     # --- workers -----------------------------------------------------------------------
 
@@ -412,7 +413,7 @@ class Supervisor:
         self._broadcast(WorkerCount(self.target))
 
     async def handle_scan(self) -> None:
-        self._own(self.discovery.scan_now())
+        self._own(self.discovery.scan_now(force=True))
 
     async def handle_models(self) -> None:
         # Replica health is each worker's own: asked of them now, with their numbers.

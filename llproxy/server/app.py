@@ -17,6 +17,8 @@ from aiohttp import web
 from ..backends.openai_http.discovery import DiscoveryLoop
 from ..config import Config
 from ..dialects import Route
+from ..process.fleet import host_desk
+from ..process.fleet_scan import fleet_scan
 from ..stores import Services, build_services
 from . import handlers, operator
 from .admin import AdminApi
@@ -78,14 +80,14 @@ def create_app(
             add("OPTIONS", path, handlers.preflight, system)
     app.cleanup_ctx.append(_lifetime)
     if discover:
-        app[DISCOVERY] = DiscoveryLoop(config, state.take_scan)
+        app[DISCOVERY] = DiscoveryLoop(config, state.take_scan, fleet_scan(config))
         app.cleanup_ctx.append(_local_discovery)
     return app
 
 
 def serve_alone(config: Config) -> web.Application:
     """The app of a process that serves alone: it scans, counts and writes for itself."""
-    return create_app(config, build_services(config))
+    return create_app(config, build_services(config, desk=host_desk(config)))
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -43,6 +43,7 @@ from ..dialects.openai import OpenAIDialect
 from ..dialects.responses import ResponsesDialect
 from ..gateway import Gateway
 from ..gateway.accounting import Accounting
+from ..process.fleet import FleetDesk, desk_in_hand
 from ..stores import Services
 from ..stores.sqlite import state_dir, usage_sums
 from ..telemetry.capture import CaptureWriter
@@ -115,7 +116,7 @@ class ProxyState:
             self._commands(config), config.tool_loops.mode, config.tool_loops.repeats
         )
         self.operators.handoff = self._hand_off
-        if isinstance(services.desk, Desk):  # held here: it asks this registry
+        if isinstance(services.desk, Desk | FleetDesk):  # held here: it asks this registry
             services.desk.exists = self._exists
         # The operator sockets open in this process, closed when it retires.
         self.operator_sockets: set[web.WebSocketResponse] = set()
@@ -198,8 +199,8 @@ class ProxyState:
         self.set_registry(result.registry)
 
     async def _own_metrics(self) -> bytes:
-        desk = self.services.desk
-        held = desk_families(desk) if isinstance(desk, Desk) else ()
+        desk = desk_in_hand(self.services.desk)
+        held = desk_families(desk) if desk is not None else ()
         return render(self.numbers(), self.discovery_telemetry, self.services.usage.telemetry, held)
 
 

@@ -215,7 +215,7 @@ class Services:
     rate: RateCounter  # asked only for a client that a limit applies to
     desk: DeskPort  # the operators' queue: held here, or reached over a channel
     usage_store: str = "sqlite"
-    desk_store: str = "this process"
+    desk_store: str = "this host"
     rate_reachable: bool | None = None
     _probe: asyncio.Task[None] | None = None
 
@@ -253,7 +253,11 @@ class Services:
                 "store": "redis" if isinstance(self.rate, RedisCounter) else "memory",
                 "reachable": self.rate_reachable,
             },
-            "desk": {"store": self.desk_store, "reachable": True},
+            # A fleet's desk travels through the same Redis as the rate counts.
+            "desk": {
+                "store": self.desk_store,
+                "reachable": self.rate_reachable if self.desk_store == "redis" else True,
+            },
         }
 
     async def close(self) -> None:
@@ -304,7 +308,8 @@ def build_services(
         rate,
         desk or HeldDesk(observer=DeskTelemetry()),
         usage_store="postgresql" if config.database_url is not None else "sqlite",
-        desk_store="this process" if desk is None else "this host",
+        # With redis_url the desk is the fleet's (held by one host, reached through it).
+        desk_store="redis" if config.redis_url is not None else "this host",
     )
 
 
@@ -315,7 +320,8 @@ def describe_stores(config: Config) -> str:
     else:
         records = f"keys and usage in SQLite ({state_dir(config.state_dir)})"
     counts = "Redis (shared)" if config.redis_url is not None else "this host's memory"
-    return f"{records}, rate counts in {counts}, operators' desk on this host"
+    desk = "shared through Redis" if config.redis_url is not None else "on this host"
+    return f"{records}, rate counts in {counts}, operators' desk {desk}"
 
 
 def usage_writer(config: Config) -> UsageWriter | PostgresUsageWriter:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -86,6 +86,14 @@ def _targets(endpoints: Sequence[Endpoint]) -> list[_Target]:
             )
             targets.append(_Target(endpoint, upstream))
     return targets
+
+
+def known_upstreams(config: Config) -> dict[str, Upstream]:
+    """Every upstream the config names (its secrets included), by base URL: how a scan
+    result made elsewhere is tied to this host's own upstreams."""
+    upstreams = {target.upstream.base_url: target.upstream for target in _targets(config.endpoints)}
+    upstreams.update((m.upstream.base_url, m.upstream) for m in operator_models(config.endpoints))
+    return upstreams
 
 
 _Address = tuple[socket.AddressFamily, str]
@@ -596,12 +604,30 @@ def missing_models(config: Config, registry: Registry) -> list[str]:
     return missing
 
 
+class ScanShare(Protocol):
+    """Scans shared by several hosts (a fleet): one scans an interval, the others take
+    its result."""
+
+    async def shared(self, config: Config, previous: Registry) -> ScanResult | None:
+        """Another host's recent scan for this config, or None: scan here."""
+
+    async def share(self, config: Config, result: ScanResult) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class DiscoveryLoop:
     """Owns the periodic scan task and its HTTP session; hands every result to a callback."""
 
-    def __init__(self, config: Config, publish: Callable[[ScanResult], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        publish: Callable[[ScanResult], None],
+        share: ScanShare | None = None,
+    ) -> None:
         self.config = config
         self._publish = publish
+        self.share = share
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._running_scan: asyncio.Task[ScanResult] | None = None
@@ -624,21 +650,29 @@ class DiscoveryLoop:
                     await task
         if self._session is not None:
             await self._session.close()
+        if self.share is not None:
+            await self.share.close()
 
     def reconfigure(self, config: Config) -> None:
         """Use a new config from the next scan on, and start that scan now."""
         self.config = config
         self._wake.set()
 
-    async def scan_now(self) -> ScanResult:
-        """Run a scan, or join the one already running: scans never overlap."""
+    async def scan_now(self, force: bool = False) -> ScanResult:
+        """Run a scan, or join the one already running: scans never overlap. Unless
+        forced, another host's recent scan may stand in for it (a ScanShare)."""
         if self._running_scan is None or self._running_scan.done():
-            self._running_scan = asyncio.create_task(self._scan_and_publish())
+            self._running_scan = asyncio.create_task(self._scan_and_publish(force))
         return await asyncio.shield(self._running_scan)
 
-    async def _scan_and_publish(self) -> ScanResult:
+    async def _scan_and_publish(self, force: bool) -> ScanResult:
         assert self._session is not None
-        result = await scan(self.config, self._session, self.registry, memory=self._memory)
+        share = self.share
+        result = None if share is None or force else await share.shared(self.config, self.registry)
+        if result is None:
+            result = await scan(self.config, self._session, self.registry, memory=self._memory)
+            if share is not None:
+                await share.share(self.config, result)
         self.registry = result.registry
         self._publish(result)
         self._log.report(result, self.config)
