@@ -183,6 +183,30 @@ async def test_errors_in_googles_shape(gemini: Any, scenario: ScenarioUpstream) 
             pass
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("tools", True, "tools"),
+        ("tools", [{"functionDeclarations": 7}], "tools[0].functionDeclarations"),
+        ("systemInstruction", {"parts": True}, "systemInstruction.parts"),
+        ("toolConfig", {"functionCallingConfig": {"allowedFunctionNames": 1}}, "toolConfig"),
+    ],
+)
+async def test_a_field_of_the_wrong_type_is_a_400_naming_it(
+    proxy: RunningProxy, scenario: ScenarioUpstream, field: str, value: Any, named: str
+) -> None:
+    # Found by the fuzz test: `"tools": true` was a 500 (a bool iterated).
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], field: value}
+    async with httpx.AsyncClient(base_url=proxy.url) as raw:
+        answer = await raw.post(
+            f"/v1beta/models/{MODEL}:generateContent", json=body, headers={"x-goog-api-key": "k"}
+        )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["status"] == "INVALID_ARGUMENT" and named in error["message"]
+    assert scenario.bodies() == []  # nothing went upstream
+
+
 async def test_a_stream_without_alt_sse_is_one_json_array(proxy: RunningProxy) -> None:
     async with httpx.AsyncClient(base_url=proxy.url) as raw:
         answer = await raw.post(

@@ -83,6 +83,15 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _list(value: Any, path: str) -> list[Any]:
+    """A field that must be a list when given: absent is empty, another type a 400."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{path}: must be a list", param=path)
+    return value
+
+
 class GeminiDialect:
     name = "gemini"
 
@@ -116,7 +125,10 @@ class GeminiDialect:
             requests = body.get("requests") if batch else [body]
             if not isinstance(requests, list):
                 raise InvalidRequest("requests: must be a list", param="requests")
-            texts = [_texts(_dict(_dict(r).get("content")).get("parts")) for r in requests]
+            texts = [
+                _texts(_list(_dict(_dict(r).get("content")).get("parts"), "content.parts"))
+                for r in requests
+            ]
             payload = JsonPayload({"model": model, "input": texts if batch else texts[0]})
             return GeminiTranslation("embeddings", payload, model, False, False, batch)
         chat = to_chat(body, model)
@@ -186,7 +198,9 @@ def to_chat(body: dict[str, Any], model: str) -> dict[str, Any]:
     if not isinstance(contents, list):
         raise InvalidRequest("contents: must be a list", param="contents")
     messages: list[dict[str, Any]] = []
-    system = _texts(_dict(body.get("systemInstruction")).get("parts"))
+    system = _texts(
+        _list(_dict(body.get("systemInstruction")).get("parts"), "systemInstruction.parts")
+    )
     if system:
         messages.append({"role": "system", "content": system})
     waiting: list[tuple[str, str]] = []  # (name, id) of calls not answered yet, in order
@@ -208,9 +222,9 @@ def to_chat(body: dict[str, Any], model: str) -> dict[str, Any]:
     return chat
 
 
-def _texts(parts: Any) -> str:
+def _texts(parts: list[Any]) -> str:
     return "\n".join(
-        p["text"] for p in parts or () if isinstance(p, dict) and isinstance(p.get("text"), str)
+        p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)
     )
 
 
@@ -281,8 +295,9 @@ def _user_turn(parts: list[Any], waiting: list[tuple[str, str]]) -> list[dict[st
 
 def _tools(body: dict[str, Any], chat: dict[str, Any]) -> None:
     tools: list[dict[str, Any]] = []
-    for tool in body.get("tools") or ():
-        for declaration in _dict(tool).get("functionDeclarations") or ():
+    for i, tool in enumerate(_list(body.get("tools"), "tools")):
+        declarations = _dict(tool).get("functionDeclarations")
+        for declaration in _list(declarations, f"tools[{i}].functionDeclarations"):
             if not isinstance(declaration, dict) or not isinstance(declaration.get("name"), str):
                 continue
             # google-genai 3.6 sends `parameters_json_schema` as it is, in snake case.
@@ -297,7 +312,8 @@ def _tools(body: dict[str, Any], chat: dict[str, Any]) -> None:
             tools.append({"type": "function", "function": function})
     config = _dict(_dict(body.get("toolConfig")).get("functionCallingConfig"))
     mode = config.get("mode")
-    allowed = [n for n in config.get("allowedFunctionNames") or () if isinstance(n, str)]
+    names = _list(config.get("allowedFunctionNames"), "toolConfig.functionCallingConfig")
+    allowed = [n for n in names if isinstance(n, str)]
     if allowed:
         tools = [t for t in tools if t["function"]["name"] in allowed]
     if not tools:
