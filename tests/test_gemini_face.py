@@ -197,14 +197,37 @@ async def test_a_field_of_the_wrong_type_is_a_400_naming_it(
 ) -> None:
     # Found by the fuzz test: `"tools": true` was a 500 (a bool iterated).
     body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], field: value}
+    assert await refused(proxy, body, named)
+    assert scenario.bodies() == []  # nothing went upstream
+
+
+async def test_a_function_response_too_deep_to_write_is_a_400(
+    proxy: RunningProxy, scenario: ScenarioUpstream
+) -> None:
+    # Found by the fuzz test: a 500 (the encoder's recursion limit) before.
+    deep: Any = []
+    for _ in range(300):
+        deep = [deep]
+    call = {"functionCall": {"name": "f", "args": {"a": 1}}}
+    answer = {"functionResponse": {"name": "f", "response": deep}}
+    contents = [
+        {"role": "user", "parts": [{"text": "hi"}]},
+        {"role": "model", "parts": [call]},
+        {"role": "user", "parts": [answer]},
+    ]
+    assert await refused(proxy, {"contents": contents}, "nests deeper")
+    assert scenario.bodies() == []
+
+
+async def refused(proxy: RunningProxy, body: dict[str, Any], says: str) -> bool:
+    """Whether llproxy answered the body with a 400 in Google's shape that says `says`."""
     async with httpx.AsyncClient(base_url=proxy.url) as raw:
         answer = await raw.post(
             f"/v1beta/models/{MODEL}:generateContent", json=body, headers={"x-goog-api-key": "k"}
         )
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
-    assert error["status"] == "INVALID_ARGUMENT" and named in error["message"]
-    assert scenario.bodies() == []  # nothing went upstream
+    return bool(error["status"] == "INVALID_ARGUMENT" and says in error["message"])
 
 
 async def test_a_stream_without_alt_sse_is_one_json_array(proxy: RunningProxy) -> None:

@@ -18,7 +18,15 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from ..core.call import JsonPayload, Native, Reply, estimate_tokens, json_object, prompt_text
+from ..core.call import (
+    JsonPayload,
+    Native,
+    Reply,
+    encode_client,
+    estimate_tokens,
+    json_object,
+    prompt_text,
+)
 from ..core.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..core.sse import (
@@ -240,7 +248,7 @@ def _model_turn(parts: list[Any], waiting: list[tuple[str, str]]) -> list[dict[s
             name = str(call.get("name") or "")
             call_id = str(call.get("id") or f"call_{secrets.token_hex(8)}")
             waiting.append((name, call_id))
-            arguments = orjson.dumps(_dict(call.get("args"))).decode()
+            arguments = encode_client(_dict(call.get("args"))).decode()
             calls.append(
                 {
                     "id": call_id,
@@ -279,7 +287,7 @@ def _user_turn(parts: list[Any], waiting: list[tuple[str, str]]) -> list[dict[st
             )
             call_id = waiting.pop(at)[1] if at is not None else f"call_{secrets.token_hex(8)}"
             result = response.get("response")
-            text = orjson.dumps(result).decode() if not isinstance(result, str) else result
+            text = encode_client(result).decode() if not isinstance(result, str) else result
             results.append({"role": "tool", "tool_call_id": call_id, "content": text})
     out = results
     if content:
