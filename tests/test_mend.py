@@ -308,6 +308,8 @@ async def _gemini(
         if tools
         else None,
         automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+        # As google-genai sends it: without includeThoughts no thought parts come back.
+        thinking_config=types.ThinkingConfig(include_thoughts=True) if thinking else None,
     )
     try:
         if stream:
@@ -501,7 +503,7 @@ async def test_an_answer_with_only_the_closing_tag(
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-@pytest.mark.parametrize("dialect", ["anthropic", "ollama"])
+@pytest.mark.parametrize("dialect", ["anthropic", "ollama", "gemini"])
 async def test_a_client_that_asked_for_no_thinking_gets_none(
     proxy: RunningProxy, model: TextUpstream, dialect: str, stream: bool
 ) -> None:

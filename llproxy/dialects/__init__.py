@@ -203,7 +203,8 @@ class Translation(Protocol):
     def thinking(self) -> bool:
         """Whether the client may be shown the model's reasoning: False where its dialect
         has a switch for it and the client did not ask (Ollama's `think: false`, an
-        Anthropic request without `thinking`); the mending stages then drop it."""
+        Anthropic request without `thinking`, Gemini without `includeThoughts`); the mending
+        stages then drop it."""
 
     @property
     def relays_as_is(self) -> bool:

@@ -91,6 +91,14 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _field(message: dict[str, Any], name: str) -> Any:
+    """A field by its JSON name or its proto name, as Gemini's parser takes either:
+    google-genai sends thinkingConfig's as `include_thoughts`, `thinking_budget`."""
+    if name in message:
+        return message[name]
+    return message.get("".join("_" + c.lower() if c.isupper() else c for c in name))
+
+
 def _list(value: Any, path: str) -> list[Any]:
     """A field that must be a list when given: absent is empty, another type a 400."""
     if value is None:
@@ -146,7 +154,13 @@ class GeminiDialect:
             chat["stream"] = True
             chat["stream_options"] = {"include_usage": True}
         sse = parse_qs(incoming.query).get("alt") == ["sse"]
-        return GeminiTranslation("chat/completions", JsonPayload(chat, native), model, stream, sse)
+        translation = GeminiTranslation(
+            "chat/completions", JsonPayload(chat, native), model, stream, sse
+        )
+        # Gemini returns thought parts only when asked: includeThoughts absent is false.
+        thinking = _dict(_dict(body.get("generationConfig")).get("thinkingConfig"))
+        translation.thinking = _field(thinking, "includeThoughts") is True
+        return translation
 
     def error(self, error: ProxyError) -> Answer:
         return Answer(
@@ -383,7 +397,7 @@ def _generation(config: dict[str, Any], chat: dict[str, Any]) -> None:
         else:
             chat["response_format"] = {"type": "json_object"}
     thinking = _dict(config.get("thinkingConfig"))
-    budget = thinking.get("thinkingBudget")
+    budget = _field(thinking, "thinkingBudget")
     if isinstance(budget, int) and budget > 0:
         chat["reasoning_effort"] = (
             "low" if budget < 4096 else "medium" if budget < 16384 else "high"
@@ -418,7 +432,7 @@ def _response(
 class GeminiTranslation:
     early = False  # no keepalive: a stream opens with the model's first chunk
     relays_as_is = False
-    thinking = True  # thought parts, as the dialect gives them
+    thinking = True  # thought parts, marked `thought`, when the request includeThoughts
 
     def __init__(
         self,
