@@ -380,6 +380,41 @@ async def test_commands_off_everywhere_and_another_prefix(
     assert len(scenario.bodies()) == 2
 
 
+async def test_token_counts_count_what_the_model_sees(
+    proxy: RunningProxy, scenario: ScenarioUpstream
+) -> None:
+    """Commands and llproxy's answers never reach the model: a count leaves them out,
+    as counted by the model's server (llama.cpp's template) and as an estimate."""
+    history: Any = [
+        {"role": "user", "content": "!/set temperature=0.2"},
+        {"role": "assistant", "content": f"{MARK} set temperature=0.2 " + "x" * 400},
+        {"role": "user", "content": "hello"},
+    ]
+    sdk = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="none", max_retries=0)
+    client = genai.Client(api_key="none", http_options=types.HttpOptions(base_url=proxy.url))
+    try:
+        await sdk.messages.count_tokens(model="fake-model", messages=history)
+        await client.aio.models.count_tokens(
+            model="fake-model",
+            contents=[
+                types.Content(
+                    role="model" if m["role"] == "assistant" else "user",
+                    parts=[types.Part(text=m["content"])],
+                )
+                for m in history
+            ],
+        )
+        sent = [body["messages"] for body in scenario.bodies("/apply-template")]
+        assert sent == [[{"role": "user", "content": "hello"}]] * 2
+        scenario.template_enabled = False  # no count by the server: the estimate's text
+        estimated = await sdk.messages.count_tokens(model="fake-model", messages=history)
+        assert estimated.input_tokens < 5  # the answer alone would be ~100
+    finally:
+        await sdk.close()
+        await client.aio.aclose()
+    assert not scenario.bodies()  # counting never generates
+
+
 def test_config_checks_the_commands_section() -> None:
     config = parse_config({"commands": {"prefix": "::", "disabled_keys": ["ci-*"]}})
     assert (config.commands.prefix, config.commands.disabled_keys) == ("::", ("ci-*",))

@@ -11,12 +11,14 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
 from .answer import as_stream
 from .call import JSON, JsonPayload, Payload, Reply
 from .commands import Commands, History, read
+from .keys import ApiKey
 from .record import RequestRecord
 from .toolloop import check, with_note
 
@@ -39,6 +41,16 @@ class TurnStages:
         self.commands = commands  # None: commands are off
         self.loop_mode = loop_mode
         self.loop_repeats = loop_repeats
+
+    def seen(self, chat: Mapping[str, Any], key: ApiKey | None) -> Mapping[str, Any]:
+        """A chat body as its model would see it: without the commands and llproxy's
+        answers (what a token count counts; the same body when there are none)."""
+        messages = chat.get("messages")
+        commands = self.commands
+        if not isinstance(messages, list) or commands is None or not commands.enabled_for(key):
+            return chat
+        history = read(messages, commands.prefix)
+        return {**chat, "messages": history.messages} if history.changed else chat
 
     async def read(self, target: str, payload: Payload, record: RequestRecord) -> Turn:
         """The turn as the model (or llproxy) answers it. A request that is no chat, or

@@ -236,6 +236,11 @@ class Catalog(Protocol):
         """The model a name stands for; ProxyError when unknown or not allowed."""
         ...
 
+    def seen(self, chat: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A chat as its model would see it: without llproxy's commands and its answers to
+        them, which a token count must not count."""
+        ...
+
     async def count_tokens(self, model: Model, chat: Mapping[str, Any]) -> int | None:
         """The tokens of a chat's prompt (messages and tools) as the model sees it,
         counted by its own server where it can; None else."""

@@ -160,7 +160,7 @@ class AnthropicDialect:
         text; fast, and never a 404 (Claude Code asks it dozens of times a second and
         breaks on a 404)."""
         body = json_object(incoming.body)
-        chat = to_chat({**body, "max_tokens": 1})
+        chat = catalog.seen(to_chat({**body, "max_tokens": 1}))
         counted = None
         try:
             model = catalog.resolve(chat["model"])

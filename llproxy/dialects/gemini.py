@@ -178,7 +178,7 @@ class GeminiDialect:
         model = incoming.params.get("name", "").removeprefix("models/")
         body = json_object(incoming.body)
         inner = _dict(body.get("generateContentRequest")) or body
-        chat = to_chat({**inner, "contents": inner.get("contents") or []}, model)
+        chat = catalog.seen(to_chat({**inner, "contents": inner.get("contents") or []}, model))
         counted = None
         try:
             resolved = catalog.resolve(model)

@@ -203,6 +203,9 @@ class Catalog:
     def resolve(self, name: str) -> Model:
         return self.state.router.resolve(name, self.key)
 
+    def seen(self, chat: Mapping[str, Any]) -> Mapping[str, Any]:
+        return self.state.turns.seen(chat, self.key)
+
     async def count_tokens(self, model: Model, chat: Mapping[str, Any]) -> int | None:
         counter = self.state.counters.get(model.replicas[0].backend)
         return await counter.count_tokens(model, chat) if counter is not None else None
