@@ -96,7 +96,7 @@ async def test_keys_and_usage_through_the_admin_api(
             break
         await asyncio.sleep(0.2)
     assert usage["data"] == [
-        {"client": "web", "requests": 1, "prompt_tokens": 7, "completion_tokens": 5}
+        {"client": "web", "requests": 1, "prompt_tokens": 7, "completion_tokens": 5, "cut": 0}
     ]
     status, body = await call(proxy, "GET", "/admin/usage?by=week")
     assert status == 400 and body["error"]["param"] == "by"

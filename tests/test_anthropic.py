@@ -540,7 +540,13 @@ async def test_keys_limits_and_usage_through_anthropic(
     # The stream's usage record holds the upstream's own numbers.
     rows = await recorded(state, "dialect", 3)
     assert rows == [
-        {"dialect": "anthropic", "requests": 3, "prompt_tokens": 33, "completion_tokens": 21}
+        {
+            "dialect": "anthropic",
+            "requests": 3,
+            "prompt_tokens": 33,
+            "completion_tokens": 21,
+            "cut": 0,
+        }
     ]
 
 

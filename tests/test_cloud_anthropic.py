@@ -224,7 +224,13 @@ async def test_openai_client(cloud: RunningProxy, fake: FakeAnthropic, tmp_path:
     assert overloaded.value.body["message"] == "Overloaded"  # type: ignore[index]
     rows = await recorded(tmp_path / "st", "dialect", 6)
     assert rows == [
-        {"dialect": "openai", "requests": 6, "prompt_tokens": 4 * PROMPT, "completion_tokens": 28}
+        {
+            "dialect": "openai",
+            "requests": 6,
+            "prompt_tokens": 4 * PROMPT,
+            "completion_tokens": 28,
+            "cut": 0,
+        }
     ]
 
 
@@ -320,6 +326,7 @@ async def test_anthropic_client_is_passed_through(
             "requests": 7,
             "prompt_tokens": 5 * PROMPT,
             "completion_tokens": 35,
+            "cut": 0,
         }
     ]
 
@@ -358,7 +365,13 @@ async def test_ollama_client(cloud: RunningProxy, fake: FakeAnthropic, tmp_path:
     await sdk.close()
     rows = await recorded(tmp_path / "st", "dialect", 5)
     assert rows == [
-        {"dialect": "ollama", "requests": 5, "prompt_tokens": 4 * PROMPT, "completion_tokens": 28}
+        {
+            "dialect": "ollama",
+            "requests": 5,
+            "prompt_tokens": 4 * PROMPT,
+            "completion_tokens": 28,
+            "cut": 0,
+        }
     ]
 
 
@@ -506,6 +519,7 @@ async def test_responses_client(cloud: RunningProxy, tmp_path: Path) -> None:
             "requests": 3,
             "prompt_tokens": 2 * PROMPT,
             "completion_tokens": 14,
+            "cut": 0,
         }
     ]
 
@@ -551,7 +565,13 @@ async def test_gemini_client(cloud: RunningProxy, fake: FakeAnthropic, tmp_path:
     await sdk.aclose()
     rows = await recorded(tmp_path / "st", "dialect", 5)
     assert rows == [
-        {"dialect": "gemini", "requests": 5, "prompt_tokens": 4 * PROMPT, "completion_tokens": 28}
+        {
+            "dialect": "gemini",
+            "requests": 5,
+            "prompt_tokens": 4 * PROMPT,
+            "completion_tokens": 28,
+            "cut": 0,
+        }
     ]
 
 

@@ -228,6 +228,7 @@ async def test_openai_client(cloud: RunningProxy, fake: FakeGemini, tmp_path: Pa
             "requests": 6,
             "prompt_tokens": 4 * PROMPT,
             "completion_tokens": 4 * COMPLETION,
+            "cut": 0,
         }
     ]
 
@@ -293,6 +294,7 @@ async def test_anthropic_client(cloud: RunningProxy, tmp_path: Path) -> None:
             "requests": 6,
             "prompt_tokens": 4 * PROMPT,
             "completion_tokens": 4 * COMPLETION,
+            "cut": 0,
         }
     ]
 
@@ -336,6 +338,7 @@ async def test_ollama_client(cloud: RunningProxy, tmp_path: Path) -> None:
             "requests": 5,
             "prompt_tokens": 4 * PROMPT,
             "completion_tokens": 4 * COMPLETION,
+            "cut": 0,
         }
     ]
 
@@ -446,6 +449,7 @@ async def test_gemini_client_is_passed_through(
             "requests": 5,
             "prompt_tokens": 4 * PROMPT,
             "completion_tokens": 4 * COMPLETION,
+            "cut": 0,
         }
     ]
 
@@ -473,6 +477,7 @@ async def test_responses_client(cloud: RunningProxy, tmp_path: Path) -> None:
             "requests": 3,
             "prompt_tokens": 2 * PROMPT,
             "completion_tokens": 2 * COMPLETION,
+            "cut": 0,
         }
     ]
 

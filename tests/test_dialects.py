@@ -114,7 +114,7 @@ async def test_keys_limits_usage_and_metrics_in_every_dialect(
     # Each record carries the dialect and the upstream's own numbers, streamed or not.
     rows = await recorded(state, "dialect", 3)
     assert rows == [
-        {"dialect": dialect, "requests": 3, "prompt_tokens": 33, "completion_tokens": 21}
+        {"dialect": dialect, "requests": 3, "prompt_tokens": 33, "completion_tokens": 21, "cut": 0}
     ]
     async with (
         aiohttp.ClientSession() as session,

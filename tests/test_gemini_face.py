@@ -88,8 +88,14 @@ async def test_generate_content_and_its_stream(
     ]
     assert "".join(pieces) == "Hello, world!" and len(pieces) > 1
     scenario.scenario = "reasoning"
+    thoughts = types.GenerateContentConfig(
+        thinking_config=types.ThinkingConfig(include_thoughts=True)
+    )
     frames = [
-        f async for f in await gemini.models.generate_content_stream(model=MODEL, contents="2+2?")
+        f
+        async for f in await gemini.models.generate_content_stream(
+            model=MODEL, contents="2+2?", config=thoughts
+        )
     ]
     parts = [p for f in frames for p in (f.candidates[0].content.parts or [])]
     assert [p.text for p in parts if p.thought] == ["Let me ", "think."]
@@ -97,7 +103,7 @@ async def test_generate_content_and_its_stream(
     assert frames[-1].usage_metadata.prompt_token_count == 11
     rows = await recorded(tmp_path / "st", "dialect", 3)
     assert rows == [
-        {"dialect": "gemini", "requests": 3, "prompt_tokens": 33, "completion_tokens": 21}
+        {"dialect": "gemini", "requests": 3, "prompt_tokens": 33, "completion_tokens": 21, "cut": 0}
     ]
 
 

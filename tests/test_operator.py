@@ -107,7 +107,13 @@ async def test_a_stream_arrives_while_the_operator_types(desk: Desk) -> None:
     assert (await alice.expect("removed", request=request))["outcome"] == "done"
     rows = await recorded(desk.state, "model", 1)
     assert rows == [
-        {"model": "human:support", "requests": 1, "prompt_tokens": None, "completion_tokens": None}
+        {
+            "model": "human:support",
+            "requests": 1,
+            "prompt_tokens": None,
+            "completion_tokens": None,
+            "cut": 0,
+        }
     ]
     with sqlite3.connect(desk.state / DATABASE) as db:
         assert db.execute("SELECT upstream, status FROM usage").fetchall() == [

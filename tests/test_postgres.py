@@ -318,7 +318,7 @@ async def test_a_full_spool_drops_and_counts(own_cluster: PgCluster, tmp_path: P
 
 async def test_usage_sums_by_day_key_and_model(database_url: str, tmp_path: Path) -> None:
     writer = PostgresUsageWriter(database_url, tmp_path / "spool.jsonl")
-    writer.add([record("alice", 2), record("alice", 3), record("bob", 4)])
+    writer.add([record("alice", 2), record("alice", 3)._replace(cut="loop"), record("bob", 4)])
     writer.add([record("bob", 4)._replace(prompt_tokens=None)])
     await writer.flush()
     await writer.close()
@@ -326,13 +326,14 @@ async def test_usage_sums_by_day_key_and_model(database_url: str, tmp_path: Path
     by_key = cli(tmp_path, "usage", "--config", config, "--by", "key", "--json")
     assert by_key.returncode == 0, by_key.stderr
     rows = json.loads(by_key.stdout)
-    assert [(r["client"], r["requests"], r["prompt_tokens"]) for r in rows] == [
-        ("alice", 2, 5),
-        ("bob", 2, 4),
+    assert [(r["client"], r["requests"], r["prompt_tokens"], r["cut"]) for r in rows] == [
+        ("alice", 2, 5, 1),
+        ("bob", 2, 4, 0),
     ]
     by_day = cli(tmp_path, "usage", "--config", config, "--by", "day", "--json")
     [today] = json.loads(by_day.stdout)
     assert today["day"] == time.strftime("%Y-%m-%d") and today["requests"] == 4
+    assert today["cut"] == 1
 
 
 async def test_serving_without_the_database_keeps_answering(

@@ -121,7 +121,13 @@ async def test_plain_and_streamed_usage_match_the_upstream(
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     rows = await recorded(state, "model", 3)
     assert rows == [
-        {"model": "fake-model", "requests": 3, "prompt_tokens": 21, "completion_tokens": 12}
+        {
+            "model": "fake-model",
+            "requests": 3,
+            "prompt_tokens": 21,
+            "completion_tokens": 12,
+            "cut": 0,
+        }
     ]
 
 
@@ -139,7 +145,13 @@ async def test_no_usage_from_upstream_is_recorded_as_null(
     assert len([c async for c in stream]) == 5
     rows = await recorded(state, "key", 2)
     assert rows == [
-        {"client": "127.0.0.1", "requests": 2, "prompt_tokens": None, "completion_tokens": None}
+        {
+            "client": "127.0.0.1",
+            "requests": 2,
+            "prompt_tokens": None,
+            "completion_tokens": None,
+            "cut": 0,
+        }
     ]
     assert oct((state / "llproxy.db").stat().st_mode & 0o777) == "0o600"
 
@@ -167,11 +179,13 @@ async def test_usage_survives_sigterm_across_workers(
     done = run_cli("usage", "--json", "--by", "key", state=state)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [
-        {"client": "team-a", "requests": 10, "prompt_tokens": 70, "completion_tokens": 30}
+        {"client": "team-a", "requests": 10, "prompt_tokens": 70, "completion_tokens": 30, "cut": 0}
     ]
     today = time.strftime("%Y-%m-%d")
     by_day = json.loads(run_cli("usage", "--json", "--by", "day", state=state).stdout)
-    assert by_day == [{"day": today, "requests": 10, "prompt_tokens": 70, "completion_tokens": 30}]
+    assert by_day == [
+        {"day": today, "requests": 10, "prompt_tokens": 70, "completion_tokens": 30, "cut": 0}
+    ]
     later = json.loads(run_cli("usage", "--json", "--since", "2999-01-01", state=state).stdout)
     assert later == []
     table = run_cli("usage", "--by", "model", state=state).stdout
@@ -209,7 +223,13 @@ async def test_a_busy_worker_records_every_request(
     assert "died" not in daemon.output
     rows = json.loads(run_cli("usage", "--json", "--by", "model", state=state).stdout)
     assert rows == [
-        {"model": "fake-model", "requests": 1500, "prompt_tokens": 10500, "completion_tokens": 1500}
+        {
+            "model": "fake-model",
+            "requests": 1500,
+            "prompt_tokens": 10500,
+            "completion_tokens": 1500,
+            "cut": 0,
+        }
     ]
 
 
@@ -229,6 +249,31 @@ async def test_writer_cancelled_mid_write_loses_and_doubles_nothing(tmp_path: Pa
     await writer.close()
     with sqlite3.connect(tmp_path / DATABASE) as db:
         assert db.execute("SELECT count(*) FROM usage").fetchone() == (200_010,)
+
+
+async def test_usage_counts_the_answers_cut_short(tmp_path: Path) -> None:
+    """`llproxy usage` shows per row how many answers llproxy cut (a loop, core/mend)."""
+    writer = UsageWriter(tmp_path)
+    now = time.time()
+    writer.add(
+        [
+            UsageRecord(now, "c", "looper", None, 200, 1, 1, 1.0, cut="loop"),
+            UsageRecord(now, "c", "looper", None, 200, 1, 1, 1.0),
+            UsageRecord(now, "c", "calm", None, 200, 1, 1, 1.0),
+        ]
+    )
+    await writer.close()
+    rows = json.loads(run_cli("usage", "--json", "--by", "model", state=tmp_path).stdout)
+    assert [(r["model"], r["requests"], r["cut"]) for r in rows] == [
+        ("calm", 1, 0),
+        ("looper", 2, 1),
+    ]
+    [day] = json.loads(run_cli("usage", "--json", "--by", "day", state=tmp_path).stdout)
+    assert (day["requests"], day["cut"]) == (3, 1)
+    table = run_cli("usage", "--by", "model", state=tmp_path).stdout
+    assert "cut" in table.splitlines()[2]  # the header row, under the title and a rule
+    [looper] = [line for line in table.splitlines() if "looper" in line]
+    assert looper.split("│")[-2].strip() == "1"
 
 
 class _PeekAtLogTime(logging.Handler):
@@ -313,7 +358,7 @@ async def test_a_usage_only_chunk_is_hidden_whatever_its_shape(
     assert upstream.fake.generation_requests[-1].body["stream_options"] == {"include_usage": True}
     rows = await recorded(state, "model", 1)
     assert rows == [
-        {"model": "fake-model", "requests": 1, "prompt_tokens": 7, "completion_tokens": 5}
+        {"model": "fake-model", "requests": 1, "prompt_tokens": 7, "completion_tokens": 5, "cut": 0}
     ]
 
 
@@ -346,7 +391,13 @@ async def test_a_deleted_state_directory_loses_no_usage_record(
             await client.chat.completions.create(model="fake-model", messages=CHAT)
         rows = await recorded(state, "model", 6)
         assert rows == [
-            {"model": "fake-model", "requests": 6, "prompt_tokens": 42, "completion_tokens": 30}
+            {
+                "model": "fake-model",
+                "requests": 6,
+                "prompt_tokens": 42,
+                "completion_tokens": 30,
+                "cut": 0,
+            }
         ]
         await daemon.wait_for(r"the usage database .* was removed while in use; making it anew")
         assert await metric(daemon.url, "llproxy_usage_database_recreated_total") == 1

@@ -27,7 +27,7 @@ import orjson
 
 from ..core.keys import ApiKey, KeyRing, check_key_fields, key_hash, new_secret
 from ..core.usage import UsageRecord
-from .sqlite import FLUSH_SECONDS, GROUPINGS, MAX_PENDING, WriterTelemetry
+from .sqlite import FLUSH_SECONDS, GROUPINGS, MAX_PENDING, WriterTelemetry, sums_row
 
 log = logging.getLogger("llproxy.stores")
 
@@ -487,18 +487,16 @@ def _day_rows(buckets: list[Any]) -> list[dict[str, Any]]:
     """Quarter-hour buckets (UTC) summed into local days: every time zone's offset is a
     whole number of quarter hours, so each bucket falls into one local day."""
     days: dict[str, list[Any]] = {}
-    for bucket, count, prompt, completion in buckets:
+    for bucket, count, prompt, completion, cut in buckets:
         day = datetime.datetime.fromtimestamp(bucket * 900).date().isoformat()
-        sums = days.setdefault(day, [0, None, None])
+        sums = days.setdefault(day, [0, None, None, 0])
         sums[0] += count
         if prompt is not None:
             sums[1] = (sums[1] or 0) + prompt
         if completion is not None:
             sums[2] = (sums[2] or 0) + completion
-    return [
-        {"day": day, "requests": c, "prompt_tokens": p, "completion_tokens": t}
-        for day, (c, p, t) in sorted(days.items())
-    ]
+        sums[3] += cut
+    return [sums_row("day", day, *sums) for day, sums in sorted(days.items())]
 
 
 async def usage_sums(url: str, since: float | None, by: str) -> list[dict[str, Any]]:
@@ -509,14 +507,11 @@ async def usage_sums(url: str, since: float | None, by: str) -> list[dict[str, A
     async with session(url) as conn:
         rows = await conn.fetch(
             f"SELECT {expression}, count(*), sum(prompt_tokens)::bigint, "
-            "sum(completion_tokens)::bigint "
+            "sum(completion_tokens)::bigint, count(cut) "
             "FROM usage WHERE time >= $1 GROUP BY 1 ORDER BY 1",
             since or 0.0,
         )
     found = [tuple(row) for row in rows]
     if by == "day":
         return _day_rows(found)
-    return [
-        {name: group, "requests": count, "prompt_tokens": prompt, "completion_tokens": completion}
-        for group, count, prompt, completion in found
-    ]
+    return [sums_row(name, *row) for row in found]

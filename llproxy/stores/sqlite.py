@@ -365,8 +365,8 @@ GROUPINGS = {
 def usage_sums(
     directory: Path, since: float | None, by: str, client: str | None = None
 ) -> list[dict[str, Any]]:
-    """Requests and token sums per group (of one client's records, given one); a sum is
-    null when no record of it had numbers."""
+    """Requests, token sums and answers cut per group (of one client's records, given
+    one); a sum is null when no record of it had numbers."""
     name, expression = GROUPINGS[by]
     path = directory / DATABASE
     if not path.exists():
@@ -374,13 +374,25 @@ def usage_sums(
     db = _open_usage(directory)
     try:
         rows = db.execute(
-            f"SELECT {expression}, count(*), sum(prompt_tokens), sum(completion_tokens) "
-            "FROM usage WHERE time >= ? AND (? IS NULL OR client = ?) GROUP BY 1 ORDER BY 1",
+            f"SELECT {expression}, count(*), sum(prompt_tokens), sum(completion_tokens), "
+            "count(cut) FROM usage WHERE time >= ? AND (? IS NULL OR client = ?) "
+            "GROUP BY 1 ORDER BY 1",
             (since or 0.0, client, client),
         ).fetchall()
     finally:
         db.close()
-    return [
-        {name: group, "requests": count, "prompt_tokens": prompt, "completion_tokens": completion}
-        for group, count, prompt, completion in rows
-    ]
+    return [sums_row(name, *row) for row in rows]
+
+
+def sums_row(
+    name: str, group: Any, count: int, prompt: int | None, completion: int | None, cut: int
+) -> dict[str, Any]:
+    """One group's sums as usage_sums gives them (here and in the shared database):
+    `cut` counts the answers llproxy cut short (a loop, core/mend)."""
+    return {
+        name: group,
+        "requests": count,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cut": cut,
+    }

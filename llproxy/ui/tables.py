@@ -101,7 +101,7 @@ def show_usage(rows: list[dict[str, Any]], by: str, as_json: bool) -> None:
     group = GROUPINGS[by][0]
     table = Table(title=f"usage by {by}")
     table.add_column(group)
-    for column in ("requests", "prompt tokens", "completion tokens"):
+    for column in ("requests", "prompt tokens", "completion tokens", "cut"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
@@ -109,6 +109,7 @@ def show_usage(rows: list[dict[str, Any]], by: str, as_json: bool) -> None:
             str(row["requests"]),
             "-" if row["prompt_tokens"] is None else str(row["prompt_tokens"]),
             "-" if row["completion_tokens"] is None else str(row["completion_tokens"]),
+            str(row.get("cut") or 0),  # answers llproxy cut short (a loop)
         )
     print_table(table)
     if not rows:
