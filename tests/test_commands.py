@@ -6,7 +6,9 @@ one model cannot switch to another."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import ollama
+import openai
 import pytest
 from google import genai
 from google.genai import types
@@ -22,7 +25,14 @@ from llproxy.config import ConfigError, parse_config
 from llproxy.core.commands import MARK
 from llproxy.stores.sqlite import KeyStore
 
-from .conftest import ProxyFactory, RunningProxy, recorded, scenario_endpoint
+from .conftest import (
+    ProxyFactory,
+    RunningProxy,
+    UpstreamFactory,
+    recorded,
+    scenario_endpoint,
+    write_config,
+)
 from .scenario_upstream import ScenarioUpstream
 
 pytestmark = pytest.mark.filterwarnings(
@@ -413,6 +423,39 @@ async def test_token_counts_count_what_the_model_sees(
         await sdk.close()
         await client.aio.aclose()
     assert not scenario.bodies()  # counting never generates
+
+
+async def test_usage_from_a_worker_of_a_real_daemon(
+    start_llproxy: Callable[..., Awaitable[Any]],
+    start_upstream: UpstreamFactory,
+    tmp_path: Path,
+) -> None:
+    """`!/usage` in a worker reads the records the master wrote for every worker."""
+    upstream = await start_upstream()
+    config = write_config(tmp_path / "c.json", [upstream])
+    daemon = await start_llproxy(
+        "--config", str(config), "--workers", "2", env={"LLPROXY_STATE_DIR": str(tmp_path / "s")}
+    )
+    sdk = openai.AsyncOpenAI(base_url=f"{daemon.url}/v1", api_key="none", max_retries=0)
+    async with sdk:
+        for _ in range(4):  # new connections: both workers answer some
+            async with openai.AsyncOpenAI(
+                base_url=f"{daemon.url}/v1", api_key="none", max_retries=0
+            ) as one:
+                await one.chat.completions.create(
+                    model="fake-model", messages=[{"role": "user", "content": "hi"}]
+                )
+        deadline = time.monotonic() + 30  # records are flushed by the master each second
+        while True:
+            done = await sdk.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "!/usage"}]
+            )
+            text = done.choices[0].message.content or ""
+            assert text.startswith(MARK)
+            if "- fake-model: 4 requests" in text or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.3)
+    assert "- fake-model: 4 requests, 28 prompt tokens" in text, text
 
 
 def test_config_checks_the_commands_section() -> None:
