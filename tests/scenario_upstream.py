@@ -151,6 +151,7 @@ class ScenarioUpstream:
     template_enabled: bool = True
     vllm_tokenize: bool = False
     props_enabled: bool = True
+    chat_template: str | None = None  # GET /props gives it when set
     props_delay: float = 0.0  # before GET /props answers (a busy server)
     n_ctx: int = 8192
     prompt_tokens: int = 11
@@ -292,7 +293,9 @@ class ScenarioUpstream:
         if not self.props_enabled:
             return self._not_found()
         settings = {"n_ctx": self.n_ctx, "params": {"n_predict": -1}}
-        props = {"default_generation_settings": settings, "total_slots": 1}
+        props: dict[str, Any] = {"default_generation_settings": settings, "total_slots": 1}
+        if self.chat_template is not None:
+            props["chat_template"] = self.chat_template
         return web.json_response({**props, "model_path": f"/models/{self.model_id}.gguf"})
 
     async def _embeddings(self, request: web.Request) -> web.Response:

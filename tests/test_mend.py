@@ -502,6 +502,33 @@ async def test_an_answer_with_only_the_closing_tag(
         assert (said.thinking, said.text) == ("The user wants weather.", "It is sunny.")
 
 
+# The generation prompt's end of DeepSeek-R1's template, and of Qwen3's (hybrid) one that
+# opens and closes the block only when thinking is off.
+OPENING = "{% if add_generation_prompt %}{{'<\uff5cAssistant\uff5c><think>\\n'}}{% endif %}"
+HYBRID = (
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+async def test_a_template_that_opens_the_block_is_seen_at_discovery(
+    proxy: RunningProxy, model: TextUpstream
+) -> None:
+    """llama.cpp's /props shows the template: a stream of its model starts inside the
+    block with no `think_open` configured."""
+    model.say("The user wants weather.</think>\nIt is sunny.")
+    model.chat_template, model.n_ctx_train = OPENING, 32768  # llama.cpp: /props is read
+    await proxy.rescan()
+    said = await ask(proxy, "openai", True, tools=False)
+    assert (said.thinking, said.text) == ("The user wants weather.", "It is sunny.")
+    model.chat_template = HYBRID  # opened only to be closed: no answer starts inside
+    await proxy.rescan()
+    model.say("Sunny.")
+    said = await ask(proxy, "openai", True, tools=False)
+    assert (said.thinking, said.text) == ("", "Sunny.")
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 @pytest.mark.parametrize("dialect", ["anthropic", "ollama", "gemini"])
 async def test_a_client_that_asked_for_no_thinking_gets_none(

@@ -76,6 +76,9 @@ class Replica:
     # The instance name of the llproxy answering there, when the replica is one: a request
     # that already passed through it must not be sent back to it.
     instance: str = ""
+    # Its chat template opens the thinking block in the prompt (llama.cpp's /props): the
+    # answer starts inside it (core/mend's think_open unless configured otherwise).
+    think_open: bool = False
 
     @property
     def address(self) -> str:
@@ -105,6 +108,7 @@ class FoundModel:
     backend: str = "openai_http"
     instance: str = ""  # the llproxy it was seen through, if the server is one
     aliases: tuple[str, ...] = ()  # other final names its server answers it by (llama.cpp)
+    think_open: bool = False  # as Replica.think_open
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +135,8 @@ class Registry:
                 entry["aliases"] = [a for a in items[0].aliases if aliases.get(a) == name]
             replicas = tuple(
                 dict.fromkeys(
-                    Replica(i.upstream, i.upstream_id, i.backend, i.instance) for i in items
+                    Replica(i.upstream, i.upstream_id, i.backend, i.instance, i.think_open)
+                    for i in items
                 )
             )
             lengths = [i.context_length for i in items if i.context_length]

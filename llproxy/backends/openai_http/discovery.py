@@ -312,6 +312,7 @@ async def _probe(
             instance=instance,
             aliases=_aliases(entry, upstream.tags),
             backend=backend_of(upstream),
+            think_open=opens_thinking(server or {}),
         )
         for entry in entries
         for name in final_names(entry["id"], upstream.tags)
@@ -380,6 +381,18 @@ def _abilities(entry: dict[str, Any], props: dict[str, Any]) -> tuple[int | None
     return context, tuple(capabilities)
 
 
+def opens_thinking(props: dict[str, Any]) -> bool:
+    """Whether llama.cpp's chat template ends the generation prompt inside an open
+    `<think>` (Qwen3 thinking, DeepSeek-R1): the text after its last
+    `add_generation_prompt` up to the `endif` opens the block and does not close it (as
+    Qwen3's `enable_thinking` false branch does)."""
+    template = props.get("chat_template")
+    if not isinstance(template, str) or "add_generation_prompt" not in template:
+        return False
+    tail = template.rsplit("add_generation_prompt", 1)[1].split("endif", 1)[0]
+    return "<think>" in tail and "</think>" not in tail
+
+
 class ScanMemory:
     """What each server listed at its last good scan, and how many scans in a row have
     failed to list its models since: kept by whoever scans again and again."""
@@ -396,7 +409,12 @@ class ScanMemory:
         if listed.partial and (before := self.found.get(target)):
             known = {(m.name, m.upstream_id): m for m in before}
             models = [
-                replace(m, context_length=old.context_length, capabilities=old.capabilities)
+                replace(
+                    m,
+                    context_length=old.context_length,
+                    capabilities=old.capabilities,
+                    think_open=old.think_open,
+                )
                 if (old := known.get((m.name, m.upstream_id))) is not None
                 else m
                 for m in models

@@ -72,7 +72,7 @@ class Mending:
 class MendPolicy:
     def __init__(self, mending: Mending) -> None:
         self.mending = mending
-        self._cache: dict[tuple[str, str, str, str], Repair] = {}
+        self._cache: dict[tuple[str, str, str, str, bool], Repair] = {}
 
     def switches(
         self, replica: Replica | None, model: str, settings: Mapping[str, str], asked: str = ""
@@ -81,7 +81,7 @@ class MendPolicy:
         client gave, an alias) from `replica` in this conversation."""
         if replica is None:
             return OFF
-        key = (replica.upstream.base_url, replica.backend, model, asked)
+        key = (replica.upstream.base_url, replica.backend, model, asked, replica.think_open)
         found = self._cache.get(key)
         if found is None:
             if len(self._cache) >= _CACHE_SIZE:
@@ -94,7 +94,9 @@ class MendPolicy:
         if replica.backend == "operator":
             return OFF  # a person answers: nothing to mend
         mending = self.mending
-        switches = OFF if upstream.dialect != "openai" else mending.default.over(LOCAL)
+        # What its template shows (think_open) is below every configured level.
+        local = Repair(think_open=True).over(LOCAL) if replica.think_open else LOCAL
+        switches = OFF if upstream.dialect != "openai" else mending.default.over(local)
         for endpoint in mending.endpoints:
             if endpoint.covers(upstream.base_url, upstream.hostname, upstream.port):
                 switches = endpoint.repair.over(switches)
