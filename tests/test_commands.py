@@ -6,6 +6,7 @@ one model cannot switch to another."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -390,3 +391,28 @@ def test_config_checks_the_commands_section() -> None:
         parse_config({"commands": {"colour": 1}})
     with pytest.raises(ConfigError, match=r"commands\.enable: must be a boolean"):
         parse_config({"commands": {"enable": "yes"}})
+
+
+async def test_long_pieces_of_a_history_are_read_in_linear_time(
+    proxy: RunningProxy, scenario: ScenarioUpstream
+) -> None:
+    """Reminder openers with no end tag, and a `!/set` with a long run of separators, were
+    read with regexes that scanned the rest of the text from every character (quadratic:
+    a minute of a worker's CPU for a few hundred kB). Both are answered at once now."""
+    openers = "<system-reminder>" * 30_000  # 510 kB, well under max_request_bytes
+    spaces = " " * 60_000
+    history = [
+        ("user", f"{openers}\n!/model"),  # no command: the openers are the user's text
+        ("assistant", "Noted."),
+        ("user", f"!/set(thinking{spaces}loop-detection=false)"),
+        ("assistant", f"{MARK}\n\nNot set."),
+        ("user", "And now?"),
+    ]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    said = await openai_chat(proxy)(history, False, "fake-model")
+    assert said == "Hello, world!"
+    # Did not hang: the quadratic reads took well over a minute here.
+    assert loop.time() - started < 20
+    (sent,) = scenario.bodies()
+    assert [m["content"] for m in sent["messages"]] == [f"{openers}\n!/model", "Noted.", "And now?"]
