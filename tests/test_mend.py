@@ -703,3 +703,28 @@ async def test_the_conversation_switches_a_stage_off(
     assert await answer("!/set(tool-repair=false)") == (FORMS["hermes"], 0)
     assert await answer("!/set(thinking=false)") == ("<think>Hm.</think>", 1)
     assert await answer("!/set(loop-detection=false)") == ("", 1)
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["almost-json", "many-to-repair", "parameters"],
+)
+async def test_hostile_call_text_is_left_as_text_at_once(
+    proxy: RunningProxy, model: TextUpstream, form: str
+) -> None:
+    """Text a client can have a model echo, in one read: json-repair took minutes over
+    32 kB of `{a:b,` (quadratic), 200 small repairs added up, and `<parameter=` openings
+    with no end were searched to the end from each. They stay text, answered at once."""
+    opening = '<tool_call>{"name": "get_weather", "arguments": {'
+    if form == "almost-json":
+        text = opening + "a:b," * 8_000 + "}}</tool_call>"
+    elif form == "many-to-repair":
+        text = (opening + "a:b," * 500 + "}}</tool_call>") * 200
+    else:
+        text = "<function=get_weather>" + "<parameter=x>" * 46_000 + "</function>"
+    model.say(text, size=len(text))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    said = await ask(proxy, "openai", False)
+    assert said.calls == [] and said.text == text
+    assert loop.time() - started < 20  # did not hang: unbounded, each took over a minute
