@@ -715,11 +715,13 @@ async def test_hostile_call_text_is_left_as_text_at_once(
     """Text a client can have a model echo, in one read: json-repair took half a minute
     over 30 kB of `{a:b,` (quadratic), 300 small repairs added up, and `<parameter=` openings
     with no end were searched to the end from each. They stay text, answered at once."""
-    opening = '<tool_call>{"name": "get_weather", "arguments": {'
+    # Arguments as a JSON string (valid JSON around them): what the string holds is
+    # repaired on its own.
+    opening = '<tool_call>{"name": "get_weather", "arguments": "'
     if form == "almost-json":
-        text = opening + "{a:b," * 6_000 + "}}</tool_call>"
+        text = opening + "{a:b," * 6_000 + '"}</tool_call>'
     elif form == "many-to-repair":
-        text = (opening + "{a:b," * 350 + "}}</tool_call>") * 300
+        text = (opening + "{a:b," * 350 + '"}</tool_call>') * 300
     else:
         text = "<function=get_weather>" + "<parameter=x>" * 46_000 + "</function>"
     model.say(text, size=len(text))
