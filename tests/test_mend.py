@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -730,3 +731,21 @@ async def test_hostile_call_text_is_left_as_text_at_once(
     said = await ask(proxy, "openai", False)
     assert said.calls == [] and said.text == text
     assert loop.time() - started < 20  # did not hang: unbounded, each took over a minute
+
+
+def test_a_stream_of_white_space_before_any_text_is_not_held_whole() -> None:
+    """White space at an answer's start is held while a `<think>` may still open; a model
+    that writes nothing but line ends had them all held and joined again on every read
+    (quadratic). Past a short lead the block can no longer open: the text goes on."""
+    plan = Plan({}, True, False, True, None)
+    record, source = RequestRecord(), _Source()
+    stream = MendedStream(source, plan, record)
+    events = _chunks("\n\n\n\n" * 150_000, 4)
+    started = time.monotonic()
+    out = []
+    for event in events:
+        out.append(stream._read(event))
+    source.ended = True
+    out.append(stream._read(b"data: [DONE]\n\n"))
+    assert time.monotonic() - started < 10  # did not hang: held whole, 15 s here
+    assert b"".join(out).count(b"\\n") == 600_000
