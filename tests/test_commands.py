@@ -416,3 +416,15 @@ async def test_long_pieces_of_a_history_are_read_in_linear_time(
     assert loop.time() - started < 20
     (sent,) = scenario.bodies()
     assert [m["content"] for m in sent["messages"]] == [f"{openers}\n!/model", "Noted.", "And now?"]
+
+
+async def test_a_message_of_many_commands_gets_a_bounded_answer(
+    proxy: RunningProxy, scenario: ScenarioUpstream
+) -> None:
+    """Each command's answer may be long (an unknown one repeats the help): a 300 kB
+    message of 100,000 commands was answered with 50 MB (and as many usage queries)."""
+    said = await openai_chat(proxy)([("user", "!/x" * 100_000)], False, "fake-model")
+    assert said.startswith(MARK) and len(said) < 20_000
+    assert said.count("Unknown command") == 8
+    assert said.endswith("Only the first 8 commands of a message are answered.")
+    assert scenario.bodies() == []

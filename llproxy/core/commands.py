@@ -30,6 +30,10 @@ SETTINGS: Mapping[str, tuple[str, ...]] = {
     "loop-detection": BOOLEAN,
     "tool-loops": ("off", "warn", "break"),
 }
+# Commands of one message answered: each answer may be long (help, a usage query), so a
+# message of a million `!/usage` must not become a million queries and a gigabyte reply.
+MAX_COMMANDS = 8
+
 _SYNONYMS = {"on": "true", "yes": "true", "1": "true", "off": "false", "no": "false", "0": "false"}
 
 _REMINDER = "<system-reminder>"
@@ -238,7 +242,10 @@ class Commands:
     ) -> str:
         """llproxy's answer to the last message's commands, MARK its first line."""
         assert history.command is not None
-        pieces = [await self._one(c, history, key, client, asked) for c in history.command]
+        asked_for = history.command[:MAX_COMMANDS]
+        pieces = [await self._one(c, history, key, client, asked) for c in asked_for]
+        if len(history.command) > MAX_COMMANDS:
+            pieces.append(f"Only the first {MAX_COMMANDS} commands of a message are answered.")
         return "\n\n".join([MARK, *pieces])
 
     async def _one(
