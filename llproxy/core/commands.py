@@ -313,7 +313,11 @@ class Commands:
             return f"This conversation's settings:\n{values}"
         chosen, problems = settings_of(argument)
         lines = [f"{name} = {value} for this conversation." for name, value in chosen.items()]
-        return "\n".join([*lines, *(f"Not set: {p}." for p in problems)])
+        # Each problem repeats the known names: a few are told, not one per pair typed.
+        told = [f"Not set: {p}." for p in problems[:MAX_COMMANDS]]
+        if len(problems) > MAX_COMMANDS:
+            told.append(f"({len(problems) - MAX_COMMANDS} more not set.)")
+        return "\n".join([*lines, *told])
 
 
 def _usage(rows: Sequence[Mapping[str, Any]] | None) -> str:
