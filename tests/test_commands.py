@@ -468,3 +468,52 @@ def test_config_checks_the_commands_section() -> None:
         parse_config({"commands": {"colour": 1}})
     with pytest.raises(ConfigError, match=r"commands\.enable: must be a boolean"):
         parse_config({"commands": {"enable": "yes"}})
+
+
+async def test_long_pieces_of_a_history_are_read_in_linear_time(
+    proxy: RunningProxy, scenario: ScenarioUpstream
+) -> None:
+    """Reminder openers with no end tag, and a `!/set` with a long run of separators, were
+    read with regexes that scanned the rest of the text from every character (quadratic:
+    a minute of a worker's CPU for a few hundred kB). Both are answered at once now."""
+    openers = "<system-reminder>" * 30_000  # 510 kB, well under max_request_bytes
+    spaces = " " * 60_000
+    history = [
+        ("user", f"{openers}\n!/model"),  # no command: the openers are the user's text
+        ("assistant", "Noted."),
+        ("user", f"!/set(thinking{spaces}loop-detection=false)"),
+        ("assistant", f"{MARK}\n\nNot set."),
+        ("user", "And now?"),
+    ]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    said = await openai_chat(proxy)(history, False, "fake-model")
+    assert said == "Hello, world!"
+    # Did not hang: the quadratic reads took well over a minute here.
+    assert loop.time() - started < 20
+    (sent,) = scenario.bodies()
+    assert [m["content"] for m in sent["messages"]] == [f"{openers}\n!/model", "Noted.", "And now?"]
+
+
+async def test_a_message_of_many_commands_gets_a_bounded_answer(
+    proxy: RunningProxy, scenario: ScenarioUpstream
+) -> None:
+    """Each command's answer may be long (an unknown one repeats the help): a 300 kB
+    message of 100,000 commands was answered with 50 MB (and as many usage queries)."""
+    said = await openai_chat(proxy)([("user", "!/x" * 100_000)], False, "fake-model")
+    assert said.startswith(MARK) and len(said) < 20_000
+    assert said.count("Unknown command") == 8
+    assert said.endswith("Only the first 8 commands of a message are answered.")
+    assert scenario.bodies() == []
+
+
+async def test_a_set_of_many_unknown_settings_gets_a_bounded_answer(
+    proxy: RunningProxy, scenario: ScenarioUpstream
+) -> None:
+    """Each unknown setting's line repeats the known names: 50,000 pairs in 440 kB were
+    answered with 4.7 MB. A few are told, the rest counted."""
+    pairs = " ".join(f"a{i}=1" for i in range(50_000))
+    said = await openai_chat(proxy)([("user", f"!/set({pairs})")], False, "fake-model")
+    assert said.count("Not set: unknown setting") == 8
+    assert said.endswith("(49992 more not set.)") and len(said) < 5_000
+    assert scenario.bodies() == []

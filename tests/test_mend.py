@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -732,3 +733,48 @@ async def test_the_conversation_switches_a_stage_off(
     assert await answer("!/set(tool-repair=false)") == (FORMS["hermes"], 0)
     assert await answer("!/set(thinking=false)") == ("<think>Hm.</think>", 1)
     assert await answer("!/set(loop-detection=false)") == ("", 1)
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["almost-json", "many-to-repair", "parameters"],
+)
+async def test_hostile_call_text_is_left_as_text_at_once(
+    proxy: RunningProxy, model: TextUpstream, form: str
+) -> None:
+    """Text a client can have a model echo, in one read: json-repair took half a minute
+    over 30 kB of `{a:b,` (quadratic), 300 small repairs added up, and `<parameter=` openings
+    with no end were searched to the end from each. They stay text, answered at once."""
+    # Arguments as a JSON string (valid JSON around them): what the string holds is
+    # repaired on its own.
+    opening = '<tool_call>{"name": "get_weather", "arguments": "'
+    if form == "almost-json":
+        text = opening + "{a:b," * 6_000 + '"}</tool_call>'
+    elif form == "many-to-repair":
+        text = (opening + "{a:b," * 350 + '"}</tool_call>') * 300
+    else:
+        text = "<function=get_weather>" + "<parameter=x>" * 46_000 + "</function>"
+    model.say(text, size=len(text))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    said = await ask(proxy, "openai", False)
+    assert said.calls == [] and said.text == text
+    assert loop.time() - started < 20  # did not hang: unbounded, each took over a minute
+
+
+def test_a_stream_of_white_space_before_any_text_is_not_held_whole() -> None:
+    """White space at an answer's start is held while a `<think>` may still open; a model
+    that writes nothing but line ends had them all held and joined again on every read
+    (quadratic). Past a short lead the block can no longer open: the text goes on."""
+    plan = Plan({}, True, False, True, None)
+    record, source = RequestRecord(), _Source()
+    stream = MendedStream(source, plan, record)
+    events = _chunks("\n\n\n\n" * 150_000, 4)
+    started = time.monotonic()
+    out = []
+    for event in events:
+        out.append(stream._read(event))
+    source.ended = True
+    out.append(stream._read(b"data: [DONE]\n\n"))
+    assert time.monotonic() - started < 10  # did not hang: held whole, 15 s here
+    assert b"".join(out).count(b"\\n") == 600_000

@@ -5,6 +5,7 @@ and spooled while the database is away, /health naming the stores."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -384,3 +385,41 @@ async def test_an_empty_shared_store_opens_once_read(
         model="fake-model", messages=[{"role": "user", "content": "hi"}]
     )
     assert answer.choices[0].message.content
+
+
+async def test_usage_command_reads_the_fleets_records(
+    start_proxy: ProxyFactory, upstream: RunningUpstream, tmp_path: Path, database_url: str
+) -> None:
+    """`!/usage` with database_url reads the shared database, where the records are (it
+    read this host's SQLite, which has none then: "No requests today")."""
+    client = f"usage-{uuid.uuid4().hex[:8]}"  # the session's database is shared by tests
+    writer = PostgresUsageWriter(database_url, tmp_path / "spool.jsonl")
+    writer.add([record(client, 2), record(client, 3), record("someone-else", 4)])
+    await writer.flush()
+    await writer.close()
+    proxy = await start_proxy(
+        [upstream.endpoint()],
+        database_url=database_url,
+        admin_key=ADMIN,
+        state_dir=str(tmp_path / "st"),
+    )
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as admin,
+        admin.post(f"{proxy.url}/admin/keys", json={"name": client}) as resp,
+    ):
+        assert resp.status == 201
+        secret = (await resp.json())["key"]
+    sdk = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key=secret, max_retries=0)
+
+    async def answered() -> bool:  # the key reaches this host on its notice
+        with contextlib.suppress(openai.AuthenticationError):
+            done = await sdk.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "!/usage"}]
+            )
+            text = done.choices[0].message.content or ""
+            assert "This key today: 2 requests, 5 prompt tokens" in text, text
+            return True
+        return False
+
+    await until(answered)
+    await sdk.close()

@@ -62,10 +62,40 @@ def test_every_shape_and_known_secret_is_replaced_and_nothing_else() -> None:
     assert redactor.value({"plain": ["text"]}) == ({"plain": ["text"]}, 0)
     # An image's encoded bytes are no prompt text: a replacement would only break them.
     image = {
-        "source": {"type": "base64", "data": "QUJD/" + SHAPES["aws"]},
+        "source": {"type": "base64", "media_type": "image/png", "data": "QUJD/" + SHAPES["aws"]},
         "image_url": {"url": f"data:image/png;base64,{SHAPES['aws']}"},
     }
     assert redactor.value(image) == (image, 0)
+
+
+async def test_text_that_only_looks_encoded_is_redacted(
+    proxy: RunningProxy, clouds: tuple[FakeAnthropic, FakeGemini]
+) -> None:
+    """A pasted SSE log starts with "data:" and a tool's input may have a field `data`:
+    both are prompt text (they were passed over whole as if they were a file's bytes)."""
+    claude, _ = clouds
+    sdk = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=CLIENT_KEY, max_retries=0)
+    use = {"type": "tool_use", "id": "toolu_1", "name": "env", "input": {"data": ASKED}}
+    document = {"type": "text", "media_type": "text/plain", "data": RESULT}
+    messages: Any = [
+        {"role": "user", "content": f'data: {{"key": "{SHAPES["openai"]}"}}'},
+        {"role": "assistant", "content": [use]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "done"},
+                {"type": "document", "source": document},
+            ],
+        },
+    ]
+    tools: Any = [{"name": "env", "input_schema": {"type": "object"}}]
+    await sdk.messages.create(
+        model="claude-fake-large", max_tokens=50, messages=messages, tools=tools
+    )
+    await sdk.close()
+    sent = claude.received[-1].body
+    assert leaked(sent) == []
+    assert sent is not None and json.dumps(sent).count(PLACEHOLDER) == 9
 
 
 def test_config_marks_cloud_endpoints_for_redaction() -> None:

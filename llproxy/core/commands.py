@@ -30,10 +30,17 @@ SETTINGS: Mapping[str, tuple[str, ...]] = {
     "loop-detection": BOOLEAN,
     "tool-loops": ("off", "warn", "break"),
 }
+# Commands of one message answered: each answer may be long (help, a usage query), so a
+# message of a million `!/usage` must not become a million queries and a gigabyte reply.
+MAX_COMMANDS = 8
+
 _SYNONYMS = {"on": "true", "yes": "true", "1": "true", "off": "false", "no": "false", "0": "false"}
 
 _REMINDER = "<system-reminder>"
-_REMINDERS = re.compile(r"<system-reminder>.*?</system-reminder>", re.DOTALL)
+_REMINDER_END = "</system-reminder>"
+# Settings apart: a separator only where a run of them starts (the lookbehind), so a long
+# run is read once, not once from each of its characters (quadratic).
+_SETTINGS_SPLIT = re.compile(r"(?<![,;\s])[,;\s]+(?=[^=,;\s]+\s*=)")
 _COMMAND = re.compile(r"([A-Za-z][A-Za-z_-]*)\s*(?:\((.*)\))?", re.DOTALL)
 _HELP = (
     ("help", "what you are reading"),
@@ -59,7 +66,7 @@ def parse(text: str, prefix: str) -> list[Command] | None:
         # typed (its dialect joins the blocks into one text): they are not the user's.
         if _REMINDER not in text:
             return None
-        text = _REMINDERS.sub("", text)
+        text = _without_reminders(text)
         if not _starts(text, prefix):
             return None
     stripped = text.strip()
@@ -74,6 +81,22 @@ def parse(text: str, prefix: str) -> list[Command] | None:
                 Command(match.group(1).lower(), None if argument is None else argument.strip())
             )
     return commands
+
+
+def _without_reminders(text: str) -> str:
+    """The text without its reminder blocks, each up to the first end tag after it. A
+    scan with find, not a lazy regex: with many openers and no end tag, the regex read the
+    rest of the text from each opener (quadratic, seconds for a few hundred kB)."""
+    kept: list[str] = []
+    at = 0
+    while (start := text.find(_REMINDER, at)) >= 0:
+        end = text.find(_REMINDER_END, start + len(_REMINDER))
+        if end < 0:
+            break
+        kept.append(text[at:start])
+        at = end + len(_REMINDER_END)
+    kept.append(text[at:])
+    return "".join(kept)
 
 
 def _starts(text: str, prefix: str) -> bool:
@@ -99,7 +122,7 @@ def settings_of(argument: str) -> tuple[dict[str, str], list[str]]:
     rest (a name or value not known)."""
     chosen: dict[str, str] = {}
     problems: list[str] = []
-    for pair in filter(None, (p.strip() for p in re.split(r"[,;\s]+(?=[^=,;\s]+\s*=)", argument))):
+    for pair in filter(None, (p.strip() for p in _SETTINGS_SPLIT.split(argument))):
         name, equals, value = (part.strip() for part in pair.partition("="))
         name, value = name.lower(), value.lower().strip("'\"")
         value = _SYNONYMS.get(value, value) if SETTINGS.get(name) == BOOLEAN else value
@@ -219,7 +242,10 @@ class Commands:
     ) -> str:
         """llproxy's answer to the last message's commands, MARK its first line."""
         assert history.command is not None
-        pieces = [await self._one(c, history, key, client, asked) for c in history.command]
+        asked_for = history.command[:MAX_COMMANDS]
+        pieces = [await self._one(c, history, key, client, asked) for c in asked_for]
+        if len(history.command) > MAX_COMMANDS:
+            pieces.append(f"Only the first {MAX_COMMANDS} commands of a message are answered.")
         return "\n\n".join([MARK, *pieces])
 
     async def _one(
@@ -287,7 +313,11 @@ class Commands:
             return f"This conversation's settings:\n{values}"
         chosen, problems = settings_of(argument)
         lines = [f"{name} = {value} for this conversation." for name, value in chosen.items()]
-        return "\n".join([*lines, *(f"Not set: {p}." for p in problems)])
+        # Each problem repeats the known names: a few are told, not one per pair typed.
+        told = [f"Not set: {p}." for p in problems[:MAX_COMMANDS]]
+        if len(problems) > MAX_COMMANDS:
+            told.append(f"({len(problems) - MAX_COMMANDS} more not set.)")
+        return "\n".join([*lines, *told])
 
 
 def _usage(rows: Sequence[Mapping[str, Any]] | None) -> str:

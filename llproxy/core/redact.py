@@ -59,8 +59,10 @@ class Redactor:
             count = sum(n for _, n in items)
             return ([item for item, _ in items] if count else value), count
         if isinstance(value, dict):
+            # Anthropic's plain-text document source has a media type too: its data is text.
+            media = not _MEDIA_KEYS.isdisjoint(value) and value.get("type") != "text"
             pairs = {
-                key: (item, 0) if _encoded(key, item) else self.value(item)
+                key: (item, 0) if _encoded(key, item, media) else self.value(item)
                 for key, item in value.items()
             }
             count = sum(n for _, n in pairs.values())
@@ -84,7 +86,20 @@ class Redactor:
         return (replace(call, payload=redacted), count) if count else (call, 0)
 
 
-def _encoded(key: str, value: Any) -> bool:
+# Beside an encoded `data`, the fields that say it is a file's bytes (Anthropic's
+# `source`, Gemini's `inlineData`/`fileData`, Ollama's images): a `data` without them
+# (a tool's input, say) is prompt text like any other.
+_MEDIA_KEYS = frozenset(("media_type", "mimeType", "mime_type"))
+# A data URL: a media type, its parameters, base64 and nothing but base64 after it. A
+# text that merely starts with "data:" (a pasted SSE log) is prompt text.
+_DATA_URL = re.compile(r"data:[^\s,;]*(?:;[^\s,;]*)*;base64,[A-Za-z0-9+/=_-]*")
+
+
+def _encoded(key: str, value: Any, media: bool) -> bool:
     """An image's or a file's bytes, encoded (Anthropic's `source.data`, Gemini's
     `inlineData.data`, a `data:` URL): no prompt text, and a replacement would break it."""
-    return isinstance(value, str) and (key == "data" or value.startswith("data:"))
+    if not isinstance(value, str):
+        return False
+    if key == "data" and media:
+        return True
+    return value.startswith("data:") and _DATA_URL.fullmatch(value) is not None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import sqlite3
@@ -44,8 +43,8 @@ from ..dialects.responses import ResponsesDialect
 from ..gateway import Gateway
 from ..gateway.accounting import Accounting
 from ..process.fleet import FleetDesk, desk_in_hand
-from ..stores import Services
-from ..stores.sqlite import state_dir, usage_sums
+from ..stores import Services, usage_totals
+from ..stores.postgres import DATABASE_ERRORS
 from ..telemetry.capture import CaptureWriter
 from ..telemetry.desk import desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
@@ -140,13 +139,13 @@ class ProxyState:
     def _commands(self, config: Config) -> Commands | None:
         if not config.commands.enable:
             return None
-        directory = state_dir(config.state_dir)
 
         async def today(client: str) -> list[dict[str, Any]] | None:
+            # The fleet's records with database_url (this host's SQLite has none then).
             midnight = time.mktime((*time.localtime()[:3], 0, 0, 0, 0, 0, -1))
             try:
-                return await asyncio.to_thread(usage_sums, directory, midnight, "model", client)
-            except (OSError, sqlite3.Error) as exc:
+                return await usage_totals(config, midnight, "model", client)
+            except (sqlite3.Error, *DATABASE_ERRORS) as exc:
                 log.warning("cannot read usage for a command: %s", exc)
                 return None
 

@@ -378,9 +378,11 @@ async def list_keys(config: Config) -> list[ApiKey]:
         return store.all()
 
 
-async def usage_totals(config: Config, since: float | None, by: str) -> list[dict[str, Any]]:
-    """Requests and tokens per group (sqlite.GROUPINGS): the whole fleet's with
-    database_url, else this host's."""
+async def usage_totals(
+    config: Config, since: float | None, by: str, client: str | None = None
+) -> list[dict[str, Any]]:
+    """Requests and tokens per group (sqlite.GROUPINGS), of one client's records when
+    given one: the whole fleet's with database_url, else this host's."""
     if config.database_url is not None:
-        return await shared_usage_sums(config.database_url, since, by)
-    return await asyncio.to_thread(usage_sums, state_dir(config.state_dir), since, by)
+        return await shared_usage_sums(config.database_url, since, by, client)
+    return await asyncio.to_thread(usage_sums, state_dir(config.state_dir), since, by, client)

@@ -499,7 +499,9 @@ def _day_rows(buckets: list[Any]) -> list[dict[str, Any]]:
     return [sums_row("day", day, *sums) for day, sums in sorted(days.items())]
 
 
-async def usage_sums(url: str, since: float | None, by: str) -> list[dict[str, Any]]:
+async def usage_sums(
+    url: str, since: float | None, by: str, client: str | None = None
+) -> list[dict[str, Any]]:
     """As sqlite.usage_sums, over every host's records."""
     name, expression = GROUPINGS[by]
     if by == "day":
@@ -508,8 +510,10 @@ async def usage_sums(url: str, since: float | None, by: str) -> list[dict[str, A
         rows = await conn.fetch(
             f"SELECT {expression}, count(*), sum(prompt_tokens)::bigint, "
             "sum(completion_tokens)::bigint, count(cut) "
-            "FROM usage WHERE time >= $1 GROUP BY 1 ORDER BY 1",
+            "FROM usage WHERE time >= $1 AND ($2::text IS NULL OR client = $2) "
+            "GROUP BY 1 ORDER BY 1",
             since or 0.0,
+            client,
         )
     found = [tuple(row) for row in rows]
     if by == "day":

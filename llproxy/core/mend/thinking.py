@@ -11,6 +11,11 @@ from __future__ import annotations
 OPEN = "<think>"
 CLOSE = "</think>"
 
+# White space an answer may start with before its `<think>`: past it, the block can no
+# longer open (a model writing only line ends would have them all held, joined again on
+# each read).
+MAX_LEAD = 256
+
 Piece = tuple[str, str]  # (member, text): "content" or "reasoning_content"
 
 
@@ -51,7 +56,7 @@ class ThinkSplitter:
             if stripped.startswith(OPEN):
                 self.state = "inside"
                 text = stripped[len(OPEN) :].lstrip("\n")
-            elif OPEN.startswith(stripped):
+            elif OPEN.startswith(stripped) and len(text) <= MAX_LEAD:
                 self.held = text  # nothing but the tag's start (or white space) yet
                 return []
             else:

@@ -11,7 +11,6 @@ is held whole (at most MAX_CALL_TEXT characters) until it closes; the rest goes 
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,7 +36,13 @@ OPENINGS: dict[str, str | None] = {
     "[TOOL_CALLS]": None,
     FENCE: FENCE,
 }
-_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+_PARAMETER, _PARAMETER_END = "<parameter=", "</parameter>"
+# json-repair takes time quadratic in some inputs (16 kB of `{a:b,` took 9 s, 64 kB two
+# minutes, measured): it is given a text up to this long, and an answer's texts up to
+# MAX_REPAIRED_TEXT in all, so an answer cannot hold a worker's loop. What is past them
+# stays text; valid JSON of any size is read without it.
+MAX_REPAIR_TEXT = 2048
+MAX_REPAIRED_TEXT = 8 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,15 @@ def offered_tools(body: Mapping[str, Any]) -> dict[str, Any]:
     return tools
 
 
+class Repairs:
+    """What is left of an answer's budget for json-repair, in characters."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_REPAIRED_TEXT
+
+
 class ToolCallMender:
     """States: text (scanning; a suffix that may open a call held), header (a fence's
     backticks seen, its language tag not yet), call (an opening seen: its text held)."""
@@ -81,6 +95,7 @@ class ToolCallMender:
         self.opening = ""
         self.calls = 0  # made so far
         self.space = ""  # white space after a call, dropped unless text follows
+        self.repairs = Repairs()
 
     def feed(self, text: str) -> list[Out]:
         out: list[Out] = []
@@ -158,7 +173,7 @@ class ToolCallMender:
     def _call(self, text: str, out: list[Out]) -> str:
         closing = OPENINGS[self.opening]
         at = -1 if closing is None else text.find(closing)
-        if at < 0:
+        if at < 0 or at > MAX_CALL_TEXT:  # closed past the bound (one long read) too
             if len(text) > MAX_CALL_TEXT:
                 self.outcome.tool_calls_unrepaired += 1
                 self.state = "text"
@@ -181,7 +196,7 @@ class ToolCallMender:
         it was only a fence that names no tool)."""
         if opening == FENCE:
             body = body.partition("\n")[2]
-        parsed = _parse(opening, body, self.tools)
+        parsed = _parse(opening, body, self.tools, self.repairs)
         if parsed is None:
             if opening != FENCE or _names_tool(body, self.tools):
                 self.outcome.tool_calls_unrepaired += 1
@@ -201,38 +216,41 @@ def _names_tool(body: str, tools: Mapping[str, Any]) -> bool:
     return any(f'"{name}"' in body for name in tools)
 
 
-def _parse(opening: str, body: str, tools: Mapping[str, Any]) -> list[ToolCall] | None:
+def _parse(
+    opening: str, body: str, tools: Mapping[str, Any], repairs: Repairs
+) -> list[ToolCall] | None:
     """The calls of one call's text, each valid for its tool; None when any is not."""
     body = body.strip()
     if opening == "<function=":
-        entries: list[tuple[Any, Any]] | None = [_function_form(body, tools)]
+        entries: list[tuple[Any, Any]] | None = [_function_form(body, tools, repairs)]
     elif opening == "<tool_call>" and body.startswith("<function="):
         function = body[len("<function=") :].removesuffix("</function>").strip()
-        entries = [_function_form(function, tools)]
+        entries = [_function_form(function, tools, repairs)]
     elif opening == "[TOOL_CALLS]":
-        entries = _mistral(body)
+        entries = _mistral(body, repairs)
     else:
-        entries = _json_calls(_loads(body))
+        entries = _json_calls(_loads(body, repairs))
     if not entries:
         return None
     calls = []
     for name, arguments in entries:
-        call = _valid(name, arguments, tools)
+        call = _valid(name, arguments, tools, repairs)
         if call is None:
             return None
         calls.append(call)
     return calls
 
 
-def _loads(text: str) -> Any:
+def _loads(text: str, repairs: Repairs) -> Any:
     """JSON, or what json-repair makes of almost-JSON (a trailing comma, single quotes, a
     brace cut off); None when neither gives anything."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         pass
-    if not text.strip():
+    if not text.strip() or len(text) > min(MAX_REPAIR_TEXT, repairs.left):
         return None
+    repairs.left -= len(text)
     try:
         repaired = repair_json(text, return_objects=True, skip_json_loads=True)
     except Exception:  # a defect of the repairer must not fail the answer: it stays text
@@ -252,7 +270,7 @@ def _json_calls(value: Any) -> list[tuple[Any, Any]] | None:
     return entries or None
 
 
-def _function_form(body: str, tools: Mapping[str, Any]) -> tuple[Any, Any]:
+def _function_form(body: str, tools: Mapping[str, Any], repairs: Repairs) -> tuple[Any, Any]:
     """`name>{json}` (Llama's) or `name>` then `<parameter=key>value</parameter>` lines
     (Qwen3-coder's); a value is JSON where its tool's schema wants other than a string."""
     name, _, rest = body.partition(">")
@@ -264,21 +282,47 @@ def _function_form(body: str, tools: Mapping[str, Any]) -> tuple[Any, Any]:
     properties = schema.get("properties") if isinstance(schema, dict) else None
     properties = properties if isinstance(properties, dict) else {}
     arguments: dict[str, Any] = {}
-    for key, value in _PARAMETER.findall(rest):
+    for key, value in _parameters(rest):
         wanted = properties.get(key.strip())
         if isinstance(wanted, dict) and wanted.get("type") == "string":
             arguments[key.strip()] = value
         else:
-            parsed = _loads(value)
+            parsed = _loads(value, repairs)
             arguments[key.strip()] = value if parsed is None else parsed
     return name, arguments
 
 
-def _mistral(body: str) -> list[tuple[Any, Any]] | None:
+def _parameters(text: str) -> list[tuple[str, str]]:
+    """`<parameter=key>value</parameter>`'s (key, value) pairs, a line end after the
+    opening and before the closing dropped. Found with find, each closing once: a regex
+    with a lazy value read on to the text's end from every unclosed opening (quadratic)."""
+    pairs: list[tuple[str, str]] = []
+    at = text.find(_PARAMETER)
+    while at >= 0:
+        start = at + len(_PARAMETER)
+        close = text.find(">", start)
+        if close < 0:
+            break
+        key = text[start:close]
+        if not key or "\n" in key:  # no parameter's opening: look again past its start
+            at = text.find(_PARAMETER, at + 1)
+            continue
+        end = text.find(_PARAMETER_END, close + 1)
+        if end < 0:
+            break
+        value = text[close + 1 : end]
+        value = value.removeprefix("\n")
+        value = value.removesuffix("\n")
+        pairs.append((key, value))
+        at = text.find(_PARAMETER, end + len(_PARAMETER_END))
+    return pairs
+
+
+def _mistral(body: str, repairs: Repairs) -> list[tuple[Any, Any]] | None:
     """`[{"name": …, "arguments": …}]`, or `name[ARGS]{…}` (v11 on), several joined by
     more `[TOOL_CALLS]`."""
     if body.startswith("["):
-        return _json_calls(_loads(body))
+        return _json_calls(_loads(body, repairs))
     entries: list[tuple[Any, Any]] = []
     for part in body.split("[TOOL_CALLS]"):
         name, marker, arguments = part.partition("[ARGS]")
@@ -288,13 +332,15 @@ def _mistral(body: str) -> list[tuple[Any, Any]] | None:
     return entries
 
 
-def _valid(name: Any, arguments: Any, tools: Mapping[str, Any]) -> ToolCall | None:
+def _valid(
+    name: Any, arguments: Any, tools: Mapping[str, Any], repairs: Repairs
+) -> ToolCall | None:
     """The call when its tool was offered and its arguments are (or repair into) an
     object its schema accepts."""
     if not isinstance(name, str) or name not in tools:
         return None
     if isinstance(arguments, str):
-        arguments = _loads(arguments) if arguments.strip() else {}
+        arguments = _loads(arguments, repairs) if arguments.strip() else {}
     if arguments is None:
         arguments = {}
     if not isinstance(arguments, dict):
