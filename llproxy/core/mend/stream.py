@@ -3,11 +3,14 @@ reads a reply's stream (each dialect's transform, the relay) reads the mended on
 
 An event whose text passes unchanged (most of them) goes on as the same bytes; only an
 event a stage changes, holds or adds to is encoded anew. The next read never comes back
-empty before the end: a chunk held whole waits for the model's next one.
+empty before the end: a chunk held whole waits for the model's next one. A read whose
+events were all checked here as the relay would check them goes on `Checked`, so the
+relay does not decode them again.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -15,7 +18,7 @@ import orjson
 from ..call import Stream
 from ..record import RequestRecord
 from ..shape import chunk_problem
-from ..sse import json_document, only_text
+from ..sse import Checked, json_document, only_text
 from .loops import LoopDetector
 from .pipeline import REASONING, Item, Mender
 from .plan import Plan
@@ -28,6 +31,8 @@ TEXT_MEMBERS = ("content", *REASONING)
 LOOP_NOTE = "\n\n[llproxy: this answer was cut here because it kept repeating itself]"
 # What every chunk of a stream repeats (taken from its first chunk).
 _HEAD = ("id", "object", "created", "model", "system_fingerprint")
+# What a JSON string's bytes cannot hold as they are: a quote, an escape, a control byte.
+_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 
 
 class MendedStream:
@@ -51,6 +56,7 @@ class MendedStream:
         self.looped = False  # found by `_passes`: the event read whole is cut
         self.fed = False
         self.fed_read = False  # a read's texts went to the detector together
+        self.clean = True  # every event of this read's output checked (`Checked`)
 
     @property
     def ended(self) -> bool:
@@ -76,6 +82,7 @@ class MendedStream:
 
     def _read(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
+        self.clean = True
         if chunk:
             data = self.partial + chunk if self.partial else chunk
             if b"\r" in data:
@@ -84,10 +91,10 @@ class MendedStream:
             complete, self.partial = (data[:cut], data[cut:]) if cut > 1 else (b"", data)
             self._events(complete, out)
             if self._ended:
-                return b"".join(out)
+                return Checked(b"".join(out)) if self.clean else b"".join(out)
         if not chunk or self.source.ended:
             self._end(out)
-        return b"".join(out)
+        return Checked(b"".join(out)) if self.clean else b"".join(out)
 
     def _events(self, complete: bytes, out: list[bytes]) -> None:
         """The whole events of a read: at once where they all pass (`_whole`), else one
@@ -121,12 +128,16 @@ class MendedStream:
         body = complete.removesuffix(DONE)
         if not (body.startswith(head) and body.endswith(tail + END)):
             return False
-        # The texts, joined: what lies between the template's bytes. Any other event among
-        # them leaves a bare quote or a line end, which no JSON string holds.
-        raw = body[len(head) : len(body) - len(tail) - 2].replace(tail + END + head, b"")
-        text = _string(raw)
-        if text is None:
+        # The texts: what lies between the template's bytes, decoded as one array with a
+        # line end between each two (`TextTemplate.texts`). Any other event among them
+        # leaves a line end inside a string, and a text that is not exactly one JSON
+        # string breaks the array or its count: then the events are read one by one.
+        seam = tail + END + head
+        raw = body[len(head) : len(body) - len(tail) - 2]
+        texts = json_document(b'["' + raw.replace(seam, b'",\n"') + b'"]')
+        if type(texts) is not list or len(texts) != raw.count(seam) + 1:
             return False
+        text = "".join(texts)
         if self.limits is not None and text:
             self.fed_read = True  # read event by event from here: not fed again
             if self._detector(member).feed(text):
@@ -181,6 +192,7 @@ class MendedStream:
                 self._event(rest.strip(), out)
             else:
                 cut = rest
+                self.clean = False  # the relay tells the client the stream was cut
         if not self._ended:
             self._flush(out)
         out.append(cut)
@@ -202,10 +214,13 @@ class MendedStream:
             or not isinstance(delta := choice.get("delta"), dict)
         ):
             out.append(event + END)  # not a one-choice chunk: as it came
+            if data and not (isinstance(document, dict) and chunk_problem(document) is None):
+                self.clean = False  # not JSON, or malformed: the relay's to drop or end on
             return
         assert isinstance(document, dict)
         if chunk_problem(document) is not None:
             out.append(event + END)  # malformed: the dialect's reader ends the stream on it
+            self.clean = False
             return
         if not self.head:
             self.head = {key: document[key] for key in _HEAD if key in document}
@@ -372,9 +387,9 @@ def _template(event: bytes, member: str, text: str) -> tuple[bytes, bytes, str] 
 def _string(raw: bytes) -> str | None:
     """The text of a JSON string's bytes (without its quotes); None when they are not one
     (a bare quote, a line end, an escape left open, bytes that are not UTF-8)."""
-    if b'"' not in raw and b"\\" not in raw:
+    if _NOT_PLAIN.search(raw) is None:
         try:
-            return None if b"\n" in raw else raw.decode()
+            return raw.decode()
         except UnicodeDecodeError:
             return None
     try:
