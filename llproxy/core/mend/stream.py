@@ -128,6 +128,8 @@ class MendedStream:
         body = complete.removesuffix(DONE)
         if not (body.startswith(head) and body.endswith(tail + END)):
             return False
+        if len(body) < len(head) + len(tail) + 2:
+            return False  # one event whose bytes overlap the template's by their quote
         # The texts: what lies between the template's bytes, decoded as one array with a
         # line end between each two (`TextTemplate.texts`). Any other event among them
         # leaves a line end inside a string, and a text that is not exactly one JSON
