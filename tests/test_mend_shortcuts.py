@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llproxy.core.commands import _answered, _commands, read
 from llproxy.core.mend.plan import Plan
 from llproxy.core.mend.whole import _mended, _untouched
 from llproxy.core.record import RequestRecord
@@ -69,3 +70,48 @@ def test_the_shortcut_takes_the_usual_answer() -> None:
     message = {"role": "assistant", "content": "Hello! How can I help you today?"}
     assert _untouched(message, message["content"], plan)
     assert not _untouched(message, "<think>hm</think>Hello", plan)
+
+
+REMINDER = "<system-reminder>Be careful.</system-reminder>"
+LEADS = ["", " ", " !/", "\n [llproxy]", "!/", "[llproxy]", "[", "!", "x", REMINDER + "!/"]
+contents = st.one_of(
+    st.builds(
+        lambda lead, rest: lead + rest,
+        st.sampled_from(LEADS),
+        st.sampled_from(["", "help", "set(thinking=false)", "model(m)", " hello", "Noted."]),
+    ),
+    st.builds(lambda text: [{"type": "text", "text": text}], st.sampled_from(["!/help", "hi"])),
+    st.none(),
+)
+histories = st.lists(
+    st.one_of(
+        st.builds(
+            lambda role, content: {"role": role, "content": content},
+            st.sampled_from(["user", "assistant", "system", "tool"]),
+            contents,
+        ),
+        st.just("not a message"),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(messages=histories)
+def test_a_history_read_in_one_pass_finds_what_each_message_read_whole_finds(
+    messages: list[Any],
+) -> None:
+    history = read(messages, "!/")
+    commands = [
+        i
+        for i, m in enumerate(messages)
+        if isinstance(m, dict) and m.get("role") == "user" and _commands(m, "!/") is not None
+    ]
+    answers = [
+        i
+        for i, m in enumerate(messages)
+        if isinstance(m, dict) and m.get("role") == "assistant" and _answered(m)
+    ]
+    dropped = set(commands) | set(answers)
+    assert history.messages == [m for i, m in enumerate(messages) if i not in dropped]
+    assert (history.command is not None) == (len(messages) - 1 in commands)
