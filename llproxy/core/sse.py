@@ -356,7 +356,9 @@ class Checked(bytes):
     passed before the relay (the mending stages: core/mend/stream.py): each is a JSON
     chunk of the right shape, the usual end, or a comment. The relay passes them on
     without checking them again. Anything else (an event dropped or ending the stream) is
-    never in them: the stage hands it on as plain bytes, which the relay checks."""
+    never in them: the stage hands it on as plain bytes, which the relay checks. (orjson
+    refuses a subclass of bytes: whatever decodes them decodes a slice, as every reader
+    of events does.)"""
 
     __slots__ = ()
 
