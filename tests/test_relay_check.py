@@ -259,3 +259,29 @@ def test_broken_texts_after_a_good_chunk_are_dropped_by_the_mending_stage_too(
     out += relay.feed(mended._read(b"")) + relay.finish()
     assert out == good * (1 + len(reads))
     assert record.dropped_chunks == len(events)
+
+
+def test_text_chunks_before_a_finish_pass_at_once_and_a_loop_among_them_is_cut() -> None:
+    finish = encode(
+        {**llama_chunk(""), "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        "compact",
+    )
+    done = b"data: [DONE]\n\n"
+    first = encode(llama_chunk("Sure."), "compact")
+    texts = b"".join(encode(llama_chunk(f" word{i}"), "compact") for i in range(20))
+    record, source = RequestRecord(), _Read()
+    mended = MendedStream(source, WATCHING, record)
+    mended._read(first)
+    source.ended = True
+    out = mended._read(texts + finish + done)
+    assert out == texts + finish + done and type(out) is Checked
+    # The same read, looping: cut where it is found, the model stopped, `length` its stop.
+    record, source = RequestRecord(), _Read()
+    looping = Plan({}, False, False, True, LoopLimits(min_span=12, repeats=4, max_span=100))
+    mended = MendedStream(source, looping, record)
+    mended._read(first)
+    source.ended = True
+    loop = b"".join(encode(llama_chunk(" again and again"), "compact") for _ in range(20))
+    out = mended._read(loop + finish + done)
+    assert record.cut == "loop" and b'"finish_reason":"length"' in out
+    assert out.endswith(done) and len(out) < len(loop)
