@@ -9,12 +9,15 @@ import itertools
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llproxy.core.mend import LoopLimits, Plan
+from llproxy.core.mend.stream import MendedStream
 from llproxy.core.record import RequestRecord
 from llproxy.core.shape import chunk_problem
-from llproxy.core.sse import ChoiceReader, EventRelay, PassThrough, model_rename
+from llproxy.core.sse import Checked, ChoiceReader, EventRelay, PassThrough, model_rename
 
 from .test_choice_reader import encode, tricky_text
 
@@ -155,3 +158,130 @@ def test_an_event_that_overlaps_the_templates_bytes_is_dropped() -> None:
     relay = PassThrough(record, shaped=True)
     assert relay.feed(good) + relay.feed(HEAD + TAIL[1:]) + relay.finish() == good
     assert record.dropped_chunks == 1
+
+
+class _Read:
+    """A model's stream already read, for a mended stream fed by hand."""
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    async def next(self) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+# Loop detection on (every text read), no loop these texts could make: text passes as it is.
+WATCHING = Plan({}, False, False, True, LoopLimits(min_span=2000, repeats=8, max_span=2000))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(event_bytes, min_size=1, max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=6000), max_size=6),
+    renamed=st.booleans(),
+)
+def test_a_mended_stream_through_a_relay_passes_exactly_what_checking_each_event_passes(
+    events: list[bytes], cuts: list[int], renamed: bool
+) -> None:
+    """The relay passes the reads the mending stage says it checked (`Checked`) without
+    checking them again: the stage must drop, count and end on exactly what the relay
+    would (two broken texts that decode together, a raw control byte, a cut event)."""
+    events = whole(events)
+    stream = b"".join(events)
+    record, source = RequestRecord(), _Read()
+    mended = MendedStream(source, WATCHING, record)
+    relay: PassThrough | EventRelay = (
+        EventRelay(record, model_rename("m", "m"), hide_usage=False)
+        if renamed
+        else PassThrough(record, shaped=True)
+    )
+    out = b""
+    bounds = sorted({0, *(min(cut, len(stream)) for cut in cuts), len(stream)})
+    for start, end in itertools.pairwise(bounds):
+        source.ended = end == len(stream)
+        out += relay.feed(mended._read(stream[start:end]))
+        if relay.problem is not None:
+            break
+    else:
+        out += relay.finish()
+    expected, dropped, ended = reference(events)
+    assert out == expected
+    assert record.dropped_chunks == dropped
+    assert (relay.problem is not None) == ended
+
+
+def test_a_read_the_mending_stage_checked_is_not_decoded_again() -> None:
+    texts = [encode(llama_chunk(text), "compact") for text in ("Hel", "lo", ", wor", "ld")]
+    record, source = RequestRecord(), _Read()
+    mended = MendedStream(source, WATCHING, record)
+    relay = PassThrough(record, shaped=True)
+    first = mended._read(texts[0])
+    rest = mended._read(b"".join(texts[1:]))
+    assert type(first) is Checked and type(rest) is Checked
+    assert relay.feed(first) + relay.feed(rest) == b"".join(texts)
+    # The relay learnt no template and checked nothing by one: it decoded none of them.
+    assert relay.check.template is None and relay.check.templated == 0
+    # A read with a chunk that is not JSON is the relay's to check (and drop).
+    broken = with_raw_text(b"a\\")
+    out = mended._read(broken + texts[0])
+    assert type(out) is not Checked
+    assert relay.feed(out) == texts[0] and record.dropped_chunks == 1
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        [b"\t"],  # a raw control byte: no JSON string holds it
+        [b"a\\", b'"b'],  # each broken, yet `a\"b` joined is one JSON string
+        [b"a\\", b',"c'],
+        [b""],  # with the template's bytes overlapping by their quote (below)
+    ],
+)
+@pytest.mark.parametrize("apart", [False, True], ids=["one-read", "reads-apart"])
+def test_broken_texts_after_a_good_chunk_are_dropped_by_the_mending_stage_too(
+    broken: list[bytes], apart: bool
+) -> None:
+    good = encode(llama_chunk("hi"), "compact")
+    events = [with_raw_text(raw) for raw in broken]
+    if broken == [b""]:
+        events = [HEAD + TAIL[1:]]
+    record, source = RequestRecord(), _Read()
+    mended = MendedStream(source, WATCHING, record)
+    relay = PassThrough(record, shaped=True)
+    out = relay.feed(mended._read(good))
+    reads = [[event] for event in events] if apart else [events]
+    for read in reads:
+        out += relay.feed(mended._read(b"".join([*read, good])))
+    source.ended = True
+    out += relay.feed(mended._read(b"")) + relay.finish()
+    assert out == good * (1 + len(reads))
+    assert record.dropped_chunks == len(events)
+
+
+def test_text_chunks_before_a_finish_pass_at_once_and_a_loop_among_them_is_cut() -> None:
+    finish = encode(
+        {**llama_chunk(""), "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        "compact",
+    )
+    done = b"data: [DONE]\n\n"
+    first = encode(llama_chunk("Sure."), "compact")
+    texts = b"".join(encode(llama_chunk(f" word{i}"), "compact") for i in range(20))
+    record, source = RequestRecord(), _Read()
+    mended = MendedStream(source, WATCHING, record)
+    mended._read(first)
+    source.ended = True
+    out = mended._read(texts + finish + done)
+    assert out == texts + finish + done and type(out) is Checked
+    # The same read, looping: cut where it is found, the model stopped, `length` its stop.
+    record, source = RequestRecord(), _Read()
+    looping = Plan({}, False, False, True, LoopLimits(min_span=12, repeats=4, max_span=100))
+    mended = MendedStream(source, looping, record)
+    mended._read(first)
+    source.ended = True
+    loop = b"".join(encode(llama_chunk(" again and again"), "compact") for _ in range(20))
+    out = mended._read(loop + finish + done)
+    assert record.cut == "loop" and b'"finish_reason":"length"' in out
+    assert out.endswith(done) and len(out) < len(loop)

@@ -152,8 +152,17 @@ def read(messages: list[Any], prefix: str) -> History:
     same list when there are none: this runs for every chat turn)."""
     history = History(messages)
     dropped: set[int] = set()
+    # A text that starts with neither the prefix, nor llproxy's mark, nor an agent's
+    # reminder, nor white space is neither a command nor an answer to one: most
+    # messages, told by their first character without reading them further.
+    leads = (prefix[:1], MARK[:1], _REMINDER[:1])
     for index, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
+        if type(message) is not dict:
+            continue
+        content = message.get("content")
+        if type(content) is str and (lead := content[:1]) not in leads and not lead.isspace():
+            continue
+        role = message.get("role")
         if role == "assistant":
             if _answered(message):
                 dropped.add(index)
@@ -224,7 +233,9 @@ class Commands:
         self.usage = usage
 
     def enabled_for(self, key: ApiKey | None) -> bool:
-        return key is None or not any(fnmatch.fnmatchcase(key.name, g) for g in self.disabled_keys)
+        if key is None or not self.disabled_keys:
+            return True
+        return not any(fnmatch.fnmatchcase(key.name, g) for g in self.disabled_keys)
 
     def model(self, history: History, key: ApiKey | None) -> str | None:
         """The conversation's own model: the last `model(NAME)` this key may use (one it

@@ -351,6 +351,18 @@ class EventCheck:
             self.template = None
 
 
+class Checked(bytes):
+    """Whole events that were checked as `EventCheck` checks them, by a stage the stream
+    passed before the relay (the mending stages: core/mend/stream.py): each is a JSON
+    chunk of the right shape, the usual end, or a comment. The relay passes them on
+    without checking them again. Anything else (an event dropped or ending the stream) is
+    never in them: the stage hands it on as plain bytes, which the relay checks. (orjson
+    refuses a subclass of bytes: whatever decodes them decodes a slice, as every reader
+    of events does.)"""
+
+    __slots__ = ()
+
+
 class _CheckedRelay:
     """What both relays share: whole events, checked (`json_events`); `problem` says
     what ended the stream."""
@@ -365,6 +377,8 @@ class _CheckedRelay:
 
     def _complete(self, chunk: bytes) -> bytes:
         """The whole events a read completes, checked."""
+        if type(chunk) is Checked and not self.events.pending:
+            return chunk  # checked already, whole events: nothing to split or decode
         if (
             not self.events.pending
             and chunk.endswith(b"\n\n")

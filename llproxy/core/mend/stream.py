@@ -3,11 +3,14 @@ reads a reply's stream (each dialect's transform, the relay) reads the mended on
 
 An event whose text passes unchanged (most of them) goes on as the same bytes; only an
 event a stage changes, holds or adds to is encoded anew. The next read never comes back
-empty before the end: a chunk held whole waits for the model's next one.
+empty before the end: a chunk held whole waits for the model's next one. A read whose
+events were all checked here as the relay would check them goes on `Checked`, so the
+relay does not decode them again.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -15,19 +18,20 @@ import orjson
 from ..call import Stream
 from ..record import RequestRecord
 from ..shape import chunk_problem
-from ..sse import json_document, only_text
+from ..sse import Checked, json_document, only_text
 from .loops import LoopDetector
 from .pipeline import REASONING, Item, Mender
 from .plan import Plan
 from .toolcalls import ToolCall
 
 END = b"\n\n"
-DONE = b"data: [DONE]\n\n"
 TEXT_MEMBERS = ("content", *REASONING)
 # The client's last words of a stream cut for looping.
 LOOP_NOTE = "\n\n[llproxy: this answer was cut here because it kept repeating itself]"
 # What every chunk of a stream repeats (taken from its first chunk).
 _HEAD = ("id", "object", "created", "model", "system_fingerprint")
+# What a JSON string's bytes cannot hold as they are: a quote, an escape, a control byte.
+_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 
 
 class MendedStream:
@@ -50,7 +54,8 @@ class MendedStream:
         self.template: tuple[bytes, bytes, str] | None = None
         self.looped = False  # found by `_passes`: the event read whole is cut
         self.fed = False
-        self.fed_read = False  # a read's texts went to the detector together
+        self.fed_read = False  # the event's text went to the detector with its run's
+        self.clean = True  # every event of this read's output checked (`Checked`)
 
     @property
     def ended(self) -> bool:
@@ -76,6 +81,7 @@ class MendedStream:
 
     def _read(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
+        self.clean = True
         if chunk:
             data = self.partial + chunk if self.partial else chunk
             if b"\r" in data:
@@ -84,23 +90,27 @@ class MendedStream:
             complete, self.partial = (data[:cut], data[cut:]) if cut > 1 else (b"", data)
             self._events(complete, out)
             if self._ended:
-                return b"".join(out)
+                return Checked(b"".join(out)) if self.clean else b"".join(out)
         if not chunk or self.source.ended:
             self._end(out)
-        return b"".join(out)
+        return Checked(b"".join(out)) if self.clean else b"".join(out)
 
     def _events(self, complete: bytes, out: list[bytes]) -> None:
-        """The whole events of a read: at once where they all pass (`_whole`), else one
-        by one, runs of those that pass unchanged going on as the bytes they came in."""
-        self.fed_read = False
+        """The whole events of a read: a run of them at once where they are shaped like
+        the last text chunk and pass (`_run`), the others one by one; those that pass
+        unchanged go on as the bytes they came in."""
         tried = None  # the template the rest of the read was last tried with
+        fed = 0  # the events before this offset had their texts fed to the detector
         start = at = 0
         size = len(complete)
         while at < size:
+            self.fed_read = at < fed
             if self.template is not None and self.template is not tried and not self.fed_read:
                 tried = self.template
-                if self._whole(complete[at:], out, complete[start:at]):
-                    return
+                taken, fed = self._run(complete, at)
+                if taken:
+                    at += taken
+                    continue
             end = complete.find(END, at)
             event = complete[at:end]
             if event and not self._passes(event):
@@ -112,34 +122,36 @@ class MendedStream:
             at = end + 2
         out.append(complete[start:at])
 
-    def _whole(self, complete: bytes, out: list[bytes], before: bytes) -> bool:
-        """Whether a whole read passes as it came, told at once where its events are all
-        shaped like the last text chunk: their texts cut out together, in a few
-        byte operations, whatever their number (a model's server writes many at once)."""
+    def _run(self, complete: bytes, at: int) -> tuple[int, int]:
+        """How many bytes from `at` on pass as they came, told at once where they are
+        events shaped like the last text chunk (up to the last such event of the read:
+        a model's server writes many at once, its finish and `[DONE]` after them): their
+        texts cut out together, in a few byte operations, whatever their number. Also
+        where the texts fed to the loop detector end (they are not fed again)."""
         assert self.template is not None
         head, tail, member = self.template
-        body = complete.removesuffix(DONE)
-        if not (body.startswith(head) and body.endswith(tail + END)):
-            return False
-        # The texts, joined: what lies between the template's bytes. Any other event among
-        # them leaves a bare quote or a line end, which no JSON string holds.
-        raw = body[len(head) : len(body) - len(tail) - 2].replace(tail + END + head, b"")
-        text = _string(raw)
-        if text is None:
-            return False
+        end = complete.rfind(tail + END) + len(tail) + 2
+        if end - at < len(head) + len(tail) + 2 or not complete.startswith(head, at):
+            return 0, at  # none, or one event whose bytes overlap the template's by a quote
+        # The texts: what lies between the template's bytes, decoded as one array with a
+        # line end between each two (`TextTemplate.texts`). Any other event among them
+        # leaves a line end inside a string, and a text that is not exactly one JSON
+        # string breaks the array or its count: then the events are read one by one.
+        seam = tail + END + head
+        raw = complete[at + len(head) : end - len(tail) - 2]
+        texts = json_document(b'["' + raw.replace(seam, b'",\n"') + b'"]')
+        if type(texts) is not list or len(texts) != raw.count(seam) + 1:
+            return 0, at
+        text = "".join(texts)
+        fed = at
         if self.limits is not None and text:
-            self.fed_read = True  # read event by event from here: not fed again
+            fed = end  # read event by event from here: not fed again
             if self._detector(member).feed(text):
                 self.looped = True
-                return False
+                return 0, fed
         if not (self.mender.passes(text) if member == "content" else self.mender.show):
-            return False
-        out.append(before)  # the events before, which passed one by one
-        out.append(body)
-        if len(body) < len(complete):
-            self._flush(out)
-            out.append(DONE)
-        return True
+            return 0, fed
+        return end - at, fed
 
     def _detector(self, member: str) -> LoopDetector:
         detector = self.detectors.get(member)
@@ -181,6 +193,7 @@ class MendedStream:
                 self._event(rest.strip(), out)
             else:
                 cut = rest
+                self.clean = False  # the relay tells the client the stream was cut
         if not self._ended:
             self._flush(out)
         out.append(cut)
@@ -202,10 +215,13 @@ class MendedStream:
             or not isinstance(delta := choice.get("delta"), dict)
         ):
             out.append(event + END)  # not a one-choice chunk: as it came
+            if data and not (isinstance(document, dict) and chunk_problem(document) is None):
+                self.clean = False  # not JSON, or malformed: the relay's to drop or end on
             return
         assert isinstance(document, dict)
         if chunk_problem(document) is not None:
             out.append(event + END)  # malformed: the dialect's reader ends the stream on it
+            self.clean = False
             return
         if not self.head:
             self.head = {key: document[key] for key in _HEAD if key in document}
@@ -372,9 +388,9 @@ def _template(event: bytes, member: str, text: str) -> tuple[bytes, bytes, str] 
 def _string(raw: bytes) -> str | None:
     """The text of a JSON string's bytes (without its quotes); None when they are not one
     (a bare quote, a line end, an escape left open, bytes that are not UTF-8)."""
-    if b'"' not in raw and b"\\" not in raw:
+    if _NOT_PLAIN.search(raw) is None:
         try:
-            return None if b"\n" in raw else raw.decode()
+            return raw.decode()
         except UnicodeDecodeError:
             return None
     try:

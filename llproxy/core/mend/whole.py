@@ -33,6 +33,13 @@ def _message(
 ) -> bool:
     content = message.get("content")
     text = content if isinstance(content, str) else ""
+    return not _untouched(message, text, plan) and _mended(choice, message, text, plan, record)
+
+
+def _mended(
+    choice: dict[str, Any], message: dict[str, Any], text: str, plan: Plan, record: RequestRecord
+) -> bool:
+    """The message through the stages; True when it changed."""
     mender = Mender(plan, record, plan.think_open or (plan.thinking and closes_only(text)))
     items = (mender.content(text) if text else []) + mender.finish()
     texts: dict[str, list[str]] = {}
@@ -61,3 +68,15 @@ def _message(
         if choice.get("finish_reason") != "length":
             choice["finish_reason"] = "tool_calls"
     return True
+
+
+def _untouched(message: dict[str, Any], text: str, plan: Plan) -> bool:
+    """Whether no stage could change this message, told without running them (most
+    answers): no `<` that could open or close a thinking block or a call, no `[` or
+    backtick that could open a call when tools are offered, no block opened by the chat
+    template, and no reasoning to take away from a client that asked for none."""
+    if plan.think_open or "<" in text:
+        return False
+    if plan.tools and ("[" in text or "`" in text):
+        return False
+    return plan.show_thinking or not plan.thinking or not any(message.get(n) for n in REASONING)
