@@ -47,6 +47,7 @@ from . import (
     added_text,
     arguments_object,
     kept_headers,
+    list_field,
     reasoning_text,
 )
 
@@ -99,15 +100,6 @@ def _field(message: dict[str, Any], name: str) -> Any:
     return message.get("".join("_" + c.lower() if c.isupper() else c for c in name))
 
 
-def _list(value: Any, path: str) -> list[Any]:
-    """A field that must be a list when given: absent is empty, another type a 400."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InvalidRequest(f"{path}: must be a list", param=path)
-    return value
-
-
 class GeminiDialect:
     name = "gemini"
 
@@ -142,7 +134,7 @@ class GeminiDialect:
             if not isinstance(requests, list):
                 raise InvalidRequest("requests: must be a list", param="requests")
             texts = [
-                _texts(_list(_dict(_dict(r).get("content")).get("parts"), "content.parts"))
+                _texts(list_field(_dict(_dict(r).get("content")), "parts", "content.parts"))
                 for r in requests
             ]
             payload = JsonPayload({"model": model, "input": texts if batch else texts[0]})
@@ -221,7 +213,7 @@ def to_chat(body: dict[str, Any], model: str) -> dict[str, Any]:
         raise InvalidRequest("contents: must be a list", param="contents")
     messages: list[dict[str, Any]] = []
     system = _texts(
-        _list(_dict(body.get("systemInstruction")).get("parts"), "systemInstruction.parts")
+        list_field(_dict(body.get("systemInstruction")), "parts", "systemInstruction.parts")
     )
     if system:
         messages.append({"role": "system", "content": system})
@@ -317,9 +309,9 @@ def _user_turn(parts: list[Any], waiting: list[tuple[str, str]]) -> list[dict[st
 
 def _tools(body: dict[str, Any], chat: dict[str, Any]) -> None:
     tools: list[dict[str, Any]] = []
-    for i, tool in enumerate(_list(body.get("tools"), "tools")):
-        declarations = _dict(tool).get("functionDeclarations")
-        for declaration in _list(declarations, f"tools[{i}].functionDeclarations"):
+    for i, tool in enumerate(list_field(body, "tools")):
+        where = f"tools[{i}].functionDeclarations"
+        for declaration in list_field(_dict(tool), "functionDeclarations", where):
             if not isinstance(declaration, dict) or not isinstance(declaration.get("name"), str):
                 continue
             # google-genai 3.6 sends `parameters_json_schema` as it is, in snake case.
@@ -334,7 +326,7 @@ def _tools(body: dict[str, Any], chat: dict[str, Any]) -> None:
             tools.append({"type": "function", "function": function})
     config = _dict(_dict(body.get("toolConfig")).get("functionCallingConfig"))
     mode = config.get("mode")
-    names = _list(config.get("allowedFunctionNames"), "toolConfig.functionCallingConfig")
+    names = list_field(config, "allowedFunctionNames", "toolConfig.functionCallingConfig")
     allowed = [n for n in names if isinstance(n, str)]
     if allowed:
         tools = [t for t in tools if t["function"]["name"] in allowed]
