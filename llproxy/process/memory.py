@@ -1,4 +1,5 @@
-"""Memory that a burst of connections freed goes back to the system.
+"""Memory that a burst of connections freed goes back to the system, and a collector
+that does not walk what lives as long as the worker.
 
 glibc's malloc keeps the heap pages freed by thousands of closed connections (parser
 buffers, transports, large dicts) for reuse until it is told to trim: after 5,000 idle
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 from collections.abc import Callable
 
@@ -19,6 +21,22 @@ log = logging.getLogger("llproxy.memory")
 # Open connections fewer than their peak since the last trim that make a trim worth it.
 BURST = 1000
 CHECK_EVERY = 1.0
+# Python's default of 700 collects the youngest generation every few dozen requests while
+# 32 are in flight (the objects of requests still under way count as young); at 7,000 it
+# collected 5 times instead of 990 in 36,000 requests.
+YOUNG_COLLECTION_THRESHOLD = 7000
+
+
+def settle_heap() -> None:
+    """Once a worker has started: what it made so far (modules, config, app) lives as long
+    as it does, so the collector stops walking it, and it collects young objects less
+    often. Measured under a JSON load (1 worker, wrk c32): the collector's time went from
+    8 to 0.2 µs a request, and the full collections (7 in 6 s, about 22 ms each, every
+    request in flight waiting for them) stopped."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
 def malloc_trim() -> Callable[[], object] | None:

@@ -45,7 +45,7 @@ from .channel import (
 )
 from .desk import ChannelDesk
 from .listeners import BACKLOG
-from .memory import trim_after_bursts
+from .memory import settle_heap, trim_after_bursts
 
 log = logging.getLogger("llproxy.worker")
 
@@ -149,6 +149,7 @@ async def serve(spec: WorkerSpec) -> None:
     server = runner.server
     assert server is not None
     trimming = asyncio.ensure_future(trim_after_bursts(lambda: len(server.connections)))
+    settle_heap()
     channel.send(Ready(spec.worker_id, os.getpid()))
     reason = await stop.get()
     trimming.cancel()
