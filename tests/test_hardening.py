@@ -439,3 +439,29 @@ async def test_parser_errors_are_openai_shaped_without_a_banner(
     await daemon.wait_for("malformed request from")
     assert "topsecretkey" not in daemon.output
     assert "Traceback" not in daemon.output
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_whole_or_in_parts(
+    start_proxy: ProxyFactory, upstream: RunningUpstream
+) -> None:
+    """A chunked body has no announced length: its size is checked as it is read, whether
+    it came with the headers (read at once) or later (read as it comes)."""
+    proxy = await start_proxy([upstream.endpoint()], max_request_bytes=1000)
+    body = orjson.dumps({**CHAT, "padding": "x" * 2000})
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    whole = await raw_exchange(proxy.server.port, head + chunked, read_timeout=5)
+    assert whole.startswith(b"HTTP/1.1 413"), whole[:100]
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    writer.write(head)
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the handler starts reading before the body is in
+    writer.write(chunked)
+    later = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert later.startswith(b"HTTP/1.1 413"), later[:100]
+    assert b"request_too_large" in whole and b"request_too_large" in later
+    assert upstream.fake.generation_requests == []
