@@ -32,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 # Counted on every request like the default limit, never reached in a run.
 LIMIT_NEVER_REACHED = "1000000000 per 15 minutes"
+FLOOR = "aiohttp-floor"  # scripts/floor_proxy.py
 PYTHON = sys.executable
 CHAT_PATH = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -403,6 +404,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "10",
             ],
         )
+        # The least a proxy built like llproxy costs (scripts/floor_proxy.py), as many
+        # processes as llproxy has workers: what of the gap to nginx is llproxy's own.
+        floor = free_port()
+        procs.start(
+            "floor",
+            [
+                PYTHON,
+                str(ROOT / "scripts/floor_proxy.py"),
+                "--port",
+                str(floor),
+                "--upstream",
+                str(fast),
+                "--processes",
+                str(cores),
+            ],
+        )
         nginx_fast, nginx_slow = free_port(), free_port()
         conf = nginx_conf(workdir, [(nginx_fast, fast), (nginx_slow, slow)])
         procs.start("nginx", ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"])
@@ -475,6 +492,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plain_port, plain_proc = start_llproxy(f"llproxy-{cores}-plain", cores, plain_config)
         for port in (
             plain_port,
+            floor,
             fast,
             slow,
             anthropic,
@@ -490,7 +508,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             w: [rss_mb(pid) for pid in workers_of(proc.pid)] for w, (_, proc) in llproxies.items()
         }
 
-        targets = {"direct": (fast, "bench-model"), "nginx": (nginx_fast, "bench-model")}
+        targets = {
+            "direct": (fast, "bench-model"),
+            "nginx": (nginx_fast, "bench-model"),
+            FLOOR: (floor, "bench-model"),
+        }
         for workers, (port, _) in llproxies.items():
             targets[f"llproxy-{workers}w"] = (port, "bench-model:fast")
         targets[f"llproxy-{cores}w+limit"] = (limited_port, "bench-model:fast")
@@ -698,7 +720,7 @@ def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list
     results: dict[str, list[Any]] = data["results"]
     cores = data["cores"]
     timed = ["direct", "nginx"] + [f"llproxy-{w}w" for w in sorted({1, cores})]
-    names = [*timed, f"llproxy-{cores}w+limit"]
+    names = [*timed[:2], FLOOR, *timed[2:], f"llproxy-{cores}w+limit"]
     rows = [
         [
             "figure",
@@ -737,7 +759,25 @@ def report(data: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list
     ratio = median_ratio(
         [r.rps for r in results[f"{top}|json|32"]], [r.rps for r in results["nginx|json|32"]]
     )
-    verdicts.insert(0, f"{top} non-streaming c32 throughput: {ratio:.2f}x nginx (target ≥ 0.25x)")
+    floor = median_ratio(
+        [r.rps for r in results[f"{FLOOR}|json|32"]], [r.rps for r in results["nginx|json|32"]]
+    )
+    verdicts.insert(
+        0,
+        f"{top} non-streaming c32 throughput: {ratio:.2f}x nginx (target ≥ 0.30x); "
+        f"the floor (scripts/floor_proxy.py, {cores} processes): {floor:.2f}x nginx",
+    )
+    stream_ratio, stream_floor = (
+        median_ratio(
+            [r.rps for r in results[f"{n}|stream|32"]], [r.rps for r in results["nginx|stream|32"]]
+        )
+        for n in (top, FLOOR)
+    )
+    verdicts.insert(
+        1,
+        f"{top} OpenAI stream c32 throughput: {stream_ratio:.2f}x nginx (target ≥ 0.50x); "
+        f"the floor: {stream_floor:.2f}x nginx",
+    )
     for key in ("json|32", "json|128", "stream|32", "stream|128"):
         limited = median_ratio(
             [r.rps for r in results[f"{top}+limit|{key}"]],
@@ -819,7 +859,11 @@ load, same moment) and then the median. Load: `wrk -t1 -cN -d{args["duration"]:g
 with a POST of a small chat request, against `scripts/fast_upstream.py` (direct), nginx
 as a plain reverse proxy (`proxy_buffering off`, upstream keep-alive), and llproxy with
 1 worker and one per core (no rate limit, no verbose log), and one per core with a rate
-limit too high to refuse (`+limit`: what limiting costs). Streaming: 20 SSE chunks in
+limit too high to refuse (`+limit`: what limiting costs). `aiohttp-floor` is
+`scripts/floor_proxy.py` with one process per core: aiohttp's low-level server passing the
+request through llproxy's own HTTP client and back, with none of llproxy's features, so
+llproxy ÷ floor is what its features cost and floor ÷ nginx what the design does.
+Streaming: 20 SSE chunks in
 the shape llama.cpp's server writes them (since 2026-12-02; before, each carried a
 timestamp of its own, which the translated streams' reader cannot cut by template);
 {DIALECTS_METHOD} `+limit` likewise with the mean of the limits-off runs right before and
