@@ -51,6 +51,8 @@ TARGETS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # name: (dialect, path, extra body fields)
     "direct": ("openai", "/v1/chat/completions", {"messages": HELLO}),
     "nginx": ("openai", "/v1/chat/completions", {"messages": HELLO}),
+    # scripts/floor_proxy.py: aiohttp and llproxy's own client, none of llproxy's features
+    "aiohttp-floor": ("openai", "/v1/chat/completions", {"messages": HELLO}),
     "llproxy": ("openai", "/v1/chat/completions", {"messages": HELLO}),
     "llproxy anthropic": ("anthropic", "/v1/messages", {"max_tokens": 256, "messages": HELLO}),
 }
@@ -187,6 +189,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nginx_master = procs.start(
             "nginx", ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
         )
+        floor = free_port()
+        floor_master = procs.start(
+            "floor",
+            [
+                PYTHON,
+                str(ROOT / "scripts/floor_proxy.py"),
+                "--port",
+                str(floor),
+                "--upstream",
+                str(upstream),
+                "--processes",
+                str(cores),
+            ],
+        )
         config = workdir / "llproxy.json"
         config.write_text(
             json.dumps(
@@ -203,13 +219,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         command = [PYTHON, "-m", "llproxy", "serve", "--config", str(config)]
         command += ["--bindport", str(port), "--workers", str(cores)]
         llproxy = procs.start("llproxy", command)
-        for each in (upstream, nginx, port):
+        for each in (upstream, nginx, floor, port):
             wait_listening(each)
         time.sleep(2)  # the workers serve once the first scan is in
         workers = workers_of(llproxy.pid)
         idle = [round(rss_mb(pid), 1) for pid in workers]
-        ports = {"direct": upstream, "nginx": nginx, "llproxy": port, "llproxy anthropic": port}
-        busy = {"nginx": children(nginx_master.pid), "llproxy": workers}
+        ports = {
+            "direct": upstream,
+            "nginx": nginx,
+            "aiohttp-floor": floor,
+            "llproxy": port,
+            "llproxy anthropic": port,
+        }
+        busy = {
+            "nginx": children(nginx_master.pid),
+            "aiohttp-floor": children(floor_master.pid),
+            "llproxy": workers,
+        }
         load: list[float] = []
         for n in steps:
             load.append(os.getloadavg()[0])
@@ -280,7 +306,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {', '.join(f'{v:.0f}' for v in r['rss']) or '-'} |"
             )
     openai, anthropic = headline(data, "llproxy"), headline(data, "llproxy anthropic")
-    nginx = headline(data, "nginx")
+    nginx, floor = headline(data, "nginx"), headline(data, "aiohttp-floor")
     skipped = (
         f" N = {', '.join(map(str, data['skipped']))} skipped: the file limit is "
         f"{data['file_limit']}."
@@ -305,8 +331,11 @@ on {time.strftime("%Y-%m-%d")}, one run. N clients at once (started evenly over
 {START_SPREAD:g} s, in {CLIENT_PROCESSES} client processes of their own) each stream a
 {TOKENS}-token answer at {1000 / GAP_MS:g} tokens/s (first chunk after {FIRST_MS:g} ms)
 from `scripts/fast_upstream.py --paced`, in llama.cpp's chunk shape: straight from the
-upstream (direct), through nginx (`proxy_buffering off`), and through llproxy with
-{data["cores"]} workers (no rate limit), as an OpenAI stream and as an Anthropic one.
+upstream (direct), through nginx (`proxy_buffering off`), through `aiohttp-floor`
+(`scripts/floor_proxy.py`, {data["cores"]} processes: aiohttp's low-level server and
+llproxy's own client with none of its features, the least this design costs), and
+through llproxy with {data["cores"]} workers (no rate limit), as an OpenAI stream and as
+an Anthropic one.
 "Added" is over the direct figure of the same N; the gap is the time between two token
 chunks' arrivals (p99 over every gap of every stream); the proxy's CPU is what its
 processes (nginx's workers, llproxy's) used during the run over the N x {TOKENS}
@@ -319,8 +348,9 @@ upstream and the clients compete with the proxy for the same cores.
 
 **Headline: llproxy adds at most {TARGET_GAP_MS:g} ms to the p99 gap with 0 errors up to
 N = {openai:,} (OpenAI stream) and N = {anthropic:,} (Anthropic stream); nginx up to
-N = {nginx:,}.** Median CPU: llproxy {per_core("llproxy")} (Anthropic:
-{per_core("llproxy anthropic")}), nginx {per_core("nginx")}. Worker RSS: {idle} MB idle
+N = {nginx:,}; the floor up to N = {floor:,}.** Median CPU: llproxy {per_core("llproxy")}
+(Anthropic: {per_core("llproxy anthropic")}), nginx {per_core("nginx")}, the floor
+{per_core("aiohttp-floor")}. Worker RSS: {idle} MB idle
 before, {after} MB after the run.
 
 {chr(10).join(rows)}
