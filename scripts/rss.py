@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hold", type=float, default=3.0)
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--script",
+        action="store_true",
+        help="start the installed `llproxy` script (as an operator does), not python -m llproxy",
+    )
     args = parser.parse_args(argv)
     files = raise_file_limit()
     if args.rounds and files < args.connections + 200:
@@ -111,11 +116,14 @@ def main(argv: list[str] | None = None) -> None:
         wait_listening(upstream)
         path = workdir / "llproxy.json"
         path.write_text(json.dumps(config(upstream)))
+        command = (
+            [str(Path(PYTHON).parent / "llproxy")] if args.script else [PYTHON, "-m", "llproxy"]
+        )
         for start in range(args.starts):
             port = free_port()
             proc = procs.start(
                 f"llproxy-{start}",
-                [PYTHON, "-m", "llproxy", "serve", "--config", str(path), "--bindport", str(port),
+                [*command, "serve", "--config", str(path), "--bindport", str(port),
                  "--workers", str(args.workers)],
             )  # fmt: skip
             wait_listening(port)
