@@ -9,7 +9,10 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Loaded only where a feature asks for them (the comment at each import says which).
 OPTIONAL = (
@@ -46,7 +49,7 @@ def worker_modules(config: dict[str, object]) -> set[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
         env={**os.environ, "NO_COLOR": "1"},
     )
     assert done.returncode == 0, done.stderr
@@ -67,3 +70,32 @@ def test_a_worker_with_optional_features_off_loads_none_of_their_libraries(
     loaded = {name.split(".")[0] for name in modules} & set(OPTIONAL)
     assert loaded == set()
     assert modules & set(MASTER_ONLY) == set()
+
+
+def test_the_llproxy_script_run_again_by_spawn_loads_no_cli(tmp_path: Path) -> None:
+    """Spawn runs the parent's `__main__` file again in every worker, as `__mp_main__`:
+    for the installed `llproxy` script that must not import the command line."""
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = entry["llproxy"].split(":")
+    script = tmp_path / "llproxy"  # what pip writes for the entry point
+    script.write_text(
+        f"import sys\nfrom {module} import {function}\n"
+        f"if __name__ == '__main__':\n    sys.exit({function}())\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, runpy, sys; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+            "print(json.dumps(sorted(sys.modules)))",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    modules = set(json.loads(done.stdout))
+    assert module in modules
+    assert {"click", "llproxy.cli"} & modules == set()
