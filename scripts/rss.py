@@ -6,8 +6,8 @@ config, then reads each worker's RSS 2 s after it serves (bench.py's `idle_rss`)
 sends one small chat request on each, holds them --hold seconds, closes them, waits
 --settle seconds and reads the workers' RSS again, round after round: memory a closed
 connection does not give back shows as RSS that stays up, or grows round by round. The
-file limit is raised here (and so for what this starts). Prints a table; every process
-started is stopped by PID at the end.
+file limit is raised here (and so for what this starts). Prints a line per reading (MB,
+one figure per worker); every process started is stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             procs.stop(proc)
     finally:
         procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
