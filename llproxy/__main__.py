@@ -1,5 +1,13 @@
-"""`python -m llproxy` runs the command-line interface."""
+"""`python -m llproxy` and the `llproxy` script run the command-line interface."""
 
-from .cli import main
 
-main()
+def main() -> None:
+    # The CLI (click, 1 MB) is imported here, not at the top: a worker started by spawn
+    # runs the `llproxy` script again as `__mp_main__`, and then only this module loads.
+    from .cli import main as cli
+
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -59,6 +59,8 @@ DIALECT_STREAMS: dict[str, tuple[str, dict[str, Any], str | None]] = {
 }
 # The record of the JSON path's before/after runs (issue 20), written by hand: kept.
 HOTPATH_SECTION = re.compile(r"<!-- hotpath -->.*<!-- /hotpath -->", re.S)
+# The worker memory figures of scripts/rss.py (issue 20), written by hand: kept too.
+RSS_SECTION = re.compile(r"<!-- rss -->.*<!-- /rss -->", re.S)
 # `--only dialects` writes its figures here in BENCHMARKS.md; a full run, which has them
 # among its own, drops the section.
 DIALECTS_SECTION = re.compile(r"\n?<!-- dialects -->.*<!-- /dialects -->\n?", re.S)
@@ -1016,13 +1018,15 @@ def main() -> None:
         console.print(table)
     for verdict in verdicts:
         console.print(f"• {verdict}", highlight=False)
-    # The capacity run (`--capacity`) writes a section of its own: kept; so is the
-    # hand-written record of the JSON path's before/after runs.
+    # The capacity run (`--capacity`) writes a section of its own: kept; so are the
+    # hand-written records of the JSON path's before/after runs and of worker memory.
     from capacity import keep_section
 
     old = output.read_text() if output.exists() else ""
     kept = keep_section(old) + "".join(
-        "\n" + match.group(0).strip("\n") + "\n" for match in [HOTPATH_SECTION.search(old)] if match
+        "\n" + match.group(0).strip("\n") + "\n"
+        for match in [HOTPATH_SECTION.search(old), RSS_SECTION.search(old)]
+        if match
     )
     output.write_text(markdown(data, rows, timing, verdicts) + kept)
     console.print(f"written to {args.output}")

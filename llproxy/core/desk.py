@@ -22,8 +22,6 @@ from typing import Any, Protocol
 
 import orjson
 
-from .toolschema import SchemaRefusal, check, schema_problems
-
 log = logging.getLogger("llproxy.desk")
 
 PROTOCOL = 1
@@ -520,12 +518,17 @@ def tool_problems(tools: list[Any]) -> dict[str, str]:
         and isinstance(function.get("name"), str)
         and isinstance(function.get("parameters"), dict)
     }
+    # jsonschema and RE2 (4.6 MB) are imported once a request for a person brings tools.
+    from .toolschema import schema_problems
+
     return schema_problems(schemas)
 
 
 def check_arguments(schema: dict[str, Any], arguments: dict[str, Any]) -> None:
     """Refused when the arguments do not fit the tool's JSON Schema (any draft), or the
     schema cannot be checked safely (core/toolschema.py)."""
+    from .toolschema import SchemaRefusal, check
+
     try:
         check(schema, arguments)
     except SchemaRefusal as refusal:

@@ -18,8 +18,7 @@ from ..config import Config, ConfigError, rate_limit_value
 from ..core.errors import InvalidRequest, ProxyError, ServiceUnavailable
 from ..core.keys import KeyFieldError, key_hash, key_rows
 from ..gateway.credentials import matches, presented_secret
-from ..stores import create_key, list_keys, revoke_key, usage_totals
-from ..stores.postgres import DATABASE_ERRORS
+from ..stores import create_key, database_errors, list_keys, revoke_key, usage_totals
 from ..stores.sqlite import GROUPINGS
 from .body import read_json_object
 
@@ -49,6 +48,7 @@ class AdminApi:
         assert config.admin_key is not None
         self.config = config
         self._admin_hash = key_hash(config.admin_key)
+        self._unreachable = database_errors(config)
         # This process applies its own change at once; the others at their next reload.
         self._keys_changed = keys_changed
 
@@ -62,7 +62,7 @@ class AdminApi:
         self._authorize(request)
         try:
             return _json({"object": "list", "data": key_rows(await list_keys(self.config))})
-        except DATABASE_ERRORS as exc:
+        except self._unreachable as exc:
             raise _unreachable(exc) from None
 
     async def create_key(self, request: web.Request) -> web.Response:
@@ -90,7 +90,7 @@ class AdminApi:
             raise InvalidRequest("'operator' must be true or false", param="operator")
         try:
             secret = await create_key(self.config, name, models, expires, rate_limit, operator)
-        except DATABASE_ERRORS as exc:
+        except self._unreachable as exc:
             raise _unreachable(exc) from None
         except KeyFieldError as exc:
             raise InvalidRequest(str(exc), param=exc.field) from None
@@ -104,7 +104,7 @@ class AdminApi:
         name = request.match_info["name"]
         try:
             revoked = await revoke_key(self.config, name)
-        except DATABASE_ERRORS as exc:
+        except self._unreachable as exc:
             raise _unreachable(exc) from None
         if not revoked:
             raise KeyNotFound(f"no active key named '{name}'")
@@ -122,7 +122,7 @@ class AdminApi:
             raise InvalidRequest("'since' must be a Unix time in seconds", param="since") from None
         try:
             rows = await usage_totals(self.config, since, by)
-        except DATABASE_ERRORS as exc:
+        except self._unreachable as exc:
             raise _unreachable(exc) from None
         return _json({"object": "list", "data": rows})
 

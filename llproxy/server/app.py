@@ -17,8 +17,6 @@ from aiohttp import web
 from ..backends.openai_http.discovery import DiscoveryLoop
 from ..config import Config
 from ..dialects import Route
-from ..process.fleet import host_desk
-from ..process.fleet_scan import fleet_scan
 from ..stores import Services, build_services
 from . import handlers, operator
 from .admin import AdminApi
@@ -80,6 +78,9 @@ def create_app(
             add("OPTIONS", path, handlers.preflight, system)
     app.cleanup_ctx.append(_lifetime)
     if discover:
+        # Imported by the processes that scan (never a worker): redis-py comes with it.
+        from ..process.fleet_scan import fleet_scan
+
         app[DISCOVERY] = DiscoveryLoop(config, state.take_scan, fleet_scan(config))
         app.cleanup_ctx.append(_local_discovery)
     return app
@@ -87,6 +88,8 @@ def create_app(
 
 def serve_alone(config: Config) -> web.Application:
     """The app of a process that serves alone: it scans, counts and writes for itself."""
+    from ..process.fleet import host_desk  # with redis-py, which a worker may not need
+
     return create_app(config, build_services(config, desk=host_desk(config)))
 
 

@@ -42,9 +42,7 @@ from ..dialects.openai import OpenAIDialect
 from ..dialects.responses import ResponsesDialect
 from ..gateway import Gateway
 from ..gateway.accounting import Accounting
-from ..process.fleet import FleetDesk, desk_in_hand
-from ..stores import Services, usage_totals
-from ..stores.postgres import DATABASE_ERRORS
+from ..stores import Services, database_errors, usage_totals
 from ..telemetry.capture import CaptureWriter
 from ..telemetry.desk import desk_families
 from ..telemetry.metrics import DiscoveryTelemetry, Telemetry, render
@@ -115,8 +113,14 @@ class ProxyState:
             self._commands(config), config.tool_loops.mode, config.tool_loops.repeats
         )
         self.operators.handoff = self._hand_off
-        if isinstance(services.desk, Desk | FleetDesk):  # held here: it asks this registry
+        if isinstance(services.desk, Desk):  # held here: it asks this registry
             services.desk.exists = self._exists
+        elif config.redis_url is not None:  # a fleet's port may come to hold it
+            # Imported only then: the fleet's module imports redis-py, 10 MB a worker.
+            from ..process.fleet import FleetDesk
+
+            if isinstance(services.desk, FleetDesk):
+                services.desk.exists = self._exists
         # The operator sockets open in this process, closed when it retires.
         self.operator_sockets: set[web.WebSocketResponse] = set()
         self.gateway = Gateway(config, services.keys, services.rate)
@@ -140,12 +144,14 @@ class ProxyState:
         if not config.commands.enable:
             return None
 
+        unreachable: tuple[type[Exception], ...] = (sqlite3.Error, *database_errors(config))
+
         async def today(client: str) -> list[dict[str, Any]] | None:
             # The fleet's records with database_url (this host's SQLite has none then).
             midnight = time.mktime((*time.localtime()[:3], 0, 0, 0, 0, 0, -1))
             try:
                 return await usage_totals(config, midnight, "model", client)
-            except (sqlite3.Error, *DATABASE_ERRORS) as exc:
+            except unreachable as exc:
                 log.warning("cannot read usage for a command: %s", exc)
                 return None
 
@@ -198,6 +204,9 @@ class ProxyState:
         self.set_registry(result.registry)
 
     async def _own_metrics(self) -> bytes:
+        # A process that serves alone made its desk with the fleet's module (host_desk).
+        from ..process.fleet import desk_in_hand
+
         desk = desk_in_hand(self.services.desk)
         held = desk_families(desk) if desk is not None else ()
         return render(self.numbers(), self.discovery_telemetry, self.services.usage.telemetry, held)

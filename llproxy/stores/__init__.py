@@ -18,9 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Config
 from ..core.desk import DeskPort, HeldDesk
@@ -29,11 +27,6 @@ from ..core.ratelimit import Verdict
 from ..core.usage import UsageRecord
 from ..telemetry.desk import DeskTelemetry
 from .memory import TABLE_BYTES, DequeWindows, HostCounter, ProcessLock, WindowTable
-from .postgres import SPOOL_FILE, PostgresKeySync, PostgresUsageWriter, all_keys
-from .postgres import create_key as create_shared_key
-from .postgres import revoke_key as revoke_shared_key
-from .postgres import usage_sums as shared_usage_sums
-from .redis import RedisCounter, Revocations
 from .sqlite import (
     FLUSH_SECONDS,
     KeyStore,
@@ -43,6 +36,13 @@ from .sqlite import (
     state_dir,
     usage_sums,
 )
+
+# PostgreSQL (asyncpg) and Redis (redis-py) are imported where `database_url` or
+# `redis_url` asks for them: redis-py costs a worker about 10 MB and asyncpg 5 MB that a
+# host without them would hold for nothing (scripts/rss.py measures it).
+if TYPE_CHECKING:
+    from .postgres import PostgresUsageWriter
+    from .redis import Revocations
 
 log = logging.getLogger("llproxy.stores")
 
@@ -167,6 +167,11 @@ class KeySync:
         self.revocations = revocations
         self.reachable: bool | None = None
         self._task: asyncio.Task[None] | None = None
+        self._errors: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
+        if revocations is not None:
+            from redis.exceptions import RedisError  # imported with the revocations
+
+            self._errors = (*self._errors, RedisError)
 
     def refresh_stored(self) -> None:
         changed = self.stored.changed()
@@ -188,7 +193,7 @@ class KeySync:
         while True:
             try:
                 await self.refresh()
-            except (sqlite3.Error, RedisError, OSError) as exc:
+            except self._errors as exc:
                 log.warning("cannot reload API keys: %s", exc)
                 self.reachable = not isinstance(exc, sqlite3.Error)
             else:
@@ -216,6 +221,7 @@ class Services:
     desk: DeskPort  # the operators' queue: held here, or reached over a channel
     usage_store: str = "sqlite"
     desk_store: str = "this host"
+    rate_store: str = "memory"
     rate_reachable: bool | None = None
     _probe: asyncio.Task[None] | None = None
 
@@ -250,7 +256,7 @@ class Services:
                 "reachable": keys if self.usage.telemetry is None else self.usage.reachable,
             },
             "rate": {
-                "store": "redis" if isinstance(self.rate, RedisCounter) else "memory",
+                "store": self.rate_store,
                 "reachable": self.rate_reachable,
             },
             # A fleet's desk travels through the same Redis as the rate counts.
@@ -288,15 +294,23 @@ def build_services(
     keys = KeyRing(config.api_keys)
     key_sync: KeyFollower
     if config.database_url is not None:
+        from .postgres import PostgresKeySync
+
         key_sync = PostgresKeySync(keys, config.database_url)
     else:
-        revocations = Revocations(config.redis_url) if config.redis_url else None
+        revocations = None
+        if config.redis_url:
+            from .redis import Revocations
+
+            revocations = Revocations(config.redis_url)
         key_sync = KeySync(keys, StoredKeys(directory), revocations)
     usage: UsageSink = (
         ForwardedUsage(forward_usage) if forward_usage is not None else usage_writer(config)
     )
     rate: RateCounter
     if config.redis_url is not None:
+        from .redis import RedisCounter
+
         rate = RedisCounter(config.redis_url)
     else:
         share = host or HostShare.private()
@@ -310,6 +324,7 @@ def build_services(
         usage_store="postgresql" if config.database_url is not None else "sqlite",
         # With redis_url the desk is the fleet's (held by one host, reached through it).
         desk_store="redis" if config.redis_url is not None else "this host",
+        rate_store="redis" if config.redis_url is not None else "memory",
     )
 
 
@@ -324,11 +339,24 @@ def describe_stores(config: Config) -> str:
     return f"{records}, rate counts in {counts}, operators' desk {desk}"
 
 
+def database_errors(config: Config) -> tuple[type[Exception], ...]:
+    """What a lost, refused or failing key and usage database raises: with database_url,
+    stores/postgres.py's DATABASE_ERRORS; without it asyncpg's cannot happen (nor is it
+    imported), and these remain."""
+    if config.database_url is None:
+        return (OSError, TimeoutError)
+    from .postgres import DATABASE_ERRORS
+
+    return DATABASE_ERRORS
+
+
 def usage_writer(config: Config) -> UsageWriter | PostgresUsageWriter:
     """Who writes a host's usage records: the shared database (spooling to the state
     directory while it cannot be reached), else the host's SQLite."""
     directory = state_dir(config.state_dir)
     if config.database_url is not None:
+        from .postgres import SPOOL_FILE, PostgresUsageWriter
+
         return PostgresUsageWriter(config.database_url, directory / SPOOL_FILE)
     return UsageWriter(directory)
 
@@ -344,6 +372,8 @@ async def create_key(
     """Store a new key; its secret, shown once. KeyFieldError for a bad field, ValueError
     when the name is taken; with database_url, the database's errors (DATABASE_ERRORS)."""
     if config.database_url is not None:
+        from .postgres import create_key as create_shared_key
+
         return await create_shared_key(
             config.database_url, name, models, expires, rate_limit, operator
         )
@@ -356,12 +386,16 @@ async def revoke_key(config: Config, name: str) -> bool:
     when there is no active key of that name. RedisError when it could not be shared.
     With database_url, in the shared database: every instance hears of it at once."""
     if config.database_url is not None:
+        from .postgres import revoke_key as revoke_shared_key
+
         return await revoke_shared_key(config.database_url, name) is not None
     with KeyStore(state_dir(config.state_dir)) as store:
         hashed = store.revoke(name)
     if hashed is None:
         return False
     if config.redis_url is not None:
+        from .redis import Revocations
+
         revocations = Revocations(config.redis_url)
         try:
             await revocations.share(hashed)
@@ -373,6 +407,8 @@ async def revoke_key(config: Config, name: str) -> bool:
 async def list_keys(config: Config) -> list[ApiKey]:
     """Every stored key, in the shared database or this host's."""
     if config.database_url is not None:
+        from .postgres import all_keys
+
         return await all_keys(config.database_url)
     with KeyStore(state_dir(config.state_dir)) as store:
         return store.all()
@@ -384,5 +420,7 @@ async def usage_totals(
     """Requests and tokens per group (sqlite.GROUPINGS), of one client's records when
     given one: the whole fleet's with database_url, else this host's."""
     if config.database_url is not None:
+        from .postgres import usage_sums as shared_usage_sums
+
         return await shared_usage_sums(config.database_url, since, by, client)
     return await asyncio.to_thread(usage_sums, state_dir(config.state_dir), since, by, client)

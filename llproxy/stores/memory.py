@@ -68,12 +68,23 @@ class WindowTable:
         assert len(self.view) >= slots * SLOT_BYTES
         self.slots = slots
         self.lock = lock
-        self.times = [self._part(i, _TIMES_OFFSET, RING * 8).cast("d") for i in range(slots)]
-        self.counts = [self._part(i, _COUNTS_OFFSET, RING * 4).cast("I") for i in range(slots)]
+        # A slot's times and counts as typed views, made at its first use: all of them at
+        # start cost every worker 1.5 MB for the slots its clients never reach.
+        self._views: dict[int, tuple[memoryview[float], memoryview[int]]] = {}
 
     def _part(self, slot: int, offset: int, size: int) -> memoryview:
         start = slot * SLOT_BYTES + offset
         return self.view[start : start + size]
+
+    def _slot(self, slot: int) -> tuple[memoryview[float], memoryview[int]]:
+        """The slot's times (float seconds) and counts, a value per slice of the ring."""
+        views = self._views.get(slot)
+        if views is None:
+            views = self._views[slot] = (
+                self._part(slot, _TIMES_OFFSET, RING * 8).cast("d"),
+                self._part(slot, _COUNTS_OFFSET, RING * 4).cast("I"),
+            )
+        return views
 
     def hit(self, amount: int, seconds: float, client: str) -> Verdict | None:
         """Check and count one request; None when this client cannot be held here."""
@@ -100,7 +111,7 @@ class WindowTable:
                 reusable = slot if reusable is None else reusable
                 break
             # Every hit of that client left its window: the slot is free again.
-            if reusable is None and (total == 0 or max(self.times[slot]) <= now - seconds):
+            if reusable is None and (total == 0 or max(self._slot(slot)[0]) <= now - seconds):
                 reusable = slot
         if reusable is not None:
             self.view[reusable * SLOT_BYTES : (reusable + 1) * SLOT_BYTES] = bytes(SLOT_BYTES)
@@ -110,7 +121,7 @@ class WindowTable:
     def _count(self, slot: int, amount: int, seconds: float, now: float) -> Verdict:
         offset = slot * SLOT_BYTES
         digest, _, _, head, total = _HEAD.unpack_from(self.view, offset)
-        times, counts = self.times[slot], self.counts[slot]
+        times, counts = self._slot(slot)
         current = int(now * SLICES / seconds)
         if current - head > RING:  # idle for longer than the window: nothing is left
             counts[:] = memoryview(bytes(RING * 4)).cast("I")

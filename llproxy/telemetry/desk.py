@@ -7,16 +7,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from typing import TYPE_CHECKING
 
 from ..core.desk import QUEUED, Desk, Ticket
 from .metrics import Histogram
+
+if TYPE_CHECKING:  # imported when the families are read (telemetry/metrics.py says why)
+    from prometheus_client.core import Metric
 
 # A person takes seconds to minutes; a queue may hold a request for an hour.
 WAIT_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -71,6 +68,12 @@ class DeskTelemetry:
 
 
 def desk_families(desk: Desk) -> Iterator[Metric]:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
     queued = GaugeMetricFamily(
         "llproxy_operator_queue_depth",
         "Requests waiting for an operator to claim them, by operator model",

@@ -15,16 +15,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
+# prometheus_client is imported where the text is rendered: a worker only counts (its
+# supervisor renders), and the library would cost it about 1 MB it never uses.
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from ..backends.openai_http.discovery import ScanResult
     from ..stores.sqlite import WriterTelemetry
 
@@ -203,6 +198,12 @@ class DiscoveryTelemetry:
 def _families(
     requests: Telemetry, discovery: DiscoveryTelemetry | None, usage: WriterTelemetry | None
 ) -> Iterator[Metric]:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
     counter = CounterMetricFamily(
         "llproxy_requests",
         "Requests answered, by model, HTTP status and the client's dialect",
@@ -330,7 +331,7 @@ def _families(
         )
 
 
-class _Snapshot(Collector):
+class _Snapshot:  # a prometheus_client Collector (a protocol)
     def __init__(self, families: Iterable[Metric]) -> None:
         self._families = list(families)
 
@@ -346,6 +347,8 @@ def render(
 ) -> bytes:
     """Prometheus text; `more` adds the families of what only this process holds (the
     operators' desk)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot([*_families(requests, discovery, usage), *more]))
     return generate_latest(registry)

@@ -7,12 +7,15 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
-
-from rich.console import Console
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..telemetry.logs import JsonHandler, Redactor, exception_text, record_fields, set_levels
+
+# rich is imported with the first line written, not when logging is set up: a worker at
+# the default verbosity writes no line for a request, and rich would cost it 1.5 MB.
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
 _LEVEL_STYLES = {
     logging.DEBUG: "dim",
@@ -36,6 +39,8 @@ def _ms(value: float | None) -> str:
 
 
 def render_request(fields: dict[str, Any]) -> Text:
+    from rich.text import Text
+
     text = Text()
     if fields.get("worker"):
         text.append(f"w{fields['worker']} ", style="magenta")
@@ -67,10 +72,21 @@ class ConsoleHandler(logging.Handler):
 
     def __init__(self, stream: TextIO, redact: Redactor) -> None:
         super().__init__()
-        self.console = Console(file=stream, highlight=False, soft_wrap=True)
+        self.stream = stream
         self.redact = redact
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self.stream, highlight=False, soft_wrap=True)
+        return self._console
 
     def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
         try:
             fields = record_fields(record)
             line = Text(time.strftime("%H:%M:%S ", time.localtime(record.created)), style="dim")

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from json_repair import repair_json
 
 from ..record import RequestRecord
-from ..toolschema import SchemaRefusal, check
 from .thinking import held_prefix
 
 # A call's text beyond this is no call: it goes out as the text it is.
@@ -251,6 +249,9 @@ def _loads(text: str, repairs: Repairs) -> Any:
     if not text.strip() or len(text) > min(MAX_REPAIR_TEXT, repairs.left):
         return None
     repairs.left -= len(text)
+    # Imported at the first text that needs it: most answers never do (0.5 MB a worker).
+    from json_repair import repair_json
+
     try:
         repaired = repair_json(text, return_objects=True, skip_json_loads=True)
     except Exception:  # a defect of the repairer must not fail the answer: it stays text
@@ -347,6 +348,10 @@ def _valid(
         return None
     schema = tools[name]
     if isinstance(schema, dict):
+        # jsonschema and RE2 come with the first call checked: 4.6 MB a worker would hold
+        # from its start for what only tool calls written as text need.
+        from ..toolschema import SchemaRefusal, check
+
         try:
             check(schema, arguments)
         except SchemaRefusal:
