@@ -32,7 +32,6 @@ import asyncio, json, sys
 import uvloop
 from aiohttp import web
 from llproxy.config import parse_config
-from llproxy.process.memory import settle_heap
 from llproxy.server.app import serve_alone
 from llproxy.server.http import AppRunner
 
@@ -42,7 +41,12 @@ async def main() -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", int(sys.argv[2])).start()
     await asyncio.sleep(1)  # the first scan
-    settle_heap()
+    try:  # as a worker does; commits before 2026-12-04 had no settle_heap
+        from llproxy.process.memory import settle_heap
+    except ImportError:
+        pass
+    else:
+        settle_heap()
     await asyncio.Event().wait()
 
 uvloop.run(main())
