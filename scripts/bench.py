@@ -128,6 +128,16 @@ class Processes:
             self.stop(proc)
 
 
+def start_floor(
+    procs: Processes, upstream: int, processes: int
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """scripts/floor_proxy.py in front of the upstream's port: its port and its master."""
+    port = free_port()
+    floor = [PYTHON, str(ROOT / "scripts/floor_proxy.py"), "--port", str(port)]
+    floor += ["--upstream", str(upstream), "--processes", str(processes)]
+    return port, procs.start("floor", floor)
+
+
 def workers_of(pid: int) -> list[int]:
     """Worker processes of an llproxy master (not multiprocessing's resource tracker)."""
     found = []
@@ -408,20 +418,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         # The least a proxy built like llproxy costs (scripts/floor_proxy.py), as many
         # processes as llproxy has workers: what of the gap to nginx is llproxy's own.
-        floor = free_port()
-        procs.start(
-            "floor",
-            [
-                PYTHON,
-                str(ROOT / "scripts/floor_proxy.py"),
-                "--port",
-                str(floor),
-                "--upstream",
-                str(fast),
-                "--processes",
-                str(cores),
-            ],
-        )
+        floor, _ = start_floor(procs, fast, cores)
         nginx_fast, nginx_slow = free_port(), free_port()
         conf = nginx_conf(workdir, [(nginx_fast, fast), (nginx_slow, slow)])
         procs.start("nginx", ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"])

@@ -34,6 +34,7 @@ from bench import (
     free_port,
     nginx_conf,
     rss_mb,
+    start_floor,
     versions,
     wait_listening,
     workers_of,
@@ -189,20 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nginx_master = procs.start(
             "nginx", ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"]
         )
-        floor = free_port()
-        floor_master = procs.start(
-            "floor",
-            [
-                PYTHON,
-                str(ROOT / "scripts/floor_proxy.py"),
-                "--port",
-                str(floor),
-                "--upstream",
-                str(upstream),
-                "--processes",
-                str(cores),
-            ],
-        )
+        floor, floor_master = start_floor(procs, upstream, cores)
         config = workdir / "llproxy.json"
         config.write_text(
             json.dumps(

@@ -25,7 +25,8 @@ def test_settle_heap_freezes_what_the_worker_made_and_collects_young_objects_les
     ).stdout
     (frozen_before, threshold_before), frozen_after, threshold_after, tracked = json.loads(out)
     assert frozen_before == 0
-    assert threshold_before[0] == 700  # Python's default, so the change below is ours
+    # Python's default (700; 2,000 from 3.13) is lower, so the change below is ours.
+    assert threshold_before[0] < YOUNG_COLLECTION_THRESHOLD
     # Every module, class and constant loaded so far is out of the collector's walks.
     assert frozen_after > 10_000
     assert threshold_after == [YOUNG_COLLECTION_THRESHOLD, *threshold_before[1:]]

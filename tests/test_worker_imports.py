@@ -31,6 +31,7 @@ MASTER_ONLY = (
     "llproxy.process.services",
     "llproxy.process.fleet",
     "llproxy.process.fleet_scan",
+    "llproxy.process.preflight",
     "llproxy.stores.postgres",
     "llproxy.stores.redis",
     "llproxy.ui.console",

@@ -49,6 +49,7 @@ from .channel import (
 )
 from .fleet_scan import fleet_scan
 from .listeners import Listeners
+from .preflight import missing_library
 from .sdnotify import Notifier
 from .services import MasterServices
 from .worker import worker_main
@@ -578,6 +579,10 @@ class Supervisor:
 
 def run(config: Config, options: ServeOptions) -> int:
     """Serve until told to stop; the exit code for the process."""
+    problem = missing_library(config)
+    if problem is not None:
+        log.error("cannot start: %s", problem)
+        return EX_BOOT_FAILURE
     listeners = Listeners(config.bindip, config.port, config.reuse_port)
     try:
         listeners.open()

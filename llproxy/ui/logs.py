@@ -85,9 +85,9 @@ class ConsoleHandler(logging.Handler):
         return self._console
 
     def emit(self, record: logging.LogRecord) -> None:
-        from rich.text import Text
-
         try:
+            from rich.text import Text  # in the try: a handler never raises into its caller
+
             fields = record_fields(record)
             line = Text(time.strftime("%H:%M:%S ", time.localtime(record.created)), style="dim")
             if fields.get("event") == "request":  # built from fields that hold no secret
