@@ -6,7 +6,8 @@ llproxy's app is served alone in one process (as `serve_alone` builds it, the wo
 collector settings applied) under callgrind with counting off; `scripts/fast_upstream.py`
 answers outside it. A warm-up of --warmup requests, then counting on for exactly
 --requests requests over 32 keep-alive connections, then off: the instructions counted
-over the requests. `--floor` counts `scripts/floor_proxy.py`'s handler instead (one
+over the requests. `--paced` streams with the chunks apart (a read each, the cost a chunk
+at a model's pace). `--floor` counts `scripts/floor_proxy.py`'s handler instead (one
 process), the least a proxy of this design costs. Needs valgrind (`apt-get install
 valgrind`); everything stays on 127.0.0.1 and every process started is stopped.
 """
@@ -27,6 +28,11 @@ from pathlib import Path
 from bench import PYTHON, ROOT, Processes, free_port, wait_listening
 
 CONNECTIONS = 32
+# --paced: the upstream sends a stream's chunks PACE_MS apart, few streams at once, so
+# that even under callgrind (tens of times slower) each chunk is a read of its own, as at
+# a model's pace: the cost a chunk, which limits how many streams a worker carries.
+PACE_MS = 20.0
+PACED_CONNECTIONS = 4
 SERVE_ALONE = """
 import asyncio, json, sys
 import uvloop
@@ -53,8 +59,8 @@ uvloop.run(main())
 """
 
 
-async def drive(port: int, requests: int, stream: bool) -> None:
-    """Exactly `requests` chat requests over CONNECTIONS keep-alive connections."""
+async def drive(port: int, requests: int, stream: bool, connections: int = CONNECTIONS) -> None:
+    """Exactly `requests` chat requests over `connections` keep-alive connections."""
     body = json.dumps(
         {
             "model": "bench-model:fast",
@@ -89,7 +95,7 @@ async def drive(port: int, requests: int, stream: bool) -> None:
                 await reader.readexactly(int(length))
         writer.close()
 
-    await asyncio.gather(*(connection() for _ in range(CONNECTIONS)))
+    await asyncio.gather(*(connection() for _ in range(connections)))
 
 
 def count(args: argparse.Namespace, stream: bool) -> float:
@@ -97,10 +103,10 @@ def count(args: argparse.Namespace, stream: bool) -> float:
     procs = Processes(workdir)
     try:
         upstream, port = free_port(), free_port()
-        procs.start(
-            "upstream",
-            [PYTHON, str(ROOT / "scripts/fast_upstream.py"), "--port", str(upstream)],
-        )
+        command = [PYTHON, str(ROOT / "scripts/fast_upstream.py"), "--port", str(upstream)]
+        if args.paced:
+            command += ["--delay", "--first-ms", str(PACE_MS), "--gap-ms", str(PACE_MS)]
+        procs.start("upstream", command)
         wait_listening(upstream)
         if args.floor:
             floor = f"from floor_proxy import process; process({port}, {upstream})"
@@ -127,11 +133,12 @@ def count(args: argparse.Namespace, stream: bool) -> float:
         )
         wait_listening(port, timeout=240)
         time.sleep(3)
-        asyncio.run(drive(port, args.warmup, stream))
+        connections = PACED_CONNECTIONS if args.paced else CONNECTIONS
+        asyncio.run(drive(port, args.warmup, stream, connections))
         control = shutil.which("callgrind_control") or "callgrind_control"
         target = str(proc.pid)
         subprocess.run([control, "-i", "on", target], check=True, capture_output=True)
-        asyncio.run(drive(port, args.requests, stream))
+        asyncio.run(drive(port, args.requests, stream, connections))
         subprocess.run([control, "-i", "off", target], check=True, capture_output=True)
         subprocess.run([control, "-d", target], check=True, capture_output=True)
         procs.stop(proc)  # callgrind writes its last file as it ends
@@ -149,13 +156,24 @@ def count(args: argparse.Namespace, stream: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, help="counted (default 1,000; paced 200)")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3, help="each mode's runs (median)")
     parser.add_argument("--floor", action="store_true", help="scripts/floor_proxy.py instead")
     parser.add_argument("--rate-limit", default="1000000000 per 15 minutes")
     parser.add_argument("--mode", choices=("json", "stream", "both"), default="both")
+    parser.add_argument(
+        "--paced",
+        action="store_true",
+        help=f"the stream only, its chunks {PACE_MS:g} ms apart (a read each); "
+        "--requests defaults to 200",
+    )
     args = parser.parse_args()
+    if args.requests is None:
+        args.requests = 200 if args.paced else 1000
+    if args.paced:
+        args.mode = "stream"
+        args.warmup = min(args.warmup, 40)
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
     os.environ.setdefault("PYTHONHASHSEED", "0")
@@ -163,7 +181,7 @@ def main() -> None:
         runs = sorted(count(args, mode == "stream") for _ in range(args.runs))
         median = runs[len(runs) // 2]
         spread = ", ".join(f"{r / 1000:,.0f}k" for r in runs)
-        name = "floor" if args.floor else "llproxy"
+        name = ("floor" if args.floor else "llproxy") + (" paced" if args.paced else "")
         print(f"{name} {mode}: {median / 1000:,.0f}k instructions a request (runs: {spread})")
 
 
