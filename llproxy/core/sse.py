@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .record import RequestRecord
 
 EVENT_END = re.compile(rb"\r?\n\r?\n")
+# What a JSON string's bytes cannot hold as they are: a quote, an escape, a control byte.
+_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 # The last reads of a stream are kept to find its usage chunk, which may arrive split.
 USAGE_TAIL_READS = 4
 
@@ -126,6 +128,21 @@ def only_usage(document: dict[str, Any]) -> bool:
             elif key != "index" and value not in (None, "", [], {}):
                 return False
     return True
+
+
+def string_text(raw: bytes) -> str | None:
+    """The text of a JSON string's bytes (without its quotes); None when they are not one
+    (a bare quote, a line end, an escape left open, bytes that are not UTF-8)."""
+    if _NOT_PLAIN.search(raw) is None:
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return None
+    try:
+        text = orjson.loads(b'"' + raw + b'"')  # escapes: decoded as the string they are
+    except orjson.JSONDecodeError:
+        return None
+    return text if type(text) is str else None
 
 
 class ModelRename:
@@ -577,6 +594,27 @@ class ChoiceReader:
                 run.pieces.append(text)
         _close(run)
         return choices, None
+
+    def one_text(self, chunk: bytes) -> bytes | None:
+        """The content text of a read that is one event shaped like the template, as the
+        JSON string it came as (quotes included), for a translator to put in its own event
+        as it is; None for any other read (then `feed` reads it). The bytes between the
+        template's are checked to be exactly one JSON string, as `TextTemplate.texts` does."""
+        template = self.template
+        if template is None or template.member != "content" or self.events.pending:
+            return None
+        head, tail = template.head, template.tail
+        end = len(chunk) - 2 - len(tail)  # where the template's tail begins
+        if (
+            end <= len(head)  # no text, or bytes that overlap the template's
+            or chunk.find(b"\n\n") != end + len(tail)
+            or not chunk.startswith(head)
+            or chunk[end:-2] != tail
+            or string_text(chunk[len(head) : end]) is None
+        ):
+            return None
+        self.templated += 1
+        return chunk[len(head) - 1 : end + 1]
 
     def rest(self) -> tuple[list[dict[str, Any]], bytes | None]:
         """The choices of an unterminated last event, at the stream's end; a cut one (not

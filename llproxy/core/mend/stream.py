@@ -10,7 +10,6 @@ relay does not decode them again.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
@@ -18,7 +17,7 @@ import orjson
 from ..call import Stream
 from ..record import RequestRecord
 from ..shape import chunk_problem
-from ..sse import Checked, json_document, only_text
+from ..sse import Checked, json_document, only_text, string_text
 from .loops import LoopDetector
 from .pipeline import REASONING, Item, Mender
 from .plan import Plan
@@ -30,8 +29,6 @@ TEXT_MEMBERS = ("content", *REASONING)
 LOOP_NOTE = "\n\n[llproxy: this answer was cut here because it kept repeating itself]"
 # What every chunk of a stream repeats (taken from its first chunk).
 _HEAD = ("id", "object", "created", "model", "system_fingerprint")
-# What a JSON string's bytes cannot hold as they are: a quote, an escape, a control byte.
-_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 
 
 class MendedStream:
@@ -188,7 +185,7 @@ class MendedStream:
             return False
         if len(event) < len(template[0]) + len(template[1]):
             return False
-        text = _string(event[len(template[0]) : len(event) - len(template[1])])
+        text = string_text(event[len(template[0]) : len(event) - len(template[1])])
         if text is None:
             return False  # not one JSON string: decoded whole
         member = template[2]
@@ -400,21 +397,6 @@ def _template(event: bytes, member: str, text: str) -> tuple[bytes, bytes, str] 
     if event[start : start + len(encoded)] != encoded:
         return None
     return event[: start + 1], event[start + len(encoded) - 1 :], member
-
-
-def _string(raw: bytes) -> str | None:
-    """The text of a JSON string's bytes (without its quotes); None when they are not one
-    (a bare quote, a line end, an escape left open, bytes that are not UTF-8)."""
-    if _NOT_PLAIN.search(raw) is None:
-        try:
-            return raw.decode()
-        except UnicodeDecodeError:
-            return None
-    try:
-        text = orjson.loads(b'"' + raw + b'"')  # escapes: decoded as the string they are
-    except orjson.JSONDecodeError:
-        return None
-    return text if type(text) is str else None
 
 
 def _data(event: bytes) -> bytes:
