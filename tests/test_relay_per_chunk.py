@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -21,6 +22,8 @@ from llproxy.core.mend.stream import MendedStream
 from llproxy.core.record import RequestRecord
 from llproxy.core.sse import Checked, PassThrough
 from llproxy.dialects.anthropic import AnthropicStream
+from llproxy.server.chunked import ChunkFrames
+from llproxy.server.respond import EventStream
 
 from .conftest import ProxyFactory
 from .test_choice_reader import encode
@@ -192,5 +195,41 @@ async def test_a_client_that_stops_reading_stops_the_upstream_being_read(
         assert flood.sent > 40 * 10**6
         assert got.count(b"data: {") == flood.events
         writer.close()
+    finally:
+        await server.close()
+
+
+async def test_chunk_frames_write_what_aiohttp_would_after_the_headers() -> None:
+    """With the installed aiohttp, a prepared stream takes the short path (an upgrade that
+    changed its writer would fall back to aiohttp's write: this says so), and a client
+    reads exactly the chunks written, the ones before and after it."""
+    pieces = [b"first", b"x" * 70_000, b"", b"\r\n0\r\n", b"last"]
+    taken: list[bool] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = EventStream()
+        response.content_type = "text/event-stream"
+        await response.prepare(request)
+        await response.write(pieces[0])  # the headers leave with it
+        frames = ChunkFrames.of(response)
+        taken.append(frames is not None)
+        assert frames is not None
+        for piece in pieces[1:-1]:
+            await frames.write(piece)
+        await response.write_eof(pieces[-1])
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.make_url("/")) as response,
+        ):
+            assert response.headers["Transfer-Encoding"] == "chunked"
+            assert await response.read() == b"".join(pieces)
+        assert taken == [True]
     finally:
         await server.close()

@@ -27,16 +27,18 @@ class ChunkFrames:
 
     @classmethod
     def of(cls, response: web.StreamResponse) -> ChunkFrames | None:
-        writer = response._payload_writer
+        # aiohttp's private members read with defaults that fall back to its own write:
+        # another aiohttp version that has them no more still streams, only slower.
+        writer = getattr(response, "_payload_writer", None)
         if (
             type(writer) is not StreamWriter
             or not writer.chunked
-            or not writer._headers_written
-            or writer._eof
-            or writer._compress is not None
+            or getattr(writer, "_headers_written", False) is not True
+            or getattr(writer, "_eof", True) is not False
+            or getattr(writer, "_compress", True) is not None
             or writer.length is not None
-            or writer._on_chunk_sent is not None
-            or writer.on_body_write is not None
+            or getattr(writer, "_on_chunk_sent", True) is not None
+            or getattr(writer, "on_body_write", True) is not None
         ):
             return None  # anything else goes through aiohttp's own write
         return cls(writer)
