@@ -57,10 +57,13 @@ DIALECT_STREAMS: dict[str, tuple[str, dict[str, Any], str | None]] = {
         ANTHROPIC_MODEL,
     ),
 }
-# The record of the JSON path's before/after runs (issue 20), written by hand: kept.
-HOTPATH_SECTION = re.compile(r"<!-- hotpath -->.*<!-- /hotpath -->", re.S)
-# The worker memory figures of scripts/rss.py (issue 20), written by hand: kept too.
-RSS_SECTION = re.compile(r"<!-- rss -->.*<!-- /rss -->", re.S)
+# Records written by hand, kept by a full run: the JSON path's before/after runs, worker
+# memory (scripts/rss.py), the stream relay's cost a chunk, instructions a request
+# (scripts/instructions.py) (issue 20).
+KEPT_SECTIONS = [
+    re.compile(rf"<!-- {name} -->.*<!-- /{name} -->", re.S)
+    for name in ("hotpath", "rss", "relay2", "instructions")
+]
 # `--only dialects` writes its figures here in BENCHMARKS.md; a full run, which has them
 # among its own, drops the section.
 DIALECTS_SECTION = re.compile(r"\n?<!-- dialects -->.*<!-- /dialects -->\n?", re.S)
@@ -1016,13 +1019,13 @@ def main() -> None:
     for verdict in verdicts:
         console.print(f"• {verdict}", highlight=False)
     # The capacity run (`--capacity`) writes a section of its own: kept; so are the
-    # hand-written records of the JSON path's before/after runs and of worker memory.
+    # hand-written records (KEPT_SECTIONS).
     from capacity import keep_section
 
     old = output.read_text() if output.exists() else ""
     kept = keep_section(old) + "".join(
         "\n" + match.group(0).strip("\n") + "\n"
-        for match in [HOTPATH_SECTION.search(old), RSS_SECTION.search(old)]
+        for match in (section.search(old) for section in KEPT_SECTIONS)
         if match
     )
     output.write_text(markdown(data, rows, timing, verdicts) + kept)
