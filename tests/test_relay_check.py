@@ -6,6 +6,7 @@ chunk of the wrong shape on."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -96,6 +97,27 @@ def reference(events: list[bytes]) -> tuple[bytes, int, bool]:
     return out, dropped, False
 
 
+def assert_relays_as_reference(
+    relay: PassThrough | EventRelay,
+    reads: Iterable[bytes],
+    events: list[bytes],
+    record: RequestRecord,
+) -> None:
+    """The relay fed `reads` (until it finds a problem) passes what checking each event
+    on its own passes, drops as many, and ends where that ends."""
+    out = b""
+    for read in reads:
+        out += relay.feed(read)
+        if relay.problem is not None:
+            break
+    else:
+        out += relay.finish()
+    expected, dropped, ended = reference(events)
+    assert out == expected
+    assert record.dropped_chunks == dropped
+    assert (relay.problem is not None) == ended
+
+
 def whole(events: list[bytes]) -> list[bytes]:
     """Every event ended (a cut one ends where the next begins)."""
     return [event if event.endswith(b"\n\n") else event + b"\n\n" for event in events]
@@ -118,18 +140,9 @@ def test_a_relay_passes_exactly_what_checking_each_event_passes(
         if renamed
         else PassThrough(record, shaped=True)
     )
-    out = b""
     bounds = [0, *sorted(min(cut, len(stream)) for cut in cuts), len(stream)]
-    for start, end in itertools.pairwise(bounds):
-        out += relay.feed(stream[start:end])
-        if relay.problem is not None:
-            break
-    else:
-        out += relay.finish()
-    expected, dropped, ended = reference(events)
-    assert out == expected
-    assert record.dropped_chunks == dropped
-    assert (relay.problem is not None) == ended
+    reads = (stream[start:end] for start, end in itertools.pairwise(bounds))
+    assert_relays_as_reference(relay, reads, events, record)
 
 
 def test_two_broken_texts_that_would_decode_together_are_dropped() -> None:
@@ -198,19 +211,14 @@ def test_a_mended_stream_through_a_relay_passes_exactly_what_checking_each_event
         if renamed
         else PassThrough(record, shaped=True)
     )
-    out = b""
     bounds = sorted({0, *(min(cut, len(stream)) for cut in cuts), len(stream)})
-    for start, end in itertools.pairwise(bounds):
-        source.ended = end == len(stream)
-        out += relay.feed(mended._read(stream[start:end]))
-        if relay.problem is not None:
-            break
-    else:
-        out += relay.finish()
-    expected, dropped, ended = reference(events)
-    assert out == expected
-    assert record.dropped_chunks == dropped
-    assert (relay.problem is not None) == ended
+
+    def reads() -> Iterator[bytes]:
+        for start, end in itertools.pairwise(bounds):
+            source.ended = end == len(stream)
+            yield mended._read(stream[start:end])
+
+    assert_relays_as_reference(relay, reads(), events, record)
 
 
 def test_a_read_the_mending_stage_checked_is_not_decoded_again() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -27,7 +28,14 @@ from llproxy.server.respond import EventStream
 
 from .conftest import ProxyFactory
 from .test_choice_reader import encode
-from .test_relay_check import WATCHING, _Read, event_bytes, llama_chunk, reference, whole
+from .test_relay_check import (
+    WATCHING,
+    _Read,
+    assert_relays_as_reference,
+    event_bytes,
+    llama_chunk,
+    whole,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -39,18 +47,13 @@ def test_a_mended_stream_read_an_event_at_a_time_passes_what_checking_each_passe
     record, source = RequestRecord(), _Read()
     mended = MendedStream(source, WATCHING, record)
     relay = PassThrough(record, shaped=True)
-    out = b""
-    for i, event in enumerate(events):
-        source.ended = i == len(events) - 1
-        out += relay.feed(mended._read(event))
-        if relay.problem is not None:
-            break
-    else:
-        out += relay.finish()
-    expected, dropped, ended = reference(events)
-    assert out == expected
-    assert record.dropped_chunks == dropped
-    assert (relay.problem is not None) == ended
+
+    def reads() -> Iterator[bytes]:
+        for i, event in enumerate(events):
+            source.ended = i == len(events) - 1
+            yield mended._read(event)
+
+    assert_relays_as_reference(relay, reads(), events, record)
 
 
 def test_a_lone_text_event_alike_the_last_passes_as_it_came_checked() -> None:
