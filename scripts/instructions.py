@@ -59,17 +59,32 @@ uvloop.run(main())
 """
 
 
-async def drive(port: int, requests: int, stream: bool, connections: int = CONNECTIONS) -> None:
+# The client's dialect: its path, and what its request adds to the chat.
+DIALECTS = {
+    "openai": ("/v1/chat/completions", "", {}),
+    "anthropic": ("/v1/messages", "anthropic-version: 2023-06-01\r\n", {"max_tokens": 256}),
+}
+
+
+async def drive(
+    port: int,
+    requests: int,
+    stream: bool,
+    connections: int = CONNECTIONS,
+    dialect: str = "openai",
+) -> None:
     """Exactly `requests` chat requests over `connections` keep-alive connections."""
+    path, header, extra = DIALECTS[dialect]
     body = json.dumps(
         {
             "model": "bench-model:fast",
             "stream": stream,
             "messages": [{"role": "user", "content": "hi"}],
+            **extra,
         }
     ).encode()
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{header}"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     left = requests
@@ -114,7 +129,7 @@ def count(args: argparse.Namespace, stream: bool) -> float:
         else:
             config = {
                 "interval": 600000,
-                "rate_limit": args.rate_limit,
+                "rate_limit": None if args.rate_limit == "off" else args.rate_limit,
                 "state_dir": str(workdir / "state"),
                 "endpoints": [{"hostname": "127.0.0.1", "port_start": upstream, "tags": ["fast"]}],
             }
@@ -134,11 +149,11 @@ def count(args: argparse.Namespace, stream: bool) -> float:
         wait_listening(port, timeout=240)
         time.sleep(3)
         connections = PACED_CONNECTIONS if args.paced else CONNECTIONS
-        asyncio.run(drive(port, args.warmup, stream, connections))
+        asyncio.run(drive(port, args.warmup, stream, connections, args.dialect))
         control = shutil.which("callgrind_control") or "callgrind_control"
         target = str(proc.pid)
         subprocess.run([control, "-i", "on", target], check=True, capture_output=True)
-        asyncio.run(drive(port, args.requests, stream, connections))
+        asyncio.run(drive(port, args.requests, stream, connections, args.dialect))
         subprocess.run([control, "-i", "off", target], check=True, capture_output=True)
         subprocess.run([control, "-d", target], check=True, capture_output=True)
         procs.stop(proc)  # callgrind writes its last file as it ends
@@ -160,8 +175,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3, help="each mode's runs (median)")
     parser.add_argument("--floor", action="store_true", help="scripts/floor_proxy.py instead")
-    parser.add_argument("--rate-limit", default="1000000000 per 15 minutes")
+    parser.add_argument("--rate-limit", default="1000000000 per 15 minutes", help="a limit, or off")
     parser.add_argument("--mode", choices=("json", "stream", "both"), default="both")
+    parser.add_argument(
+        "--dialect", choices=sorted(DIALECTS), default="openai", help="the client's dialect"
+    )
     parser.add_argument(
         "--paced",
         action="store_true",
@@ -174,6 +192,8 @@ def main() -> None:
     if args.paced:
         args.mode = "stream"
         args.warmup = min(args.warmup, 40)
+    if args.floor and args.dialect != "openai":
+        parser.error("the floor serves OpenAI's chat completions only")
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed: apt-get install valgrind")
     os.environ.setdefault("PYTHONHASHSEED", "0")
@@ -181,7 +201,10 @@ def main() -> None:
         runs = sorted(count(args, mode == "stream") for _ in range(args.runs))
         median = runs[len(runs) // 2]
         spread = ", ".join(f"{r / 1000:,.0f}k" for r in runs)
-        name = ("floor" if args.floor else "llproxy") + (" paced" if args.paced else "")
+        name = "floor" if args.floor else "llproxy"
+        name += (" anthropic" if args.dialect == "anthropic" else "") + (
+            " paced" if args.paced else ""
+        )
         print(f"{name} {mode}: {median / 1000:,.0f}k instructions a request (runs: {spread})")
 
 

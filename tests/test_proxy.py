@@ -395,6 +395,39 @@ async def test_idle_upstream_mid_stream_times_out(
     await asyncio.wait_for(upstream.fake.disconnected.wait(), 5)
 
 
+async def test_the_idle_timeout_restarts_with_every_chunk(
+    start_upstream: UpstreamFactory, start_proxy: ProxyFactory
+) -> None:
+    # A stream's one deadline is moved before each wait: 8 chunks 0.2 s apart outlast the
+    # 0.5 s idle timeout without meeting it; then the model goes silent at the fifth read
+    # and the deadline, moved four times already, still fires.
+    upstream = await start_upstream(chunks=8, chunk_delay=0.2)
+    proxy = await start_proxy([upstream.endpoint()], timeouts={"idle": 0.5})
+    texts = []
+    async for chunk in await proxy.client().chat.completions.create(
+        model="fake-model", messages=CHAT, stream=True
+    ):
+        texts += [choice.delta.content or "" for choice in chunk.choices]
+    assert "".join(texts) == "".join(f"w{i} " for i in range(8))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={"model": "fake-model", "messages": CHAT, "stream": True},
+        ) as resp,
+    ):
+        events = []
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                events.append(orjson.loads(line[6:]))
+                if len(events) == 4:
+                    upstream.fake.chunk_delay = 30  # silent from here on
+    assert [e["choices"][0]["delta"]["content"] for e in events[:4]] == [
+        f"w{i} " for i in range(4)
+    ]
+    assert_openai_error(events[-1], "upstream_error", "upstream_timeout")
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_cancels_upstream(
     start_upstream: UpstreamFactory, start_proxy: ProxyFactory, stream: bool

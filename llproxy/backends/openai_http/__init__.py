@@ -156,9 +156,11 @@ class HttpStream:
         self, response: UpstreamResponse, watchdog: Watchdog, idle: float, record: RequestRecord
     ) -> None:
         self.response = response
-        self.watchdog = watchdog
         self.idle = idle
         self.record = record
+        # One deadline for the whole stream, moved before each wait: one made for each
+        # chunk cost ~1.3k instructions a chunk at a model's pace (instructions.py --paced).
+        self.deadline = watchdog.deadline(idle)
         self.ended = response.at_eof()
         if self.ended:
             response.release()
@@ -166,8 +168,10 @@ class HttpStream:
     async def next(self) -> bytes:
         if self.ended:
             return b""
+        deadline = self.deadline
+        deadline.extend(self.idle)
         try:
-            with self.watchdog.deadline(self.idle):
+            with deadline:
                 chunk = await self.response.chunk()
         except TimeoutError:
             self.record.upstream_error = "timeout"
