@@ -174,6 +174,7 @@ class ClientStream:
         record: RequestRecord,
     ) -> None:
         self.request = request
+        self.loop = asyncio.get_running_loop()  # once: a getpid() system call on 3.11
         # For the wire capture (None: not kept): what was sent, what the upstream sent.
         self.kept = record.response_chunks
         self.upstream_kept = record.upstream_chunks
@@ -216,10 +217,10 @@ class ClientStream:
         if announce:
             await self.write(self.transform.start())
         if self.transform.keepalive():
-            self._timer = asyncio.get_running_loop().call_later(self.delivery.keepalive, self._due)
+            self._timer = self.loop.call_later(self.delivery.keepalive, self._due)
 
     async def write(self, data: bytes) -> None:
-        self.last_write = asyncio.get_running_loop().time()
+        self.last_write = self.loop.time()
         if self.kept is not None:
             self.kept.append(data)
         if self.frames is not None:
@@ -265,7 +266,7 @@ class ClientStream:
 
     def _due(self) -> None:
         """A keepalive after a whole period of silence; then the timer is set again."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         every = self.delivery.keepalive
         silent = loop.time() - self.last_write
         if silent >= every and (self._ping is None or self._ping.done()):

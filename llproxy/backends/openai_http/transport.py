@@ -170,7 +170,7 @@ class UpstreamResponse:
                 raise _fresh(self.error)
             if self.complete:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._connection.loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -309,6 +309,9 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.bounds = pool.bounds
         self.key = key
+        # Made on the loop it serves, which is kept: asyncio.get_running_loop() is a
+        # getpid() system call each time on Python 3.11, twice a streamed chunk.
+        self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
@@ -326,7 +329,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, payload: bytes) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
         self.response = UpstreamResponse(self, self.bounds)
-        self.head_ready = asyncio.get_running_loop().create_future()
+        self.head_ready = self.loop.create_future()
         self.head_bytes = self.field_bytes = 0
         self.received_any = False
         self.reusable = False
