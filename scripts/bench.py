@@ -62,7 +62,7 @@ DIALECT_STREAMS: dict[str, tuple[str, dict[str, Any], str | None]] = {
 # (scripts/instructions.py) (issue 20).
 KEPT_SECTIONS = [
     re.compile(rf"<!-- {name} -->.*<!-- /{name} -->", re.S)
-    for name in ("hotpath", "rss", "relay2", "instructions")
+    for name in ("hotpath", "rss", "relay2", "instructions", "remaining")
 ]
 # `--only dialects` writes its figures here in BENCHMARKS.md; a full run, which has them
 # among its own, drops the section.

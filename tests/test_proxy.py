@@ -422,9 +422,7 @@ async def test_the_idle_timeout_restarts_with_every_chunk(
                 events.append(orjson.loads(line[6:]))
                 if len(events) == 4:
                     upstream.fake.chunk_delay = 30  # silent from here on
-    assert [e["choices"][0]["delta"]["content"] for e in events[:4]] == [
-        f"w{i} " for i in range(4)
-    ]
+    assert [e["choices"][0]["delta"]["content"] for e in events[:4]] == [f"w{i} " for i in range(4)]
     assert_openai_error(events[-1], "upstream_error", "upstream_timeout")
 
 
