@@ -202,7 +202,7 @@ async def listen(
                 on_message(name, message["data"])
     finally:
         with contextlib.suppress(RedisError, OSError):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped in older redis-py
 
 
 @dataclass
