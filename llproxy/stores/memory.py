@@ -93,10 +93,15 @@ class WindowTable:
             raise ServiceUnavailable("the rate limiter is unavailable")
         try:
             now = time.monotonic()
+            head = _HEAD.unpack_from(self.view, start * SLOT_BYTES)
+            if head[0] == digest:  # found at its first probe, as most clients are
+                return self._count(start, head, amount, seconds, now)
             slot = self._find(digest, start, now)
             if slot is None:
                 return None
-            return self._count(slot, amount, seconds, now)
+            return self._count(
+                slot, _HEAD.unpack_from(self.view, slot * SLOT_BYTES), amount, seconds, now
+            )
         finally:
             self.lock.release()
 
@@ -118,9 +123,11 @@ class WindowTable:
             _HEAD.pack_into(self.view, reusable * SLOT_BYTES, digest, 0, 0.0, 0, 0)
         return reusable
 
-    def _count(self, slot: int, amount: int, seconds: float, now: float) -> Verdict:
-        offset = slot * SLOT_BYTES
-        digest, _, _, head, total = _HEAD.unpack_from(self.view, offset)
+    def _count(
+        self, slot: int, found: tuple[Any, ...], amount: int, seconds: float, now: float
+    ) -> Verdict:
+        """Count a hit in the slot whose head (`_HEAD`, unpacked) is `found`."""
+        digest, _, _, head, total = found
         times, counts = self._slot(slot)
         current = int(now * SLICES / seconds)
         if current - head > RING:  # idle for longer than the window: nothing is left
@@ -140,7 +147,7 @@ class WindowTable:
             counts[index] += 1
             times[index] = now
             total += 1
-        _HEAD.pack_into(self.view, offset, digest, amount, seconds, head, total)
+        _HEAD.pack_into(self.view, slot * SLOT_BYTES, digest, amount, seconds, head, total)
         oldest = head % RING
         reset = times[oldest] + seconds - now if total and counts[oldest] else 0.0
         return Verdict(allowed, amount, amount - total, max(0.0, reset))
