@@ -31,6 +31,22 @@ async def test_extended_deadline_lets_a_long_block_finish() -> None:
         watchdog.close()
 
 
+async def test_a_deadline_moved_after_it_fired_fires_again() -> None:
+    # One deadline reused for every wait, as an upstream stream uses it for each chunk.
+    watchdog = Watchdog()
+    deadline = watchdog.deadline(0.2)
+    try:
+        for _ in range(2):
+            deadline.extend(0.2)
+            with pytest.raises(TimeoutError), deadline:
+                await asyncio.sleep(30)
+        deadline.extend(0.5)
+        with deadline:
+            await asyncio.sleep(0.1)  # within it: no timeout
+    finally:
+        watchdog.close()
+
+
 async def test_other_cancellation_is_not_turned_into_a_timeout() -> None:
     watchdog = Watchdog()
     started = asyncio.Event()

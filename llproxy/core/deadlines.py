@@ -28,7 +28,10 @@ class Deadline:
         self.expired = False
 
     def extend(self, seconds: float) -> None:
+        """Due `seconds` from now, and armed again if it had fired (a block that reuses
+        it for every wait, as a stream does for each chunk, gets a fresh deadline each)."""
         self.when = self._watchdog.loop.time() + seconds
+        self.expired = False
 
     def expire(self) -> None:
         if not self.expired and self._task is not None:
