@@ -409,13 +409,7 @@ async def test_the_idle_timeout_restarts_with_every_chunk(
     ):
         texts += [choice.delta.content or "" for choice in chunk.choices]
     assert "".join(texts) == "".join(f"w{i} " for i in range(8))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{proxy.url}/v1/chat/completions",
-            json={"model": "fake-model", "messages": CHAT, "stream": True},
-        ) as resp,
-    ):
+    async with chat_request(proxy.url) as resp:
         events = []
         async for line in resp.content:
             if line.startswith(b"data: {"):
