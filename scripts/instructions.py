@@ -8,8 +8,11 @@ answers outside it. A warm-up of --warmup requests, then counting on for exactly
 --requests requests over 32 keep-alive connections, then off: the instructions counted
 over the requests. `--paced` streams with the chunks apart (a read each, the cost a chunk
 at a model's pace). `--floor` counts `scripts/floor_proxy.py`'s handler instead (one
-process), the least a proxy of this design costs. Needs valgrind (`apt-get install
-valgrind`); everything stays on 127.0.0.1 and every process started is stopped.
+process), the least a proxy of this design costs. `--dialect anthropic` sends the same
+chat to the Anthropic face (`POST /v1/messages`); `--rate-limit off` serves with no limit
+(the default limit is too high to refuse, so its cost is counted). Needs valgrind
+(`apt-get install valgrind`); everything stays on 127.0.0.1 and every process started is
+stopped.
 """
 
 from __future__ import annotations
