@@ -93,35 +93,39 @@ class WindowTable:
             raise ServiceUnavailable("the rate limiter is unavailable")
         try:
             now = time.monotonic()
-            head = _HEAD.unpack_from(self.view, start * SLOT_BYTES)
-            if head[0] == digest:  # found at its first probe, as most clients are
-                return self._count(start, head, amount, seconds, now)
-            slot = self._find(digest, start, now)
-            if slot is None:
+            found = self._find(digest, start, now)
+            if found is None:
                 return None
-            return self._count(
-                slot, _HEAD.unpack_from(self.view, slot * SLOT_BYTES), amount, seconds, now
-            )
+            slot, head = found
+            return self._count(slot, head, amount, seconds, now)
         finally:
             self.lock.release()
 
-    def _find(self, digest: bytes, start: int, now: float) -> int | None:
+    def _find(self, digest: bytes, start: int, now: float) -> tuple[int, tuple[Any, ...]] | None:
+        """The client's slot and its head (`_HEAD`, unpacked: counting reads it from here,
+        not again), or a free one made its own; None when none is within PROBES."""
+        head = _HEAD.unpack_from(self.view, start * SLOT_BYTES)
+        if head[0] == digest:  # at its first probe, as most clients are (no loop set up)
+            return start, head
         reusable = None
         for probe in range(PROBES):
             slot = (start + probe) % self.slots
-            found, _, seconds, _, total = _HEAD.unpack_from(self.view, slot * SLOT_BYTES)
+            head = _HEAD.unpack_from(self.view, slot * SLOT_BYTES)
+            found, _, seconds, _, total = head
             if found == digest:
-                return slot
+                return slot, head
             if found == _EMPTY:  # the end of this digest's probe chain
                 reusable = slot if reusable is None else reusable
                 break
             # Every hit of that client left its window: the slot is free again.
             if reusable is None and (total == 0 or max(self._slot(slot)[0]) <= now - seconds):
                 reusable = slot
-        if reusable is not None:
-            self.view[reusable * SLOT_BYTES : (reusable + 1) * SLOT_BYTES] = bytes(SLOT_BYTES)
-            _HEAD.pack_into(self.view, reusable * SLOT_BYTES, digest, 0, 0.0, 0, 0)
-        return reusable
+        if reusable is None:
+            return None
+        self.view[reusable * SLOT_BYTES : (reusable + 1) * SLOT_BYTES] = bytes(SLOT_BYTES)
+        head = (digest, 0, 0.0, 0, 0)
+        _HEAD.pack_into(self.view, reusable * SLOT_BYTES, *head)
+        return reusable, head
 
     def _count(
         self, slot: int, found: tuple[Any, ...], amount: int, seconds: float, now: float
