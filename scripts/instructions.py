@@ -8,7 +8,9 @@ answers outside it. A warm-up of --warmup requests, then counting on for exactly
 --requests requests over 32 keep-alive connections, then off: the instructions counted
 over the requests. `--paced` streams with the chunks apart (a read each, the cost a chunk
 at a model's pace). `--floor` counts `scripts/floor_proxy.py`'s handler instead (one
-process), the least a proxy of this design costs. `--dialect anthropic` sends the same
+process), the least a proxy of this design costs. `--chunks N` sets the upstream's
+chunks a stream: two counts' difference over their chunks is what one chunk costs, apart
+from what a stream costs once. `--dialect anthropic` sends the same
 chat to the Anthropic face (`POST /v1/messages`); `--rate-limit off` serves with no limit
 (the default limit is too high to refuse, so its cost is counted). Needs valgrind
 (`apt-get install valgrind`); everything stays on 127.0.0.1 and every process started is
@@ -124,6 +126,7 @@ def count(args: argparse.Namespace, stream: bool) -> float:
         command = [PYTHON, str(ROOT / "scripts/fast_upstream.py"), "--port", str(upstream)]
         if args.paced:
             command += ["--delay", "--first-ms", str(PACE_MS), "--gap-ms", str(PACE_MS)]
+        command += ["--chunks", str(args.chunks)]
         procs.start("upstream", command)
         wait_listening(upstream)
         if args.floor:
@@ -179,6 +182,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="each mode's runs (median)")
     parser.add_argument("--floor", action="store_true", help="scripts/floor_proxy.py instead")
     parser.add_argument("--rate-limit", default="1000000000 per 15 minutes", help="a limit, or off")
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        default=20,
+        help="the upstream's token chunks a stream (two counts' difference: a chunk's cost)",
+    )
     parser.add_argument("--mode", choices=("json", "stream", "both"), default="both")
     parser.add_argument(
         "--dialect", choices=sorted(DIALECTS), default="openai", help="the client's dialect"

@@ -651,11 +651,11 @@ class PassedOn:
         complete = self.events.feed(chunk) if chunk else b""
         if last and (rest := self.events.rest()).strip():
             complete += rest + b"\n\n"
-        if b'"message_start"' not in complete and b'"message_delta"' not in complete:
+        if complete.find(b'"message_start"') < 0 and complete.find(b'"message_delta"') < 0:
             return complete  # most reads: text passed on as it came
         out = []
         for event in split_events(complete):
-            if b'"message_start"' in event or b'"message_delta"' in event:
+            if event.find(b'"message_start"') >= 0 or event.find(b'"message_delta"') >= 0:
                 document = event_document(event)
                 kind = document.get("type") if isinstance(document, dict) else None
                 if kind == "message_start":

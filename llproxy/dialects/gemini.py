@@ -561,7 +561,7 @@ class GeminiStream(ChoiceStream):
         complete = _renamed(complete, self.model_id, self.record)
         events = [e for e in EVENT_END.split(complete) if e.strip()]
         for event in events:
-            if b'"usageMetadata"' in event:
+            if event.find(b'"usageMetadata"') >= 0:
                 metadata = _dict(_dict(json_document(event_data(event))).get("usageMetadata"))
                 self.record.take_usage({"usage": from_gemini(metadata)})
         if self.sse:

@@ -8,6 +8,8 @@ them, so back-pressure and the response's length are what aiohttp's path gives.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 from aiohttp.http_writer import StreamWriter
@@ -20,10 +22,13 @@ class ChunkFrames:
     """Writes a prepared chunked response's body chunks; made by `of` only when the
     response is plain (chunked, headers sent, nothing compressed or counted by hooks)."""
 
-    __slots__ = ("writer",)
+    __slots__ = ("transport", "writer")
 
-    def __init__(self, writer: StreamWriter) -> None:
+    def __init__(self, writer: StreamWriter, transport: asyncio.Transport) -> None:
         self.writer = writer
+        # The connection's transport, kept: it is the response's to its end (a closed one
+        # says it is closing), and the writer's property read for it was a call a chunk.
+        self.transport = transport
 
     @classmethod
     def of(cls, response: web.StreamResponse) -> ChunkFrames | None:
@@ -39,16 +44,17 @@ class ChunkFrames:
             or writer.length is not None
             or getattr(writer, "_on_chunk_sent", True) is not None
             or getattr(writer, "on_body_write", True) is not None
+            or (transport := writer.transport) is None
         ):
             return None  # anything else goes through aiohttp's own write
-        return cls(writer)
+        return cls(writer, transport)
 
     async def write(self, data: bytes) -> None:
         if not data:
             return  # an empty chunk would end the body
         writer = self.writer
-        transport = writer.transport
-        if transport is None or transport.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             raise ClientConnectionResetError("Cannot write to closing transport")
         frame = b"%x\r\n%b\r\n" % (len(data), data)
         size = len(frame)

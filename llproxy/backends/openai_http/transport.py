@@ -252,7 +252,7 @@ class UpstreamResponse:
             end = max(data.rfind(b"\n\n"), data.rfind(b"\n\r\n"))
             if end >= 0:
                 self._since_event_end = len(data) - end
-            elif b"\n\n" in (seam := self._seam + data[:2]) or b"\n\r\n" in seam:
+            elif (seam := self._seam + data[:2]).find(b"\n\n") >= 0 or seam.find(b"\n\r\n") >= 0:
                 self._since_event_end = len(data)
             else:
                 self._since_event_end += len(data)

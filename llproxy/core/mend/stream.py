@@ -81,7 +81,7 @@ class MendedStream:
             self.template is not None
             and not self.partial
             and chunk.find(END) == len(chunk) - 2 > 0
-            and b"\r" not in chunk
+            and chunk.find(b"\r") < 0  # find, not `in` (core/sse.py says why)
             and not self.source.ended
         ):
             # One whole event per read, as a model's server writes them at its pace: told
@@ -98,7 +98,7 @@ class MendedStream:
         self.clean = True
         if chunk:
             data = self.partial + chunk if self.partial else chunk
-            if b"\r" in data:
+            if data.find(b"\r") >= 0:
                 data = data.replace(b"\r\n", b"\n")
             cut = data.rfind(END) + 2  # 1 when there is no end: nothing complete
             complete, self.partial = (data[:cut], data[cut:]) if cut > 1 else (b"", data)
@@ -190,7 +190,8 @@ class MendedStream:
             return False  # not one JSON string: decoded whole
         member = template[2]
         if self.limits is not None and text and not self.fed_read:
-            detector = self._detector(member)
+            # The detector is made once: looked up here, as every chunk does, without a call.
+            detector = self.detectors.get(member) or self._detector(member)
             self.fed = True  # its text is in the detector: not fed again if read whole
             if detector.feed(text):
                 self.looped = True
@@ -401,7 +402,7 @@ def _template(event: bytes, member: str, text: str) -> tuple[bytes, bytes, str] 
 
 def _data(event: bytes) -> bytes:
     """The joined `data:` lines of one event (without its end)."""
-    if event.startswith(b"data: ") and b"\n" not in event:
+    if event.startswith(b"data: ") and event.find(b"\n") < 0:
         return event[6:]
     lines = event.split(b"\n")
     return b"".join(line[5:].strip() for line in lines if line.startswith(b"data:"))
