@@ -208,6 +208,7 @@ async def test_chunk_frames_write_what_aiohttp_would_after_the_headers() -> None
     reads exactly the chunks written, the ones before and after it."""
     pieces = [b"first", b"x" * 70_000, b"", b"\r\n0\r\n", b"last"]
     taken: list[bool] = []
+    drained: list[int] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
         response = EventStream()
@@ -217,8 +218,12 @@ async def test_chunk_frames_write_what_aiohttp_would_after_the_headers() -> None
         frames = ChunkFrames.of(response)
         taken.append(frames is not None)
         assert frames is not None
+        drains = 0
         for piece in pieces[1:-1]:
-            await frames.write(piece)
+            if frames.write(piece):
+                drains += 1
+                await frames.drain()
+        drained.append(drains)
         await response.write_eof(pieces[-1])
         return response
 
@@ -234,5 +239,6 @@ async def test_chunk_frames_write_what_aiohttp_would_after_the_headers() -> None
             assert response.headers["Transfer-Encoding"] == "chunked"
             assert await response.read() == b"".join(pieces)
         assert taken == [True]
+        assert drained == [1]  # the 70,000 bytes are past aiohttp's drain mark
     finally:
         await server.close()

@@ -49,9 +49,12 @@ class ChunkFrames:
             return None  # anything else goes through aiohttp's own write
         return cls(writer, transport)
 
-    async def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> bool:
+        """Frame and send `data`; True when the caller is to `drain` before the next write
+        (every DRAIN_EVERY bytes, as aiohttp's own write drains). Not a coroutine: most
+        writes never wait, and a coroutine made and ended a chunk cost ~1 % of it."""
         if not data:
-            return  # an empty chunk would end the body
+            return False  # an empty chunk would end the body
         writer = self.writer
         transport = self.transport
         if transport.is_closing():
@@ -63,4 +66,8 @@ class ChunkFrames:
         transport.write(frame)
         if writer.buffer_size > DRAIN_EVERY:
             writer.buffer_size = 0
-            await writer.drain()
+            return True
+        return False
+
+    async def drain(self) -> None:
+        await self.writer.drain()

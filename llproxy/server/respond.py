@@ -224,7 +224,8 @@ class ClientStream:
         if self.kept is not None:
             self.kept.append(data)
         if self.frames is not None:
-            await self.frames.write(data)
+            if self.frames.write(data):
+                await self.frames.drain()
             return
         await self.response.write(data)
         self.frames = ChunkFrames.of(self.response)

@@ -46,7 +46,9 @@ class MendedStream:
         self.next_index = 0  # the index a call made from text gets (after the model's own)
         self.calls = 0
         self.flushed = False
-        self._ended = False
+        # Read by the relay after every chunk: an attribute, not a property (a call each).
+        # Set here only.
+        self.ended = False
         # The bytes around the text of the last text-only chunk, and its member.
         self.template: tuple[bytes, bytes, str] | None = None
         self.looped = False  # found by `_passes`: the event read whole is cut
@@ -54,20 +56,16 @@ class MendedStream:
         self.fed_read = False  # the event's text went to the detector with its run's
         self.clean = True  # every event of this read's output checked (`Checked`)
 
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
     async def first(self, chunk: bytes) -> bytes:
         """The mended stream's first chunk (the reply's body): reads on while the stages
         hold everything, so a stream never starts empty."""
         out = self._read(chunk)
-        while not out and not self._ended:
+        while not out and not self.ended:
             out = self._read(await self.source.next())
         return out
 
     async def next(self) -> bytes:
-        while not self._ended:
+        while not self.ended:
             out = self._read(await self.source.next())
             if out:
                 return out
@@ -103,7 +101,7 @@ class MendedStream:
             cut = data.rfind(END) + 2  # 1 when there is no end: nothing complete
             complete, self.partial = (data[:cut], data[cut:]) if cut > 1 else (b"", data)
             self._events(complete, out)
-            if self._ended:
+            if self.ended:
                 return Checked(b"".join(out)) if self.clean else b"".join(out)
         if not chunk or self.source.ended:
             self._end(out)
@@ -131,7 +129,7 @@ class MendedStream:
                 out.append(complete[start:at])
                 self._event(event, out)
                 start = end + 2
-                if self._ended:
+                if self.ended:
                     return
             at = end + 2
         out.append(complete[start:at])
@@ -209,10 +207,10 @@ class MendedStream:
             else:
                 cut = rest
                 self.clean = False  # the relay tells the client the stream was cut
-        if not self._ended:
+        if not self.ended:
             self._flush(out)
         out.append(cut)
-        self._ended = True
+        self.ended = True
 
     def _event(self, event: bytes, out: list[bytes]) -> None:
         fed, self.fed = self.fed or self.fed_read, False
@@ -383,7 +381,7 @@ class MendedStream:
         items.append(("content", LOOP_NOTE))
         self._emit(self.head or document, self._deltas(items), "length", {}, out)
         out.append(b"data: [DONE]" + END)
-        self._ended = True
+        self.ended = True
 
 
 def _template(event: bytes, member: str, text: str) -> tuple[bytes, bytes, str] | None:
