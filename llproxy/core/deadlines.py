@@ -17,7 +17,9 @@ RESOLUTION = 0.1
 
 
 class Deadline:
-    """One block's deadline; `extend` moves it, e.g. after every chunk of a stream."""
+    """One block's deadline; `extend` moves it, e.g. after every chunk of a stream. It
+    cancels the task it was made in, the one that runs its block (as a stream's reads
+    all run in its request's task)."""
 
     __slots__ = ("_loop", "_task", "_watchdog", "expired", "when")
 
@@ -26,7 +28,9 @@ class Deadline:
         # Kept, not asked of the watchdog each time: a stream enters, leaves and moves its
         # deadline once a chunk, and the calls saved were ~2 % of a relayed chunk.
         self._loop = watchdog.loop
-        self._task: asyncio.Task[object] | None = None
+        # Found once, not on each entry: in Python 3.11 current_task is a Python function,
+        # and a stream enters its deadline once a chunk.
+        self._task: asyncio.Task[object] | None = asyncio.current_task(self._loop)
         self.when = when
         self.expired = False
 
@@ -42,9 +46,6 @@ class Deadline:
             self._task.cancel()
 
     def __enter__(self) -> Deadline:
-        # With the loop known, current_task does not look for the running one (~60 of
-        # its ~200 ns, measured).
-        self._task = asyncio.current_task(self._loop)
         self._watchdog.watch(self)
         return self
 
