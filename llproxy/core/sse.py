@@ -674,6 +674,23 @@ def _close(run: _TextRun | None) -> None:
         run.choice["delta"] = {**run.choice["delta"], run.member: "".join(run.pieces)}
 
 
+def text_bounds(event: bytes, member: str, text: str) -> tuple[bytes, bytes] | None:
+    """The bytes of a one-line event (without its end) before and after its `member`'s
+    `text`, each with one of the text's quotes; None unless the text is written where and
+    as orjson writes it and the member occurs once."""
+    if not event.startswith(b"data: {") or event.find(b"\n") >= 0:
+        return None
+    key = b'"' + member.encode() + b'":'
+    at = event.find(key)
+    if at < 0 or event.find(key, at + 1) >= 0:
+        return None  # the member elsewhere too: its place is not certain
+    start = at + len(key) + (event[at + len(key) : at + len(key) + 1] == b" ")
+    encoded = orjson.dumps(text)
+    if event[start : start + len(encoded)] != encoded:
+        return None  # escaped otherwise than orjson escapes (e.g. \u003c)
+    return event[: start + 1], event[start + len(encoded) - 1 :]
+
+
 class TextTemplate:
     """The bytes of a chunk that only adds text, around its text. A model's server writes
     every such chunk alike but for the text, so the events of a read with the same bytes
@@ -701,22 +718,11 @@ class TextTemplate:
     ) -> TextTemplate | None:
         """The template of a one-line event (without its end) whose one choice only adds
         `text`; None when its bytes do not show the text where orjson would write it."""
-        if (
-            len(document["choices"]) != 1
-            or not event.startswith(b"data: {")
-            or event.find(b"\n") >= 0
-        ):
+        bounds = text_bounds(event, member, text) if len(document["choices"]) == 1 else None
+        if bounds is None:
             return None
-        key = b'"' + member.encode() + b'":'
-        at = event.find(key)
-        if at < 0 or event.find(key, at + 1) >= 0:
-            return None  # the member elsewhere too: its place is not certain
-        start = at + len(key) + (event[at + len(key) : at + len(key) + 1] == b" ")
-        encoded = orjson.dumps(text)
-        if event[start : start + len(encoded)] != encoded:
-            return None  # escaped otherwise than orjson escapes (e.g. \u003c)
         own = {**choice, "delta": dict(choice["delta"])}  # the reader may join into it
-        return cls(event[: start + 1], event[start + len(encoded) - 1 :], member, own)
+        return cls(*bounds, member, own)
 
     def run(self, events: list[bytes], at: int) -> int:
         """How many events from `at` on are shaped like the template's."""

@@ -17,7 +17,7 @@ import orjson
 from ..call import Stream
 from ..record import RequestRecord
 from ..shape import chunk_problem
-from ..sse import Checked, json_document, only_text, string_text
+from ..sse import Checked, json_document, only_text, string_text, text_bounds
 from .loops import LoopDetector
 from .pipeline import REASONING, Item, Mender
 from .plan import Plan
@@ -387,15 +387,8 @@ class MendedStream:
 def _template(event: bytes, member: str, text: str) -> tuple[bytes, bytes, str] | None:
     """The bytes of a one-line text chunk before and after its text, where the text is
     written as orjson writes it and its member occurs once."""
-    key = b'"' + member.encode() + b'":'
-    at = event.find(key)
-    if not event.startswith(b"data: {") or at < 0 or event.find(key, at + 1) >= 0:
-        return None
-    start = at + len(key) + (event[at + len(key) : at + len(key) + 1] == b" ")
-    encoded = orjson.dumps(text)
-    if event[start : start + len(encoded)] != encoded:
-        return None
-    return event[: start + 1], event[start + len(encoded) - 1 :], member
+    bounds = text_bounds(event, member, text)
+    return None if bounds is None else (*bounds, member)
 
 
 def _data(event: bytes) -> bytes:
