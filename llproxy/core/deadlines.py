@@ -26,7 +26,8 @@ class Deadline:
     def __init__(self, watchdog: Watchdog, when: float) -> None:
         self._watchdog = watchdog
         # Kept, not asked of the watchdog each time: a stream enters, leaves and moves its
-        # deadline once a chunk, and the calls saved were ~2 % of a relayed chunk.
+        # deadline once a chunk (with the chunk writer's kept transport, the calls saved
+        # were 4 % of a relayed chunk's instructions, measured together).
         self._loop = watchdog.loop
         # Found once, not on each entry: in Python 3.11 current_task is a Python function,
         # and a stream enters its deadline once a chunk.

@@ -27,7 +27,7 @@ EVENT_END = re.compile(rb"\r?\n\r?\n")
 # Bytes are searched with `data.find(needle) >= 0`, here and in every module a stream's
 # reads pass through, not `needle in data`: on CPython 3.11, `in` first tries the needle
 # as an integer, raising and clearing a TypeError, which doubles its time (139 against
-# 65 ns; two a chunk were ~5 % of a relayed chunk's instructions, measured).
+# 65 ns; the two a chunk were ~4 % of a relayed chunk's instructions, measured).
 # What a JSON string's bytes cannot hold as they are: a quote, an escape, a control byte.
 _NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 # The last reads of a stream are kept to find its usage chunk, which may arrive split.

@@ -52,7 +52,8 @@ class ChunkFrames:
     def write(self, data: bytes) -> bool:
         """Frame and send `data`; True when the caller is to `drain` before the next write
         (every DRAIN_EVERY bytes, as aiohttp's own write drains). Not a coroutine: most
-        writes never wait, and a coroutine made and ended a chunk cost ~1 % of it."""
+        writes never wait (with the mended stream's end read as an attribute, 2 % of a
+        relayed chunk's instructions, measured together)."""
         if not data:
             return False  # an empty chunk would end the body
         writer = self.writer

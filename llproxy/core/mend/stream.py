@@ -46,8 +46,8 @@ class MendedStream:
         self.next_index = 0  # the index a call made from text gets (after the model's own)
         self.calls = 0
         self.flushed = False
-        # Read by the relay after every chunk: an attribute, not a property (a call each).
-        # Set here only.
+        # Read by the relay after every chunk: an attribute, not a property (a call each);
+        # only this class sets it.
         self.ended = False
         # The bytes around the text of the last text-only chunk, and its member.
         self.template: tuple[bytes, bytes, str] | None = None
