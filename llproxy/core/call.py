@@ -17,6 +17,7 @@ from .errors import InvalidRequest
 from .multipart import FormBody
 from .record import RequestRecord
 from .registry import Model, Replica
+from .values import request_value
 
 JSON = b"application/json"
 # Every answer of an llproxy names its running instance, and every request it sends names
@@ -65,7 +66,7 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-@dataclass(frozen=True, slots=True)
+@request_value
 class Native:
     """A client's request as it sent it, beside its translation: a backend that speaks the
     client's dialect passes this on instead, unchanged but for the model."""
@@ -182,7 +183,7 @@ def within_context(payload: Payload, context_length: int | None) -> Payload:
     return JsonPayload({**body, **lowered}, payload.native)
 
 
-@dataclass(frozen=True, slots=True)
+@request_value
 class Call:
     """One request for a model, as every backend understands it."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .errors import ProxyError
+from .values import request_value
 
 _UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _LIMIT = re.compile(
@@ -42,7 +43,7 @@ def parse_limit(text: str) -> Limit:
     return Limit(int(amount), float(seconds))
 
 
-@dataclass(frozen=True, slots=True)
+@request_value
 class Verdict:
     allowed: bool
     limit: int

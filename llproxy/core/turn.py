@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import orjson
@@ -21,12 +21,13 @@ from .commands import Commands, History, read
 from .keys import ApiKey
 from .record import RequestRecord
 from .toolloop import check, with_note
+from .values import request_value
 
 CHAT = "chat/completions"
 _EVENT_STREAM = "text/event-stream"
 
 
-@dataclass(frozen=True, slots=True)
+@request_value
 class Turn:
     payload: Payload  # what goes to the model
     settings: Mapping[str, str] = field(default_factory=dict)

@@ -17,6 +17,7 @@ from ..core.errors import InvalidRequest, ProxyError, UpstreamFailed, UpstreamMa
 from ..core.record import RequestRecord
 from ..core.registry import Model
 from ..core.sse import ChoiceReader, json_document, only_text
+from ..core.values import request_value
 
 JSON_TYPE = "application/json"
 
@@ -38,7 +39,7 @@ class Route:
     key_param: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@request_value
 class Incoming:
     """A request as a dialect sees it: its parts, no server objects. (What no dialect
     reads is left out: each field costs every request.)"""
@@ -54,7 +55,7 @@ class Incoming:
         return self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
 
 
-@dataclass(frozen=True, slots=True)
+@request_value
 class Answer:
     """An answer in the client's shape, made by the dialect itself."""
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -20,13 +19,14 @@ from ..core.answer import as_stream
 from ..core.call import RETRY_HEADERS, Reply, Stream
 from ..core.errors import FINAL_STATUSES, NO_RETRY, ProxyError, UpstreamFailed
 from ..core.record import RequestRecord
+from ..core.values import request_value
 from ..dialects import Answer, StreamTransform, Translation
 from .chunked import ChunkFrames
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@dataclass(frozen=True, slots=True)
+@request_value
 class Delivery:
     """What every answer to one request carries, decided by the gateway."""
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ..call import Call, JsonPayload
 from ..shape import CHAT
+from ..values import request_value
 from .loops import LoopLimits
 from .policy import Repair
 from .toolcalls import offered_tools
 
 
-@dataclass(frozen=True, slots=True)
+@request_value
 class Plan:
     tools: Mapping[str, Any]  # offered tools by name → schema; empty: no repair
     thinking: bool  # inline thinking split into reasoning
